@@ -1,0 +1,38 @@
+//! `prefopt`: the command-line tool. A thin layer over the library crates:
+//! it parses arguments and configs, shows progress, and writes reports and plots.
+
+mod cmd;
+mod plot;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "prefopt", version, about = "Preference optimization for language models: DPO family, SPO, APO")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summed completion log-probs of chosen/rejected pairs under a model (JSONL out).
+    Score(cmd::score::ScoreArgs),
+    /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
+    Simulate(cmd::simulate::SimulateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Score(args) => cmd::score::run(args),
+        Command::Simulate(args) => cmd::simulate::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

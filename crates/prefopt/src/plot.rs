@@ -1,0 +1,1 @@
+//! PNG line plots shared by every command (placeholder).
