@@ -1,1 +1,19 @@
-//! placeholder
+//! Tensors in, logits out: prefopt's own trainable Llama-family transformer on candle,
+//! and Hugging Face folder loading and saving.
+//!
+//! Not here: tokenizers and data (`prefopt-data`), losses and training (`prefopt-train`).
+//! The model code is ours rather than candle-transformers' because those models use fused
+//! kernels without a backward pass, which would silently drop gradients.
+
+pub mod config;
+pub mod error;
+pub mod fsio;
+pub mod hf;
+pub mod llama;
+pub mod params;
+
+pub use config::LlamaConfig;
+pub use error::{ModelError, Result};
+pub use hf::{save_model_dir, HfModel};
+pub use llama::{parameter_shapes, KvCache, Llama};
+pub use params::Params;

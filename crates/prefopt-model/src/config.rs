@@ -1,0 +1,181 @@
+//! `config.json` of the Llama family (Llama 2/3, Mistral, Qwen2/2.5), read with serde under
+//! Hugging Face's key names, plus the checks that reject what we do not implement.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{io_error, ModelError, Result};
+
+/// Architectures that `llama.rs` implements, by `config.json`'s `model_type`.
+pub const SUPPORTED_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
+
+/// `rope_scaling` of Llama 3.x (`"rope_type": "llama3"`): stretches low frequencies by
+/// `factor` and interpolates the band between `low_freq_factor` and `high_freq_factor`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// The architecture hyper-parameters, under Hugging Face's names.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention: fewer key/value heads than query heads. Defaults to
+    /// `num_attention_heads` (plain multi-head attention), as in transformers.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Mistral and Llama 3.x-style configs may give it; otherwise hidden / heads.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_position_embeddings")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Llama's switch for biases on q/k/v/o (Qwen2 always has q/k/v bias, never o).
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_position_embeddings() -> usize {
+    2048
+}
+fn default_hidden_act() -> String {
+    "silu".to_string()
+}
+
+impl LlamaConfig {
+    /// Reads and validates `config.json`. The raw JSON is returned too, so that saving
+    /// writes back every key we do not interpret.
+    pub fn from_file(path: &Path) -> Result<(Self, serde_json::Value)> {
+        let text = std::fs::read_to_string(path).map_err(|e| io_error(path, e))?;
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Json { path: path.to_path_buf(), message: e.to_string() })?;
+        let cfg = Self::from_json(&raw, path)?;
+        Ok((cfg, raw))
+    }
+
+    /// Parses and validates a config already read as JSON; `path` is for messages.
+    pub fn from_json(raw: &serde_json::Value, path: &Path) -> Result<Self> {
+        let config_err = |message: String| ModelError::Config { path: path.to_path_buf(), message };
+        // Check the model type first: a missing field of an unsupported architecture
+        // would otherwise hide the real problem.
+        match raw.get("model_type").and_then(|v| v.as_str()) {
+            None => return Err(config_err("missing string field `model_type`".into())),
+            Some(t) if !SUPPORTED_MODEL_TYPES.contains(&t) => {
+                return Err(config_err(format!(
+                    "unsupported model_type `{t}`; prefopt supports {}",
+                    SUPPORTED_MODEL_TYPES.join(", ")
+                )))
+            }
+            Some(_) => {}
+        }
+        let cfg: LlamaConfig =
+            serde_json::from_value(raw.clone()).map_err(|e| config_err(e.to_string()))?;
+        if cfg.hidden_act != "silu" {
+            return Err(config_err(format!(
+                "unsupported hidden_act `{}`; the Llama family uses `silu` (SwiGLU)",
+                cfg.hidden_act
+            )));
+        }
+        let heads = cfg.num_attention_heads;
+        let kv_heads = cfg.num_kv_heads();
+        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(config_err(format!(
+                "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"
+            )));
+        }
+        if cfg.head_dim.is_none() && cfg.hidden_size % heads != 0 {
+            return Err(config_err(format!(
+                "hidden_size ({}) is not divisible by num_attention_heads ({heads})",
+                cfg.hidden_size
+            )));
+        }
+        if cfg.head_dim() % 2 != 0 {
+            return Err(config_err(format!("head_dim ({}) must be even for RoPE", cfg.head_dim())));
+        }
+        cfg.llama3_rope_scaling().map_err(config_err)?;
+        if let Some(window) = raw.get("use_sliding_window").and_then(|v| v.as_bool()) {
+            if window {
+                return Err(config_err(
+                    "use_sliding_window = true is not supported yet (full causal attention only)".into(),
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Whether q/k/v projections carry a bias (always for Qwen2).
+    pub fn qkv_bias(&self) -> bool {
+        self.model_type == "qwen2" || self.attention_bias
+    }
+
+    /// Whether the output projection carries a bias (Llama's `attention_bias`; never Qwen2).
+    pub fn o_bias(&self) -> bool {
+        self.model_type != "qwen2" && self.attention_bias
+    }
+
+    /// The `llama3` rope scaling if configured; `Err` for any other scaling type, which
+    /// we do not implement and must not silently ignore.
+    pub fn llama3_rope_scaling(&self) -> std::result::Result<Option<Llama3RopeScaling>, String> {
+        let Some(value) = &self.rope_scaling else { return Ok(None) };
+        if value.is_null() {
+            return Ok(None);
+        }
+        let kind = value
+            .get("rope_type")
+            .or_else(|| value.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        match kind {
+            "default" => Ok(None),
+            "llama3" => serde_json::from_value(value.clone())
+                .map(Some)
+                .map_err(|e| format!("rope_scaling: {e}")),
+            other => Err(format!(
+                "unsupported rope_scaling type `{other}`; prefopt supports `llama3` (or none)"
+            )),
+        }
+    }
+}
+
+/// The config file inside a model folder.
+pub fn config_path(dir: &Path) -> PathBuf {
+    dir.join("config.json")
+}

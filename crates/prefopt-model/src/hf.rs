@@ -1,0 +1,89 @@
+//! A Hugging Face model folder: `config.json` + safetensors weights in, the same layout out,
+//! with the tokenizer and generation files copied so `transformers` loads our output.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+
+use crate::config::{config_path, LlamaConfig};
+use crate::error::{io_error, Result};
+use crate::llama::{parameter_shapes, Llama};
+use crate::params::Params;
+
+/// A causal LM loaded from a local folder.
+pub struct HfModel {
+    /// Where it was loaded from; its non-weight files are copied on save.
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    /// `config.json` as read, so keys we do not interpret survive a save.
+    pub raw_config: serde_json::Value,
+    pub params: Params,
+    /// Stored tensors the architecture does not use (e.g. a tied `lm_head.weight`).
+    pub unused_tensors: Vec<String>,
+}
+
+impl HfModel {
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(io_error(dir, "model folder not found"));
+        }
+        let (config, raw_config) = LlamaConfig::from_file(&config_path(dir))?;
+        let (params, unused_tensors) = Params::load(dir, &parameter_shapes(&config), device)?;
+        Ok(Self { dir: dir.to_path_buf(), config, raw_config, params, unused_tensors })
+    }
+
+    /// The network over these parameters (see [`Llama::new`] for `trainable`).
+    pub fn build(&self, trainable: bool) -> Result<Llama> {
+        Llama::new(&self.config, &self.params, trainable)
+    }
+
+    /// Saves `params` as a model folder at `out`, atomically: safetensors (f32), `config.json`
+    /// (with `torch_dtype` float32), and every other file of the source folder copied.
+    pub fn save_with(&self, params: &Params, out: &Path) -> Result<()> {
+        save_model_dir(out, &self.raw_config, params, Some(&self.dir))
+    }
+
+    pub fn save(&self, out: &Path) -> Result<()> {
+        self.save_with(&self.params, out)
+    }
+}
+
+/// Files a save never copies from the source folder: we write our own weights and config.
+fn is_weight_or_config(name: &str) -> bool {
+    name == "config.json"
+        || name.ends_with(".safetensors")
+        || name == "model.safetensors.index.json"
+        || name.ends_with(".bin")
+        || name.ends_with(".pt")
+        || name.ends_with(".pth")
+        || name.starts_with('.')
+}
+
+/// Writes a loadable Hugging Face folder at `out` (atomically replacing an older one).
+pub fn save_model_dir(out: &Path, raw_config: &serde_json::Value, params: &Params, source: Option<&Path>) -> Result<()> {
+    let mut config = raw_config.clone();
+    if let Some(obj) = config.as_object_mut() {
+        obj.insert("torch_dtype".into(), "float32".into());
+        if obj.contains_key("dtype") {
+            obj.insert("dtype".into(), "float32".into());
+        }
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+    }
+    crate::fsio::write_dir_atomic(out, |tmp| {
+        params.save_safetensors(&tmp.join("model.safetensors"))?;
+        let text = serde_json::to_string_pretty(&config).map_err(|e| io_error(out, e))?;
+        crate::fsio::write_atomic(&tmp.join("config.json"), text.as_bytes())?;
+        if let Some(src) = source {
+            for entry in std::fs::read_dir(src).map_err(|e| io_error(src, e))? {
+                let entry = entry.map_err(|e| io_error(src, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.path().is_file() && !is_weight_or_config(&name) {
+                    std::fs::copy(entry.path(), tmp.join(&name)).map_err(|e| io_error(entry.path(), e))?;
+                }
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,386 @@
+//! The Llama family in one file: Llama 2/3 (with `llama3` rope scaling), Mistral and
+//! Qwen2/2.5 (q/k/v bias), chosen by config flags. Grouped-query attention, RoPE, RMSNorm,
+//! SwiGLU, tied or untied embeddings.
+//!
+//! Every op is an ordinary differentiable candle op. We deliberately avoid candle's fused
+//! `rope`, `rms_norm` and `softmax_last_dim` kernels: they have no backward pass, so
+//! gradients through them would silently be dropped.
+//!
+//! Shapes: B batch, T time, C hidden, H query heads, KV key/value heads, D head dim, V vocab.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::params::Params;
+
+/// Every parameter the config implies, with its Hugging Face name and shape.
+pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let (h, kv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let mut shapes = vec![("model.embed_tokens.weight".to_string(), vec![v, c])];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut add = |name: &str, shape: Vec<usize>| shapes.push((format!("{p}.{name}"), shape));
+        add("input_layernorm.weight", vec![c]);
+        add("self_attn.q_proj.weight", vec![h * d, c]);
+        add("self_attn.k_proj.weight", vec![kv * d, c]);
+        add("self_attn.v_proj.weight", vec![kv * d, c]);
+        add("self_attn.o_proj.weight", vec![c, h * d]);
+        if cfg.qkv_bias() {
+            add("self_attn.q_proj.bias", vec![h * d]);
+            add("self_attn.k_proj.bias", vec![kv * d]);
+            add("self_attn.v_proj.bias", vec![kv * d]);
+        }
+        if cfg.o_bias() {
+            add("self_attn.o_proj.bias", vec![c]);
+        }
+        add("post_attention_layernorm.weight", vec![c]);
+        add("mlp.gate_proj.weight", vec![f, c]);
+        add("mlp.up_proj.weight", vec![f, c]);
+        add("mlp.down_proj.weight", vec![c, f]);
+        if cfg.mlp_bias {
+            add("mlp.gate_proj.bias", vec![f]);
+            add("mlp.up_proj.bias", vec![f]);
+            add("mlp.down_proj.bias", vec![c]);
+        }
+    }
+    shapes.push(("model.norm.weight".to_string(), vec![c]));
+    if !cfg.tie_word_embeddings {
+        shapes.push(("lm_head.weight".to_string(), vec![v, c]));
+    }
+    shapes
+}
+
+/// `y = x W^T + b` over the last dimension.
+struct Linear {
+    weight: Tensor,       // (out, in)
+    bias: Option<Tensor>, // (out,)
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (lead, last) = x.dims().split_at(x.rank() - 1);
+        let rows: usize = lead.iter().product();
+        let y = x.reshape((rows, last[0]))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_shape = lead.to_vec();
+        out_shape.push(self.weight.dim(0)?);
+        y.reshape(out_shape)
+    }
+}
+
+/// RMSNorm as in transformers: `w * x / sqrt(mean(x^2) + eps)`, computed in f32.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
+        x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Rotary position embedding, transformers' "rotate half" layout.
+pub struct Rope {
+    inv_freq: Vec<f32>, // (D/2,)
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig) -> Result<Self> {
+        let d = cfg.head_dim();
+        let base = cfg.rope_theta as f32;
+        // transformers computes base^(2i/d) in f32; do the same so angles agree bit for bit.
+        let mut inv_freq: Vec<f32> =
+            (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+        let scaling = cfg.llama3_rope_scaling().map_err(|message| ModelError::Config {
+            path: "config.json".into(),
+            message,
+        })?;
+        if let Some(s) = scaling {
+            // Llama 3.1: keep high frequencies, divide low ones by `factor`, and blend
+            // smoothly in between (transformers' `_compute_llama3_parameters`).
+            let old_len = s.original_max_position_embeddings as f32;
+            let (factor, low, high) = (s.factor as f32, s.low_freq_factor as f32, s.high_freq_factor as f32);
+            let low_freq_wavelen = old_len / low;
+            let high_freq_wavelen = old_len / high;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
+                let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                *f = if medium {
+                    let smooth = (old_len / wavelen - low) / (high - low);
+                    (1.0 - smooth) * scaled / factor + smooth * scaled
+                } else {
+                    scaled
+                };
+            }
+        }
+        Ok(Self { inv_freq })
+    }
+
+    /// cos and sin tables for positions `start..start+len`, each (T, D).
+    pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut angles = Vec::with_capacity(len * half * 2);
+        for p in start..start + len {
+            let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
+            angles.extend_from_slice(&row);
+            angles.extend_from_slice(&row);
+        }
+        let angles = Tensor::from_vec(angles, (len, 2 * half), device)?;
+        Ok((angles.cos()?, angles.sin()?))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` for x (B, heads, T, D).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Softmax over the last dim from differentiable primitives.
+fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
+    let e = shifted.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Keys/values of earlier positions, one (B, KV, T_past, D) pair per layer.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// x (B, T, C) at positions past..past+T; `cache` holds the earlier keys/values.
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_dim;
+        let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous();
+        let q = apply_rope(&split(self.q.forward(x)?, self.heads)?, cos, sin)?; // (B, H, T, D)
+        let mut k = apply_rope(&split(self.k.forward(x)?, self.kv_heads)?, cos, sin)?; // (B, KV, T, D)
+        let mut v = split(self.v.forward(x)?, self.kv_heads)?;
+        if let Some(slot) = cache {
+            if let Some((k_past, v_past)) = slot.as_ref() {
+                k = Tensor::cat(&[k_past, &k], 2)?;
+                v = Tensor::cat(&[v_past, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?); // (B, H, S, D)
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?; // (B, H, T, S)
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let y = softmax(&scores)?.matmul(&v)?; // (B, H, T, D)
+        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
+        self.o.forward(&y)
+    }
+
+    /// Grouped-query attention: each key/value head serves heads / kv_heads query heads.
+    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        let rep = self.heads / self.kv_heads;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (b, kv, s, d) = x.dims4()?;
+        x.unsqueeze(2)?.broadcast_as((b, kv, rep, s, d))?.reshape((b, kv * rep, s, d))
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?; // SwiGLU
+        self.down.forward(&h)
+    }
+}
+
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family causal language model.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Tensor, // (V, C)
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Tensor, // (V, C), the embedding itself when tied
+    rope: Rope,
+}
+
+impl Llama {
+    /// Builds the model over `params`. With `trainable`, the model's tensors are the
+    /// parameters' variables, so a backward pass reaches them; otherwise they are detached
+    /// copies that record no graph (scoring, sampling, reference models).
+    pub fn new(cfg: &LlamaConfig, params: &Params, trainable: bool) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            let var = params.get(name).ok_or_else(|| ModelError::MissingTensor {
+                path: "parameters".into(),
+                name: name.to_string(),
+            })?;
+            Ok(if trainable { var.as_tensor().clone() } else { var.as_detached_tensor() })
+        };
+        let linear = |name: &str, bias: bool| -> Result<Linear> {
+            Ok(Linear {
+                weight: get(&format!("{name}.weight"))?,
+                bias: if bias { Some(get(&format!("{name}.bias"))?) } else { None },
+            })
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: get(&format!("{name}.weight"))?, eps: cfg.rms_norm_eps })
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            blocks.push(Block {
+                attn_norm: norm(&format!("{p}.input_layernorm"))?,
+                attn: Attention {
+                    q: linear(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias())?,
+                    k: linear(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias())?,
+                    v: linear(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias())?,
+                    o: linear(&format!("{p}.self_attn.o_proj"), cfg.o_bias())?,
+                    heads: cfg.num_attention_heads,
+                    kv_heads: cfg.num_kv_heads(),
+                    head_dim: cfg.head_dim(),
+                },
+                mlp_norm: norm(&format!("{p}.post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate: linear(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                    up: linear(&format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                    down: linear(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+                },
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?;
+        let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight")? };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm: norm("model.norm")?,
+            lm_head,
+            rope: Rope::new(cfg)?,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Logits at every position: input ids (B, T) u32 -> (B, T, V).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, None)?;
+        Ok(self.project(&h)?)
+    }
+
+    /// Logits for new tokens (B, T) after the positions in `cache`, which is extended.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden_states(input_ids, Some(cache))?;
+        Ok(self.project(&h)?)
+    }
+
+    /// Final-norm hidden states (B, T, C); the input to the LM head or a score head.
+    pub fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if past + t > self.cfg.max_position_embeddings {
+            return Err(ModelError::Config {
+                path: "config.json".into(),
+                message: format!(
+                    "sequence of {} positions exceeds max_position_embeddings ({})",
+                    past + t,
+                    self.cfg.max_position_embeddings
+                ),
+            });
+        }
+        let device = input_ids.device();
+        let (cos, sin) = self.rope.tables(past, t, device)?;
+        let mask = causal_mask(t, past, device)?;
+        let mut x = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize_with(self.blocks.len(), || None);
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let a = block.attn.forward(&block.attn_norm.forward(&x)?, &cos, &sin, mask.as_ref(), slot)?;
+            x = (x + a)?;
+            x = (&x + block.mlp.forward(&block.mlp_norm.forward(&x)?)?)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    fn project(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, c) = h.dims3()?;
+        h.reshape((b * t, c))?.matmul(&self.lm_head.t()?)?.reshape((b, t, self.cfg.vocab_size))
+    }
+}
+
+/// Additive mask (T, past+T): 0 where a query may attend, -inf in the future.
+/// `None` for a single new token, which may attend to everything cached.
+fn causal_mask(t: usize, past: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
+    if t == 1 {
+        return Ok(None);
+    }
+    let s = past + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, s), device)?))
+}
