@@ -42,6 +42,10 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5 layout: `{rope_type, rope_theta, factor, ...}` replaces `rope_theta`
+    /// and `rope_scaling`. When present it wins.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_position_embeddings")]
     pub max_position_embeddings: usize,
     #[serde(default = "default_hidden_act")]
@@ -98,8 +102,13 @@ impl LlamaConfig {
             }
             Some(_) => {}
         }
-        let cfg: LlamaConfig =
+        let mut cfg: LlamaConfig =
             serde_json::from_value(raw.clone()).map_err(|e| config_err(e.to_string()))?;
+        if let Some(theta) = cfg.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")) {
+            cfg.rope_theta = theta
+                .as_f64()
+                .ok_or_else(|| config_err("rope_parameters.rope_theta must be a number".into()))?;
+        }
         if cfg.hidden_act != "silu" {
             return Err(config_err(format!(
                 "unsupported hidden_act `{}`; the Llama family uses `silu` (SwiGLU)",
@@ -123,12 +132,16 @@ impl LlamaConfig {
             return Err(config_err(format!("head_dim ({}) must be even for RoPE", cfg.head_dim())));
         }
         cfg.llama3_rope_scaling().map_err(config_err)?;
-        if let Some(window) = raw.get("use_sliding_window").and_then(|v| v.as_bool()) {
-            if window {
-                return Err(config_err(
-                    "use_sliding_window = true is not supported yet (full causal attention only)".into(),
-                ));
-            }
+        // Sliding-window attention is not implemented; configs that only mention a window
+        // size without enabling it (Qwen2.5, Mistral v0.2+) are fine.
+        let sliding = raw.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true)
+            || raw.get("layer_types").and_then(|v| v.as_array()).is_some_and(|layers| {
+                layers.iter().any(|l| l.as_str() == Some("sliding_attention"))
+            });
+        if sliding {
+            return Err(config_err(
+                "sliding-window attention is not supported yet (full causal attention only)".into(),
+            ));
         }
         Ok(cfg)
     }
@@ -154,7 +167,9 @@ impl LlamaConfig {
     /// The `llama3` rope scaling if configured; `Err` for any other scaling type, which
     /// we do not implement and must not silently ignore.
     pub fn llama3_rope_scaling(&self) -> std::result::Result<Option<Llama3RopeScaling>, String> {
-        let Some(value) = &self.rope_scaling else { return Ok(None) };
+        let Some(value) = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()) else {
+            return Ok(None);
+        };
         if value.is_null() {
             return Ok(None);
         }

@@ -63,10 +63,9 @@ fn is_weight_or_config(name: &str) -> bool {
 pub fn save_model_dir(out: &Path, raw_config: &serde_json::Value, params: &Params, source: Option<&Path>) -> Result<()> {
     let mut config = raw_config.clone();
     if let Some(obj) = config.as_object_mut() {
-        obj.insert("torch_dtype".into(), "float32".into());
-        if obj.contains_key("dtype") {
-            obj.insert("dtype".into(), "float32".into());
-        }
+        // transformers 5 writes `dtype`, older versions `torch_dtype`; keep the file's layout.
+        let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        obj.insert(key.into(), "float32".into());
     }
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;

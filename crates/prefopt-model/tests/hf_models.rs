@@ -1,0 +1,197 @@
+//! The model against `transformers` on the committed fixtures (see fixtures/README.md),
+//! plus gradients, the KV cache, save/load round trips and bad-input errors.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use prefopt_model::{HfModel, ModelError};
+
+const MODELS: [&str; 5] = ["llama-untied", "llama-tied", "qwen2-tied", "qwen2-untied", "mistral"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn load(name: &str) -> HfModel {
+    HfModel::load(&fixtures().join("models").join(name), &Device::Cpu).unwrap()
+}
+
+fn expected_logits(name: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let path = fixtures().join(format!("expected/{name}__logits.json"));
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = serde_json::from_value(json["input_ids"].clone()).unwrap();
+    let logits = serde_json::from_value(json["logits"].clone()).unwrap();
+    (ids, logits)
+}
+
+#[test]
+fn logits_match_transformers_for_every_fixture_architecture() {
+    for name in MODELS {
+        let model = load(name).build(false).unwrap();
+        let (ids, want) = expected_logits(name);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let got: Vec<Vec<f32>> = model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let max_diff = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max_diff < 1e-4, "{name}: max |logit diff| = {max_diff}");
+    }
+}
+
+#[test]
+fn every_parameter_receives_a_nonzero_gradient() {
+    for name in ["llama-untied", "llama-tied", "qwen2-tied", "mistral"] {
+        let hf = load(name);
+        let model = hf.build(true).unwrap();
+        let (ids, _) = expected_logits(name);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        // Any scalar that depends on every logit: the mean log-softmax of the next tokens.
+        let logits = model.forward(&input).unwrap();
+        let loss = candle_nn::ops::log_softmax(&logits, 2).unwrap().mean_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(hf.params.len() > 10);
+        for (pname, var) in hf.params.iter() {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
+            let norm: f32 = g.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient of {pname} has norm {norm}");
+        }
+    }
+}
+
+#[test]
+fn kv_cache_logits_equal_a_full_recompute() {
+    for name in ["llama-tied", "qwen2-tied"] {
+        let model = load(name).build(false).unwrap();
+        let (ids, _) = expected_logits(name);
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let full: Vec<Vec<f32>> = model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let mut cache = prefopt_model::KvCache::default();
+        // A prompt chunk, then one token at a time.
+        let mut got: Vec<Vec<f32>> =
+            model.forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        for p in 5..ids.len() {
+            let step = model.forward_cached(&input.narrow(1, p, 1).unwrap(), &mut cache).unwrap();
+            got.extend(step.squeeze(0).unwrap().to_vec2::<f32>().unwrap());
+        }
+        assert_eq!(cache.len(), ids.len());
+        let max_diff = got.iter().flatten().zip(full.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 1e-5, "{name}: cached vs full max diff {max_diff}");
+    }
+}
+
+#[test]
+fn save_then_load_gives_bit_identical_weights_and_copies_tokenizer_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["llama-tied", "qwen2-untied"] {
+        let hf = load(name);
+        let out = tmp.path().join(name);
+        hf.save(&out).unwrap();
+        for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+            assert!(out.join(file).is_file(), "{name}: {file} not saved");
+        }
+        let again = HfModel::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(hf.params.len(), again.params.len());
+        for (pname, var) in hf.params.iter() {
+            let a: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = again.params.get(pname).unwrap().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}: {pname} changed");
+        }
+        // Saving over an existing folder replaces it whole.
+        hf.save(&out).unwrap();
+        assert!(HfModel::load(&out, &Device::Cpu).is_ok());
+    }
+    // The tied checkpoint stays tied: no lm_head tensor is written.
+    let saved = std::fs::read(tmp.path().join("llama-tied/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&saved).unwrap();
+    assert!(st.names().iter().all(|n| *n != "lm_head.weight"));
+}
+
+/// A copy of a fixture model that a test may break.
+fn scratch_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(name);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("models").join(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    (tmp, dir)
+}
+
+fn load_err(dir: &Path) -> String {
+    match HfModel::load(dir, &Device::Cpu) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(path, serde_json::to_string(&json).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_or_malformed_config_names_the_file() {
+    let (_tmp, dir) = scratch_copy("qwen2-tied");
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("config.json") && msg.contains("not valid JSON"), "{msg}");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("config.json"), "{msg}");
+    assert!(load_err(&dir.join("nope")).contains("model folder not found"));
+}
+
+#[test]
+fn unsupported_model_type_and_activation_are_named() {
+    let (_tmp, dir) = scratch_copy("qwen2-tied");
+    edit_config(&dir, |c| c["model_type"] = "gpt2".into());
+    let msg = load_err(&dir);
+    assert!(msg.contains("unsupported model_type `gpt2`") && msg.contains("config.json"), "{msg}");
+    edit_config(&dir, |c| {
+        c["model_type"] = "qwen2".into();
+        c["hidden_act"] = "gelu".into();
+    });
+    assert!(load_err(&dir).contains("unsupported hidden_act `gelu`"));
+    edit_config(&dir, |c| {
+        c["hidden_act"] = "silu".into();
+        c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 4.0});
+    });
+    assert!(load_err(&dir).contains("unsupported rope_scaling type `yarn`"));
+}
+
+#[test]
+fn missing_and_misshaped_tensors_are_named_with_both_shapes() {
+    let (_tmp, dir) = scratch_copy("qwen2-tied");
+    edit_config(&dir, |c| c["intermediate_size"] = 96.into());
+    let msg = load_err(&dir);
+    assert!(
+        msg.contains("model.safetensors")
+            && msg.contains("mlp.")
+            && msg.contains("[128, 64]")
+            && msg.contains("[96, 64]"),
+        "{msg}"
+    );
+    edit_config(&dir, |c| {
+        c["intermediate_size"] = 128.into();
+        c["tie_word_embeddings"] = false.into();
+    });
+    let msg = load_err(&dir);
+    assert!(msg.contains("tensor `lm_head.weight` is missing"), "{msg}");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    assert!(load_err(&dir).contains("no model.safetensors"));
+}
+
+#[test]
+fn sharded_index_errors_name_the_shard() {
+    let (_tmp, dir) = scratch_copy("llama-tied");
+    edit_config(&dir, |c| c["num_hidden_layers"] = 3.into());
+    let msg = load_err(&dir);
+    assert!(msg.contains("model.layers.2") && msg.contains("missing"), "{msg}");
+    matches!(HfModel::load(&dir, &Device::Cpu), Err(ModelError::MissingTensor { .. }));
+}

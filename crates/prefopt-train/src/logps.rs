@@ -1,0 +1,75 @@
+//! Sequence log-probabilities of completions (methods.md section 1):
+//! `lp(y) = sum_t log pi(y_t | x, y_<t)` over completion tokens only, in f32.
+
+use candle_core::{DType, Device, Tensor, D};
+use prefopt_data::TokenizedSequence;
+use prefopt_model::Llama;
+
+/// Right-padded token sequences with the completion positions marked.
+pub struct SequenceBatch {
+    /// (B, T) u32, padded with `pad_id` after each sequence.
+    pub input_ids: Tensor,
+    /// (B, T-1) u32: the token each position predicts (`input_ids[:, 1:]`).
+    pub targets: Tensor,
+    /// (B, T-1) f32: 1 where the predicted token is a completion token, else 0.
+    pub completion_mask: Tensor,
+    /// Completion token count of each sequence, `|y|`.
+    pub completion_lens: Vec<usize>,
+    /// Total tokens (prompt + completion, no padding), for throughput figures.
+    pub num_tokens: usize,
+}
+
+impl SequenceBatch {
+    /// Pads `seqs` to a common length. Right padding keeps every real token's position,
+    /// so the causal mask alone keeps padding out of the real tokens' logits.
+    pub fn new(seqs: &[&TokenizedSequence], pad_id: u32, device: &Device) -> candle_core::Result<Self> {
+        let b = seqs.len();
+        let t = seqs.iter().map(|s| s.input_ids.len()).max().unwrap_or(0).max(2);
+        let mut ids = vec![pad_id; b * t];
+        let mut mask = vec![0f32; b * (t - 1)];
+        for (i, s) in seqs.iter().enumerate() {
+            ids[i * t..i * t + s.input_ids.len()].copy_from_slice(&s.input_ids);
+            // Position p predicts token p + 1; completion tokens start at `completion_start`.
+            for p in s.completion_start.max(1) - 1..s.input_ids.len() - 1 {
+                mask[i * (t - 1) + p] = 1.0;
+            }
+        }
+        let input_ids = Tensor::from_vec(ids, (b, t), device)?;
+        let targets = input_ids.narrow(1, 1, t - 1)?.contiguous()?;
+        Ok(Self {
+            input_ids,
+            targets,
+            completion_mask: Tensor::from_vec(mask, (b, t - 1), device)?,
+            completion_lens: seqs.iter().map(|s| s.completion_len()).collect(),
+            num_tokens: seqs.iter().map(|s| s.input_ids.len()).sum(),
+        })
+    }
+}
+
+/// Per-sequence results of one forward pass.
+pub struct CompletionLogps {
+    /// (B,) summed completion log-probs, in nats.
+    pub logps: Tensor,
+    /// (B,) sum over completion positions of the mean logit over the vocabulary
+    /// (for TRL's `logits/chosen` metric: divide the batch sum by the token count).
+    pub logit_sums: Tensor,
+}
+
+/// Runs `model` on the batch and sums log-probs over completion tokens.
+pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::Result<CompletionLogps> {
+    let logits = model.forward(&batch.input_ids)?; // (B, T, V)
+    Ok(logps_from_logits(&logits, batch)?)
+}
+
+/// The same from logits already computed; log-softmax always in f32.
+pub fn logps_from_logits(logits: &Tensor, batch: &SequenceBatch) -> candle_core::Result<CompletionLogps> {
+    let (_, t, _) = logits.dims3()?;
+    let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?; // (B, T-1, V)
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
+    let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&batch.targets.unsqueeze(2)?, 2)?; // (B, T-1, 1)
+    let token_logps = picked.broadcast_sub(&log_norm)?.squeeze(2)?; // (B, T-1)
+    let logps = (token_logps * &batch.completion_mask)?.sum(1)?;
+    let logit_sums = (logits.mean(D::Minus1)? * &batch.completion_mask)?.sum(1)?;
+    Ok(CompletionLogps { logps, logit_sums })
+}
