@@ -1,0 +1,576 @@
+//! The sweep over alpha, beta, N and seeds; per-iteration records; the summary.
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Loss};
+use crate::error::SimError;
+use crate::exact::exact_step;
+use crate::metrics::{metrics, Metrics};
+use crate::policy::{extrapolate, LogPolicy};
+use crate::problem::Problem;
+use crate::sampled::{sampled_step, FitStats, SampledSettings};
+
+/// Gaps at or below this are left out of the decay-rate fit (ln of a gap that small
+/// says more about the arithmetic than about the algorithm).
+pub const RATE_FIT_FLOOR: f64 = 1e-12;
+
+/// One line of results.jsonl: one run at one iteration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// `exact` or `sampled`.
+    pub mode: String,
+    /// `dpo`, `ipo` or `sppo`.
+    pub loss: String,
+    /// Extrapolation coefficient.
+    pub alpha: f64,
+    /// KL coefficient.
+    pub beta: f64,
+    /// Prompts per iteration; `null` in exact mode (infinite data).
+    pub n: Option<usize>,
+    /// Data seed; `null` in exact mode (deterministic).
+    pub seed: Option<u64>,
+    /// 0 is the initial policy; iterations count from 1.
+    pub iteration: usize,
+    /// Metrics of the trained policy `pi_hat_t` (the algorithm's output).
+    pub reward_gap: Option<f64>,
+    /// See [`Metrics::tv_to_optimal`].
+    pub tv_to_optimal: f64,
+    /// See [`Metrics::kl_to_init`].
+    pub kl_to_init: f64,
+    /// See [`Metrics::exploitability`].
+    pub exploitability: f64,
+    /// The same metrics of the extrapolated policy `pi_t` (next sampler and reference).
+    pub extrapolated_reward_gap: Option<f64>,
+    /// TV of `pi_t` to the reference solution.
+    pub extrapolated_tv_to_optimal: f64,
+    /// KL of `pi_t` to `pi_0`.
+    pub extrapolated_kl_to_init: f64,
+    /// Exploitability of `pi_t`.
+    pub extrapolated_exploitability: f64,
+    /// Sampled mode, iterations >= 1: training pairs (`sppo`: samples) in the fit.
+    pub pairs: Option<usize>,
+    /// Sampled mode: drawn prompts that gave no training pair.
+    pub skipped_prompts: Option<usize>,
+    /// Sampled mode: most Newton steps any prompt's fit took.
+    pub fit_newton_steps: Option<usize>,
+    /// Sampled mode: final gradient norm of the mean empirical objective.
+    pub fit_grad_norm: Option<f64>,
+    /// Sampled mode: prompts whose fit did not reach `tolerance`.
+    pub fit_unconverged_prompts: Option<usize>,
+    /// Sampled mode, `dpo`: prompts whose unregularized minimizer is at infinity.
+    pub separable_prompts: Option<usize>,
+}
+
+impl Record {
+    fn new(
+        run: &RunKey,
+        loss: Loss,
+        iteration: usize,
+        hat: Metrics,
+        ext: Metrics,
+        fit: Option<FitStats>,
+    ) -> Record {
+        Record {
+            mode: if run.n.is_some() { "sampled" } else { "exact" }.to_string(),
+            loss: loss.as_str().to_string(),
+            alpha: run.alpha,
+            beta: run.beta,
+            n: run.n,
+            seed: run.seed,
+            iteration,
+            reward_gap: hat.reward_gap,
+            tv_to_optimal: hat.tv_to_optimal,
+            kl_to_init: hat.kl_to_init,
+            exploitability: hat.exploitability,
+            extrapolated_reward_gap: ext.reward_gap,
+            extrapolated_tv_to_optimal: ext.tv_to_optimal,
+            extrapolated_kl_to_init: ext.kl_to_init,
+            extrapolated_exploitability: ext.exploitability,
+            pairs: fit.map(|f| f.pairs),
+            skipped_prompts: fit.map(|f| f.skipped_prompts),
+            fit_newton_steps: fit.map(|f| f.newton_steps),
+            fit_grad_norm: fit.map(|f| f.grad_norm),
+            fit_unconverged_prompts: fit.map(|f| f.unconverged_prompts),
+            separable_prompts: fit.and_then(|f| f.separable_prompts),
+        }
+    }
+
+    /// The gap metric of the trained policy (`reward_gap`, else `exploitability`).
+    pub fn gap(&self) -> f64 {
+        self.reward_gap.unwrap_or(self.exploitability)
+    }
+}
+
+/// Identifies one run of the sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RunKey {
+    /// `None` for exact mode.
+    pub n: Option<usize>,
+    /// KL coefficient.
+    pub beta: f64,
+    /// Extrapolation coefficient.
+    pub alpha: f64,
+    /// `None` for exact mode.
+    pub seed: Option<u64>,
+}
+
+/// One run: its key and one record per iteration (0 ..= iterations).
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// Which run.
+    pub key: RunKey,
+    /// Records, iteration 0 first.
+    pub records: Vec<Record>,
+}
+
+/// Mean and spread of a quantity over seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Sample standard deviation (n - 1); 0 for a single value.
+    pub std: f64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Spread {
+    /// Spread of a non-empty list.
+    pub fn of(v: &[f64]) -> Spread {
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let var = if v.len() > 1 {
+            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        Spread {
+            mean,
+            std: var.sqrt(),
+            min: v.iter().cloned().fold(f64::INFINITY, f64::min),
+            max: v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+        }
+    }
+}
+
+/// Iterations needed to reach the target gap, over seeds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ReachStats {
+    /// Runs (seeds) that reached the target within the iterations.
+    pub reached: usize,
+    /// Runs in the group.
+    pub runs: usize,
+    /// Spread of the first iteration with `gap <= target_gap`, over the runs that
+    /// reached it (`null` when none did).
+    pub iterations: Option<Spread>,
+}
+
+/// The summary of one (mode, N, beta, alpha) group of runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupSummary {
+    /// `exact` or `sampled`.
+    pub mode: String,
+    /// `null` in exact mode.
+    pub n: Option<usize>,
+    /// KL coefficient.
+    pub beta: f64,
+    /// Extrapolation coefficient.
+    pub alpha: f64,
+    /// Iterations to reach `target_gap`.
+    pub iterations_to_target: ReachStats,
+    /// Gap of the last trained policy, over seeds.
+    pub final_gap: Spread,
+    /// Exact mode: least-squares slope of `ln(gap)` against `t` over iterations
+    /// `t >= 1` with `gap > 1e-12` (needs two such points).
+    pub fitted_slope: Option<f64>,
+    /// Iterations used by the fit.
+    pub fit_points: Option<usize>,
+    /// Theory's rate `margin / ((1 - alpha) * beta)` (the gap decays like
+    /// `exp(-rate * t)` for large t); `null` without a pure reference solution.
+    pub theory_rate: Option<f64>,
+    /// `-fitted_slope / theory_rate`: constant in alpha when rate ∝ 1/(1 - alpha)
+    /// (approaches 1 for large t; smaller when the fit window is mostly the transient).
+    pub rate_ratio: Option<f64>,
+    /// Sampled mode: total prompt fits (over seeds and iterations) that did not reach
+    /// `tolerance`.
+    pub unconverged_fits: Option<usize>,
+}
+
+/// For one (N, beta): where more momentum stops helping the final gap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tradeoff {
+    /// Prompts per iteration.
+    pub n: usize,
+    /// KL coefficient.
+    pub beta: f64,
+    /// The alphas, ascending.
+    pub alphas: Vec<f64>,
+    /// Final gap over seeds for each alpha.
+    pub final_gap: Vec<Spread>,
+    /// Alpha with the smallest mean final gap.
+    pub best_alpha: f64,
+    /// `best_alpha` when some larger alpha has a larger mean final gap (the final gap
+    /// gets worse beyond it); `null` when the largest alpha is best.
+    pub worse_beyond_alpha: Option<f64>,
+    /// Seeds whose final gap at the largest alpha exceeds their final gap at
+    /// `best_alpha` (a paired comparison: same data seed).
+    pub seeds_worse_at_largest_alpha: usize,
+    /// Seeds in the comparison.
+    pub seeds: usize,
+}
+
+/// summary.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// The loss of every run.
+    pub loss: String,
+    /// Which metric "gap" means: `reward_gap` (Bradley-Terry) or `exploitability`.
+    pub gap_metric: String,
+    /// Target of `iterations_to_target`.
+    pub target_gap: f64,
+    /// Iterations per run.
+    pub iterations: usize,
+    /// The margin in the theory rate (see [`Problem::rate_margin`]).
+    pub rate_margin: Option<f64>,
+    /// One entry per (mode, N, beta, alpha).
+    pub groups: Vec<GroupSummary>,
+    /// Sampled mode: one entry per (N, beta).
+    pub tradeoff: Vec<Tradeoff>,
+}
+
+/// Everything a sweep produces.
+#[derive(Debug, Clone)]
+pub struct SweepOutput {
+    /// The problem that was simulated (drawn tables included).
+    pub problem: Problem,
+    /// Every run, in sweep order.
+    pub runs: Vec<Run>,
+    /// The summary.
+    pub summary: Summary,
+}
+
+impl SweepOutput {
+    /// Every record, run by run, iteration by iteration (the lines of results.jsonl).
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.runs.iter().flat_map(|r| r.records.iter())
+    }
+
+    /// The runs of one group (all seeds), in seed order.
+    pub fn group(&self, n: Option<usize>, beta: f64, alpha: f64) -> Vec<&Run> {
+        self.runs
+            .iter()
+            .filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha)
+            .collect()
+    }
+}
+
+/// Runs one configuration of the algorithm: `n = None` is exact mode.
+pub fn run_one(problem: &Problem, config: &Config, key: RunKey) -> Run {
+    let loss = config.loss;
+    let mut rng = ChaCha8Rng::seed_from_u64(key.seed.unwrap_or(0));
+    rng.set_stream(1); // stream 0 draws the problem
+    let settings = key.n.map(|n| SampledSettings {
+        loss,
+        beta: key.beta,
+        n,
+        k: config.k,
+        pairing: config.pairing,
+        tolerance: config.tolerance,
+        l2: config.l2,
+        max_fit_iters: config.max_fit_iters,
+    });
+    let m0 = metrics(problem, &problem.init);
+    let mut records = vec![Record::new(&key, loss, 0, m0, m0, None)];
+    let mut cur: LogPolicy = problem.init.clone(); // pi_t: sampler and reference
+    let mut hat_prev: LogPolicy = problem.init.clone(); // pi_hat_t
+    for t in 1..=config.iterations {
+        let (hat, fit) = match &settings {
+            None => (exact_step(problem, loss, key.beta, &cur), None),
+            Some(s) => {
+                let (hat, fit) = sampled_step(problem, &cur, s, &mut rng);
+                (hat, Some(fit))
+            }
+        };
+        let ext = extrapolate(&hat, &hat_prev, key.alpha);
+        records.push(Record::new(
+            &key,
+            loss,
+            t,
+            metrics(problem, &hat),
+            metrics(problem, &ext),
+            fit,
+        ));
+        hat_prev = hat;
+        cur = ext;
+    }
+    Run { key, records }
+}
+
+/// Runs the whole sweep a config describes and summarizes it.
+pub fn run_sweep(config: &Config) -> Result<SweepOutput, SimError> {
+    let problem = Problem::from_config(config)?;
+    let mut runs = Vec::new();
+    if config.mode.runs_exact() {
+        for &beta in &config.betas {
+            for &alpha in &config.alphas {
+                runs.push(run_one(
+                    &problem,
+                    config,
+                    RunKey {
+                        n: None,
+                        beta,
+                        alpha,
+                        seed: None,
+                    },
+                ));
+            }
+        }
+    }
+    if config.mode.runs_sampled() {
+        for &n in &config.ns {
+            for &beta in &config.betas {
+                for &alpha in &config.alphas {
+                    for &seed in &config.seeds {
+                        runs.push(run_one(
+                            &problem,
+                            config,
+                            RunKey {
+                                n: Some(n),
+                                beta,
+                                alpha,
+                                seed: Some(seed),
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let summary = summarize(&problem, config, &runs);
+    Ok(SweepOutput {
+        problem,
+        runs,
+        summary,
+    })
+}
+
+/// Least-squares slope of `ln(gap)` against `t` over `t >= 1`, `gap > floor`.
+pub fn fit_log_slope(gaps: &[f64], floor: f64) -> Option<(f64, usize)> {
+    let pts: Vec<(f64, f64)> = gaps
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, &g)| g > floor)
+        .map(|(t, &g)| (t as f64, g.ln()))
+        .collect();
+    if pts.len() < 2 {
+        return None;
+    }
+    let n = pts.len() as f64;
+    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    Some((sxy / sxx, pts.len()))
+}
+
+fn sorted_unique(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.dedup();
+    v
+}
+
+fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
+    let margin = problem.rate_margin(config.loss);
+    let alphas = sorted_unique(config.alphas.clone());
+    let betas = sorted_unique(config.betas.clone());
+    let mut ns: Vec<Option<usize>> = Vec::new();
+    if config.mode.runs_exact() {
+        ns.push(None);
+    }
+    if config.mode.runs_sampled() {
+        let mut v = config.ns.clone();
+        v.sort();
+        v.dedup();
+        ns.extend(v.into_iter().map(Some));
+    }
+    let select = |n: Option<usize>, beta: f64, alpha: f64| -> Vec<&Run> {
+        runs.iter()
+            .filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha)
+            .collect()
+    };
+    let final_gaps = |group: &[&Run]| -> Vec<f64> {
+        group
+            .iter()
+            .map(|r| r.records.last().unwrap().gap())
+            .collect()
+    };
+
+    let mut groups = Vec::new();
+    for &n in &ns {
+        for &beta in &betas {
+            for &alpha in &alphas {
+                let group = select(n, beta, alpha);
+                let hits: Vec<f64> = group
+                    .iter()
+                    .filter_map(|r| {
+                        r.records
+                            .iter()
+                            .find(|rec| rec.gap() <= config.target_gap)
+                            .map(|rec| rec.iteration as f64)
+                    })
+                    .collect();
+                let (fitted_slope, fit_points, theory_rate, rate_ratio) = if n.is_none() {
+                    let gaps: Vec<f64> = group[0].records.iter().map(Record::gap).collect();
+                    let fit = fit_log_slope(&gaps, RATE_FIT_FLOOR);
+                    let theory = margin.map(|m| m / ((1.0 - alpha) * beta));
+                    let ratio = match (fit, theory) {
+                        (Some((s, _)), Some(th)) => Some(-s / th),
+                        _ => None,
+                    };
+                    (fit.map(|f| f.0), fit.map(|f| f.1), theory, ratio)
+                } else {
+                    (None, None, None, None)
+                };
+                groups.push(GroupSummary {
+                    mode: if n.is_some() { "sampled" } else { "exact" }.to_string(),
+                    n,
+                    beta,
+                    alpha,
+                    iterations_to_target: ReachStats {
+                        reached: hits.len(),
+                        runs: group.len(),
+                        iterations: (!hits.is_empty()).then(|| Spread::of(&hits)),
+                    },
+                    final_gap: Spread::of(&final_gaps(&group)),
+                    fitted_slope,
+                    fit_points,
+                    theory_rate,
+                    rate_ratio,
+                    unconverged_fits: n.map(|_| {
+                        group
+                            .iter()
+                            .flat_map(|r| &r.records)
+                            .filter_map(|rec| rec.fit_unconverged_prompts)
+                            .sum()
+                    }),
+                });
+            }
+        }
+    }
+
+    let mut tradeoff = Vec::new();
+    for &n in ns.iter().flatten() {
+        for &beta in &betas {
+            let per_alpha: Vec<Vec<f64>> = alphas
+                .iter()
+                .map(|&a| final_gaps(&select(Some(n), beta, a)))
+                .collect();
+            let spreads: Vec<Spread> = per_alpha.iter().map(|v| Spread::of(v)).collect();
+            let best = (0..alphas.len()).fold(0, |b, i| {
+                if spreads[i].mean < spreads[b].mean {
+                    i
+                } else {
+                    b
+                }
+            });
+            let last = alphas.len() - 1;
+            let worse = spreads[best + 1..]
+                .iter()
+                .any(|s| s.mean > spreads[best].mean);
+            let seeds_worse = per_alpha[last]
+                .iter()
+                .zip(&per_alpha[best])
+                .filter(|(l, b)| l > b)
+                .count();
+            tradeoff.push(Tradeoff {
+                n,
+                beta,
+                alphas: alphas.clone(),
+                final_gap: spreads.clone(),
+                best_alpha: alphas[best],
+                worse_beyond_alpha: (worse && best < last).then_some(alphas[best]),
+                seeds_worse_at_largest_alpha: seeds_worse,
+                seeds: per_alpha[last].len(),
+            });
+        }
+    }
+
+    Summary {
+        loss: config.loss.as_str().to_string(),
+        gap_metric: if problem.rewards.is_some() {
+            "reward_gap"
+        } else {
+            "exploitability"
+        }
+        .to_string(),
+        target_gap: config.target_gap,
+        iterations: config.iterations,
+        rate_margin: margin,
+        groups,
+        tradeoff,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_config(seeds: &str) -> Config {
+        let text = format!(
+            "rewards = [[0.0, 0.5, 1.0], [0.2, 1.0, 0.0]]\nalphas = [0.0, 0.5]\nns = [20]\nseeds = {seeds}\niterations = 6\n"
+        );
+        Config::from_toml_str(&text).unwrap()
+    }
+
+    #[test]
+    fn sweep_has_one_record_per_run_and_iteration() {
+        let out = run_sweep(&tiny_config("[0, 1]")).unwrap();
+        // exact: 2 alphas; sampled: 2 alphas x 2 seeds; 7 records each.
+        assert_eq!(out.runs.len(), 2 + 4);
+        assert_eq!(out.records().count(), 6 * 7);
+        let first = out.records().next().unwrap();
+        assert_eq!((first.iteration, first.n, first.seed), (0, None, None));
+        assert_eq!(out.summary.groups.len(), 4);
+        assert_eq!(out.summary.tradeoff.len(), 1);
+    }
+
+    #[test]
+    fn same_seed_same_records() {
+        let a = run_sweep(&tiny_config("[0, 1]")).unwrap();
+        let b = run_sweep(&tiny_config("[0, 1]")).unwrap();
+        assert!(a.records().eq(b.records()));
+        let c = run_sweep(&tiny_config("[5, 6]")).unwrap();
+        assert!(!a.records().eq(c.records()));
+    }
+
+    #[test]
+    fn exact_rate_grows_like_one_over_one_minus_alpha() {
+        let config = Config::from_toml_str(
+            "mode = \"exact\"\nrewards = [[0.0, 0.1, 0.3], [0.0, 0.2, 0.1]]\nalphas = [0.0, 0.5]\niterations = 400\nbetas = [1.0]",
+        )
+        .unwrap();
+        let out = run_sweep(&config).unwrap();
+        assert_eq!(out.summary.rate_margin, Some(0.1));
+        for g in &out.summary.groups {
+            let ratio = g.rate_ratio.unwrap();
+            assert!(
+                (ratio - 1.0).abs() < 0.1,
+                "alpha {}: ratio {ratio}",
+                g.alpha
+            );
+        }
+    }
+
+    #[test]
+    fn log_slope_of_an_exponential() {
+        let gaps: Vec<f64> = (0..10).map(|t| 3.0 * (-0.7 * t as f64).exp()).collect();
+        let (s, k) = fit_log_slope(&gaps, 1e-12).unwrap();
+        assert!((s + 0.7).abs() < 1e-12);
+        assert_eq!(k, 9);
+    }
+}
