@@ -117,10 +117,102 @@ fn config_chat_template(config: &Value, path: &Path) -> Result<Option<String>, D
     }
 }
 
+/// transformers 5 (`TokenizersBackend`): when tokenizer_config.json sets `add_bos_token`
+/// or `add_eos_token`, the post-processor of tokenizer.json is replaced by a template
+/// that adds exactly those tokens (an unset flag counts as false, a flag whose token is
+/// null is ignored). Without either key, tokenizer.json's post-processor stands.
+fn apply_add_bos_eos(
+    tokenizer: &mut tokenizers::Tokenizer,
+    config: &Value,
+    special: &SpecialTokens,
+    path: &Path,
+) -> Result<(), DataError> {
+    let mut explicit = false;
+    let mut flag = |key: &str| -> Result<bool, DataError> {
+        match config.get(key) {
+            None => Ok(false),
+            Some(Value::Null) => {
+                explicit = true;
+                Ok(false)
+            }
+            Some(Value::Bool(b)) => {
+                explicit = true;
+                Ok(*b)
+            }
+            Some(other) => Err(DataError::file(
+                path,
+                format!(
+                    "field `{key}`: expected true or false, found {}",
+                    json_kind(other)
+                ),
+            )),
+        }
+    };
+    let add_bos = flag("add_bos_token")?;
+    let add_eos = flag("add_eos_token")?;
+    if !explicit {
+        return Ok(());
+    }
+    let mut special_tokens = Vec::new();
+    let mut piece =
+        |token: &Option<String>, add: bool, key: &str| -> Result<Option<String>, DataError> {
+            match token {
+                Some(text) if add => {
+                    let id = tokenizer.token_to_id(text).ok_or_else(|| {
+                        DataError::file(
+                            path,
+                            format!("{key} {text:?} is not in the vocabulary of tokenizer.json"),
+                        )
+                    })?;
+                    special_tokens.push((text.clone(), id));
+                    Ok(Some(text.clone()))
+                }
+                _ => Ok(None),
+            }
+        };
+    let bos = piece(&special.bos_token, add_bos, "bos_token")?;
+    let eos = piece(&special.eos_token, add_eos, "eos_token")?;
+    let with = |seq: &str, type_id: u8| {
+        let mut parts = Vec::new();
+        if let Some(b) = &bos {
+            parts.push(format!("{b}:{type_id}"));
+        }
+        parts.push(format!("{seq}:{type_id}"));
+        if let Some(e) = &eos {
+            parts.push(format!("{e}:{type_id}"));
+        }
+        parts.join(" ")
+    };
+    let (single, pair) = (
+        with("$A", 0),
+        format!("{} {}", with("$A", 0), with("$B", 1)),
+    );
+    let template = tokenizers::processors::template::TemplateProcessing::builder()
+        .try_single(single.as_str())
+        .and_then(|b| b.try_pair(pair.as_str()))
+        .map_err(|e| {
+            DataError::file(
+                path,
+                format!("cannot build the add_bos_token/add_eos_token template: {e}"),
+            )
+        })?
+        .special_tokens(special_tokens)
+        .build()
+        .map_err(|e| {
+            DataError::file(
+                path,
+                format!("cannot build the add_bos_token/add_eos_token template: {e}"),
+            )
+        })?;
+    tokenizer.with_post_processor(Some(template));
+    Ok(())
+}
+
 impl HfTokenizer {
     /// Loads a tokenizer folder: `tokenizer.json` (required), `tokenizer_config.json`
     /// (special tokens, which may be strings, AddedToken objects or null; `chat_template`
-    /// as a string or a list of `{name, template}`, "default" taken),
+    /// as a string or a list of `{name, template}`, "default" taken; `add_bos_token` /
+    /// `add_eos_token`, which override tokenizer.json's post-processor as in transformers 5),
     /// `special_tokens_map.json` for special tokens the config lacks, `chat_template.jinja`
     /// (wins over the config's template, as in transformers 5) and
     /// `generation_config.json`'s `eos_token_id` (an int or a list).
@@ -163,6 +255,9 @@ impl HfTokenizer {
                 }
             }
         }
+
+        let mut tokenizer = tokenizer;
+        apply_add_bos_eos(&mut tokenizer, &config, &special, &config_path)?;
 
         let jinja_path = dir.join("chat_template.jinja");
         let chat_template = match std::fs::read_to_string(&jinja_path) {

@@ -437,6 +437,57 @@ fn special_tokens_may_be_added_token_objects_and_generation_config_adds_eos_ids(
 }
 
 #[test]
+fn add_bos_and_add_eos_flags_override_the_post_processor_like_transformers() {
+    let encode = |config: serde_json::Value| {
+        Folder::new(config)
+            .load()
+            .unwrap()
+            .encode("Q", true)
+            .unwrap()
+    };
+    let base = |extra: serde_json::Value| {
+        let mut c = json!({"bos_token": "<s>", "eos_token": "</s>"});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    assert_eq!(
+        encode(base(json!({}))),
+        vec![1, Q],
+        "no flag: tokenizer.json decides"
+    );
+    assert_eq!(encode(base(json!({"add_bos_token": false}))), vec![Q]);
+    assert_eq!(
+        encode(base(json!({"add_eos_token": true}))),
+        vec![Q, 2],
+        "an unset flag counts as false"
+    );
+    assert_eq!(
+        encode(base(json!({"add_bos_token": true, "add_eos_token": true}))),
+        vec![1, Q, 2]
+    );
+    assert_eq!(
+        encode(json!({"bos_token": null, "add_bos_token": true})),
+        vec![Q]
+    );
+    let e = Folder::new(base(json!({"add_bos_token": "yes"})))
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("field `add_bos_token`: expected true or false, found a string"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tokenizers_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<HfTokenizer>();
+}
+
+#[test]
 fn chat_template_comes_from_the_config_or_the_jinja_file_which_wins() {
     let msgs = [Message::new("user", "hi")];
     let f = Folder::new(json!({"chat_template": [
