@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Summed completion log-probs of chosen/rejected pairs under a model (JSONL out).
     Score(cmd::score::ScoreArgs),
+    /// Throughput of the forward and forward+backward passes (one JSON line).
+    Bench(cmd::bench::BenchArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
     Simulate(cmd::simulate::SimulateArgs),
 }
@@ -27,6 +29,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Score(args) => cmd::score::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

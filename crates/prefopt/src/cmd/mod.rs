@@ -1,4 +1,5 @@
 //! One module per subcommand: argument struct + `run`.
 
+pub mod bench;
 pub mod score;
 pub mod simulate;
