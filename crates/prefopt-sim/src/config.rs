@@ -141,18 +141,18 @@ pub struct Config {
     pub mode: Mode,
     /// `dpo`, `ipo` or `sppo` [`dpo`]. `dpo` in exact mode needs Bradley-Terry rewards.
     pub loss: Loss,
-    /// Extrapolation coefficients swept, each in [0, 1) [`[0.0, 0.5, 0.8]`].
+    /// Extrapolation coefficients swept, each in [0, 1) [`[0.0, 0.2, 0.4, 0.6, 0.8, 0.9]`].
     pub alphas: Vec<f64>,
     /// KL coefficients swept, each > 0 [`[1.0]`]. SPPO uses `eta = 1 / beta`.
     pub betas: Vec<f64>,
-    /// Sampled mode: prompts drawn per iteration (with replacement), each >= 1 [`[100]`].
+    /// Sampled mode: prompts drawn per iteration (with replacement), each >= 1 [`[16, 64, 1024]`].
     pub ns: Vec<usize>,
     /// Sampled mode: seeds of the data draws; metrics are reported per seed and
-    /// summarized as mean and spread over seeds [`[0, 1, 2, 3, 4]`].
+    /// summarized as mean and spread over seeds [`0..29`].
     pub seeds: Vec<u64>,
-    /// Iterations per run, >= 1 [`20`]. Iteration 0 is the initial policy.
+    /// Iterations per run, >= 1 [`30`]. Iteration 0 is the initial policy.
     pub iterations: usize,
-    /// Number of prompts when no table is given [`8`].
+    /// Number of prompts when no table is given [`16`].
     pub num_prompts: Option<usize>,
     /// Responses per prompt when no table is given, >= 2 [`4`].
     pub num_responses: Option<usize>,
@@ -179,8 +179,9 @@ pub struct Config {
     /// below this, > 0 [`1e-8`].
     pub tolerance: f64,
     /// Sampled mode: L2 penalty `l2/2 * |u|^2` on the fitted log-ratio
-    /// `u = log pi_hat - log pi_t`, in units of pairs (a prior worth `l2` pairs);
-    /// keeps DPO's minimizer finite when a pair is always won. >= 0 [`0.01`].
+    /// `u = log pi_hat - log pi_t`, added to the *summed* loss (then divided by the
+    /// number of pairs), so its weight fades as N grows; keeps DPO's minimizer finite
+    /// when a pair is always won. >= 0 [`1.0`].
     pub l2: f64,
     /// Sampled mode: Newton steps per prompt before a fit counts as unconverged [`100`].
     pub max_fit_iters: usize,
@@ -191,11 +192,11 @@ impl Default for Config {
         Config {
             mode: Mode::Both,
             loss: Loss::Dpo,
-            alphas: vec![0.0, 0.5, 0.8],
+            alphas: vec![0.0, 0.2, 0.4, 0.6, 0.8, 0.9],
             betas: vec![1.0],
-            ns: vec![100],
-            seeds: vec![0, 1, 2, 3, 4],
-            iterations: 20,
+            ns: vec![16, 64, 1024],
+            seeds: (0..30).collect(),
+            iterations: 30,
             num_prompts: None,
             num_responses: None,
             rewards: None,
@@ -207,14 +208,14 @@ impl Default for Config {
             k: 4,
             pairing: Pairing::All,
             tolerance: 1e-8,
-            l2: 0.01,
+            l2: 1.0,
             max_fit_iters: 100,
         }
     }
 }
 
 /// Default number of prompts when no table fixes it.
-pub const DEFAULT_NUM_PROMPTS: usize = 8;
+pub const DEFAULT_NUM_PROMPTS: usize = 16;
 /// Default number of responses per prompt when no table fixes it.
 pub const DEFAULT_NUM_RESPONSES: usize = 4;
 
@@ -481,6 +482,19 @@ mod tests {
     #[test]
     fn empty_config_is_the_struct_default() {
         assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn builtin_default_is_the_struct_default_plus_a_reward_table() {
+        let builtin = Config::builtin_default();
+        assert!(builtin.rewards.is_some());
+        assert_eq!(
+            Config {
+                rewards: None,
+                ..builtin
+            },
+            Config::default()
+        );
     }
 
     #[test]

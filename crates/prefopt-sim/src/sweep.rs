@@ -193,8 +193,12 @@ pub struct GroupSummary {
     /// `exp(-rate * t)` for large t); `null` without a pure reference solution.
     pub theory_rate: Option<f64>,
     /// `-fitted_slope / theory_rate`: constant in alpha when rate ∝ 1/(1 - alpha)
-    /// (approaches 1 for large t; smaller when the fit window is mostly the transient).
+    /// (approaches 1 for large t; smaller when the fit window is mostly the transient
+    /// in which the momentum builds up, about `1 / (1 - alpha)` iterations).
     pub rate_ratio: Option<f64>,
+    /// The same ratio from a fit over the later half of the fit window only (at least
+    /// two points), where the transient has died out.
+    pub late_rate_ratio: Option<f64>,
     /// Sampled mode: total prompt fits (over seeds and iterations) that did not reach
     /// `tolerance`.
     pub unconverged_fits: Option<usize>,
@@ -221,6 +225,10 @@ pub struct Tradeoff {
     pub seeds_worse_at_largest_alpha: usize,
     /// Seeds in the comparison.
     pub seeds: usize,
+    /// Whether "worse beyond `best_alpha`" holds across seeds: it holds on average and
+    /// in a strict majority of the paired seeds. A claim that does not hold across
+    /// seeds is reported as not holding.
+    pub holds_across_seeds: bool,
 }
 
 /// summary.json.
@@ -424,18 +432,35 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                             .map(|rec| rec.iteration as f64)
                     })
                     .collect();
-                let (fitted_slope, fit_points, theory_rate, rate_ratio) = if n.is_none() {
-                    let gaps: Vec<f64> = group[0].records.iter().map(Record::gap).collect();
-                    let fit = fit_log_slope(&gaps, RATE_FIT_FLOOR);
-                    let theory = margin.map(|m| m / ((1.0 - alpha) * beta));
-                    let ratio = match (fit, theory) {
-                        (Some((s, _)), Some(th)) => Some(-s / th),
-                        _ => None,
+                let (fitted_slope, fit_points, theory_rate, rate_ratio, late_rate_ratio) =
+                    if n.is_none() {
+                        let gaps: Vec<f64> = group[0].records.iter().map(Record::gap).collect();
+                        let fit = fit_log_slope(&gaps, RATE_FIT_FLOOR);
+                        let theory = margin.map(|m| m / ((1.0 - alpha) * beta));
+                        let late = fit.and_then(|(_, k)| {
+                            // Keep the later half of the points above the floor.
+                            let idx: Vec<usize> = (1..gaps.len())
+                                .filter(|&t| gaps[t] > RATE_FIT_FLOOR)
+                                .collect();
+                            let from = idx[k / 2];
+                            let mut masked = gaps.clone();
+                            masked.iter_mut().take(from).for_each(|g| *g = 0.0);
+                            fit_log_slope(&masked, RATE_FIT_FLOOR)
+                        });
+                        let ratio = |f: Option<(f64, usize)>| match (f, theory) {
+                            (Some((s, _)), Some(th)) => Some(-s / th),
+                            _ => None,
+                        };
+                        (
+                            fit.map(|f| f.0),
+                            fit.map(|f| f.1),
+                            theory,
+                            ratio(fit),
+                            ratio(late),
+                        )
+                    } else {
+                        (None, None, None, None, None)
                     };
-                    (fit.map(|f| f.0), fit.map(|f| f.1), theory, ratio)
-                } else {
-                    (None, None, None, None)
-                };
                 groups.push(GroupSummary {
                     mode: if n.is_some() { "sampled" } else { "exact" }.to_string(),
                     n,
@@ -451,6 +476,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                     fit_points,
                     theory_rate,
                     rate_ratio,
+                    late_rate_ratio,
                     unconverged_fits: n.map(|_| {
                         group
                             .iter()
@@ -496,6 +522,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                 worse_beyond_alpha: (worse && best < last).then_some(alphas[best]),
                 seeds_worse_at_largest_alpha: seeds_worse,
                 seeds: per_alpha[last].len(),
+                holds_across_seeds: worse && best < last && 2 * seeds_worse > per_alpha[last].len(),
             });
         }
     }

@@ -1,1 +1,427 @@
-//! PNG line plots shared by every command (placeholder).
+//! PNG line charts shared by every command: a title, axis labels, linear or log y, and
+//! named series with optional shaded bands (e.g. the spread over seeds).
+//!
+//! Text is drawn with DejaVu Sans embedded in the binary (assets/fonts), so a chart
+//! looks the same on every machine and never needs a system font. Files are written
+//! atomically: drawn to a temporary file in the target directory, then renamed.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use anyhow::{anyhow, Context, Result};
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::prelude::*;
+
+/// DejaVu Sans, embedded (license: assets/fonts/LICENSE-DejaVu.txt).
+static FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
+const FAMILY: &str = "sans-serif";
+
+fn register_font() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
+            .map_err(|_| anyhow!("the embedded DejaVu Sans font could not be loaded"));
+    });
+    result
+}
+
+/// One line of a chart.
+#[derive(Debug, Clone, Default)]
+pub struct Series {
+    /// Legend entry.
+    pub name: String,
+    /// `(x, y)` points, drawn in order. On a log-y chart, points with `y` at or below
+    /// the floor are left out (the line stops there).
+    pub points: Vec<(f64, f64)>,
+    /// Optional shaded band `(x, lower, upper)`, e.g. the spread over seeds.
+    pub band: Option<Vec<(f64, f64, f64)>>,
+    /// Draw a dot on every point (useful with few points).
+    pub markers: bool,
+    /// Dashed line (e.g. a theory curve next to measurements).
+    pub dashed: bool,
+    /// Fixed RGB color instead of the palette's next one (e.g. gray for a reference
+    /// line). Series with an empty name get no legend entry.
+    pub color: Option<(u8, u8, u8)>,
+}
+
+impl Series {
+    /// A plain line.
+    pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Series {
+        Series {
+            name: name.into(),
+            points,
+            ..Series::default()
+        }
+    }
+    /// Adds a shaded band.
+    pub fn with_band(mut self, band: Vec<(f64, f64, f64)>) -> Series {
+        self.band = Some(band);
+        self
+    }
+    /// Adds point markers.
+    pub fn with_markers(mut self) -> Series {
+        self.markers = true;
+        self
+    }
+    /// Dashes the line.
+    pub fn dashed(mut self) -> Series {
+        self.dashed = true;
+        self
+    }
+    /// Uses a fixed color.
+    pub fn with_color(mut self, rgb: (u8, u8, u8)) -> Series {
+        self.color = Some(rgb);
+        self
+    }
+}
+
+/// What to draw.
+#[derive(Debug, Clone)]
+pub struct ChartSpec {
+    /// Title above the plot.
+    pub title: String,
+    /// Label of the x axis.
+    pub x_label: String,
+    /// Label of the y axis.
+    pub y_label: String,
+    /// Logarithmic y axis.
+    pub log_y: bool,
+    /// Log-y only: values at or below this are not drawn (the line stops there).
+    /// Never below [`LOG_FLOOR`].
+    pub y_floor: f64,
+    /// The lines, drawn in order with a fixed palette.
+    pub series: Vec<Series>,
+    /// Image size in pixels (default 900 x 600).
+    pub size: (u32, u32),
+    /// Corner of the legend (default upper right).
+    pub legend: Legend,
+}
+
+/// Where the legend box goes.
+#[allow(dead_code)] // shared API: not every command uses every corner
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Legend {
+    /// Upper right corner of the plot area.
+    #[default]
+    UpperRight,
+    /// Upper left corner.
+    UpperLeft,
+    /// Lower left corner.
+    LowerLeft,
+    /// Lower right corner.
+    LowerRight,
+}
+
+impl ChartSpec {
+    /// A linear-y chart with no series yet.
+    pub fn new(
+        title: impl Into<String>,
+        x_label: impl Into<String>,
+        y_label: impl Into<String>,
+    ) -> ChartSpec {
+        ChartSpec {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            log_y: false,
+            y_floor: LOG_FLOOR,
+            series: Vec::new(),
+            size: (900, 600),
+            legend: Legend::UpperRight,
+        }
+    }
+    /// Moves the legend.
+    pub fn legend(mut self, at: Legend) -> ChartSpec {
+        self.legend = at;
+        self
+    }
+    /// Switches to a log y axis, not drawing values at or below `floor`.
+    pub fn log_y(mut self, floor: f64) -> ChartSpec {
+        self.log_y = true;
+        self.y_floor = floor;
+        self
+    }
+    /// Appends a series.
+    pub fn series(mut self, s: Series) -> ChartSpec {
+        self.series.push(s);
+        self
+    }
+}
+
+/// The lowest value a log axis can show: plotters' log axis treats anything within
+/// `f64::EPSILON` of zero as zero, so smaller values are not drawn.
+pub const LOG_FLOOR: f64 = 1e-15;
+
+/// Tableau-10 colors: distinguishable, and readable on white.
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Draws `spec` as a PNG at `path` (written atomically).
+pub fn line_chart(path: &Path, spec: &ChartSpec) -> Result<()> {
+    register_font()?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    // The bitmap encoder picks the format from the extension, so keep `.png` last.
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.tmp-{}.png",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let drawn = draw(&tmp, spec);
+    if let Err(e) = drawn {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.context(format!("drawing {}", path.display())));
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))
+}
+
+/// A tick label without trailing zeros: `5`, `0.25`, `1.5e-5`.
+fn short_number(v: &f64) -> String {
+    let v = *v;
+    if v == 0.0 || (1e-3..1e5).contains(&v.abs()) {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.1e}")
+    }
+}
+
+fn visible(spec: &ChartSpec, y: f64) -> bool {
+    y.is_finite() && (!spec.log_y || y > spec.y_floor.max(LOG_FLOOR))
+}
+
+fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
+    // Data ranges over everything that will be drawn.
+    let xs = spec
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .filter(|x| x.is_finite());
+    let (mut x0, mut x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    if !x0.is_finite() {
+        (x0, x1) = (0.0, 1.0);
+    }
+    if x1 <= x0 {
+        (x0, x1) = (x0 - 0.5, x0 + 0.5);
+    }
+    let ys = spec.series.iter().flat_map(|s| {
+        s.points
+            .iter()
+            .map(|p| p.1)
+            .chain(s.band.iter().flatten().flat_map(|b| [b.1, b.2]))
+            .collect::<Vec<_>>()
+    });
+    let (mut y0, mut y1) = ys
+        .filter(|&y| visible(spec, y))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+            (a.min(y), b.max(y))
+        });
+    if !y0.is_finite() {
+        (y0, y1) = if spec.log_y { (1e-3, 1.0) } else { (0.0, 1.0) };
+    }
+    let root = BitMapBackend::new(tmp, spec.size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    if spec.log_y {
+        // Whole decades, so that grid lines fall on round values. Up to 3 decades:
+        // a line at every 1..9 x 10^k, labels at 1, 2, 5 x 10^k; more: a line per
+        // decade, a label every `step` decades.
+        let (lo_e, hi_e) = (
+            y0.log10().floor() as i32,
+            (y1.log10().ceil() as i32).max(y0.log10().floor() as i32 + 1),
+        );
+        let decades = (hi_e - lo_e) as usize;
+        let step = decades.div_ceil(8) as i32;
+        let labels = if decades <= 3 {
+            11 * decades
+        } else {
+            decades + 1
+        };
+        let fmt = move |v: &f64| {
+            let e = v.log10().floor();
+            let m = (v / 10f64.powf(e)).round() as i32;
+            let e = e as i32;
+            let show = if decades <= 3 {
+                matches!(m, 1 | 2 | 5)
+            } else {
+                m == 1 && e.rem_euclid(step) == 0
+            };
+            match (show, m) {
+                (false, _) => String::new(),
+                (true, _) if (-3..=4).contains(&e) => short_number(&(m as f64 * 10f64.powi(e))),
+                (true, 1) => format!("1e{e}"),
+                (true, m) => format!("{m}e{e}"),
+            }
+        };
+        // Nudge the ends outwards so that rounding in plotters' `ceil(log10(start))`
+        // cannot skip the first decade's grid lines.
+        let y_coord =
+            (10f64.powi(lo_e) * (1.0 - 1e-9)..10f64.powi(hi_e) * (1.0 + 1e-9)).log_scale();
+        render(&root, spec, x0..x1, y_coord, labels, &fmt)?;
+    } else {
+        let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.5 };
+        render(
+            &root,
+            spec,
+            x0..x1,
+            (y0 - pad)..(y1 + pad),
+            10,
+            &short_number,
+        )?;
+    }
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn render<DB, Y>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    spec: &ChartSpec,
+    x_range: Range<f64>,
+    y_range: Y,
+    y_labels: usize,
+    y_fmt: &dyn Fn(&f64) -> String,
+) -> Result<()>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e:?}");
+    let mut chart = ChartBuilder::on(root)
+        .caption(&spec.title, (FAMILY, 24))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(80)
+        .build_cartesian_2d(x_range, y_range)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(spec.x_label.as_str())
+        .y_desc(spec.y_label.as_str())
+        .label_style((FAMILY, 16))
+        .axis_desc_style((FAMILY, 18))
+        .y_labels(y_labels)
+        .y_label_formatter(y_fmt)
+        .x_label_formatter(&short_number)
+        .light_line_style(WHITE.mix(0.0))
+        .draw()
+        .map_err(err)?;
+    let mut next = 0;
+    for s in &spec.series {
+        let color = match s.color {
+            Some((r, g, b)) => RGBColor(r, g, b),
+            None => {
+                next += 1;
+                PALETTE[(next - 1) % PALETTE.len()]
+            }
+        };
+        if let Some(band) = &s.band {
+            let band: Vec<_> = band
+                .iter()
+                .filter(|b| visible(spec, b.1) && visible(spec, b.2))
+                .collect();
+            if band.len() >= 2 {
+                let outline: Vec<(f64, f64)> = band
+                    .iter()
+                    .map(|b| (b.0, b.2))
+                    .chain(band.iter().rev().map(|b| (b.0, b.1)))
+                    .collect();
+                chart
+                    .draw_series(std::iter::once(Polygon::new(
+                        outline,
+                        color.mix(0.15).filled(),
+                    )))
+                    .map_err(err)?;
+            }
+        }
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .cloned()
+            .filter(|p| p.0.is_finite() && visible(spec, p.1))
+            .collect();
+        let style = color.stroke_width(3);
+        let anno = if s.dashed {
+            chart
+                .draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style))
+                .map_err(err)?
+        } else {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), style))
+                .map_err(err)?
+        };
+        if !s.name.is_empty() {
+            anno.label(s.name.as_str()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
+        }
+        if s.markers {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(err)?;
+        }
+    }
+    if spec.series.iter().any(|s| !s.name.is_empty()) {
+        chart
+            .configure_series_labels()
+            .label_font((FAMILY, 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .position(match spec.legend {
+                Legend::UpperRight => SeriesLabelPosition::UpperRight,
+                Legend::UpperLeft => SeriesLabelPosition::UpperLeft,
+                Legend::LowerLeft => SeriesLabelPosition::LowerLeft,
+                Legend::LowerRight => SeriesLabelPosition::LowerRight,
+            })
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_a_png_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chart.png");
+        let spec = ChartSpec::new("t", "x", "y")
+            .log_y(1e-12)
+            .series(
+                Series::new("a", vec![(0.0, 1.0), (1.0, 1e-3), (2.0, 0.0)])
+                    .with_band(vec![(0.0, 0.5, 2.0), (1.0, 1e-4, 1e-2)]),
+            )
+            .series(
+                Series::new("b", vec![(0.0, 0.5), (2.0, 0.25)])
+                    .with_markers()
+                    .dashed(),
+            );
+        line_chart(&path, &spec).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        // Nothing but the chart is left in the directory.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

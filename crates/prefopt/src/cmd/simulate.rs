@@ -1,8 +1,458 @@
-//! `prefopt simulate`: placeholder, being written.
+//! `prefopt simulate`: the exact tabular simulator of iterative preference optimization
+//! with APO's extrapolation (prefopt-sim). Parses the config, runs the sweep, writes
+//! results.jsonl, summary.json, config.toml and PNG plots, and prints a short summary.
+//! See docs/simulate.md.
 
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use prefopt_sim::sweep::{GroupSummary, Spread};
+use prefopt_sim::{run_sweep, Config, SweepOutput, DEFAULT_CONFIG_TOML};
+
+use crate::plot::{line_chart, ChartSpec, Legend, Series};
+
+/// Arguments of `prefopt simulate`.
 #[derive(clap::Args)]
-pub struct SimulateArgs {}
+pub struct SimulateArgs {
+    /// TOML config (see `--print-config` for every key); without it the built-in
+    /// default runs.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Output directory (created if missing): results.jsonl, summary.json,
+    /// config.toml, *.png.
+    #[arg(long, value_name = "DIR", required_unless_present = "print_config")]
+    pub out: Option<PathBuf>,
+    /// Print the built-in default config as TOML, every key documented, and exit.
+    #[arg(long, conflicts_with_all = ["config", "out"])]
+    pub print_config: bool,
+}
 
-pub fn run(_args: SimulateArgs) -> anyhow::Result<()> {
-    anyhow::bail!("simulate is not implemented yet")
+/// Runs `prefopt simulate`.
+pub fn run(args: SimulateArgs) -> Result<()> {
+    if args.print_config {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return Ok(());
+    }
+    let out = args.out.context("--out DIR is required")?;
+    let (config, config_text) = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            let config = Config::from_toml_str(&text)
+                .with_context(|| format!("config {}", path.display()))?;
+            (config, text)
+        }
+        None => (Config::builtin_default(), DEFAULT_CONFIG_TOML.to_string()),
+    };
+    let start = Instant::now();
+    let sweep = run_sweep(&config)?;
+    let sim_secs = start.elapsed().as_secs_f64();
+
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let mut jsonl = String::new();
+    let mut lines = 0usize;
+    for rec in sweep.records() {
+        jsonl.push_str(&serde_json::to_string(rec)?);
+        jsonl.push('\n');
+        lines += 1;
+    }
+    write_atomic(&out.join("results.jsonl"), jsonl.as_bytes())?;
+    let mut summary = serde_json::to_string_pretty(&sweep.summary)?;
+    summary.push('\n');
+    write_atomic(&out.join("summary.json"), summary.as_bytes())?;
+    write_atomic(&out.join("config.toml"), config_text.as_bytes())?;
+    let plots = write_plots(&out, &config, &sweep)?;
+
+    eprint!(
+        "{}",
+        human_summary(
+            &config,
+            &sweep,
+            &out,
+            lines,
+            &plots,
+            sim_secs,
+            start.elapsed().as_secs_f64()
+        )
+    );
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary file next to `path`, then renames it over `path`.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("output path has no file name")?
+        .to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = q * (sorted.len() - 1) as f64;
+    let (i, f) = (pos.floor() as usize, pos.fract());
+    if i + 1 < sorted.len() {
+        sorted[i] * (1.0 - f) + sorted[i + 1] * f
+    } else {
+        sorted[i]
+    }
+}
+
+/// Mean and interquartile band over seeds of the gap at every iteration of a group.
+fn gap_band(
+    sweep: &SweepOutput,
+    n: Option<usize>,
+    beta: f64,
+    alpha: f64,
+) -> (Vec<(f64, f64)>, Vec<(f64, f64, f64)>) {
+    let runs = sweep.group(n, beta, alpha);
+    let iters = runs[0].records.len();
+    let mut mean = Vec::with_capacity(iters);
+    let mut band = Vec::with_capacity(iters);
+    for t in 0..iters {
+        let mut v: Vec<f64> = runs.iter().map(|r| r.records[t].gap()).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        mean.push((t as f64, m));
+        band.push((t as f64, quantile(&v, 0.25), quantile(&v, 0.75)));
+    }
+    (mean, band)
+}
+
+fn final_gap_band(sweep: &SweepOutput, n: Option<usize>, beta: f64, alpha: f64) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = sweep
+        .group(n, beta, alpha)
+        .iter()
+        .map(|r| r.records.last().unwrap().gap())
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    (
+        v.iter().sum::<f64>() / v.len() as f64,
+        quantile(&v, 0.25),
+        quantile(&v, 0.75),
+    )
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.dedup();
+    v
+}
+
+/// Lowest value drawn on log-scale gap plots (the lowest a log axis can show).
+const PLOT_FLOOR: f64 = crate::plot::LOG_FLOOR;
+
+fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<PathBuf>> {
+    let gap = sweep.summary.gap_metric.as_str();
+    let alphas = sorted(config.alphas.clone());
+    let mut ns: Vec<usize> = config.ns.clone();
+    ns.sort();
+    ns.dedup();
+    let mut written = Vec::new();
+    for beta in sorted(config.betas.clone()) {
+        if config.mode.runs_exact() {
+            let mut spec = ChartSpec::new(
+                format!("Exact mode (infinite data): {gap} per iteration, beta = {beta} (down to 1e-15)"),
+                "iteration t",
+                format!("{gap} of the trained policy (log)"),
+            )
+            .log_y(PLOT_FLOOR)
+            .legend(Legend::LowerLeft);
+            for &alpha in &alphas {
+                let (mean, _) = gap_band(sweep, None, beta, alpha);
+                spec = spec.series(Series::new(format!("alpha = {alpha}"), mean));
+            }
+            let path = out.join(format!("exact_gap_vs_iteration_beta{beta}.png"));
+            line_chart(&path, &spec)?;
+            written.push(path);
+
+            let rows: Vec<&GroupSummary> = sweep
+                .summary
+                .groups
+                .iter()
+                .filter(|g| g.n.is_none() && g.beta == beta)
+                .collect();
+            let fitted: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|g| g.fitted_slope.map(|s| (g.alpha, -s)))
+                .collect();
+            let late: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|g| Some((g.alpha, g.late_rate_ratio? * g.theory_rate?)))
+                .collect();
+            // Theory on a fine grid of alpha, so that the curve is smooth.
+            let (a0, a1) = (alphas[0], alphas[alphas.len() - 1]);
+            let theory: Vec<(f64, f64)> = match sweep.summary.rate_margin {
+                Some(m) => (0..=100)
+                    .map(|i| a0 + (a1 - a0) * i as f64 / 100.0)
+                    .map(|a| (a, m / ((1.0 - a) * beta)))
+                    .collect(),
+                None => Vec::new(),
+            };
+            let mut spec = ChartSpec::new(
+                format!("Exact mode: decay rate of ln({gap}) vs alpha, beta = {beta}"),
+                "alpha",
+                "rate (per iteration)",
+            )
+            .legend(Legend::UpperLeft)
+            .series(Series::new("fitted (all t with gap > 1e-12)", fitted).with_markers())
+            .series(Series::new("fitted (later half of those t)", late).with_markers());
+            if !theory.is_empty() {
+                spec = spec
+                    .series(Series::new("theory: margin / ((1 - alpha) beta)", theory).dashed());
+            }
+            let path = out.join(format!("rate_vs_alpha_beta{beta}.png"));
+            line_chart(&path, &spec)?;
+            written.push(path);
+        }
+        if config.mode.runs_sampled() {
+            for &n in &ns {
+                let mut spec = ChartSpec::new(
+                    format!("Sampled mode, N = {n}, beta = {beta}: mean over seeds, band 25-75%"),
+                    "iteration t",
+                    format!("{gap} of the trained policy (log)"),
+                )
+                .log_y(PLOT_FLOOR)
+                .legend(Legend::LowerLeft);
+                for &alpha in &alphas {
+                    let (mean, band) = gap_band(sweep, Some(n), beta, alpha);
+                    spec =
+                        spec.series(Series::new(format!("alpha = {alpha}"), mean).with_band(band));
+                }
+                let path = out.join(format!("sampled_gap_vs_iteration_n{n}_beta{beta}.png"));
+                line_chart(&path, &spec)?;
+                written.push(path);
+            }
+        }
+        let mut spec = ChartSpec::new(
+            format!(
+                "Final {gap} (iteration {}) vs alpha, beta = {beta}",
+                config.iterations
+            ),
+            "alpha",
+            format!("final {gap} (log; mean, band 25-75% over seeds)"),
+        )
+        .log_y(PLOT_FLOOR);
+        // Sampled runs only when there are any: the exact gaps are many decades
+        // smaller and would flatten the sampled curves (they have their own plot).
+        let groups: Vec<(String, Option<usize>)> = if config.mode.runs_sampled() {
+            ns.iter().map(|&n| (format!("N = {n}"), Some(n))).collect()
+        } else {
+            vec![("exact (N = inf)".into(), None)]
+        };
+        for (name, n) in groups {
+            let stats: Vec<(f64, (f64, f64, f64))> = alphas
+                .iter()
+                .map(|&a| (a, final_gap_band(sweep, n, beta, a)))
+                .collect();
+            let mean = stats.iter().map(|(a, s)| (*a, s.0)).collect();
+            let band = stats.iter().map(|(a, s)| (*a, s.1, s.2)).collect();
+            let mut s = Series::new(name, mean).with_markers();
+            if n.is_some() {
+                s = s.with_band(band);
+            }
+            spec = spec.series(s);
+        }
+        let path = out.join(format!("final_gap_vs_alpha_beta{beta}.png"));
+        line_chart(&path, &spec)?;
+        written.push(path);
+
+        if config.mode.runs_sampled() {
+            // The trade-off at a glance: each N's mean final gap relative to its own
+            // at the smallest alpha (below 1: momentum helped; above 1: it hurt).
+            let mut spec = ChartSpec::new(
+                format!(
+                    "Final {gap} relative to alpha = {}, per N, beta = {beta}",
+                    alphas[0]
+                ),
+                "alpha",
+                format!("mean final {gap} / same at alpha = {} (log)", alphas[0]),
+            )
+            .log_y(PLOT_FLOOR)
+            .legend(Legend::LowerLeft);
+            for &n in &ns {
+                let base = final_gap_band(sweep, Some(n), beta, alphas[0]).0;
+                let pts = alphas
+                    .iter()
+                    .map(|&a| (a, final_gap_band(sweep, Some(n), beta, a).0 / base))
+                    .collect();
+                spec = spec.series(Series::new(format!("N = {n}"), pts).with_markers());
+            }
+            spec = spec.series(
+                Series::new("", alphas.iter().map(|&a| (a, 1.0)).collect())
+                    .dashed()
+                    .with_color((90, 90, 90)),
+            );
+            let path = out.join(format!("final_gap_relative_vs_alpha_beta{beta}.png"));
+            line_chart(&path, &spec)?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+fn fmt_spread(s: &Spread) -> String {
+    format!("{:.2e} ± {:.1e}", s.mean, s.std)
+}
+
+fn human_summary(
+    config: &Config,
+    sweep: &SweepOutput,
+    out: &Path,
+    lines: usize,
+    plots: &[PathBuf],
+    sim_secs: f64,
+    total_secs: f64,
+) -> String {
+    let s = &sweep.summary;
+    let mut o = String::new();
+    let exact_runs = sweep.runs.iter().filter(|r| r.key.n.is_none()).count();
+    let _ = writeln!(
+        o,
+        "prefopt simulate: loss {}, {} exact + {} sampled runs x {} iterations: simulated in {:.2} s, {:.2} s with outputs",
+        s.loss,
+        exact_runs,
+        sweep.runs.len() - exact_runs,
+        config.iterations,
+        sim_secs,
+        total_secs
+    );
+    let _ = writeln!(
+        o,
+        "wrote {} ({lines} lines)",
+        out.join("results.jsonl").display()
+    );
+    let _ = writeln!(
+        o,
+        "      {}, {}",
+        out.join("summary.json").display(),
+        out.join("config.toml").display()
+    );
+    for p in plots {
+        let _ = writeln!(o, "      {}", p.display());
+    }
+    let margin = s
+        .rate_margin
+        .map(|m| format!("{m}"))
+        .unwrap_or_else(|| "none (mixed optimum)".into());
+    let _ = writeln!(
+        o,
+        "\ngap = {}, target {:e}, margin = {margin}",
+        s.gap_metric, s.target_gap
+    );
+    for beta in sorted(config.betas.clone()) {
+        let _ = writeln!(o, "\nbeta = {beta}: iterations to reach the target (mean ± std over runs that reached it, reached/runs)");
+        let cols: Vec<Option<usize>> = {
+            let mut c = Vec::new();
+            if config.mode.runs_exact() {
+                c.push(None);
+            }
+            if config.mode.runs_sampled() {
+                let mut ns = config.ns.clone();
+                ns.sort();
+                ns.dedup();
+                c.extend(ns.into_iter().map(Some));
+            }
+            c
+        };
+        let _ = write!(o, "  {:>6}", "alpha");
+        for c in &cols {
+            let _ = write!(
+                o,
+                " {:>18}",
+                c.map(|n| format!("N = {n}"))
+                    .unwrap_or_else(|| "exact".into())
+            );
+        }
+        if config.mode.runs_exact() {
+            let _ = write!(
+                o,
+                "   {:>8} {:>8} {:>6} {:>6}",
+                "rate", "theory", "ratio", "late"
+            );
+        }
+        let _ = writeln!(o);
+        for alpha in sorted(config.alphas.clone()) {
+            let _ = write!(o, "  {alpha:>6}");
+            for &c in &cols {
+                let g = s
+                    .groups
+                    .iter()
+                    .find(|g| g.n == c && g.beta == beta && g.alpha == alpha)
+                    .unwrap();
+                let it = &g.iterations_to_target;
+                let cell = match (it.iterations, c) {
+                    (Some(sp), None) => format!("{}", sp.mean),
+                    (Some(sp), Some(_)) => format!(
+                        "{:.1} ± {:.1} ({}/{})",
+                        sp.mean, sp.std, it.reached, it.runs
+                    ),
+                    (None, _) => format!("- (0/{})", it.runs),
+                };
+                let _ = write!(o, " {cell:>18}");
+            }
+            if config.mode.runs_exact() {
+                let g = s
+                    .groups
+                    .iter()
+                    .find(|g| g.n.is_none() && g.beta == beta && g.alpha == alpha)
+                    .unwrap();
+                let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+                let _ = write!(
+                    o,
+                    "   {:>8} {:>8} {:>6} {:>6}",
+                    f(g.fitted_slope.map(|v| -v)),
+                    f(g.theory_rate),
+                    f(g.rate_ratio),
+                    f(g.late_rate_ratio)
+                );
+            }
+            let _ = writeln!(o);
+        }
+        if config.mode.runs_exact() {
+            let _ = writeln!(
+                o,
+                "  (rate: fitted decay of ln(gap) per iteration; theory: margin / ((1 - alpha) beta); ratio = rate / theory;\n   late: the same ratio over the later half of the fit window)"
+            );
+        }
+        for t in s.tradeoff.iter().filter(|t| t.beta == beta) {
+            let best = t.alphas.iter().position(|&a| a == t.best_alpha).unwrap();
+            let last = t.alphas.len() - 1;
+            let verdict = match (t.worse_beyond_alpha, t.holds_across_seeds) {
+                (Some(a), true) => format!("final gap gets worse beyond alpha = {a}"),
+                (Some(a), false) => {
+                    format!("worse beyond alpha = {a} on average only: does not hold across seeds")
+                }
+                (None, _) => "final gap keeps improving up to the largest alpha".into(),
+            };
+            let _ = writeln!(
+                o,
+                "  N = {}: best alpha {} (final gap {}), alpha {}: {}; {verdict} (worse at alpha {} in {}/{} seeds)",
+                t.n,
+                t.best_alpha,
+                fmt_spread(&t.final_gap[best]),
+                t.alphas[last],
+                fmt_spread(&t.final_gap[last]),
+                t.alphas[last],
+                t.seeds_worse_at_largest_alpha,
+                t.seeds
+            );
+        }
+    }
+    let unconverged: usize = s.groups.iter().filter_map(|g| g.unconverged_fits).sum();
+    if unconverged > 0 {
+        let _ = writeln!(
+            o,
+            "\nwarning: {unconverged} prompt fits stopped above `tolerance` (see fit_unconverged_prompts in results.jsonl)"
+        );
+    }
+    o
 }
