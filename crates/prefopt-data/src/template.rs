@@ -422,6 +422,52 @@ mod tests {
     }
 
     #[test]
+    fn constructs_of_real_hub_templates_render_like_jinja2() {
+        // Qwen/Llama/Mistral-style constructs: whitespace control, missing attributes,
+        // `is defined`, namespace(), reversed slices, Python literals and methods.
+        let src = r#"{%- set ns = namespace(last_user=-1) %}
+{%- for m in messages[::-1] %}
+    {%- if ns.last_user == -1 and m.role == "user" %}{%- set ns.last_user = messages|length - 1 - loop.index0 %}{%- endif %}
+{%- endfor %}
+{%- if messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+{%- else %}
+    {{- '<|im_start|>system\nDefault.<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "assistant" and not message.tool_calls %}
+        {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+        {{- '<|im_start|>assistant\n' + content + '<|im_end|>\n' }}
+    {%- elif message.role == "user" %}
+        {{- '<|im_start|>user\n' + message.content | trim + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt is defined and add_generation_prompt == True and tools is not defined %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+{{- '' if documents is none or documents is not defined else 'docs' }}
+{{- ns.last_user }}"#;
+        let out = render(
+            src,
+            &msgs(&[
+                ("user", " q "),
+                (
+                    "assistant",
+                    "<think>x</think>
+A",
+                ),
+                ("user", "r"),
+            ]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nDefault.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nr<|im_end|>\n<|im_start|>assistant\n2"
+        );
+    }
+
+    #[test]
     fn loop_controls_are_enabled() {
         let src = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}";
         assert_eq!(
