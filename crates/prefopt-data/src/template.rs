@@ -115,7 +115,7 @@ fn strip_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        let Some(end) = tag.get(2..).and_then(|t| t.find("%}")).map(|i| i + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -419,6 +419,8 @@ mod tests {
             render(src, &msgs(&[("assistant", "yo")]), false).unwrap(),
             "yo"
         );
+        // Malformed tags are left to the parser, which reports them.
+        assert_eq!(strip_generation_tags("a {%} b {% x"), "a {%} b {% x");
     }
 
     #[test]
