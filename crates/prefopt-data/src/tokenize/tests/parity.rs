@@ -192,6 +192,7 @@ fn bad_prefix_fixture_errors_exactly_when_python_does() {
                     e.contains("does not start with its rendering of the prompt"),
                     "{model}: {e}"
                 );
+                eprintln!("{model}: {e}");
             }
             (Ok(PairOutcome::Kept(pair)), None) => {
                 assert_eq!(pair.chosen.input_ids, ids(&want, "chosen_ids"), "{model}");
