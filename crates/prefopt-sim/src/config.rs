@@ -500,11 +500,13 @@ mod tests {
     #[test]
     fn default_config_text_documents_every_key() {
         // Every field of Config appears as a key (commented or not) in the printed TOML.
-        let mut full = Config::default();
-        full.num_prompts = Some(1);
-        full.num_responses = Some(2);
-        full.rewards = Some(vec![vec![0.0, 1.0]]);
-        full.preferences = Some(vec![vec![vec![0.5, 0.5], vec![0.5, 0.5]]]);
+        let full = Config {
+            num_prompts: Some(1),
+            num_responses: Some(2),
+            rewards: Some(vec![vec![0.0, 1.0]]),
+            preferences: Some(vec![vec![vec![0.5, 0.5], vec![0.5, 0.5]]]),
+            ..Config::default()
+        };
         let value = toml::Value::try_from(&full).unwrap();
         for key in value.as_table().unwrap().keys() {
             let documented = DEFAULT_CONFIG_TOML.lines().any(|l| {

@@ -43,6 +43,10 @@
 //! `problem_seed` (stream 0), each sampled run's data from its seed (stream 1). Same
 //! config, same numbers.
 
+// Small dense matrix code (preference matrices, Hessians, the simplex tableau) reads
+// better with explicit indices.
+#![allow(clippy::needless_range_loop)]
+
 pub mod config;
 pub mod error;
 pub mod exact;

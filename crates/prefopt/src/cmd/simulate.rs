@@ -106,13 +106,11 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     }
 }
 
+/// A line (`(t, mean)`) and its band (`(t, 25th percentile, 75th percentile)`).
+type LineWithBand = (Vec<(f64, f64)>, Vec<(f64, f64, f64)>);
+
 /// Mean and interquartile band over seeds of the gap at every iteration of a group.
-fn gap_band(
-    sweep: &SweepOutput,
-    n: Option<usize>,
-    beta: f64,
-    alpha: f64,
-) -> (Vec<(f64, f64)>, Vec<(f64, f64, f64)>) {
+fn gap_band(sweep: &SweepOutput, n: Option<usize>, beta: f64, alpha: f64) -> LineWithBand {
     let runs = sweep.group(n, beta, alpha);
     let iters = runs[0].records.len();
     let mut mean = Vec::with_capacity(iters);
