@@ -61,28 +61,33 @@ fn is_weight_or_config(name: &str) -> bool {
 
 /// Writes a loadable Hugging Face folder at `out` (atomically replacing an older one).
 pub fn save_model_dir(out: &Path, raw_config: &serde_json::Value, params: &Params, source: Option<&Path>) -> Result<()> {
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+    }
+    crate::fsio::write_dir_atomic(out, |tmp| fill_model_dir(tmp, raw_config, params, source))
+}
+
+/// Writes the model files into an existing folder `dir` (for callers that already write
+/// atomically, like a training checkpoint): f32 safetensors, `config.json` with the dtype
+/// set to float32, and every non-weight file of `source` (tokenizer, generation config).
+pub fn fill_model_dir(dir: &Path, raw_config: &serde_json::Value, params: &Params, source: Option<&Path>) -> Result<()> {
     let mut config = raw_config.clone();
     if let Some(obj) = config.as_object_mut() {
         // transformers 5 writes `dtype`, older versions `torch_dtype`; keep the file's layout.
         let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
         obj.insert(key.into(), "float32".into());
     }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
-    }
-    crate::fsio::write_dir_atomic(out, |tmp| {
-        params.save_safetensors(&tmp.join("model.safetensors"))?;
-        let text = serde_json::to_string_pretty(&config).map_err(|e| io_error(out, e))?;
-        crate::fsio::write_atomic(&tmp.join("config.json"), text.as_bytes())?;
-        if let Some(src) = source {
-            for entry in std::fs::read_dir(src).map_err(|e| io_error(src, e))? {
-                let entry = entry.map_err(|e| io_error(src, e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if entry.path().is_file() && !is_weight_or_config(&name) {
-                    std::fs::copy(entry.path(), tmp.join(&name)).map_err(|e| io_error(entry.path(), e))?;
-                }
+    params.save_safetensors(&dir.join("model.safetensors"))?;
+    let text = serde_json::to_string_pretty(&config).map_err(|e| io_error(dir, e))?;
+    crate::fsio::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    if let Some(src) = source {
+        for entry in std::fs::read_dir(src).map_err(|e| io_error(src, e))? {
+            let entry = entry.map_err(|e| io_error(src, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if entry.path().is_file() && !is_weight_or_config(&name) {
+                std::fs::copy(entry.path(), dir.join(&name)).map_err(|e| io_error(entry.path(), e))?;
             }
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }

@@ -14,6 +14,6 @@ pub mod params;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
-pub use hf::{save_model_dir, HfModel};
+pub use hf::{fill_model_dir, save_model_dir, HfModel};
 pub use llama::{parameter_shapes, KvCache, Llama};
 pub use params::Params;

@@ -1,9 +1,46 @@
 //! Objectives and training: completion log-probs, the pairwise loss family (methods.md
-//! section 2), SPO (section 4), SFT, optimizers and the trainer.
+//! section 2), SPO (section 4), optimizers, schedules, and the preference trainer with
+//! checkpoints and exact resume.
 //!
 //! Not here: model code and checkpoint I/O (`prefopt-model`), data parsing and
-//! tokenization (`prefopt-data`), the online loop (`prefopt-loop`).
+//! tokenization (`prefopt-data`), the online loop.
 
+pub mod checkpoint;
+pub mod config;
+pub mod dataset;
+pub mod grads;
 pub mod logps;
+pub mod losses;
+pub mod metrics;
+pub mod optim;
+pub mod reference;
+pub mod schedule;
+pub mod spo;
+pub mod trainer;
 
+pub use config::TrainConfig;
 pub use logps::{completion_logps, logps_from_logits, CompletionLogps, SequenceBatch};
+pub use trainer::{train, Observer, Quiet, StepStatus, TrainSummary};
+
+/// Why a training run stopped. Messages name the file, key, step or batch involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    NonFinite(String),
+    #[error(transparent)]
+    Model(#[from] prefopt_model::ModelError),
+    #[error(transparent)]
+    Input(#[from] prefopt_data::DataError),
+    #[error(transparent)]
+    Loss(#[from] losses::LossError),
+    #[error(transparent)]
+    Optim(#[from] optim::OptimError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Summed completion log-probs of chosen/rejected pairs under a model (JSONL out).
     Score(cmd::score::ScoreArgs),
+    /// Offline preference training: DPO loss family, SPO, from a TOML config.
+    Train(cmd::train::TrainArgs),
     /// Throughput of the forward and forward+backward passes (one JSON line).
     Bench(cmd::bench::BenchArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
@@ -30,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Score(args) => cmd::score::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Train(args) => cmd::train::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

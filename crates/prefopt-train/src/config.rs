@@ -1,0 +1,259 @@
+//! `prefopt train` configuration: TOML, TRL's key names where TRL has one, every key with
+//! its default in one place, unknown keys rejected.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::losses::LossType;
+use crate::optim::OptimizerKind;
+use crate::schedule::SchedulerKind;
+use crate::spo::SpoSolver;
+
+/// What to do when a batch gives a NaN or infinite loss or gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Stop the run, naming the step, the batch and the last good checkpoint.
+    Stop,
+    /// Skip the batch (no update), count it, and go on.
+    Skip,
+}
+
+/// `loss_type`: one name or a list (TRL's multi-loss form).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LossTypes {
+    One(LossType),
+    Many(Vec<LossType>),
+}
+
+impl LossTypes {
+    pub fn to_vec(&self) -> Vec<LossType> {
+        match self {
+            LossTypes::One(t) => vec![*t],
+            LossTypes::Many(ts) => ts.clone(),
+        }
+    }
+}
+
+/// Every key of a training run. Defaults follow TRL's `DPOConfig` unless noted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Policy model: a Hugging Face folder. Required.
+    pub model: PathBuf,
+    /// Reference model folder; defaults to `model`. Not loaded for reference-free losses
+    /// (simpo, sft) unless SPO needs it.
+    pub ref_model: Option<PathBuf>,
+    /// Preference data (JSONL or Parquet, TRL standard or conversational). Required.
+    pub train_data: PathBuf,
+    /// Held-out preference data, evaluated every `eval_steps` and at the end.
+    pub eval_data: Option<PathBuf>,
+    /// Where metrics, checkpoints and the final model go. Required.
+    pub output_dir: PathBuf,
+    /// Seeds the data order (a fresh shuffle per epoch). Default 42.
+    pub seed: u64,
+    /// Loss name or list of names (methods.md section 2). Default "sigmoid" (DPO).
+    pub loss_type: LossTypes,
+    /// Weights for a list `loss_type`; default all 1.0.
+    pub loss_weights: Option<Vec<f64>>,
+    /// KL strength beta. Default 0.1.
+    pub beta: f64,
+    /// cDPO / robust label noise e. Default 0.0.
+    pub label_smoothing: f64,
+    /// SimPO target margin gamma. Default 0.5 (TRL's CPOConfig).
+    pub simpo_gamma: f64,
+    /// DPO-Positive penalty lambda. Default 50.0.
+    pub dpop_lambda: f64,
+    /// SPO weight lambda on the safe-region term (prefopt's formulation, methods.md
+    /// section 4); 0 disables SPO. Default 0.0.
+    pub spo_lambda: f64,
+    /// SPO solver: "penalty" (L_PO + lambda*q) or "dynamic" (adaptive per-step weight).
+    /// Default "penalty".
+    pub spo_solver: SpoSolver,
+    /// SPO dynamic solver's rate eta toward the safe region. Default 0.1 (prefopt's choice).
+    pub spo_eta: f64,
+    /// "adamw" | "rmsprop" | "sgd". Default "adamw".
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate. Default 1e-6.
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// "constant" | "linear" | "cosine", after warm-up. Default "linear".
+    pub lr_scheduler_type: SchedulerKind,
+    /// Warm-up as a share of all steps (used when warmup_steps is 0). Default 0.0.
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    /// Global gradient-norm clip; 0 disables. Default 1.0.
+    pub max_grad_norm: f64,
+    /// Pairs per micro-batch. Default 8.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step; the update equals one of batch_size x this. Default 1.
+    pub gradient_accumulation_steps: usize,
+    /// Passes over the data (fractions allowed). Default 1.0.
+    pub num_train_epochs: f64,
+    /// If > 0, the number of optimizer steps, overriding num_train_epochs. Default -1.
+    pub max_steps: i64,
+    /// Total tokens per sequence (the completion is cut first). Default 1024.
+    pub max_length: usize,
+    /// Prompt tokens kept (from the end) before max_length applies. Default 512.
+    pub max_prompt_length: Option<usize>,
+    /// Compute reference log-probs once before training and cache them on disk, keyed by
+    /// the reference weights, the data file and the tokenization settings. Default false.
+    pub precompute_ref_log_probs: bool,
+    /// Where the reference log-prob cache lives. Default `$PREFOPT_CACHE` or
+    /// `~/.cache/prefopt`.
+    pub cache_dir: Option<PathBuf>,
+    /// Log averaged metrics every N optimizer steps. Default 10.
+    pub logging_steps: usize,
+    /// Evaluate every N steps (0: only at the end). Default 0.
+    pub eval_steps: usize,
+    /// Checkpoint every N steps (0: never; the final model is always saved). Default 500.
+    pub save_steps: usize,
+    /// Resume from a checkpoint folder, or "latest" for the newest in output_dir.
+    pub resume_from_checkpoint: Option<String>,
+    /// "stop" (default) or "skip" a batch whose loss or gradient is NaN/inf.
+    pub on_nonfinite: NonFinitePolicy,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            ref_model: None,
+            train_data: PathBuf::new(),
+            eval_data: None,
+            output_dir: PathBuf::new(),
+            seed: 42,
+            loss_type: LossTypes::One(LossType::Sigmoid),
+            loss_weights: None,
+            beta: 0.1,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            dpop_lambda: 50.0,
+            spo_lambda: 0.0,
+            spo_solver: SpoSolver::Penalty,
+            spo_eta: 0.1,
+            optimizer: OptimizerKind::Adamw,
+            learning_rate: 1e-6,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            lr_scheduler_type: SchedulerKind::Linear,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            max_grad_norm: 1.0,
+            batch_size: 8,
+            gradient_accumulation_steps: 1,
+            num_train_epochs: 1.0,
+            max_steps: -1,
+            max_length: 1024,
+            max_prompt_length: Some(512),
+            precompute_ref_log_probs: false,
+            cache_dir: None,
+            logging_steps: 10,
+            eval_steps: 0,
+            save_steps: 500,
+            resume_from_checkpoint: None,
+            on_nonfinite: NonFinitePolicy::Stop,
+        }
+    }
+}
+
+/// A config problem, with the file and key it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub message: String,
+}
+
+impl TrainConfig {
+    /// Reads `path` (TOML), applies `key=value` overrides (values in TOML syntax; a bare word
+    /// is taken as a string), and validates. Relative paths stay relative to the working dir.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let name = path.map_or("--set".to_string(), |p| p.display().to_string());
+        let err = |message: String| ConfigError { source_name: name.clone(), message };
+        let mut table: toml::Table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?;
+                text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| err(format!("--set `{o}`: expected key=value")))?;
+            let value: toml::Value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            table.insert(key.trim().to_string(), value);
+        }
+        let cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// The checks serde cannot express; each message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let required = [("model", &self.model), ("train_data", &self.train_data), ("output_dir", &self.output_dir)];
+        for (key, value) in required {
+            if value.as_os_str().is_empty() {
+                return Err(format!("missing required key `{key}`"));
+            }
+        }
+        let n_losses = self.loss_type.to_vec().len();
+        if n_losses == 0 {
+            return Err("`loss_type` must name at least one loss".into());
+        }
+        if let Some(w) = &self.loss_weights {
+            if w.len() != n_losses {
+                return Err(format!("`loss_weights` has {} entries but `loss_type` names {n_losses} losses", w.len()));
+            }
+        }
+        let positive = [("beta", self.beta), ("learning_rate", self.learning_rate), ("num_train_epochs", self.num_train_epochs)];
+        for (key, v) in positive {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(format!("`{key}` must be a positive number, got {v}"));
+            }
+        }
+        for (key, v) in [("batch_size", self.batch_size), ("gradient_accumulation_steps", self.gradient_accumulation_steps), ("max_length", self.max_length), ("logging_steps", self.logging_steps)] {
+            if v == 0 {
+                return Err(format!("`{key}` must be at least 1"));
+            }
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(format!("`label_smoothing` must be in [0, 0.5), got {}", self.label_smoothing));
+        }
+        if self.spo_lambda < 0.0 || self.max_grad_norm < 0.0 || self.weight_decay < 0.0 {
+            return Err("`spo_lambda`, `max_grad_norm` and `weight_decay` must not be negative".into());
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return Err(format!("`warmup_ratio` must be in [0, 1], got {}", self.warmup_ratio));
+        }
+        Ok(())
+    }
+
+    /// (loss, weight) terms in order.
+    pub fn loss_terms(&self) -> Vec<(LossType, f64)> {
+        let types = self.loss_type.to_vec();
+        let weights = self.loss_weights.clone().unwrap_or_else(|| vec![1.0; types.len()]);
+        types.into_iter().zip(weights).collect()
+    }
+
+    /// Whether a reference model (or cached reference log-probs) is needed at all.
+    pub fn needs_reference(&self) -> bool {
+        self.spo_lambda > 0.0 || self.loss_type.to_vec().iter().any(|t| t.needs_reference())
+    }
+
+    pub fn ref_model_path(&self) -> &Path {
+        self.ref_model.as_deref().unwrap_or(&self.model)
+    }
+}

@@ -1,0 +1,96 @@
+//! Reference log-probs `lp_ref(y_w)`, `lp_ref(y_l)` for every pair: computed once with the
+//! frozen reference model, and with `precompute_ref_log_probs` cached on disk under a key
+//! that hashes the reference weights, the data file and the tokenization settings, so a
+//! second run with the same key does no reference forward pass at all.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use prefopt_model::HfModel;
+use sha2::{Digest, Sha256};
+
+use crate::dataset::PairDataset;
+use crate::logps::{completion_logps, SequenceBatch};
+use crate::TrainError;
+
+/// (lp_ref(chosen), lp_ref(rejected)) per pair, in dataset order.
+pub type RefLogps = Vec<(f32, f32)>;
+
+/// Reference log-probs of `data` under `model`, in batches of `batch_size` pairs.
+pub fn compute(model: &HfModel, data: &PairDataset, batch_size: usize, pad_id: u32, device: &Device, mut progress: impl FnMut(usize)) -> Result<RefLogps, TrainError> {
+    let net = model.build(false)?;
+    let mut out = Vec::with_capacity(data.len());
+    for chunk in data.pairs.chunks(batch_size.max(1)) {
+        let seqs: Vec<_> = chunk.iter().map(|p| &p.chosen).chain(chunk.iter().map(|p| &p.rejected)).collect();
+        let batch = SequenceBatch::new(&seqs, pad_id, device)?;
+        let lp: Vec<f32> = completion_logps(&net, &batch)?.logps.to_vec1()?;
+        let n = chunk.len();
+        out.extend((0..n).map(|i| (lp[i], lp[n + i])));
+        progress(n);
+    }
+    Ok(out)
+}
+
+/// Hex SHA-256 over the reference model's weight and tokenizer files, the data file, and
+/// the tokenization settings (`settings`, any stable text).
+pub fn cache_key(ref_dir: &Path, data_path: &Path, settings: &str) -> Result<String, TrainError> {
+    let mut hasher = Sha256::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(ref_dir)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", ref_dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            p.is_file() && (name.ends_with(".safetensors") || name.starts_with("tokenizer") || name == "config.json" || name.ends_with(".jinja"))
+        })
+        .collect();
+    files.sort();
+    files.push(data_path.to_path_buf());
+    for f in &files {
+        hasher.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        hash_file(&mut hasher, f)?;
+    }
+    hasher.update(settings.as_bytes());
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<(), TrainError> {
+    let mut f = std::fs::File::open(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// The cache folder: the configured one, else `$PREFOPT_CACHE`, else `~/.cache/prefopt`.
+pub fn cache_dir(configured: Option<&Path>) -> PathBuf {
+    if let Some(dir) = configured {
+        return dir.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("PREFOPT_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("prefopt")
+}
+
+/// Reads a cached entry; `None` if absent or unreadable (then it is recomputed).
+pub fn load_cached(dir: &Path, key: &str, expected_len: usize) -> Option<RefLogps> {
+    let text = std::fs::read_to_string(dir.join("ref-logps").join(format!("{key}.json"))).ok()?;
+    let values: RefLogps = serde_json::from_str(&text).ok()?;
+    (values.len() == expected_len).then_some(values)
+}
+
+/// Writes an entry atomically.
+pub fn store_cached(dir: &Path, key: &str, values: &RefLogps) -> Result<PathBuf, TrainError> {
+    let folder = dir.join("ref-logps");
+    std::fs::create_dir_all(&folder).map_err(|e| TrainError::Io(format!("{}: {e}", folder.display())))?;
+    let path = folder.join(format!("{key}.json"));
+    let text = serde_json::to_string(values).map_err(|e| TrainError::Io(e.to_string()))?;
+    prefopt_model::fsio::write_atomic(&path, text.as_bytes())?;
+    Ok(path)
+}

@@ -1,0 +1,163 @@
+//! Training against plain PyTorch: 3 steps of each loss on the tiny fixtures must follow the
+//! reference trajectory (fixtures/expected/train, made by scripts/make_train_fixtures.py),
+//! plus gradient accumulation equal to the large batch and SPO's claim on a small run.
+
+use std::path::{Path, PathBuf};
+
+use prefopt_train::config::LossTypes;
+use prefopt_train::losses::LossType;
+use prefopt_train::metrics::MetricsLog;
+use prefopt_train::schedule::SchedulerKind;
+use prefopt_train::spo::SpoSolver;
+use prefopt_train::{train, Quiet, TrainConfig};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+/// The trajectory fixtures' setup: whole dataset as one batch, AdamW lr 1e-3, constant LR,
+/// no clipping, no weight decay, no truncation.
+fn parity_config(model: &str, out: &Path) -> TrainConfig {
+    TrainConfig {
+        model: fixtures().join("models").join(model),
+        train_data: fixtures().join("data/plain.jsonl"),
+        output_dir: out.to_path_buf(),
+        learning_rate: 1e-3,
+        lr_scheduler_type: SchedulerKind::Constant,
+        max_grad_norm: 0.0,
+        batch_size: 12,
+        max_steps: 3,
+        max_length: 256,
+        max_prompt_length: None,
+        logging_steps: 1,
+        save_steps: 0,
+        ..TrainConfig::default()
+    }
+}
+
+fn run(cfg: &TrainConfig) -> Vec<serde_json::Value> {
+    let summary = train(cfg, &mut Quiet).unwrap_or_else(|e| panic!("{e}"));
+    MetricsLog::read_all(&summary.metrics_path)
+}
+
+fn check_trajectory(model: &str, fixture: &str, setup: impl FnOnce(&mut TrainConfig)) {
+    let path = fixtures().join(format!("expected/train/traj_{model}__{fixture}.json"));
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = parity_config(model, tmp.path());
+    setup(&mut cfg);
+    let got = run(&cfg);
+    let steps = want["steps"].as_array().unwrap();
+    let steps64 = want["float64"]["steps"].as_array().unwrap();
+    assert_eq!(got.len(), 3, "{fixture}: logged lines");
+    for ((g, w), w64) in got.iter().zip(steps).zip(steps64) {
+        // 1e-5 absolute, or 1e-5 relative for losses above 1 (sppo_hard reaches 254, where f32
+        // cannot resolve 1e-5), or twice torch's own float32 error against its float64 run at
+        // this step, whichever is largest: the reference is only that exact itself.
+        let (gl, wl) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
+        let torch_f32_error = (wl - w64["loss"].as_f64().unwrap()).abs();
+        let tolerance = (1e-5 * wl.abs().max(1.0)).max(2.0 * torch_f32_error);
+        assert!((gl - wl).abs() < tolerance, "{model} {fixture} step {}: loss {gl} vs torch {wl} (tolerance {tolerance})", w["step"]);
+        let (gn, wn) = (g["grad_norm"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap());
+        assert!(((gn - wn) / wn).abs() < 1e-4, "{model} {fixture} step {}: grad_norm {gn} vs torch {wn}", w["step"]);
+        for key in ["logps/chosen", "logps/rejected"] {
+            let (a, b) = (g[key].as_f64().unwrap(), w[key].as_f64().unwrap());
+            assert!(((a - b) / b).abs() < 1e-4, "{model} {fixture} {key}: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn dpo_family_trajectories_match_pytorch() {
+    for model in ["llama-untied", "qwen2-tied"] {
+        check_trajectory(model, "sigmoid", |_| {});
+        check_trajectory(model, "ipo", |c| c.loss_type = LossTypes::One(LossType::Ipo));
+        check_trajectory(model, "sppo_hard", |c| c.loss_type = LossTypes::One(LossType::SppoHard));
+        check_trajectory(model, "robust", |c| {
+            c.loss_type = LossTypes::One(LossType::Robust);
+            c.label_smoothing = 0.1;
+        });
+        check_trajectory(model, "simpo", |c| {
+            c.loss_type = LossTypes::One(LossType::Simpo);
+            c.beta = 2.5;
+            c.simpo_gamma = 1.375;
+        });
+        check_trajectory(model, "sigmoid+sft", |c| c.loss_type = LossTypes::Many(vec![LossType::Sigmoid, LossType::Sft]));
+    }
+}
+
+fn final_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let hf = prefopt_model::HfModel::load(dir, &candle_core::Device::Cpu).unwrap();
+    hf.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect()
+}
+
+/// Plain SGD, so the weights show the accumulated gradient itself (Adam's normalization
+/// would amplify float rounding of near-zero gradients).
+#[test]
+fn gradient_accumulation_equals_the_large_batch() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut big = parity_config("qwen2-tied", a.path());
+    big.optimizer = prefopt_train::optim::OptimizerKind::Sgd;
+    big.learning_rate = 1e-2;
+    let mut small = big.clone();
+    small.output_dir = b.path().to_path_buf();
+    small.batch_size = 4;
+    small.gradient_accumulation_steps = 3;
+    let (gb, gs) = (run(&big), run(&small));
+    for (x, y) in gb.iter().zip(&gs) {
+        for key in ["loss", "grad_norm", "rewards/margins"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{key}: {p} vs {q}");
+        }
+    }
+    for ((name, wa), (_, wb)) in final_weights(&a.path().join("final")).iter().zip(final_weights(&b.path().join("final"))) {
+        let diff = wa.iter().zip(&wb).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-6, "{name}: max diff {diff}");
+    }
+}
+
+/// Near-duplicate pairs (the rejected answer repeats or extends the chosen one): the case
+/// where DPO's likelihood displacement shows (methods.md section 4).
+const NEAR_DUPLICATES: &str = r#"{"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 4 4"}
+{"prompt": "Q: capital of France? A:", "chosen": " Paris", "rejected": " Paris."}
+{"prompt": "Say hi.", "chosen": " hi", "rejected": " hi hi"}
+{"prompt": "Name a color:", "chosen": " red", "rejected": " red!"}
+{"prompt": "Q: 3+4? A:", "chosen": " 7", "rejected": " 7 7"}
+{"prompt": "Name a fruit:", "chosen": " apple", "rejected": " apple,"}
+{"prompt": "Count to two:", "chosen": " one two", "rejected": " one two two"}
+{"prompt": "Q: 1+1? A:", "chosen": " 2", "rejected": " 2."}
+"#;
+
+/// methods.md section 4: with DPO the chosen log-prob falls below its start; with SPO (both
+/// solvers) it does not, at comparable reward accuracy.
+#[test]
+fn spo_keeps_the_chosen_log_prob_where_dpo_lets_it_fall() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let data = data_dir.path().join("near.jsonl");
+    std::fs::write(&data, NEAR_DUPLICATES).unwrap();
+    let setup = |out: &Path, spo: Option<SpoSolver>| {
+        let mut cfg = parity_config("llama-untied", out);
+        cfg.train_data = data.clone();
+        cfg.max_steps = 10;
+        cfg.learning_rate = 5e-3;
+        if let Some(solver) = spo {
+            cfg.spo_lambda = 1.0;
+            cfg.spo_solver = solver;
+        }
+        run(&cfg)
+    };
+    let summary = |log: &[serde_json::Value]| {
+        let first = log[0]["logps/chosen"].as_f64().unwrap();
+        let last = log.last().unwrap();
+        (last["logps/chosen"].as_f64().unwrap() - first, last["rewards/accuracies"].as_f64().unwrap())
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (dpo_delta, dpo_acc) = summary(&setup(dirs[0].path(), None));
+    let (pen_delta, pen_acc) = summary(&setup(dirs[1].path(), Some(SpoSolver::Penalty)));
+    let (dyn_delta, dyn_acc) = summary(&setup(dirs[2].path(), Some(SpoSolver::Dynamic)));
+    eprintln!("logps/chosen change: dpo {dpo_delta:.3} (acc {dpo_acc}), spo penalty {pen_delta:.3} (acc {pen_acc}), spo dynamic {dyn_delta:.3} (acc {dyn_acc})");
+    assert!(dpo_delta < 0.0, "DPO was expected to lower the chosen log-prob, changed by {dpo_delta}");
+    assert!(pen_delta >= 0.0, "SPO (penalty) let the chosen log-prob fall by {pen_delta}");
+    assert!(dyn_delta >= 0.0, "SPO (dynamic) let the chosen log-prob fall by {dyn_delta}");
+    assert!(pen_acc >= dpo_acc - 0.25 && dyn_acc >= dpo_acc - 0.25, "accuracies: dpo {dpo_acc}, penalty {pen_acc}, dynamic {dyn_acc}");
+}

@@ -1,0 +1,117 @@
+//! `prefopt train`: offline preference training (DPO family, SPO) from a TOML config.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use indicatif::ProgressBar;
+use prefopt_train::{metrics::MetricsLog, train, Observer, StepStatus, TrainConfig};
+
+use crate::plot::{line_chart, ChartSpec, Series};
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// TOML config; every key and its default: docs/train.md.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a key: `--set beta=0.05 --set loss_type='["sigmoid","sft"]'` (TOML values).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Continue from the newest complete checkpoint in output_dir (fresh start if none).
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut cfg = TrainConfig::load(args.config.as_deref(), &args.overrides)?;
+    if args.resume && cfg.resume_from_checkpoint.is_none() {
+        cfg.resume_from_checkpoint = Some("latest".into());
+    }
+    let mut progress = BarObserver::default();
+    let summary = train(&cfg, &mut progress)?;
+    let plots = plot_training_curves(&summary.metrics_path, &cfg.output_dir)?;
+    eprintln!(
+        "trained {} steps{} -> {} (metrics: {}, plots: {})",
+        summary.steps,
+        if summary.skipped_batches > 0 { format!(" ({} batches skipped as non-finite)", summary.skipped_batches) } else { String::new() },
+        summary.final_dir.display(),
+        summary.metrics_path.display(),
+        plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
+/// Progress on stderr: reference pass, then steps with loss, reward accuracy, tokens/s, ETA.
+#[derive(Default)]
+struct BarObserver {
+    bar: Option<ProgressBar>,
+}
+
+impl Observer for BarObserver {
+    fn message(&mut self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn reference_progress(&mut self, done: usize, total: usize) {
+        let bar = self.bar.get_or_insert_with(|| crate::progress::bar(total as u64, "reference pairs"));
+        bar.set_position(done as u64);
+        if done >= total {
+            bar.finish_and_clear();
+            self.bar = None;
+        }
+    }
+
+    fn start(&mut self, start_step: usize, total_steps: usize) {
+        let bar = crate::progress::bar(total_steps as u64, "steps");
+        bar.set_position(start_step as u64);
+        bar.reset_eta();
+        self.bar = Some(bar);
+    }
+
+    fn step(&mut self, step: usize, s: &StepStatus) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {:.4} acc {:.2} {:.0} tok/s", s.loss, s.reward_accuracy, s.tokens_per_s));
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// PNGs of the logged curves: loss, rewards, log-probs. Returns the files written.
+fn plot_training_curves(metrics: &Path, out: &Path) -> Result<Vec<PathBuf>> {
+    let lines = MetricsLog::read_all(metrics);
+    let curve = |key: &str| -> Vec<(f64, f64)> {
+        lines
+            .iter()
+            .filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(key)?.as_f64()?)))
+            .collect()
+    };
+    let charts = [
+        ("loss.png", "Training loss", "loss", vec!["loss", "eval_loss"]),
+        ("rewards.png", "Implicit rewards (beta * log-ratio)", "reward", vec!["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]),
+        ("logps.png", "Completion log-probs (nats)", "log-prob", vec!["logps/chosen", "logps/rejected", "eval_logps/chosen", "eval_logps/rejected"]),
+    ];
+    let mut written = Vec::new();
+    for (file, title, y, keys) in charts {
+        let mut spec = ChartSpec::new(title, "step", y);
+        for key in keys {
+            let points = curve(key);
+            if !points.is_empty() {
+                spec = spec.series(Series::new(key, points).with_markers());
+            }
+        }
+        if !spec.series.is_empty() {
+            let path = out.join(file);
+            line_chart(&path, &spec)?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
