@@ -176,27 +176,33 @@ impl TrainConfig {
     /// Reads `path` (TOML), applies `key=value` overrides (values in TOML syntax; a bare word
     /// is taken as a string), and validates. Relative paths stay relative to the working dir.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
-        let name = path.map_or("--set".to_string(), |p| p.display().to_string());
-        let err = |message: String| ConfigError { source_name: name.clone(), message };
-        let mut table: toml::Table = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?;
-                text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?
-            }
-            None => toml::Table::new(),
+        let name = match (path, overrides.is_empty()) {
+            (Some(p), true) => p.display().to_string(),
+            (Some(p), false) => format!("{} with --set overrides", p.display()),
+            (None, _) => "--set".to_string(),
         };
-        for o in overrides {
-            let (key, value) = o
-                .split_once('=')
-                .ok_or_else(|| err(format!("--set `{o}`: expected key=value")))?;
-            let value: toml::Value = format!("v = {value}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.to_string()));
-            table.insert(key.trim().to_string(), value);
+        let err = |message: String| ConfigError { source_name: name.clone(), message };
+        let mut text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?,
+            None => String::new(),
+        };
+        if !overrides.is_empty() {
+            let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
+            for o in overrides {
+                let (key, value) = o
+                    .split_once('=')
+                    .ok_or_else(|| err(format!("--set `{o}`: expected key=value")))?;
+                let value: toml::Value = format!("v = {value}")
+                    .parse::<toml::Table>()
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .unwrap_or_else(|| toml::Value::String(value.to_string()));
+                table.insert(key.trim().to_string(), value);
+            }
+            text = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
         }
-        let cfg: TrainConfig = table.try_into().map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+        // Deserializing from text (not from a Table) keeps the key and line in serde's errors.
+        let cfg: TrainConfig = toml::from_str(&text).map_err(|e: toml::de::Error| err(e.to_string()))?;
         cfg.validate().map_err(err)?;
         Ok(cfg)
     }

@@ -1,0 +1,174 @@
+//! `prefopt train` end to end with the real binary: exact resume after SIGKILL, the
+//! reference log-prob cache, NaN handling, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn prefopt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_prefopt"))
+}
+
+/// A small run on the qwen2 fixture; `extra` are further `--set` overrides.
+fn train_cmd(out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = prefopt();
+    cmd.arg("train");
+    let base = [
+        format!("model=\"{}\"", fixtures().join("models/qwen2-tied").display()),
+        format!("train_data=\"{}\"", fixtures().join("data/plain.jsonl").display()),
+        format!("output_dir=\"{}\"", out.display()),
+        "learning_rate=1e-3".into(),
+        "batch_size=4".into(),
+        "logging_steps=1".into(),
+        "max_length=256".into(),
+    ];
+    for s in base.iter().map(String::as_str).chain(extra.iter().copied()) {
+        cmd.args(["--set", s]);
+    }
+    cmd
+}
+
+fn ok(output: Output) -> Output {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    output
+}
+
+fn failure(output: Output) -> String {
+    assert!(!output.status.success(), "expected failure; stderr: {}", String::from_utf8_lossy(&output.stderr));
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn a_run_killed_with_sigkill_and_resumed_matches_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, killed) = (tmp.path().join("whole"), tmp.path().join("killed"));
+    let settings = ["max_steps=40", "save_steps=3"];
+    ok(train_cmd(&whole, &settings).output().unwrap());
+
+    let mut child = train_cmd(&killed, &settings).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !killed.join("checkpoint-6/trainer_state.json").exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("final").exists(), "the run finished before it could be killed");
+
+    let resumed = ok(train_cmd(&killed, &settings).arg("--resume").output().unwrap());
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
+    assert_eq!(read(&whole.join("metrics.jsonl")), read(&killed.join("metrics.jsonl")), "metrics differ after resume");
+    let weights = |dir: &Path| std::fs::read(dir.join("final/model.safetensors")).unwrap();
+    assert!(weights(&whole) == weights(&killed), "final weights differ after resume");
+}
+
+#[test]
+fn cached_reference_log_probs_skip_the_reference_model_on_the_second_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = format!("cache_dir=\"{}\"", tmp.path().join("cache").display());
+    let settings = ["max_steps=2", "precompute_ref_log_probs=true", cache.as_str()];
+    let first = ok(train_cmd(&tmp.path().join("a"), &settings).output().unwrap());
+    let first_err = String::from_utf8_lossy(&first.stderr);
+    assert!(first_err.contains("reference log-probs cached at"), "{first_err}");
+    let second = ok(train_cmd(&tmp.path().join("b"), &settings).output().unwrap());
+    let second_err = String::from_utf8_lossy(&second.stderr);
+    assert!(second_err.contains("loaded from cache") && second_err.contains("no reference forward passes"), "{second_err}");
+    assert_eq!(read(&tmp.path().join("a/metrics.jsonl")), read(&tmp.path().join("b/metrics.jsonl")));
+    // Another max_length is another key: computed again.
+    let third = ok(train_cmd(&tmp.path().join("c"), &[settings[0], settings[1], settings[2], "max_length=200"]).output().unwrap());
+    assert!(String::from_utf8_lossy(&third.stderr).contains("cached at"));
+}
+
+#[test]
+fn training_writes_metrics_with_trl_names_a_loadable_model_and_plots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let eval = format!("eval_data=\"{}\"", fixtures().join("data/plain.jsonl").display());
+    ok(train_cmd(&out, &["max_steps=3", eval.as_str(), "eval_steps=2", "loss_type=[\"sigmoid\", \"sft\"]", "spo_lambda=0.5"]).output().unwrap());
+    let lines: Vec<serde_json::Value> = read(&out.join("metrics.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train_line = &lines[0];
+    for key in ["step", "epoch", "loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "num_tokens", "spo/violation"] {
+        assert!(train_line.get(key).is_some(), "missing {key} in {train_line}");
+    }
+    let eval_line = lines.iter().find(|l| l.get("eval_loss").is_some()).expect("an eval line");
+    assert!(eval_line.get("eval_rewards/accuracies").is_some());
+    assert_eq!(lines.iter().filter(|l| l.get("eval_loss").is_some()).count(), 2, "eval at step 2 and at the end");
+    assert!(prefopt_model::HfModel::load(&out.join("final"), &candle_core::Device::Cpu).is_ok());
+    for png in ["loss.png", "rewards.png", "logps.png"] {
+        assert!(std::fs::metadata(out.join(png)).map(|m| m.len() > 1000).unwrap_or(false), "{png}");
+    }
+}
+
+#[test]
+fn a_nan_loss_stops_with_the_step_batch_and_last_checkpoint_or_is_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    // An absurd learning rate blows the weights up after the first update.
+    let settings = ["max_steps=4", "learning_rate=1e30", "save_steps=1", "lr_scheduler_type=\"constant\"", "max_grad_norm=0"];
+    let err = failure(train_cmd(&tmp.path().join("stop"), &settings).output().unwrap());
+    assert!(err.contains("non-finite") && err.contains("at step 2") && err.contains("checkpoint-1") && err.contains("plain.jsonl:"), "{err}");
+    let mut skip: Vec<&str> = settings.to_vec();
+    skip.push("on_nonfinite=\"skip\"");
+    let run = ok(train_cmd(&tmp.path().join("skip"), &skip).output().unwrap());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("skipped"));
+}
+
+#[test]
+fn bad_configs_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let err = failure(train_cmd(&out, &["bogus_key=1"]).output().unwrap());
+    assert!(err.contains("bogus_key"), "{err}");
+    let err = failure(train_cmd(&out, &["beta=\"high\""]).output().unwrap());
+    assert!(err.contains("beta"), "{err}");
+    let err = failure(train_cmd(&out, &["loss_type=\"nope\""]).output().unwrap());
+    assert!(err.contains("nope") || err.contains("loss_type"), "{err}");
+    let err = failure(train_cmd(&out, &["loss_type=[\"sigmoid\",\"sft\"]", "loss_weights=[1.0]"]).output().unwrap());
+    assert!(err.contains("loss_weights"), "{err}");
+    let config = tmp.path().join("run.toml");
+    std::fs::write(&config, "model = \"m\"\nbeta = [\n").unwrap();
+    let err = failure(prefopt().args(["train", "--config", config.to_str().unwrap()]).output().unwrap());
+    assert!(err.contains("run.toml"), "{err}");
+    let err = failure(prefopt().args(["train", "--set", "beta=0.1"]).output().unwrap());
+    assert!(err.contains("model"), "{err}");
+}
+
+#[test]
+fn bad_data_and_outputs_fail_clearly_without_destroying_earlier_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        format!("train_data=\"{}\"", p.display())
+    };
+    let out = tmp.path().join("run");
+    let err = failure(train_cmd(&out, &[&data("empty.jsonl", "")]).output().unwrap());
+    assert!(err.contains("empty.jsonl") && err.contains("empty"), "{err}");
+    let err = failure(train_cmd(&out, &[&data("cols.jsonl", "{\"prompt\": \"a\", \"chosen\": \"b\"}\n")]).output().unwrap());
+    assert!(err.contains("cols.jsonl:1") && err.contains("rejected"), "{err}");
+    let long = format!("{{\"prompt\": \"{}\", \"chosen\": \"b\", \"rejected\": \"c\"}}\n", "word ".repeat(50));
+    let err = failure(train_cmd(&out, &[&data("long.jsonl", &long), "max_length=8"]).output().unwrap());
+    assert!(err.contains("dropped") && err.contains("max_length"), "{err}");
+
+    // An unwritable output_dir (a regular file stands where the folder should be).
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let err = failure(train_cmd(&blocker.join("run"), &["max_steps=1"]).output().unwrap());
+    assert!(err.contains("output_dir"), "{err}");
+
+    // A finished run is never overwritten by a new one in the same folder.
+    ok(train_cmd(&out, &["max_steps=1"]).output().unwrap());
+    let before = std::fs::read(out.join("final/model.safetensors")).unwrap();
+    let err = failure(train_cmd(&out, &["max_steps=1"]).output().unwrap());
+    assert!(err.contains("already holds a run"), "{err}");
+    assert_eq!(before, std::fs::read(out.join("final/model.safetensors")).unwrap());
+}
