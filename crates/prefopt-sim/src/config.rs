@@ -129,7 +129,7 @@ impl<'de> Deserialize<'de> for Init {
 }
 
 /// A `prefopt simulate` sweep. Every key is optional; the default of each is given
-/// in brackets and lives in [`Config::default`].
+/// in parentheses and lives in [`Config::default`].
 ///
 /// Shapes: the number of prompts and of responses per prompt come from the first
 /// explicit table among `rewards`, `preferences`, `init` (rows may differ in length);
@@ -137,53 +137,53 @@ impl<'de> Deserialize<'de> for Init {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// `exact`, `sampled` or `both` [`both`].
+    /// `exact`, `sampled` or `both` (default `both`).
     pub mode: Mode,
-    /// `dpo`, `ipo` or `sppo` [`dpo`]. `dpo` in exact mode needs Bradley-Terry rewards.
+    /// `dpo`, `ipo` or `sppo` (default `dpo`). `dpo` in exact mode needs Bradley-Terry rewards.
     pub loss: Loss,
-    /// Extrapolation coefficients swept, each in [0, 1) [`[0.0, 0.2, 0.4, 0.6, 0.8, 0.9]`].
+    /// Extrapolation coefficients swept, each in [0, 1) (default `[0.0, 0.2, 0.4, 0.6, 0.8, 0.9]`).
     pub alphas: Vec<f64>,
-    /// KL coefficients swept, each > 0 [`[1.0]`]. SPPO uses `eta = 1 / beta`.
+    /// KL coefficients swept, each > 0 (default `[1.0]`). SPPO uses `eta = 1 / beta`.
     pub betas: Vec<f64>,
-    /// Sampled mode: prompts drawn per iteration (with replacement), each >= 1 [`[16, 64, 1024]`].
+    /// Sampled mode: prompts drawn per iteration (with replacement), each >= 1 (default `[16, 64, 1024]`).
     pub ns: Vec<usize>,
     /// Sampled mode: seeds of the data draws; metrics are reported per seed and
-    /// summarized as mean and spread over seeds [`0..29`].
+    /// summarized as mean and spread over seeds (default `0..29`).
     pub seeds: Vec<u64>,
-    /// Iterations per run, >= 1 [`30`]. Iteration 0 is the initial policy.
+    /// Iterations per run, >= 1 (default `30`). Iteration 0 is the initial policy.
     pub iterations: usize,
-    /// Number of prompts when no table is given [`16`].
+    /// Number of prompts when no table is given (default `16`).
     pub num_prompts: Option<usize>,
-    /// Responses per prompt when no table is given, >= 2 [`4`].
+    /// Responses per prompt when no table is given, >= 2 (default `4`).
     pub num_responses: Option<usize>,
     /// Bradley-Terry reward table, one row per prompt: `P(y > y') = sigmoid(r(y) - r(y'))`
-    /// [absent: drawn from `problem_seed` when `preference_model = "bt"`].
+    /// (default: absent; then drawn from `problem_seed` when `preference_model = "bt"`).
     pub rewards: Option<Vec<Vec<f64>>>,
     /// General preference matrices, one per prompt: `preferences[x][i][j] = P(i > j)`,
-    /// with `P(i > j) + P(j > i) = 1` and `P(i > i) = 1/2` [absent].
+    /// with `P(i > j) + P(j > i) = 1` and `P(i > i) = 1/2` (default: absent).
     pub preferences: Option<Vec<Vec<Vec<f64>>>>,
-    /// Model drawn when neither table is given: `bt` or `general` [`bt`].
+    /// Model drawn when neither table is given: `bt` or `general` (default `bt`).
     pub preference_model: PreferenceModel,
-    /// Seed of the drawn reward table / preference matrices [`0`].
+    /// Seed of the drawn reward table / preference matrices (default `0`).
     pub problem_seed: u64,
-    /// `"uniform"` or explicit log-probs, one row per prompt [`"uniform"`].
+    /// `"uniform"` or explicit log-probs, one row per prompt (default `"uniform"`).
     pub init: Init,
-    /// Target of the gap metric for "iterations to target" in summary.json [`1e-3`].
+    /// Target of the gap metric for "iterations to target" in summary.json (default `1e-3`).
     pub target_gap: f64,
-    /// Sampled mode: responses sampled per drawn prompt (K), >= 2 [`4`].
+    /// Sampled mode: responses sampled per drawn prompt (K), >= 2 (default `4`).
     pub k: usize,
-    /// Sampled mode, `dpo`/`ipo`: `all` pairs or `best_worst` [`all`]. `sppo` always
+    /// Sampled mode, `dpo`/`ipo`: `all` pairs or `best_worst` (default `all`). `sppo` always
     /// uses every sample with its estimated win rate.
     pub pairing: Pairing,
     /// Sampled mode: stop the fit when the gradient norm of the mean empirical loss is
-    /// below this, > 0 [`1e-8`].
+    /// below this, > 0 (default `1e-8`).
     pub tolerance: f64,
     /// Sampled mode: L2 penalty `l2/2 * |u|^2` on the fitted log-ratio
     /// `u = log pi_hat - log pi_t`, added to the *summed* loss (then divided by the
     /// number of pairs), so its weight fades as N grows; keeps DPO's minimizer finite
-    /// when a pair is always won. >= 0 [`1.0`].
+    /// when a pair is always won. >= 0 (default `1.0`).
     pub l2: f64,
-    /// Sampled mode: Newton steps per prompt before a fit counts as unconverged [`100`].
+    /// Sampled mode: Newton steps per prompt before a fit counts as unconverged (default `100`).
     pub max_fit_iters: usize,
 }
 

@@ -19,7 +19,15 @@
 //!   through the same code.
 //! - [`exact`]: the proximal step in closed form (infinite data); it satisfies the APO
 //!   paper's Theorem 4.1 ([`exact::theorem_4_1`], tested to 1e-9).
-//! - [`sampled`]: the step fitted on N drawn prompts x K samples with sampled labels.
+//! - [`sampled`]: the step fitted on N drawn prompts x K samples with sampled labels,
+//!   by damped Newton to a gradient tolerance (not a fixed number of steps), so the
+//!   theory's statistical error shows up. DPO's empirical minimizer is at infinity when a
+//!   pair is always won; an L2 term on the fitted log-ratio (`l2`, added to the summed
+//!   loss so it fades as N grows) keeps it finite, and such prompts are counted
+//!   (`separable_prompts`). The module docs list every sampling and fitting choice.
+//!
+//! User documentation, with the config keys and the measured default run:
+//! docs/simulate.md.
 //!
 //! # Reference solutions and metrics (our choices)
 //! - Bradley-Terry: the "optimal policy" is the greedy best response per prompt

@@ -18,10 +18,10 @@
 //!   normalizer free, which is what the SPPO paper's `log Z ≈ eta/2` approximates), so
 //!   `pi_hat ∝ pi_t * exp(u)`, starting from `u = 0` (training starts at `pi_t`);
 //! - objective: `(sum over pairs (or samples) of the loss + l2/2 * |u|^2) / M`, with `M`
-//!   the number of pairs (samples). The L2 term is a prior worth `l2` pairs: it keeps the
-//!   DPO minimizer finite when a pair is always won (the unregularized one is then at
-//!   infinity; such prompts are counted in `separable_prompts`) and vanishes relative to
-//!   the data as `n` grows, so sampled mode tends to exact mode;
+//!   the number of pairs (samples). The L2 term is added to the *summed* loss: it keeps
+//!   the DPO minimizer finite when a pair is always won (the unregularized one is then
+//!   at infinity; such prompts are counted in `separable_prompts`) and its weight
+//!   relative to the data fades like `1/n`, so sampled mode tends to exact mode;
 //! - the objective separates over prompts; each prompt's convex problem is solved by
 //!   damped Newton with Armijo backtracking until its gradient norm is below
 //!   `tolerance / sqrt(#prompts with data)` (so the whole gradient is below
@@ -50,7 +50,7 @@ pub struct SampledSettings {
     pub pairing: Pairing,
     /// Gradient-norm tolerance of the whole fit.
     pub tolerance: f64,
-    /// L2 prior on `u`, in pairs.
+    /// L2 penalty on `u`, added to the summed loss.
     pub l2: f64,
     /// Newton step cap per prompt.
     pub max_fit_iters: usize,
@@ -502,6 +502,24 @@ mod tests {
         assert_eq!(stats.unconverged_prompts, 0);
         assert!(hat[0].iter().all(|v| v.is_finite()));
         assert!(hat[0][1] > hat[0][0]);
+    }
+
+    #[test]
+    fn best_worst_pairing_gives_at_most_one_pair_per_drawn_prompt() {
+        let problem =
+            Problem::bradley_terry(vec![vec![0.0, 0.5, 1.0, 2.0]; 3], uniform(&[4, 4, 4]));
+        let s = SampledSettings {
+            pairing: Pairing::BestWorst,
+            ..settings(Loss::Dpo, 50)
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (hat, stats) = sampled_step(&problem, &problem.init, &s, &mut rng);
+        assert_eq!(stats.pairs + stats.skipped_prompts, 50);
+        assert!(stats.pairs > 25, "{stats:?}");
+        assert_eq!(stats.unconverged_prompts, 0);
+        // The best response gains probability on average over prompts.
+        let gain: f64 = hat.iter().map(|row| row[3] - problem.init[0][3]).sum();
+        assert!(gain > 0.0);
     }
 
     #[test]

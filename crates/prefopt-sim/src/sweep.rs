@@ -196,8 +196,10 @@ pub struct GroupSummary {
     /// (approaches 1 for large t; smaller when the fit window is mostly the transient
     /// in which the momentum builds up, about `1 / (1 - alpha)` iterations).
     pub rate_ratio: Option<f64>,
-    /// The same ratio from a fit over the later half of the fit window only (at least
-    /// two points), where the transient has died out.
+    /// The slope from a fit over the later half of the fit window only (at least two
+    /// points), where the transient has died out.
+    pub late_fitted_slope: Option<f64>,
+    /// `-late_fitted_slope / theory_rate`.
     pub late_rate_ratio: Option<f64>,
     /// Sampled mode: total prompt fits (over seeds and iterations) that did not reach
     /// `tolerance`.
@@ -386,6 +388,47 @@ pub fn fit_log_slope(gaps: &[f64], floor: f64) -> Option<(f64, usize)> {
     Some((sxy / sxx, pts.len()))
 }
 
+/// The decay-rate fit of one exact run.
+#[derive(Default)]
+struct RateFit {
+    slope: Option<f64>,
+    points: Option<usize>,
+    late_slope: Option<f64>,
+    theory: Option<f64>,
+}
+
+impl RateFit {
+    fn ratio(&self, slope: Option<f64>) -> Option<f64> {
+        Some(-slope? / self.theory?)
+    }
+}
+
+/// Fits `ln(gap)` against `t` over all `t >= 1` with gap above the floor, and over the
+/// later half of those iterations.
+fn exact_rate_fit(records: &[Record], theory: Option<f64>) -> RateFit {
+    let gaps: Vec<f64> = records.iter().map(Record::gap).collect();
+    let Some((slope, points)) = fit_log_slope(&gaps, RATE_FIT_FLOOR) else {
+        return RateFit {
+            theory,
+            ..RateFit::default()
+        };
+    };
+    let above: Vec<usize> = (1..gaps.len())
+        .filter(|&t| gaps[t] > RATE_FIT_FLOOR)
+        .collect();
+    let mut later = gaps.clone();
+    later
+        .iter_mut()
+        .take(above[points / 2])
+        .for_each(|g| *g = 0.0);
+    RateFit {
+        slope: Some(slope),
+        points: Some(points),
+        late_slope: fit_log_slope(&later, RATE_FIT_FLOOR).map(|f| f.0),
+        theory,
+    }
+}
+
 fn sorted_unique(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(|a, b| a.total_cmp(b));
     v.dedup();
@@ -432,35 +475,13 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                             .map(|rec| rec.iteration as f64)
                     })
                     .collect();
-                let (fitted_slope, fit_points, theory_rate, rate_ratio, late_rate_ratio) =
-                    if n.is_none() {
-                        let gaps: Vec<f64> = group[0].records.iter().map(Record::gap).collect();
-                        let fit = fit_log_slope(&gaps, RATE_FIT_FLOOR);
-                        let theory = margin.map(|m| m / ((1.0 - alpha) * beta));
-                        let late = fit.and_then(|(_, k)| {
-                            // Keep the later half of the points above the floor.
-                            let idx: Vec<usize> = (1..gaps.len())
-                                .filter(|&t| gaps[t] > RATE_FIT_FLOOR)
-                                .collect();
-                            let from = idx[k / 2];
-                            let mut masked = gaps.clone();
-                            masked.iter_mut().take(from).for_each(|g| *g = 0.0);
-                            fit_log_slope(&masked, RATE_FIT_FLOOR)
-                        });
-                        let ratio = |f: Option<(f64, usize)>| match (f, theory) {
-                            (Some((s, _)), Some(th)) => Some(-s / th),
-                            _ => None,
-                        };
-                        (
-                            fit.map(|f| f.0),
-                            fit.map(|f| f.1),
-                            theory,
-                            ratio(fit),
-                            ratio(late),
-                        )
-                    } else {
-                        (None, None, None, None, None)
-                    };
+                let fit = match n {
+                    None => exact_rate_fit(
+                        &group[0].records,
+                        margin.map(|m| m / ((1.0 - alpha) * beta)),
+                    ),
+                    Some(_) => RateFit::default(),
+                };
                 groups.push(GroupSummary {
                     mode: if n.is_some() { "sampled" } else { "exact" }.to_string(),
                     n,
@@ -472,11 +493,12 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                         iterations: (!hits.is_empty()).then(|| Spread::of(&hits)),
                     },
                     final_gap: Spread::of(&final_gaps(&group)),
-                    fitted_slope,
-                    fit_points,
-                    theory_rate,
-                    rate_ratio,
-                    late_rate_ratio,
+                    fitted_slope: fit.slope,
+                    fit_points: fit.points,
+                    theory_rate: fit.theory,
+                    rate_ratio: fit.ratio(fit.slope),
+                    late_fitted_slope: fit.late_slope,
+                    late_rate_ratio: fit.ratio(fit.late_slope),
                     unconverged_fits: n.map(|_| {
                         group
                             .iter()

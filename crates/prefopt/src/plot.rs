@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{anyhow, Context, Result};
-use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 /// DejaVu Sans, embedded (license: assets/fonts/LICENSE-DejaVu.txt).
 static FONT: &[u8] = include_bytes!("../../../assets/fonts/DejaVuSans.ttf");
@@ -88,8 +88,8 @@ pub struct ChartSpec {
     pub y_label: String,
     /// Logarithmic y axis.
     pub log_y: bool,
-    /// Log-y only: values at or below this are not drawn (the line stops there).
-    /// Never below [`LOG_FLOOR`].
+    /// Log-y only: values at or below this are not drawn (the line stops there);
+    /// default 1e-300, i.e. every positive value.
     pub y_floor: f64,
     /// The lines, drawn in order with a fixed palette.
     pub series: Vec<Series>,
@@ -126,7 +126,7 @@ impl ChartSpec {
             x_label: x_label.into(),
             y_label: y_label.into(),
             log_y: false,
-            y_floor: LOG_FLOOR,
+            y_floor: 1e-300,
             series: Vec::new(),
             size: (900, 600),
             legend: Legend::UpperRight,
@@ -137,7 +137,8 @@ impl ChartSpec {
         self.legend = at;
         self
     }
-    /// Switches to a log y axis, not drawing values at or below `floor`.
+    /// Switches to a log y axis (any number of decades), not drawing values at or
+    /// below `floor`.
     pub fn log_y(mut self, floor: f64) -> ChartSpec {
         self.log_y = true;
         self.y_floor = floor;
@@ -149,10 +150,6 @@ impl ChartSpec {
         self
     }
 }
-
-/// The lowest value a log axis can show: plotters' log axis treats anything within
-/// `f64::EPSILON` of zero as zero, so smaller values are not drawn.
-pub const LOG_FLOOR: f64 = 1e-15;
 
 /// Tableau-10 colors: distinguishable, and readable on white.
 const PALETTE: [RGBColor; 10] = [
@@ -196,7 +193,11 @@ pub fn line_chart(path: &Path, spec: &ChartSpec) -> Result<()> {
 /// A tick label without trailing zeros: `5`, `0.25`, `1.5e-5`.
 fn short_number(v: &f64) -> String {
     let v = *v;
-    if v == 0.0 || (1e-3..1e5).contains(&v.abs()) {
+    // Tick positions computed in floating point land near, not on, zero.
+    if v.abs() < 1e-12 {
+        return "0".into();
+    }
+    if (1e-3..1e5).contains(&v.abs()) {
         let s = format!("{v:.3}");
         s.trim_end_matches('0').trim_end_matches('.').to_string()
     } else {
@@ -205,7 +206,7 @@ fn short_number(v: &f64) -> String {
 }
 
 fn visible(spec: &ChartSpec, y: f64) -> bool {
-    y.is_finite() && (!spec.log_y || y > spec.y_floor.max(LOG_FLOOR))
+    y.is_finite() && (!spec.log_y || y > spec.y_floor)
 }
 
 fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
@@ -241,91 +242,118 @@ fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
     }
     let root = BitMapBackend::new(tmp, spec.size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    if spec.log_y {
-        // Whole decades, so that grid lines fall on round values. Up to 3 decades:
-        // a line at every 1..9 x 10^k, labels at 1, 2, 5 x 10^k; more: a line per
-        // decade, a label every `step` decades.
-        let (lo_e, hi_e) = (
-            y0.log10().floor() as i32,
-            (y1.log10().ceil() as i32).max(y0.log10().floor() as i32 + 1),
-        );
-        let decades = (hi_e - lo_e) as usize;
-        let step = decades.div_ceil(8) as i32;
-        let labels = if decades <= 3 {
-            11 * decades
-        } else {
-            decades + 1
-        };
-        let fmt = move |v: &f64| {
-            let e = v.log10().floor();
-            let m = (v / 10f64.powf(e)).round() as i32;
-            let e = e as i32;
-            let show = if decades <= 3 {
-                matches!(m, 1 | 2 | 5)
+    let axis = if spec.log_y {
+        // A log axis drawn by hand on log10(y), over whole decades so that grid lines
+        // fall on round values: up to 3 decades, a line at every 1..9 x 10^k and labels
+        // at 1, 2, 5 x 10^k; more, a line per decade and a label every `step` decades.
+        let lo = y0.log10().floor() as i32;
+        let hi = (y1.log10().ceil() as i32).max(lo + 1);
+        let decades = hi - lo;
+        let step = (decades + 7) / 8;
+        let mut ticks = Vec::new();
+        for e in lo..=hi {
+            let mantissas: &[i32] = if decades <= 3 {
+                &[1, 2, 3, 4, 5, 6, 7, 8, 9]
             } else {
-                m == 1 && e.rem_euclid(step) == 0
+                &[1]
             };
-            match (show, m) {
-                (false, _) => String::new(),
-                (true, _) if (-3..=4).contains(&e) => short_number(&(m as f64 * 10f64.powi(e))),
-                (true, 1) => format!("1e{e}"),
-                (true, m) => format!("{m}e{e}"),
+            for &m in mantissas {
+                let v = (m as f64).log10() + e as f64;
+                if v > hi as f64 + 1e-9 {
+                    break;
+                }
+                let show = if decades <= 3 {
+                    matches!(m, 1 | 2 | 5)
+                } else {
+                    e.rem_euclid(step) == 0
+                };
+                let label = match (show, m) {
+                    (false, _) => String::new(),
+                    (true, _) if (-3..=4).contains(&e) => short_number(&(m as f64 * 10f64.powi(e))),
+                    (true, 1) => format!("1e{e}"),
+                    (true, m) => format!("{m}e{e}"),
+                };
+                ticks.push((v, label));
             }
-        };
-        // Nudge the ends outwards so that rounding in plotters' `ceil(log10(start))`
-        // cannot skip the first decade's grid lines.
-        let y_coord =
-            (10f64.powi(lo_e) * (1.0 - 1e-9)..10f64.powi(hi_e) * (1.0 + 1e-9)).log_scale();
-        render(&root, spec, x0..x1, y_coord, labels, &fmt)?;
+        }
+        YAxis {
+            range: lo as f64..hi as f64,
+            log_ticks: Some(ticks),
+        }
     } else {
         let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.5 };
-        render(
-            &root,
-            spec,
-            x0..x1,
-            (y0 - pad)..(y1 + pad),
-            10,
-            &short_number,
-        )?;
-    }
+        YAxis {
+            range: (y0 - pad)..(y1 + pad),
+            log_ticks: None,
+        }
+    };
+    render(&root, spec, x0..x1, axis)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
-fn render<DB, Y>(
+/// The y axis: its range in plot units (log10 of the value on a log axis) and, for a
+/// log axis, the hand-made grid lines `(log10 value, label or "")`.
+struct YAxis {
+    range: Range<f64>,
+    log_ticks: Option<Vec<(f64, String)>>,
+}
+
+fn render<DB>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
     spec: &ChartSpec,
     x_range: Range<f64>,
-    y_range: Y,
-    y_labels: usize,
-    y_fmt: &dyn Fn(&f64) -> String,
+    axis: YAxis,
 ) -> Result<()>
 where
     DB: DrawingBackend,
     DB::ErrorType: 'static,
-    Y: AsRangedCoord<Value = f64>,
-    Y::CoordDescType: ValueFormatter<f64>,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("{e:?}");
+    let log = axis.log_ticks.is_some();
+    // Plot units: log10 of the value on a log axis.
+    let ty = |y: f64| if log { y.log10() } else { y };
+    let (xa, xb) = (x_range.start, x_range.end);
     let mut chart = ChartBuilder::on(root)
         .caption(&spec.title, (FAMILY, 24))
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(80)
-        .build_cartesian_2d(x_range, y_range)
+        .build_cartesian_2d(x_range, axis.range.clone())
         .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc(spec.x_label.as_str())
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(spec.x_label.as_str())
         .y_desc(spec.y_label.as_str())
         .label_style((FAMILY, 16))
         .axis_desc_style((FAMILY, 18))
-        .y_labels(y_labels)
-        .y_label_formatter(y_fmt)
+        .y_label_formatter(&short_number)
         .x_label_formatter(&short_number)
-        .light_line_style(WHITE.mix(0.0))
-        .draw()
-        .map_err(err)?;
+        .light_line_style(WHITE.mix(0.0));
+    if log {
+        mesh.y_labels(0).disable_y_mesh();
+    }
+    mesh.draw().map_err(err)?;
+    if let Some(ticks) = &axis.log_ticks {
+        let grid = BLACK.mix(0.12);
+        let major = BLACK.mix(0.25);
+        chart
+            .draw_series(ticks.iter().map(|(v, label)| {
+                PathElement::new(
+                    vec![(xa, *v), (xb, *v)],
+                    if label.is_empty() { grid } else { major },
+                )
+            }))
+            .map_err(err)?;
+        let style =
+            TextStyle::from((FAMILY, 16).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
+        for (v, label) in ticks.iter().filter(|t| !t.1.is_empty()) {
+            let (px, py) = chart.backend_coord(&(xa, *v));
+            root.draw(&Text::new(label.clone(), (px - 8, py), style.clone()))
+                .map_err(err)?;
+            root.draw(&PathElement::new(vec![(px - 5, py), (px, py)], BLACK))
+                .map_err(err)?;
+        }
+    }
     let mut next = 0;
     for s in &spec.series {
         let color = match s.color {
@@ -343,8 +371,8 @@ where
             if band.len() >= 2 {
                 let outline: Vec<(f64, f64)> = band
                     .iter()
-                    .map(|b| (b.0, b.2))
-                    .chain(band.iter().rev().map(|b| (b.0, b.1)))
+                    .map(|b| (b.0, ty(b.2)))
+                    .chain(band.iter().rev().map(|b| (b.0, ty(b.1))))
                     .collect();
                 chart
                     .draw_series(std::iter::once(Polygon::new(
@@ -357,8 +385,8 @@ where
         let pts: Vec<(f64, f64)> = s
             .points
             .iter()
-            .cloned()
             .filter(|p| p.0.is_finite() && visible(spec, p.1))
+            .map(|p| (p.0, ty(p.1)))
             .collect();
         let style = color.stroke_width(3);
         let anno = if s.dashed {
@@ -370,7 +398,7 @@ where
                 .draw_series(LineSeries::new(pts.clone(), style))
                 .map_err(err)?
         };
-        if !s.name.is_empty() {
+        if !s.name.is_empty() && !pts.is_empty() {
             anno.label(s.name.as_str()).legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
             });
