@@ -164,6 +164,15 @@ impl Default for TrainConfig {
     }
 }
 
+/// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
+pub const SFT_KEYS: [&str; 27] = [
+    "model", "train_data", "eval_data", "output_dir", "seed", "optimizer", "learning_rate", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
+    "max_grad_norm", "batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_length",
+    "max_prompt_length", "logging_steps", "eval_steps", "save_steps", "resume_from_checkpoint", "on_nonfinite",
+    "cache_dir",
+];
+
 /// A config problem, with the file and key it is about.
 #[derive(Debug, thiserror::Error)]
 #[error("{source_name}: {message}")]
@@ -176,6 +185,22 @@ impl TrainConfig {
     /// Reads `path` (TOML), applies `key=value` overrides (values in TOML syntax; a bare word
     /// is taken as a string), and validates. Relative paths stay relative to the working dir.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::load_checked(path, overrides, |_| Ok(()))
+    }
+
+    /// Like [`TrainConfig::load`] for `prefopt sft`: keys that only apply to preference
+    /// training are rejected, and `learning_rate` defaults to 2e-5 (TRL's `SFTConfig`).
+    pub fn load_sft(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::load_checked(path, overrides, |table| {
+            if let Some(key) = table.keys().find(|k| !SFT_KEYS.contains(&k.as_str())) {
+                return Err(format!("key `{key}` does not apply to `prefopt sft` (it takes: {})", SFT_KEYS.join(", ")));
+            }
+            table.entry("learning_rate").or_insert(toml::Value::Float(2e-5));
+            Ok(())
+        })
+    }
+
+    fn load_checked(path: Option<&Path>, overrides: &[String], check: impl FnOnce(&mut toml::Table) -> Result<(), String>) -> Result<Self, ConfigError> {
         let name = match (path, overrides.is_empty()) {
             (Some(p), true) => p.display().to_string(),
             (Some(p), false) => format!("{} with --set overrides", p.display()),
@@ -186,19 +211,20 @@ impl TrainConfig {
             Some(p) => std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?,
             None => String::new(),
         };
-        if !overrides.is_empty() {
-            let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
-            for o in overrides {
-                let (key, value) = o
-                    .split_once('=')
-                    .ok_or_else(|| err(format!("--set `{o}`: expected key=value")))?;
-                let value: toml::Value = format!("v = {value}")
-                    .parse::<toml::Table>()
-                    .ok()
-                    .and_then(|mut t| t.remove("v"))
-                    .unwrap_or_else(|| toml::Value::String(value.to_string()));
-                table.insert(key.trim().to_string(), value);
-            }
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
+        let as_written = table.clone();
+        for o in overrides {
+            let (key, value) = o.split_once('=').ok_or_else(|| err(format!("--set `{o}`: expected key=value")))?;
+            let value: toml::Value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            table.insert(key.trim().to_string(), value);
+        }
+        check(&mut table).map_err(&err)?;
+        // Unchanged: parse the user's own text, so serde's errors point at their lines.
+        if table != as_written {
             text = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
         }
         // Deserializing from text (not from a Table) keeps the key and line in serde's errors.

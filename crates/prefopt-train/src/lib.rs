@@ -13,14 +13,18 @@ pub mod logps;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
+pub mod preference;
 pub mod reference;
 pub mod schedule;
+pub mod sft;
 pub mod spo;
 pub mod trainer;
 
 pub use config::TrainConfig;
 pub use logps::{completion_logps, logps_from_logits, CompletionLogps, SequenceBatch};
-pub use trainer::{train, Observer, Quiet, StepStatus, TrainSummary};
+pub use preference::train;
+pub use sft::train_sft;
+pub use trainer::{Observer, Quiet, StepStatus, TrainSummary};
 
 /// Why a training run stopped. Messages name the file, key, step or batch involved.
 #[derive(Debug, thiserror::Error)]

@@ -172,3 +172,35 @@ fn bad_data_and_outputs_fail_clearly_without_destroying_earlier_results() {
     assert!(err.contains("already holds a run"), "{err}");
     assert_eq!(before, std::fs::read(out.join("final/model.safetensors")).unwrap());
 }
+
+#[test]
+fn sft_lowers_the_completion_loss_and_rejects_preference_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("sft.jsonl");
+    let rows: String = (0..8)
+        .map(|i| format!("{{\"prompt\": \"Q: {i}+1? A:\", \"completion\": \" {}\"}}\n", i + 1))
+        .chain(std::iter::once("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n".to_string()))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = tmp.path().join("run");
+    let sft = |extra: &[&str]| {
+        let mut cmd = prefopt();
+        cmd.arg("sft");
+        let base = [
+            format!("model=\"{}\"", fixtures().join("models/qwen2-tied").display()),
+            format!("train_data=\"{}\"", data.display()),
+            format!("output_dir=\"{}\"", out.display()),
+        ];
+        for s in base.iter().map(String::as_str).chain(["max_steps=15", "learning_rate=3e-3", "batch_size=9", "logging_steps=1", "lr_scheduler_type=\"constant\""]).chain(extra.iter().copied()) {
+            cmd.args(["--set", s]);
+        }
+        cmd.output().unwrap()
+    };
+    let err = failure(sft(&["beta=0.1"]));
+    assert!(err.contains("`beta` does not apply to `prefopt sft`"), "{err}");
+    ok(sft(&[]));
+    let lines: Vec<serde_json::Value> = read(&out.join("metrics.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (first, last) = (lines[0]["loss"].as_f64().unwrap(), lines.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < 0.5 * first, "SFT loss went from {first} to {last}");
+    assert!(prefopt_model::HfModel::load(&out.join("final"), &candle_core::Device::Cpu).is_ok());
+}

@@ -1,10 +1,11 @@
-//! `prefopt train`: offline preference training (DPO family, SPO) from a TOML config.
+//! `prefopt train` (offline preference training: DPO family, SPO) and `prefopt sft`
+//! (supervised fine-tuning), both from a TOML config.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use indicatif::ProgressBar;
-use prefopt_train::{metrics::MetricsLog, train, Observer, StepStatus, TrainConfig};
+use prefopt_train::{metrics::MetricsLog, train, train_sft, Observer, StepStatus, TrainConfig};
 
 use crate::plot::{line_chart, ChartSpec, Series};
 
@@ -21,13 +22,26 @@ pub struct TrainArgs {
     resume: bool,
 }
 
-pub fn run(args: TrainArgs) -> Result<()> {
-    let mut cfg = TrainConfig::load(args.config.as_deref(), &args.overrides)?;
+/// Which objective a run optimizes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Preference,
+    Sft,
+}
+
+pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
+    let mut cfg = match kind {
+        Kind::Preference => TrainConfig::load(args.config.as_deref(), &args.overrides)?,
+        Kind::Sft => TrainConfig::load_sft(args.config.as_deref(), &args.overrides)?,
+    };
     if args.resume && cfg.resume_from_checkpoint.is_none() {
         cfg.resume_from_checkpoint = Some("latest".into());
     }
     let mut progress = BarObserver::default();
-    let summary = train(&cfg, &mut progress)?;
+    let summary = match kind {
+        Kind::Preference => train(&cfg, &mut progress)?,
+        Kind::Sft => train_sft(&cfg, &mut progress)?,
+    };
     let plots = plot_training_curves(&summary.metrics_path, &cfg.output_dir)?;
     eprintln!(
         "trained {} steps{} -> {} (metrics: {}, plots: {})",
@@ -73,7 +87,8 @@ impl Observer for BarObserver {
     fn step(&mut self, step: usize, s: &StepStatus) {
         if let Some(bar) = &self.bar {
             bar.set_position(step as u64);
-            bar.set_message(format!("loss {:.4} acc {:.2} {:.0} tok/s", s.loss, s.reward_accuracy, s.tokens_per_s));
+            let acc = if s.reward_accuracy.is_nan() { String::new() } else { format!(" acc {:.2}", s.reward_accuracy) };
+            bar.set_message(format!("loss {:.4}{acc} {:.0} tok/s", s.loss, s.tokens_per_s));
         }
     }
 

@@ -1,0 +1,264 @@
+//! The preference objective: any mix of methods.md section 2's losses on chosen/rejected
+//! pairs, with SPO (section 4) as an optional stabilizer, and `train`, its entry point.
+
+use candle_core::{Device, Tensor};
+use prefopt_data::{HfTokenizer, TokenizeOptions};
+use prefopt_model::{HfModel, Llama, Params};
+
+use crate::config::TrainConfig;
+use crate::dataset::PairDataset;
+use crate::losses::{combined_loss, reward_metrics, LossParams, LossType, PairLogps};
+use crate::reference::{self, RefLogps};
+use crate::spo::{self, SpoSolver};
+use crate::trainer::{backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary};
+use crate::{grads, logps, TrainError};
+
+/// Runs a preference training job as configured.
+pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, TrainError> {
+    let device = Device::Cpu;
+    let resume_dir = prepare_output(cfg)?;
+    let tok = HfTokenizer::from_dir(&cfg.model)?;
+    let opts = TokenizeOptions { max_length: Some(cfg.max_length), max_prompt_length: cfg.max_prompt_length };
+    let train_data = PairDataset::load(&cfg.train_data, &tok, &opts)?;
+    let eval_data = cfg.eval_data.as_deref().map(|p| PairDataset::load(p, &tok, &opts)).transpose()?;
+    if train_data.dropped > 0 {
+        obs.message(&format!("{}: {} examples dropped by max_length {}", train_data.path.display(), train_data.dropped, cfg.max_length));
+    }
+    let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
+
+    // Losses: check every parameter before any compute.
+    let params = LossParams {
+        beta: cfg.beta,
+        label_smoothing: cfg.label_smoothing,
+        simpo_gamma: cfg.simpo_gamma,
+        dpop_lambda: cfg.dpop_lambda,
+        ..LossParams::default()
+    };
+    let terms = cfg.loss_terms();
+    for (kind, _) in &terms {
+        params.check(*kind).map_err(|e| TrainError::Config(e.to_string()))?;
+        if kind.needs_win_probs() {
+            return Err(TrainError::Config(format!(
+                "loss `{}` needs win probabilities, which only the online loop estimates; use `sppo_hard` offline",
+                kind.name()
+            )));
+        }
+    }
+
+    // Reference log-probs, before the policy is loaded (one model in memory at a time).
+    let mut reference_forward_passes = false;
+    let (ref_train, ref_eval) = if cfg.needs_reference() {
+        let mut get = |data: &PairDataset| -> Result<RefLogps, TrainError> {
+            let (values, computed) = reference_logps(cfg, data, pad_id, &device, obs)?;
+            reference_forward_passes |= computed;
+            Ok(values)
+        };
+        let train_ref = get(&train_data)?;
+        let eval_ref = eval_data.as_ref().map(&mut get).transpose()?;
+        (Some(train_ref), eval_ref)
+    } else {
+        (None, None)
+    };
+
+    let mut objective = PreferenceObjective {
+        train: train_data,
+        eval: eval_data,
+        ref_train,
+        ref_eval,
+        terms,
+        params,
+        spo: (cfg.spo_lambda > 0.0).then_some((cfg.spo_solver, cfg.spo_lambda, cfg.spo_eta)),
+        batch_size: cfg.batch_size,
+        pad_id,
+        device,
+    };
+    let mut summary = run_loop(cfg, resume_dir, &mut objective, obs)?;
+    summary.reference_forward_passes = reference_forward_passes;
+    Ok(summary)
+}
+
+struct PreferenceObjective {
+    train: PairDataset,
+    eval: Option<PairDataset>,
+    ref_train: Option<RefLogps>,
+    ref_eval: Option<RefLogps>,
+    terms: Vec<(LossType, f64)>,
+    params: LossParams,
+    /// (solver, lambda, eta) when SPO is on.
+    spo: Option<(SpoSolver, f64, f64)>,
+    batch_size: usize,
+    pad_id: u32,
+    device: Device,
+}
+
+impl Objective for PreferenceObjective {
+    fn len(&self) -> usize {
+        self.train.len()
+    }
+
+    fn describe(&self, idx: &[usize]) -> String {
+        describe_sources(&self.train.sources, idx)
+    }
+
+    fn dropped(&self) -> usize {
+        self.train.dropped
+    }
+
+    fn micro_step(&mut self, policy: &Llama, params: &Params, step: &[usize], micro: &[usize], acc: &mut StepAccumulator) -> Result<(), TrainError> {
+        let share = micro.len() as f64 / step.len() as f64;
+        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, &self.device)?;
+        let x = fwd.pair_logps();
+        let po = combined_loss(&self.terms, &self.params, &x)?;
+        let (objective, g) = match self.spo {
+            None => (scalar(&po)?, backward(&po, params)?),
+            Some((solver, lambda, _)) => {
+                let ref_chosen = x.ref_chosen.ok_or_else(|| TrainError::Config("SPO needs reference log-probs".into()))?;
+                let q = spo::safe_region_violation(x.chosen, ref_chosen, x.chosen_lens)?;
+                acc.add_metric("spo/violation", scalar(&q)?, share);
+                match solver {
+                    SpoSolver::Penalty => {
+                        let total = spo::penalty_loss(&po, &q, lambda)?;
+                        (scalar(&total)?, backward(&total, params)?)
+                    }
+                    SpoSolver::Dynamic => {
+                        // The two levels' gradients apart; combined once the step is whole.
+                        grads::accumulate(&mut acc.grads_aux, &backward(&q, params)?, share)?;
+                        (scalar(&po)?, backward(&po, params)?)
+                    }
+                }
+            }
+        };
+        grads::accumulate(&mut acc.grads, &g, share)?;
+        acc.add_metric("loss", objective, share);
+        add_batch_metrics(acc, self.params.beta, &fwd, share)?;
+        acc.num_tokens += fwd.num_tokens as u64;
+        Ok(())
+    }
+
+    fn finish_step(&mut self, acc: &mut StepAccumulator) -> Result<(), TrainError> {
+        if let Some((SpoSolver::Dynamic, _, eta)) = self.spo {
+            let lambda_t = spo::dynamic_weight(&acc.grads, &acc.grads_aux, eta)?;
+            acc.grads = spo::combine_grads(&acc.grads, &acc.grads_aux, lambda_t)?;
+            acc.add_metric("spo/lambda", lambda_t, 1.0);
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, model: &Llama) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError> {
+        let Some(data) = &self.eval else { return Ok(None) };
+        let mut acc = StepAccumulator::default();
+        let all: Vec<usize> = (0..data.len()).collect();
+        for micro in all.chunks(self.batch_size) {
+            let share = micro.len() as f64 / data.len() as f64;
+            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id, &self.device)?;
+            let x = fwd.pair_logps();
+            acc.add_metric("loss", scalar(&combined_loss(&self.terms, &self.params, &x)?)?, share);
+            if let (Some(_), Some(ref_chosen)) = (self.spo, x.ref_chosen) {
+                acc.add_metric("spo/violation", scalar(&spo::safe_region_violation(x.chosen, ref_chosen, x.chosen_lens)?)?, share);
+            }
+            add_batch_metrics(&mut acc, self.params.beta, &fwd, share)?;
+        }
+        Ok(Some(acc.metrics().into_iter().map(|(k, v)| (format!("eval_{k}"), v.into())).collect()))
+    }
+}
+
+fn add_batch_metrics(acc: &mut StepAccumulator, beta: f64, fwd: &PairForward, share: f64) -> Result<(), TrainError> {
+    for (name, value) in reward_metrics(beta, &fwd.pair_logps())?.named() {
+        acc.add_metric(name, value, share);
+    }
+    acc.add_logits(fwd.logit_sum_chosen, fwd.tokens_chosen, fwd.logit_sum_rejected, fwd.tokens_rejected);
+    Ok(())
+}
+
+/// Reference log-probs of one dataset, from the on-disk cache when enabled and present.
+/// Returns whether any reference forward pass ran.
+fn reference_logps(cfg: &TrainConfig, data: &PairDataset, pad_id: u32, device: &Device, obs: &mut dyn Observer) -> Result<(RefLogps, bool), TrainError> {
+    let ref_dir = cfg.ref_model_path();
+    let cache = if cfg.precompute_ref_log_probs {
+        let settings = format!("max_length={} max_prompt_length={:?} v1", cfg.max_length, cfg.max_prompt_length);
+        let key = reference::cache_key(ref_dir, &data.path, &settings)?;
+        let dir = reference::cache_dir(cfg.cache_dir.as_deref());
+        if let Some(values) = reference::load_cached(&dir, &key, data.len()) {
+            obs.message(&format!("reference log-probs for {} loaded from cache (key {}): no reference forward passes", data.path.display(), &key[..12]));
+            return Ok((values, false));
+        }
+        Some((dir, key))
+    } else {
+        None
+    };
+    let model = HfModel::load(ref_dir, device)?;
+    let total = data.len();
+    let mut done = 0;
+    let values = reference::compute(&model, data, cfg.batch_size, pad_id, device, |n| {
+        done += n;
+        obs.reference_progress(done, total);
+    })?;
+    if let Some((dir, key)) = cache {
+        let path = reference::store_cached(&dir, &key, &values)?;
+        obs.message(&format!("reference log-probs cached at {}", path.display()));
+    }
+    Ok((values, true))
+}
+
+/// One micro-batch's forward results, chosen and rejected side by side.
+struct PairForward {
+    chosen: Tensor,
+    rejected: Tensor,
+    ref_chosen: Option<Tensor>,
+    ref_rejected: Option<Tensor>,
+    chosen_lens: Tensor,
+    rejected_lens: Tensor,
+    logit_sum_chosen: f64,
+    logit_sum_rejected: f64,
+    tokens_chosen: f64,
+    tokens_rejected: f64,
+    num_tokens: usize,
+}
+
+impl PairForward {
+    fn pair_logps(&self) -> PairLogps<'_> {
+        PairLogps {
+            chosen: &self.chosen,
+            rejected: &self.rejected,
+            ref_chosen: self.ref_chosen.as_ref(),
+            ref_rejected: self.ref_rejected.as_ref(),
+            chosen_lens: &self.chosen_lens,
+            rejected_lens: &self.rejected_lens,
+            win_prob_chosen: None,
+            win_prob_rejected: None,
+        }
+    }
+}
+
+/// Runs `model` on the chosen and rejected sequences of pairs `idx` in one batch.
+fn forward_pairs(model: &Llama, data: &PairDataset, refs: Option<&RefLogps>, idx: &[usize], pad_id: u32, device: &Device) -> Result<PairForward, TrainError> {
+    let m = idx.len();
+    let seqs: Vec<_> = idx.iter().map(|&i| &data.pairs[i].chosen).chain(idx.iter().map(|&i| &data.pairs[i].rejected)).collect();
+    let batch = logps::SequenceBatch::new(&seqs, pad_id, device)?;
+    let out = logps::completion_logps(model, &batch)?;
+    let lens: Vec<f32> = batch.completion_lens.iter().map(|&l| l as f32).collect();
+    let logit_sums: Vec<f32> = out.logit_sums.to_vec1()?;
+    let refs = refs.map(|r| -> Result<(Tensor, Tensor), TrainError> {
+        let w: Vec<f32> = idx.iter().map(|&i| r[i].0).collect();
+        let l: Vec<f32> = idx.iter().map(|&i| r[i].1).collect();
+        Ok((Tensor::from_vec(w, m, device)?, Tensor::from_vec(l, m, device)?))
+    });
+    let (ref_chosen, ref_rejected) = match refs.transpose()? {
+        Some((w, l)) => (Some(w), Some(l)),
+        None => (None, None),
+    };
+    Ok(PairForward {
+        chosen: out.logps.narrow(0, 0, m)?,
+        rejected: out.logps.narrow(0, m, m)?,
+        ref_chosen,
+        ref_rejected,
+        chosen_lens: Tensor::from_vec(lens[..m].to_vec(), m, device)?,
+        rejected_lens: Tensor::from_vec(lens[m..].to_vec(), m, device)?,
+        logit_sum_chosen: logit_sums[..m].iter().map(|&v| v as f64).sum(),
+        logit_sum_rejected: logit_sums[m..].iter().map(|&v| v as f64).sum(),
+        tokens_chosen: lens[..m].iter().map(|&v| v as f64).sum(),
+        tokens_rejected: lens[m..].iter().map(|&v| v as f64).sum(),
+        num_tokens: batch.num_tokens,
+    })
+}
+
