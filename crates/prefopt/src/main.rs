@@ -20,6 +20,8 @@ enum Command {
     Score(cmd::score::ScoreArgs),
     /// Offline preference training: DPO loss family, SPO, from a TOML config.
     Train(cmd::train::TrainArgs),
+    /// Supervised fine-tuning on prompt/completion or messages data, from a TOML config.
+    Sft(cmd::train::TrainArgs),
     /// Throughput of the forward and forward+backward passes (one JSON line).
     Bench(cmd::bench::BenchArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
@@ -32,7 +34,8 @@ fn main() -> std::process::ExitCode {
         Command::Score(args) => cmd::score::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
-        Command::Train(args) => cmd::train::run(args),
+        Command::Train(args) => cmd::train::run(args, cmd::train::Kind::Preference),
+        Command::Sft(args) => cmd::train::run(args, cmd::train::Kind::Sft),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
