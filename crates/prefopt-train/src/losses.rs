@@ -702,6 +702,92 @@ mod tests {
         }
     }
 
+    /// Every step of every trajectory fixture: our loss and reward metrics from the recorded
+    /// per-example log-probs match the recorded ones (both `sft` normalizations, real lengths).
+    #[test]
+    fn trajectory_losses_and_metrics_match_recorded_steps() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/expected/train");
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("traj_")
+            })
+            .collect();
+        files.sort();
+        assert!(files.len() >= 14, "{files:?}");
+        let mut worst = [0f64; 2]; // max relative loss error, f32 and f64
+        for path in files {
+            let fx: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let (mut terms, mut p) = (vec![], LossParams::default());
+            for t in fx["loss_terms"].as_array().unwrap() {
+                let (name, w) = (t["name"].as_str().unwrap(), t["weight"].as_f64().unwrap());
+                let (ts, q) = ours(name, &fx["params"]).unwrap();
+                terms.push((ts[0].0, w));
+                p.beta = q.beta;
+                p.label_smoothing = q.label_smoothing;
+                p.simpo_gamma = q.simpo_gamma;
+                if name == "sft_tokenmean" {
+                    p.sft_norm = SftNorm::TokenMean;
+                }
+            }
+            let v = |x: &Value| Tensor::new(floats(x), &Device::Cpu).unwrap();
+            let (ref_w, ref_l) = (
+                v(&fx["reference"]["logp_chosen"]),
+                v(&fx["reference"]["logp_rejected"]),
+            );
+            let (n_w, n_l) = (v(&fx["n_tokens_chosen"]), v(&fx["n_tokens_rejected"]));
+            for step in fx["steps"].as_array().unwrap() {
+                let (lp_w, lp_l) = (
+                    v(&step["per_example"]["logp_chosen"]),
+                    v(&step["per_example"]["logp_rejected"]),
+                );
+                for dtype in [DType::F32, DType::F64] {
+                    let t: Vec<Tensor> = [&lp_w, &lp_l, &ref_w, &ref_l, &n_w, &n_l]
+                        .iter()
+                        .map(|t| t.to_dtype(dtype).unwrap())
+                        .collect();
+                    let x = PairLogps {
+                        chosen: &t[0],
+                        rejected: &t[1],
+                        ref_chosen: Some(&t[2]),
+                        ref_rejected: Some(&t[3]),
+                        chosen_lens: &t[4],
+                        rejected_lens: &t[5],
+                        win_prob_chosen: None,
+                        win_prob_rejected: None,
+                    };
+                    let got = combined_loss(&terms, &p, &x)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap();
+                    let got = got.to_scalar::<f64>().unwrap();
+                    let want = step["loss"].as_f64().unwrap();
+                    let what = format!("{} step {} {dtype:?}", path.display(), step["step"]);
+                    let rel = (got - want).abs() / want.abs().max(1.0);
+                    let k = usize::from(dtype == DType::F64);
+                    worst[k] = worst[k].max(rel);
+                    assert!(rel < 2e-6, "{what}: loss {got} vs {want}");
+                    for (name, got) in reward_metrics(p.beta, &x).unwrap().named() {
+                        let want = step[name].as_f64().unwrap();
+                        assert!(
+                            (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                            "{what}: {name} {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        println!(
+            "trajectory losses: max rel err f32 {:.2e}, f64 {:.2e}",
+            worst[0], worst[1]
+        );
+    }
+
     #[test]
     fn reward_metrics_without_reference_use_log_probs() {
         let fx = fixture();
