@@ -2,7 +2,9 @@
 # Side-by-side throughput: prefopt vs PyTorch on the same HF folder, alternating runs
 # (A B A B ...) so machine drift hits both, then the median tokens/s of each and the ratio.
 #
-#   scripts/bench_compare.sh MODE [THREADS] [ROUNDS]     MODE: forward | fwd-bwd
+#   scripts/bench_compare.sh MODE [THREADS] [ROUNDS]     MODE: forward | fwd-bwd | dpo
+#
+# PREFOPT_ARGS adds flags to prefopt's side only (e.g. PREFOPT_ARGS=--cached-ref).
 #
 # Needs a Python with torch + transformers (scripts/requirements.txt) as $PYTHON
 # (default /work/pyenv/bin/python) and a release build (cargo build --release).
@@ -10,7 +12,7 @@
 # by scripts/bench_torch.py on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?mode: forward | fwd-bwd}
+mode=${1:?mode: forward | fwd-bwd | dpo}
 threads=${2:-2}
 rounds=${3:-3}
 python=${PYTHON:-/work/pyenv/bin/python}
@@ -18,7 +20,7 @@ model=target-bench/torch-llama-4x256
 [ -d "$model" ] || "$python" scripts/bench_torch.py forward --model "$model" --steps 1 --warmup 0 >/dev/null
 ours=(); theirs=()
 for _ in $(seq "$rounds"); do
-  ours+=("$(./target/release/prefopt bench "$mode" --model "$model" --threads "$threads" | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
+  ours+=("$(./target/release/prefopt bench "$mode" --model "$model" --threads "$threads" ${PREFOPT_ARGS:-} | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
   theirs+=("$("$python" scripts/bench_torch.py "$mode" --model "$model" --threads "$threads" 2>/dev/null | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
 done
 "$python" - "$mode" "$threads" "${ours[*]}" "${theirs[*]}" <<'PY'

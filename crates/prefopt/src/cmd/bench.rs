@@ -11,8 +11,9 @@ use rand::{Rng, SeedableRng};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to time: `forward` (no gradient) or `fwd-bwd` (next-token loss + backward).
-    #[arg(value_parser = ["forward", "fwd-bwd"])]
+    /// What to time: `forward` (no gradient), `fwd-bwd` (next-token loss + backward), or
+    /// `dpo` (a whole DPO step: reference forward, policy forward+backward, AdamW).
+    #[arg(value_parser = ["forward", "fwd-bwd", "dpo"])]
     mode: String,
     /// Hugging Face model folder (`scripts/bench_torch.py` creates the reference one).
     #[arg(long)]
@@ -31,6 +32,19 @@ pub struct BenchArgs {
     threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// dpo: pairs per step (each pair is two sequences: chosen and rejected).
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    /// dpo: prompt tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    /// dpo: completion tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    completion_len: usize,
+    /// dpo: reference log-probs come from the cache (`precompute_ref_log_probs`), so the
+    /// step runs no reference forward pass.
+    #[arg(long)]
+    cached_ref: bool,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -48,6 +62,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let ids: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..vocab_hi)).collect();
     let ids = Tensor::from_vec(ids, (b, t), &device)?;
 
+    if args.mode == "dpo" {
+        return bench_dpo(&args, &hf, &mut rng);
+    }
     let trainable = args.mode == "fwd-bwd";
     let model = hf.build(trainable)?;
     let step = || -> Result<()> {
@@ -63,25 +80,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Ok(())
     };
-    for _ in 0..args.warmup {
-        step()?;
-    }
-    let mut times = Vec::with_capacity(args.steps);
-    for _ in 0..args.steps {
-        let start = Instant::now();
-        step()?;
-        times.push(start.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let (median, min) = time_steps(args.warmup, args.steps, step)?;
 
     // The torch script's estimate: N = parameters without the input embedding (lm_head counted
     // once), forward = 2*N*T + 4*L*T^2*d per sequence, fwd-bwd = 3x forward.
-    let total = hf.params.num_elements();
-    let embed = cfg.vocab_size * cfg.hidden_size;
-    let n = if cfg.tie_word_embeddings { total } else { total - embed };
-    let forward_flops = b as f64 * (2.0 * n as f64 * t as f64 + 4.0 * (cfg.num_hidden_layers * t * t * cfg.hidden_size) as f64);
-    let flops = if trainable { 3.0 * forward_flops } else { forward_flops };
+    let forward = b as f64 * forward_flops(&hf, t);
+    let flops = if trainable { 3.0 * forward } else { forward };
     let line = serde_json::json!({
         "impl": "prefopt",
         "mode": args.mode,
@@ -93,13 +97,108 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "batch": b,
         "seq_len": t,
         "median_step_s": median,
-        "min_step_s": times[0],
+        "min_step_s": min,
         "steps": args.steps,
         "warmup": args.warmup,
         "model": args.model,
     });
     println!("{line}");
     Ok(())
+}
+
+/// One DPO training step as `prefopt train` runs it: reference log-probs (unless cached),
+/// policy forward and backward over chosen and rejected, sigmoid loss, AdamW update.
+fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) -> Result<()> {
+    use prefopt_data::TokenizedSequence;
+    use prefopt_train::losses::{pair_loss, LossParams, LossType, PairLogps};
+    use prefopt_train::optim::{Optimizer, OptimizerConfig};
+    use prefopt_train::{completion_logps, grads, SequenceBatch};
+
+    let device = Device::Cpu;
+    let (p, a, c) = (args.pairs, args.prompt_len, args.completion_len);
+    let vocab_hi = hf.config.vocab_size.min(480) as u32;
+    let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab_hi)).collect() };
+    let mut seqs = Vec::with_capacity(2 * p);
+    let prompts: Vec<Vec<u32>> = (0..p).map(|_| random(a)).collect();
+    for prompt in prompts.iter().chain(prompts.iter()) {
+        let input_ids = [prompt.clone(), random(c)].concat();
+        seqs.push(TokenizedSequence { input_ids, completion_start: a });
+    }
+    let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
+    let batch = SequenceBatch::new(&refs, 0, &device)?;
+    let policy_params = hf.params.deep_clone()?;
+    let policy = prefopt_model::Llama::new(&hf.config, &policy_params, true)?;
+    let reference = hf.build(false)?;
+    let cached = completion_logps(&reference, &batch)?.logps;
+    let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
+    let lens = Tensor::new(vec![c as f32; p], &device)?;
+    let step = || -> Result<()> {
+        let ref_lp = if args.cached_ref { cached.clone() } else { completion_logps(&reference, &batch)?.logps };
+        let lp = completion_logps(&policy, &batch)?.logps;
+        let x = PairLogps {
+            chosen: &lp.narrow(0, 0, p)?,
+            rejected: &lp.narrow(0, p, p)?,
+            ref_chosen: Some(&ref_lp.narrow(0, 0, p)?),
+            ref_rejected: Some(&ref_lp.narrow(0, p, p)?),
+            chosen_lens: &lens,
+            rejected_lens: &lens,
+            win_prob_chosen: None,
+            win_prob_rejected: None,
+        };
+        let loss = pair_loss(LossType::Sigmoid, &LossParams::default(), &x)?.mean_all()?;
+        let (g, _) = grads::collect(&policy_params, &loss.backward()?)?;
+        optimizer.step(&policy_params, &g, 1e-6)?;
+        Ok(())
+    };
+    let (median, min) = time_steps(args.warmup, args.steps, step)?;
+    let t = a + c;
+    let passes = if args.cached_ref { 3.0 } else { 4.0 }; // policy fwd+bwd = 3, reference fwd = 1
+    let flops = passes * (2 * p) as f64 * forward_flops(hf, t);
+    let line = serde_json::json!({
+        "impl": "prefopt",
+        "mode": "dpo",
+        "tokens_per_s": (2 * p * t) as f64 / median,
+        "peak_rss_mb": peak_rss_mb(),
+        "gflops": flops / 1e9 / median,
+        "gflop_per_step": flops / 1e9,
+        "threads": candle_core::utils::get_num_threads(),
+        "pairs": p,
+        "prompt_len": a,
+        "completion_len": c,
+        "seq_len": t,
+        "cached_ref": args.cached_ref,
+        "median_step_s": median,
+        "min_step_s": min,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "model": args.model,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Runs `warmup` untimed then `steps` timed calls; (median, min) seconds.
+fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+    for _ in 0..warmup {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let start = Instant::now();
+        step()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0]))
+}
+
+/// The torch script's FLOP estimate for one sequence of `t` tokens: 2*N*T + 4*L*T^2*d, with
+/// N the parameters without the input embedding (the lm_head counted once).
+fn forward_flops(hf: &HfModel, t: usize) -> f64 {
+    let cfg = &hf.config;
+    let total = hf.params.num_elements();
+    let n = if cfg.tie_word_embeddings { total } else { total - cfg.vocab_size * cfg.hidden_size };
+    2.0 * n as f64 * t as f64 + 4.0 * (cfg.num_hidden_layers * t * t * cfg.hidden_size) as f64
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.
