@@ -117,18 +117,18 @@ impl LlamaConfig {
         }
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_kv_heads();
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(config_err(format!(
                 "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})"
             )));
         }
-        if cfg.head_dim.is_none() && cfg.hidden_size % heads != 0 {
+        if cfg.head_dim.is_none() && !cfg.hidden_size.is_multiple_of(heads) {
             return Err(config_err(format!(
                 "hidden_size ({}) is not divisible by num_attention_heads ({heads})",
                 cfg.hidden_size
             )));
         }
-        if cfg.head_dim() % 2 != 0 {
+        if !cfg.head_dim().is_multiple_of(2) {
             return Err(config_err(format!("head_dim ({}) must be even for RoPE", cfg.head_dim())));
         }
         cfg.llama3_rope_scaling().map_err(config_err)?;

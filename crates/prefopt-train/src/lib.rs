@@ -37,14 +37,33 @@ pub enum TrainError {
     Io(String),
     #[error("{0}")]
     NonFinite(String),
+    // Boxed: these are large, and every fallible function returns a TrainError.
     #[error(transparent)]
-    Model(#[from] prefopt_model::ModelError),
+    Model(Box<prefopt_model::ModelError>),
     #[error(transparent)]
-    Input(#[from] prefopt_data::DataError),
+    Input(Box<prefopt_data::DataError>),
     #[error(transparent)]
     Loss(#[from] losses::LossError),
     #[error(transparent)]
-    Optim(#[from] optim::OptimError),
+    Optim(Box<optim::OptimError>),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+impl From<prefopt_model::ModelError> for TrainError {
+    fn from(e: prefopt_model::ModelError) -> Self {
+        TrainError::Model(Box::new(e))
+    }
+}
+
+impl From<prefopt_data::DataError> for TrainError {
+    fn from(e: prefopt_data::DataError) -> Self {
+        TrainError::Input(Box::new(e))
+    }
+}
+
+impl From<optim::OptimError> for TrainError {
+    fn from(e: optim::OptimError) -> Self {
+        TrainError::Optim(Box::new(e))
+    }
 }

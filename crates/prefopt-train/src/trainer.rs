@@ -57,6 +57,9 @@ pub struct TrainSummary {
 pub trait Objective {
     /// Number of training examples.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Where examples `idx` came from (file:line), for error messages.
     fn describe(&self, idx: &[usize]) -> String;
     /// Forward and backward of `micro` (a slice of the step's examples `step`); adds
