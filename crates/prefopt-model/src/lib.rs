@@ -1,5 +1,5 @@
 //! Tensors in, logits out: prefopt's own trainable Llama-family transformer on candle,
-//! and Hugging Face folder loading and saving.
+//! Hugging Face folder loading and saving, and sampling with a KV cache (`generate`).
 //!
 //! Not here: tokenizers and data (`prefopt-data`), losses and training (`prefopt-train`).
 //! The model code is ours rather than candle-transformers' because those models use fused
@@ -8,12 +8,14 @@
 pub mod config;
 pub mod error;
 pub mod fsio;
+pub mod generate;
 pub mod hf;
 pub mod llama;
 pub mod params;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};
+pub use generate::{generate, sample_rng, Generated, SamplingParams};
 pub use hf::{fill_model_dir, save_model_dir, HfModel};
 pub use llama::{parameter_shapes, KvCache, Llama};
 pub use params::Params;

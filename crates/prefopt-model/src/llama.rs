@@ -115,7 +115,8 @@ impl Rope {
             for f in inv_freq.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
                 let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
-                let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                // transformers: ~(wavelen < high) & ~(wavelen > low); wavelen is finite and positive.
+                let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                 *f = if medium {
                     let smooth = (old_len / wavelen - low) / (high - low);
                     (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -129,14 +130,19 @@ impl Rope {
 
     /// cos and sin tables for positions `start..start+len`, each (T, D).
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        self.tables_at(&(start..start + len).collect::<Vec<_>>(), device)
+    }
+
+    /// cos and sin tables for arbitrary positions, each (N, D) for N = `positions.len()`.
+    pub fn tables_at(&self, positions: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut angles = Vec::with_capacity(len * half * 2);
-        for p in start..start + len {
+        let mut angles = Vec::with_capacity(positions.len() * half * 2);
+        for &p in positions {
             let row: Vec<f32> = self.inv_freq.iter().map(|f| p as f32 * f).collect();
             angles.extend_from_slice(&row);
             angles.extend_from_slice(&row);
         }
-        let angles = Tensor::from_vec(angles, (len, 2 * half), device)?;
+        let angles = Tensor::from_vec(angles, (positions.len(), 2 * half), device)?;
         Ok((angles.cos()?, angles.sin()?))
     }
 }
@@ -174,6 +180,18 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Keeps only the batch rows `rows` (indices into dim 0, repeats allowed), in that
+    /// order: drops finished sequences, or copies a prompt's cache to several samples.
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        let Some(Some((k, _))) = self.layers.first() else { return Ok(()) };
+        let rows = Tensor::new(rows, k.device())?;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&rows, 0)?;
+            *v = v.index_select(&rows, 0)?;
+        }
+        Ok(())
     }
 }
 
@@ -333,23 +351,67 @@ impl Llama {
         Ok(self.project(&h)?)
     }
 
+    /// Logits (B, T, V) for a left-padded batch, for generation: row b starts with
+    /// `pad_lens[b]` pad tokens, fixed for the whole generation (the prefill and every
+    /// cached step after it). Each row's real tokens sit at positions 0, 1, ... (as
+    /// transformers' `position_ids = cumsum(attention_mask) - 1`) and no query attends to a
+    /// pad key, so a row's logits at real positions are those of the row run alone. The
+    /// logits at pad positions are meaningless.
+    pub fn forward_padded(&self, input_ids: &Tensor, pad_lens: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.hidden_states_padded(input_ids, pad_lens, cache)?;
+        Ok(self.project(&h)?)
+    }
+
+    /// Final-norm hidden states (B, T, C) of a left-padded batch (see [`Llama::forward_padded`]).
+    pub fn hidden_states_padded(&self, input_ids: &Tensor, pad_lens: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        let b = input_ids.dim(0)?;
+        if pad_lens.len() != b {
+            return Err(candle_core::Error::Msg(format!("{} pad lengths for a batch of {b}", pad_lens.len())).into());
+        }
+        self.run(input_ids, pad_lens, Some(cache))
+    }
+
+    /// Logits (B, T, V) from final-norm hidden states (B, T, C): the LM head alone, so a
+    /// caller that needs only some positions (the last, when sampling) projects only those.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.project(h)?)
+    }
+
     /// Final-norm hidden states (B, T, C); the input to the LM head or a score head.
-    pub fn hidden_states(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn hidden_states(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.run(input_ids, &[], cache)
+    }
+
+    /// The network; `pad_lens` empty or all zero means no padding.
+    fn run(&self, input_ids: &Tensor, pad_lens: &[usize], mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
-        if past + t > self.cfg.max_position_embeddings {
+        let longest = past + t - pad_lens.iter().copied().min().unwrap_or(0).min(past + t);
+        if longest > self.cfg.max_position_embeddings {
             return Err(ModelError::Config {
                 path: "config.json".into(),
                 message: format!(
-                    "sequence of {} positions exceeds max_position_embeddings ({})",
-                    past + t,
+                    "sequence of {longest} positions exceeds max_position_embeddings ({})",
                     self.cfg.max_position_embeddings
                 ),
             });
         }
         let device = input_ids.device();
-        let (cos, sin) = self.rope.tables(past, t, device)?;
-        let mask = causal_mask(t, past, device)?;
+        let (cos, sin, mask) = if pad_lens.iter().all(|&p| p == 0) {
+            let (cos, sin) = self.rope.tables(past, t, device)?; // (T, D)
+            (cos, sin, causal_mask(t, past, device)?)
+        } else {
+            // Row b's slot s holds position s - pad_lens[b]; pad slots get 0 (never attended).
+            let positions: Vec<usize> =
+                pad_lens.iter().flat_map(|&p| (past..past + t).map(move |s| s.saturating_sub(p))).collect();
+            let (cos, sin) = self.rope.tables_at(&positions, device)?; // (B*T, D)
+            let d = cos.dim(1)?;
+            (
+                cos.reshape((b, 1, t, d))?,
+                sin.reshape((b, 1, t, d))?,
+                Some(padded_causal_mask(pad_lens, t, past, device)?),
+            )
+        };
         let mut x = self
             .embed
             .index_select(&input_ids.flatten_all()?, 0)?
@@ -370,6 +432,23 @@ impl Llama {
         let (b, t, c) = h.dims3()?;
         h.reshape((b * t, c))?.matmul(&self.lm_head.t()?)?.reshape((b, t, self.cfg.vocab_size))
     }
+}
+
+/// Additive mask (B, 1, T, past+T) for left-padded rows: causal, and no query attends to
+/// row b's first `pad_lens[b]` slots, except that a pad query attends to itself (a row of
+/// all -inf would give NaN, which would reach real rows through later layers' pad keys).
+fn padded_causal_mask(pad_lens: &[usize], t: usize, past: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let s = past + t;
+    let mask: Vec<f32> = pad_lens
+        .iter()
+        .flat_map(|&p| {
+            (0..t).flat_map(move |i| {
+                let q = past + i;
+                (0..s).map(move |j| if j > q || (j < p && j != q) { f32::NEG_INFINITY } else { 0.0 })
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (pad_lens.len(), 1, t, s), device)
 }
 
 /// Additive mask (T, past+T): 0 where a query may attend, -inf in the future.
