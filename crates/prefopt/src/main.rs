@@ -22,6 +22,8 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Supervised fine-tuning on prompt/completion or messages data, from a TOML config.
     Sft(cmd::train::TrainArgs),
+    /// Sample completions of a prompt file with a KV cache, with their log-probs (JSONL out).
+    Generate(cmd::generate::GenerateArgs),
     /// Throughput of the forward and forward+backward passes (one JSON line).
     Bench(cmd::bench::BenchArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Score(args) => cmd::score::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
         Command::Train(args) => cmd::train::run(args, cmd::train::Kind::Preference),
         Command::Sft(args) => cmd::train::run(args, cmd::train::Kind::Sft),
     };

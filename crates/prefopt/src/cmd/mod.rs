@@ -1,6 +1,7 @@
 //! One module per subcommand: argument struct + `run`.
 
 pub mod bench;
+pub mod generate;
 pub mod score;
 pub mod simulate;
 pub mod train;

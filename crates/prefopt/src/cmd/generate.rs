@@ -1,0 +1,176 @@
+//! `prefopt generate`: sample completions of a prompt file with a KV cache, batched across
+//! prompts, and write them as JSONL with their sequence log-probs.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use prefopt_data::{parse_prompt, read_records, tokenize_prompt, HfTokenizer};
+use prefopt_model::{generate, sample_rng, HfModel, SamplingParams};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompts: JSONL or Parquet, one per record: `prompt` (a string, or a list of
+    /// {role, content} messages) or `messages`. Conversations get the chat template with
+    /// the generation prompt; plain strings are tokenized with the tokenizer's special tokens.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Output JSONL: one line per (prompt, sample), prompts in input order.
+    #[arg(long)]
+    out: PathBuf,
+    /// Completions sampled per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_samples: usize,
+    /// Softmax temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Keep only the k most likely tokens; 0 turns the filter off.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// At most this many new tokens per completion (fewer when the model's context,
+    /// max_position_embeddings, fills first).
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Random seed. Sample k of prompt i draws from its own ChaCha8 stream
+    /// (seed, stream i * num_samples + k), so the output does not depend on --batch-size.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prompts per batch (each with its --num-samples samples).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+}
+
+/// One output line, fields in this order.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    prompt_index: usize,
+    sample: usize,
+    /// The record's `prompt` (string or messages), else its `messages`, as given.
+    prompt: Option<&'a serde_json::Value>,
+    /// The completion's text, special tokens (the stop token) skipped.
+    completion: String,
+    /// Completion tokens, the stop token included.
+    n_tokens: usize,
+    /// Sum of the completion tokens' log-probs under the model at temperature 1, unfiltered.
+    logprob: f64,
+    /// "stop": ended on an EOS/stop token; "length": ran out of --max-new-tokens or context.
+    finish_reason: &'static str,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!("--temperature must be a number >= 0 (0 is greedy), got {}", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    for (flag, value) in [
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--num-samples", args.num_samples),
+        ("--batch-size", args.batch_size),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    let device = Device::Cpu;
+    let tokenizer = HfTokenizer::from_dir(&args.model)?;
+    let hf = HfModel::load(&args.model, &device)?;
+    let model = hf.build(false)?;
+    let max_pos = hf.config.max_position_embeddings;
+
+    // Read and tokenize every prompt first, so a bad line fails the run before any compute.
+    let records = read_records(&args.prompts)?;
+    if records.is_empty() {
+        bail!("{}: no prompts", args.prompts.display());
+    }
+    let mut prompts = Vec::with_capacity(records.len());
+    for record in &records {
+        let ids = tokenize_prompt(&tokenizer, &parse_prompt(record)?).with_context(|| record.source.to_string())?;
+        if ids.is_empty() {
+            bail!("{}: the prompt has no tokens", record.source);
+        }
+        if ids.len() >= max_pos {
+            bail!(
+                "{}: the prompt has {} tokens, leaving no room to generate within the model's \
+                 max_position_embeddings ({max_pos})",
+                record.source,
+                ids.len()
+            );
+        }
+        prompts.push(ids);
+    }
+    let stop_ids = tokenizer.eos_token_ids();
+    if stop_ids.is_empty() {
+        eprintln!("note: the tokenizer has no EOS token; every completion runs to --max-new-tokens");
+    }
+    let pad_id = tokenizer.pad_token_id().or(stop_ids.first().copied()).unwrap_or(0);
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        max_new_tokens: args.max_new_tokens,
+        stop_ids,
+    };
+
+    // Batches of similar length waste less on padding; each sample's randomness is its own,
+    // so the order of work does not change the output.
+    let k = args.num_samples;
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let progress = crate::progress::bar((prompts.len() * k) as u64, "samples");
+    let start = Instant::now();
+    let mut results = vec![None; prompts.len() * k];
+    for chunk in order.chunks(args.batch_size) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let mut rngs: Vec<_> =
+            chunk.iter().flat_map(|&i| (0..k).map(move |j| sample_rng(args.seed, (i * k + j) as u64))).collect();
+        let out = generate(&model, &batch, &params, &mut rngs, pad_id)?;
+        for (pos, g) in out.into_iter().enumerate() {
+            results[chunk[pos / k] * k + pos % k] = Some(g);
+        }
+        progress.inc((chunk.len() * k) as u64);
+    }
+    progress.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+
+    let mut text = String::new();
+    let mut new_tokens = 0;
+    for (s, g) in results.into_iter().enumerate() {
+        let (i, j) = (s / k, s % k);
+        let g = g.with_context(|| format!("internal error: sample {j} of prompt {i} was not generated"))?;
+        let record = &records[i].value;
+        let prompt = record.get("prompt").filter(|v| !v.is_null()).or(record.get("messages"));
+        let line = Line {
+            prompt_index: i,
+            sample: j,
+            prompt,
+            completion: tokenizer.decode(&g.tokens, true)?,
+            n_tokens: g.tokens.len(),
+            logprob: g.logprob,
+            finish_reason: if g.stopped { "stop" } else { "length" },
+        };
+        new_tokens += g.tokens.len();
+        text.push_str(&serde_json::to_string(&line)?);
+        text.push('\n');
+    }
+    prefopt_model::fsio::write_atomic(&args.out, text.as_bytes())
+        .with_context(|| format!("writing completions to {}", args.out.display()))?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "generated {} completions of {} prompts, {new_tokens} new tokens in {seconds:.1}s ({:.0} tokens/s) -> {}",
+        prompts.len() * k,
+        prompts.len(),
+        new_tokens as f64 / seconds.max(1e-9),
+        args.out.display()
+    );
+    Ok(())
+}
