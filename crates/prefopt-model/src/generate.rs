@@ -179,7 +179,7 @@ pub fn log_softmax_at(logits: &[f32], token: usize) -> f64 {
 }
 
 /// Picks the next token from one row of logits (V,), drawing one uniform number from `rng`
-/// unless greedy. Probabilities are computed in f64.
+/// unless greedy (temperature 0: the first maximum).
 pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> std::result::Result<u32, String> {
     if logits.iter().any(|l| l.is_nan()) {
         return Err("the model produced NaN logits".into());
@@ -193,11 +193,26 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> st
         }
         return Ok(best as u32);
     }
+    let dist = sampling_distribution(logits, params);
+    let mut u = rng.gen::<f64>();
+    for &(token, p) in &dist {
+        if u < p {
+            return Ok(token);
+        }
+        u -= p;
+    }
+    // Rounding left u just above the last probability: take the last token with any mass.
+    Ok(dist.iter().rev().find(|d| d.1 > 0.0).map_or(dist[0].0, |d| d.0))
+}
+
+/// The distribution sampling draws from (temperature > 0): the tokens that survive top-k
+/// and top-p with their renormalized probabilities, in f64, in the order a draw walks them
+/// (most likely first when a filter applied, else by token id).
+pub fn sampling_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f64)> {
     let scaled: Vec<f64> = logits.iter().map(|&l| l as f64 / params.temperature).collect();
     let v = scaled.len();
     let by_score = |a: &u32, b: &u32| scaled[*b as usize].total_cmp(&scaled[*a as usize]).then(a.cmp(b));
 
-    // Candidates as (token, unnormalized probability), most likely first when filtered.
     let top_k = if params.top_k == 0 { v } else { params.top_k.min(v) };
     let mut candidates: Vec<u32> = (0..v as u32).collect();
     if top_k < v {
@@ -207,34 +222,29 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut impl Rng) -> st
         candidates.retain(|&i| scaled[i as usize] >= kth);
     }
     let m = candidates.iter().map(|&i| scaled[i as usize]).fold(f64::NEG_INFINITY, f64::max);
-    let mut weights: Vec<(u32, f64)> = candidates.iter().map(|&i| (i, (scaled[i as usize] - m).exp())).collect();
+    let mut dist: Vec<(u32, f64)> = candidates.iter().map(|&i| (i, (scaled[i as usize] - m).exp())).collect();
+    let total: f64 = dist.iter().map(|d| d.1).sum();
+    dist.iter_mut().for_each(|d| d.1 /= total);
     if params.top_p < 1.0 {
-        weights.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let total: f64 = weights.iter().map(|w| w.1).sum();
+        dist.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         // Keep a token while the mass strictly above it is below top_p (transformers' rule).
         let mut above = 0.0;
-        let mut keep = 0;
-        for (_, w) in &weights {
-            if keep > 0 && above >= params.top_p * total {
-                break;
-            }
-            above += w;
-            keep += 1;
-        }
-        weights.truncate(keep);
+        let keep = dist
+            .iter()
+            .take_while(|d| {
+                let kept = above < params.top_p;
+                above += d.1;
+                kept
+            })
+            .count()
+            .max(1);
+        dist.truncate(keep);
+        let total: f64 = dist.iter().map(|d| d.1).sum();
+        dist.iter_mut().for_each(|d| d.1 /= total);
     } else if top_k < v {
-        weights.sort_unstable_by_key(|w| w.0);
+        dist.sort_unstable_by_key(|d| d.0);
     }
-    let total: f64 = weights.iter().map(|w| w.1).sum();
-    let mut u = rng.gen::<f64>() * total;
-    for &(i, w) in &weights {
-        if u < w {
-            return Ok(i);
-        }
-        u -= w;
-    }
-    // Rounding left u just above the last weight: take the last token with any mass.
-    Ok(weights.iter().rev().find(|w| w.1 > 0.0).map_or(weights[0].0, |w| w.0))
+    dist
 }
 
 #[cfg(test)]

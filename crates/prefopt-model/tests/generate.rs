@@ -1,6 +1,7 @@
 //! Generation: left-padded batches and the KV cache against full recomputes, sampling
 //! determinism, greedy decoding, sequence log-probs, stop tokens, batching independence,
-//! and greedy tokens against `transformers` (fixtures/expected/generate).
+//! and greedy tokens against `transformers` (fixtures/expected/generate, made by
+//! scripts/make_generate_fixtures.py).
 
 use std::path::{Path, PathBuf};
 
@@ -221,4 +222,66 @@ fn the_context_limit_ends_a_sequence_and_a_full_prompt_is_an_error() {
     assert!(err.contains("prompt 0 has no tokens"), "{err}");
     let err = generate(&model, &[ids(3, 1)], &params(1.0, 0), &mut rngs(0, 1), 0).unwrap_err().to_string();
     assert!(err.contains("max_new_tokens"), "{err}");
+}
+
+#[test]
+fn greedy_tokens_match_transformers_with_all_prompts_in_one_padded_batch() {
+    for name in ["llama-untied", "llama-tied", "qwen2-tied", "qwen2-untied", "mistral"] {
+        let path = fixtures().join(format!("expected/generate/{name}.json"));
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let get = |key: &str| want[key].clone();
+        let prompts: Vec<Vec<u32>> = serde_json::from_value(get("prompts")).unwrap();
+        let tokens: Vec<Vec<u32>> = serde_json::from_value(get("tokens")).unwrap();
+        let stopped: Vec<bool> = serde_json::from_value(get("stopped")).unwrap();
+        let logprob: Vec<f64> = serde_json::from_value(get("logprob")).unwrap();
+        let p = SamplingParams {
+            stop_ids: serde_json::from_value(get("stop_ids")).unwrap(),
+            ..params(0.0, get("max_new_tokens").as_u64().unwrap() as usize)
+        };
+        let model = model(name);
+        let out = generate(&model, &prompts, &p, &mut rngs(0, prompts.len()), 0).unwrap();
+        for (i, g) in out.iter().enumerate() {
+            assert_eq!(g.tokens, tokens[i], "{name} prompt {i}: tokens differ from transformers");
+            assert_eq!(g.stopped, stopped[i], "{name} prompt {i}");
+            assert!(
+                (g.logprob - logprob[i]).abs() < 1e-4,
+                "{name} prompt {i}: logprob {} vs {}",
+                g.logprob,
+                logprob[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn top_k_and_top_p_keep_what_transformers_warpers_keep() {
+    let path = fixtures().join("expected/generate/warpers.json");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let name = want["model"].as_str().unwrap();
+    let model = model(name);
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join(format!("expected/generate/{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let prompts: Vec<Vec<u32>> = serde_json::from_value(expected["prompts"].clone()).unwrap();
+    let cases = want["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let prompt = &prompts[case["prompt"].as_u64().unwrap() as usize];
+        let logits = full_logits(&model, prompt).pop().unwrap();
+        let p = SamplingParams {
+            temperature: case["temperature"].as_f64().unwrap(),
+            top_k: case["top_k"].as_u64().unwrap() as usize,
+            top_p: case["top_p"].as_f64().unwrap(),
+            ..Default::default()
+        };
+        let mut got = prefopt_model::generate::sampling_distribution(&logits, &p);
+        got.sort_by_key(|d| d.0);
+        let tokens: Vec<u32> = serde_json::from_value(case["tokens"].clone()).unwrap();
+        let probs: Vec<f64> = serde_json::from_value(case["probs"].clone()).unwrap();
+        assert_eq!(got.iter().map(|d| d.0).collect::<Vec<_>>(), tokens, "{case}");
+        for ((_, a), b) in got.iter().zip(&probs) {
+            assert!((a - b).abs() < 1e-5, "{p:?}: probability {a} vs {b}");
+        }
+    }
 }
