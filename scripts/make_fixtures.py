@@ -1069,22 +1069,25 @@ def expected_rows_lengths(tok, examples):
 
 def main() -> None:
     FIX.mkdir(exist_ok=True)
-    for sub in ("tokenizers", "models", "data", "expected"):
-        p = FIX / sub
-        if p.exists():
-            # keep expected/train (made by make_train_fixtures.py)
-            if sub == "expected":
-                for f in p.glob("*"):
-                    if f.is_file():
-                        f.unlink()
-            else:
-                shutil.rmtree(p)
+    # Remove only what this script makes: other scripts own other folders under fixtures/
+    # (expected/train/, expected/generate/, expected/optim/, ...). Model folders are replaced in
+    # build_model(); data files are overwritten.
+    for style in ("chatml", "llama"):
+        if (FIX / "tokenizers" / style).exists():
+            shutil.rmtree(FIX / "tokenizers" / style)
+    model_names = ["llama-untied", "llama-tied", "qwen2-tied", "qwen2-untied", "mistral"]
+    for name in model_names:
+        for f in (FIX / "expected").glob(f"{name}__*"):
+            if f.is_file():
+                f.unlink()
     for style in ("chatml", "llama"):
         write_tokenizer(style, FIX / "tokenizers" / style)
         verify_tokenizer(FIX / "tokenizers" / style)
     write_datasets()
     stats: dict = {}
-    for spec in model_specs():
+    specs = model_specs()
+    assert [sp["name"] for sp in specs] == model_names
+    for spec in specs:
         build_model(spec)
         verify_tokenizer(FIX / "models" / spec["name"])
         write_expected(spec, stats)
