@@ -26,6 +26,8 @@ enum Command {
     Generate(cmd::generate::GenerateArgs),
     /// Throughput of the forward and forward+backward passes (one JSON line).
     Bench(cmd::bench::BenchArgs),
+    /// The online loop: sample, judge, train, extrapolate (Accelerated Preference Optimization).
+    Apo(cmd::apo::ApoArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
     Simulate(cmd::simulate::SimulateArgs),
 }
@@ -35,6 +37,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Score(args) => cmd::score::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
+        Command::Apo(args) => cmd::apo::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Train(args) => cmd::train::run(args, cmd::train::Kind::Preference),

@@ -1,5 +1,6 @@
 //! One module per subcommand: argument struct + `run`.
 
+pub mod apo;
 pub mod bench;
 pub mod generate;
 pub mod score;

@@ -1,0 +1,147 @@
+//! Held-out evaluation (methods.md section 5): one sample per held-out prompt, judged by the
+//! oracle: mean reward, accuracy where the task has one, malformed-answer rate, win rate
+//! against the base model's sample for the same prompt (ties half), and the KL estimate
+//! `mean(lp_pi(y) - lp_base(y))` over the model's samples.
+
+use std::path::Path;
+
+use candle_core::Device;
+use prefopt_data::{tokenize_prompt, HfTokenizer, TokenizedSequence};
+use prefopt_model::HfModel;
+use prefopt_train::{completion_logps, SequenceBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::apo::{read_jsonl, write_jsonl};
+use crate::judge::{Judge, Judgement, PromptItem};
+use crate::sampling::{sample_prompts, SampleRecord, Sampling};
+use crate::LoopError;
+
+/// One model's held-out numbers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub eval_reward: f64,
+    /// Exact-answer rate; `None` when the judge has no notion of correctness.
+    pub eval_accuracy: Option<f64>,
+    pub malformed_rate: f64,
+    /// Against the base model's sample for the same prompt; ties count half (0.5 for the base).
+    pub win_rate_vs_base: f64,
+    /// `mean(lp_model(y) - lp_base(y))` over the model's samples (0 for the base).
+    pub kl_to_base: f64,
+    pub num_prompts: usize,
+}
+
+/// The base model's held-out samples and scores, the baseline of every comparison; kept on
+/// disk so a resumed run compares against the very same samples.
+pub struct BaseSamples {
+    pub samples: Vec<SampleRecord>,
+    pub scores: Vec<f64>,
+    pub base_dir: std::path::PathBuf,
+    pub metrics: EvalMetrics,
+}
+
+impl BaseSamples {
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_or_make(
+        path: &Path,
+        base_dir: &Path,
+        tok: &HfTokenizer,
+        prompts: &[PromptItem],
+        sampling: &Sampling,
+        seed: u64,
+        judge: &mut dyn Judge,
+        device: &Device,
+    ) -> Result<Self, LoopError> {
+        let samples: Vec<SampleRecord> = if path.exists() {
+            read_jsonl(path)?
+        } else {
+            let model = HfModel::load(base_dir, device)?;
+            let refs: Vec<&PromptItem> = prompts.iter().collect();
+            let s = sample_prompts(&model, tok, &refs, 1, sampling, eval_seed(seed), device, &mut |_, _| {})?;
+            write_jsonl(path, &s)?;
+            s
+        };
+        let judged = judge_all(judge, prompts, &samples)?;
+        let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
+        let metrics = summarize(&judged, &scores, &scores, 0.0);
+        Ok(Self { samples, scores, base_dir: base_dir.to_path_buf(), metrics })
+    }
+}
+
+/// The evaluation sampler's seed: the same for every model, so comparisons are paired.
+fn eval_seed(seed: u64) -> u64 {
+    seed.wrapping_mul(31).wrapping_add(17)
+}
+
+/// Samples, judges and compares one model folder against the base.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_model(
+    dir: &Path,
+    tok: &HfTokenizer,
+    prompts: &[PromptItem],
+    sampling: &Sampling,
+    seed: u64,
+    judge: &mut dyn Judge,
+    base: &BaseSamples,
+    device: &Device,
+) -> Result<EvalMetrics, LoopError> {
+    let model = HfModel::load(dir, device)?;
+    let refs: Vec<&PromptItem> = prompts.iter().collect();
+    let samples = sample_prompts(&model, tok, &refs, 1, sampling, eval_seed(seed), device, &mut |_, _| {})?;
+    let judged = judge_all(judge, prompts, &samples)?;
+    let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
+    let base_model = HfModel::load(&base.base_dir, device)?;
+    let lp_base = sequence_logps(&base_model, tok, prompts, &samples, device)?;
+    let kl = samples.iter().zip(&lp_base).map(|(s, b)| s.logprobs[0] - b).sum::<f64>() / samples.len().max(1) as f64;
+    Ok(summarize(&judged, &scores, &base.scores, kl))
+}
+
+fn judge_all(judge: &mut dyn Judge, prompts: &[PromptItem], samples: &[SampleRecord]) -> Result<Vec<Judgement>, LoopError> {
+    let mut out = Vec::with_capacity(samples.len());
+    for (p, s) in prompts.iter().zip(samples) {
+        let mut j = judge.judge(p, &s.completions)?;
+        if j.len() != 1 || !j[0].score.is_finite() {
+            return Err(LoopError::Judge(format!("judge `{}` gave no finite score for held-out prompt {}", judge.name(), s.prompt_index)));
+        }
+        out.push(j.remove(0));
+    }
+    Ok(out)
+}
+
+fn summarize(judged: &[Judgement], scores: &[f64], base_scores: &[f64], kl: f64) -> EvalMetrics {
+    let n = judged.len().max(1) as f64;
+    let graded: Vec<bool> = judged.iter().filter_map(|j| j.correct).collect();
+    let wins: f64 = scores
+        .iter()
+        .zip(base_scores)
+        .map(|(a, b)| if a > b { 1.0 } else if a == b { 0.5 } else { 0.0 })
+        .sum();
+    EvalMetrics {
+        eval_reward: scores.iter().sum::<f64>() / n,
+        eval_accuracy: (!graded.is_empty()).then(|| graded.iter().filter(|&&c| c).count() as f64 / graded.len() as f64),
+        malformed_rate: judged.iter().filter(|j| j.malformed).count() as f64 / n,
+        win_rate_vs_base: wins / n,
+        kl_to_base: kl,
+        num_prompts: judged.len(),
+    }
+}
+
+/// Log-probs of each sample's completion tokens under `model`.
+fn sequence_logps(model: &HfModel, tok: &HfTokenizer, prompts: &[PromptItem], samples: &[SampleRecord], device: &Device) -> Result<Vec<f64>, LoopError> {
+    let net = model.build(false)?;
+    let mut seqs = Vec::with_capacity(samples.len());
+    for (p, s) in prompts.iter().zip(samples) {
+        let prompt_ids = tokenize_prompt(tok, &p.text)?;
+        let completion_start = prompt_ids.len();
+        let input_ids = [prompt_ids, s.tokens[0].clone()].concat();
+        seqs.push(TokenizedSequence { input_ids, completion_start });
+    }
+    let pad_id = tok.pad_token_id().unwrap_or(0);
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(16) {
+        let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
+        let batch = SequenceBatch::new(&refs, pad_id, device)?;
+        let lp: Vec<f32> = completion_logps(&net, &batch)?.logps.to_vec1()?;
+        out.extend(lp.into_iter().map(f64::from));
+    }
+    Ok(out)
+}
