@@ -4,13 +4,20 @@
 //!
 //! Not here: the model (`prefopt-model`), data parsing (`prefopt-data`), the losses and the
 //! trainer (`prefopt-train`), the exact tabular theory (`prefopt-sim`).
+//!
+//! Judges (`judge`): built-in task oracles (`tasks`: arithmetic, compare, reverse, with
+//! graded rewards and malformed-answer detection), Hugging Face reward models
+//! (`reward_model`, `rm:<folder>`) and external commands speaking JSON Lines (`command`,
+//! `cmd:<shell command>`), all behind the `Judge` trait.
 
 pub mod apo;
+pub mod command;
 pub mod error;
 pub mod evaluate;
 pub mod extrapolate;
 pub mod judge;
 pub mod pairing;
+pub mod reward_model;
 pub mod sampling;
 pub mod tasks;
 
