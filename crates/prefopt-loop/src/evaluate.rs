@@ -96,9 +96,9 @@ pub fn evaluate_model(
 }
 
 fn judge_all(judge: &mut dyn Judge, prompts: &[PromptItem], samples: &[SampleRecord]) -> Result<Vec<Judgement>, LoopError> {
+    let batch: Vec<(&PromptItem, &[String])> = prompts.iter().zip(samples).map(|(p, s)| (p, s.completions.as_slice())).collect();
     let mut out = Vec::with_capacity(samples.len());
-    for (p, s) in prompts.iter().zip(samples) {
-        let mut j = judge.judge(p, &s.completions)?;
+    for (mut j, s) in judge.judge_many(&batch)?.into_iter().zip(samples) {
         if j.len() != 1 || !j[0].score.is_finite() {
             return Err(LoopError::Judge(format!("judge `{}` gave no finite score for held-out prompt {}", judge.name(), s.prompt_index)));
         }

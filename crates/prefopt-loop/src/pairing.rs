@@ -23,11 +23,16 @@ pub struct PairRecord {
 /// Judges every prompt's samples and returns the pairs and the number of prompts skipped
 /// because all their samples tied.
 pub fn judge_and_pair(judge: &mut dyn Judge, samples: &[SampleRecord], k: usize) -> Result<(Vec<PairRecord>, usize), LoopError> {
+    let items = samples
+        .iter()
+        .map(|s| Ok(PromptItem { text: json_to_text(&s.prompt)?, meta: s.meta.clone() }))
+        .collect::<Result<Vec<_>, LoopError>>()?;
+    // One call for the whole iteration: a command judge runs once, not once per prompt.
+    let batch: Vec<(&PromptItem, &[String])> = items.iter().zip(samples).map(|(i, s)| (i, s.completions.as_slice())).collect();
+    let all = judge.judge_many(&batch)?;
     let mut pairs = Vec::new();
     let mut skipped = 0;
-    for s in samples {
-        let item = PromptItem { text: json_to_text(&s.prompt)?, meta: s.meta.clone() };
-        let judged = judge.judge(&item, &s.completions)?;
+    for (s, judged) in samples.iter().zip(all) {
         if judged.len() != s.completions.len() || judged.len() != k {
             return Err(LoopError::Judge(format!(
                 "judge `{}` returned {} scores for prompt {} with {} completions",

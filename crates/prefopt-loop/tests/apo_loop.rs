@@ -112,10 +112,11 @@ fn alpha_zero_is_iterative_dpo_extrapolated_equals_trained() {
 #[test]
 fn judge_failures_are_clear_errors_and_keep_finished_stages() {
     let tmp = tempfile::tempdir().unwrap();
-    // One score for three completions (the held-out evaluation, one completion each, passes).
+    // One score per prompt: the held-out evaluation (one completion each) passes, pairing
+    // (three completions each) does not.
     let out = tmp.path().join("count");
     let mut cfg = config(&out, 0.3);
-    cfg.judge = r#"cmd:echo '{"scores": [1]}'"#.into();
+    cfg.judge = r#"cmd:awk '{print "{\"scores\": [1]}"}'"#.into();
     let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
     assert!(err.contains("returned 1 scores for 3 completions"), "{err}");
     assert!(out.join("iter-1/samples.jsonl").exists(), "the finished sampling stage was lost");
@@ -126,7 +127,7 @@ fn judge_failures_are_clear_errors_and_keep_finished_stages() {
     assert!(err.contains("exit") && err.contains("boom"), "{err}");
 
     let mut cfg = config(&tmp.path().join("nan"), 0.3);
-    cfg.judge = r#"cmd:echo '{"scores": ["x"]}'"#.into();
+    cfg.judge = r#"cmd:awk '{print "{\"scores\": [\"x\"]}"}'"#.into();
     let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
     assert!(err.contains("not a finite number"), "{err}");
 
