@@ -285,3 +285,26 @@ fn top_k_and_top_p_keep_what_transformers_warpers_keep() {
         }
     }
 }
+
+#[test]
+fn a_trainable_model_backpropagates_through_the_kv_cache() {
+    // The cache concatenates (rather than writing in place) when keys carry gradients, so a
+    // loss on a cached step reaches the earlier positions' key/value projections.
+    let hf = HfModel::load(&fixtures().join("models/llama-untied"), &Device::Cpu).unwrap();
+    let model = hf.build(true).unwrap();
+    let seq = ids(10, 80);
+    let input = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let full = model.forward(&input).unwrap().narrow(1, 9, 1).unwrap().sqr().unwrap().sum_all().unwrap();
+    let mut cache = KvCache::default();
+    model.forward_cached(&input.narrow(1, 0, 9).unwrap(), &mut cache).unwrap();
+    let step = model.forward_cached(&input.narrow(1, 9, 1).unwrap(), &mut cache).unwrap();
+    let cached = step.sqr().unwrap().sum_all().unwrap();
+    let (g_full, g_cached) = (full.backward().unwrap(), cached.backward().unwrap());
+    for name in ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"] {
+        let var = hf.params.get(name).unwrap();
+        let a: Vec<f32> = g_full.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = g_cached.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.0 && max_diff(&a, &b) < 1e-4 * scale.max(1.0), "{name}: cached vs full gradient");
+    }
+}

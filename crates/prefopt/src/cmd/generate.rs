@@ -83,9 +83,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let device = Device::Cpu;
     let tokenizer = HfTokenizer::from_dir(&args.model)?;
-    let hf = HfModel::load(&args.model, &device)?;
-    let model = hf.build(false)?;
-    let max_pos = hf.config.max_position_embeddings;
+    // Dropping the loaded folder right away frees the weights the model does not share.
+    let model = HfModel::load(&args.model, &device)?.build(false)?;
+    let max_pos = model.config().max_position_embeddings;
 
     // Read and tokenize every prompt first, so a bad line fails the run before any compute.
     let records = read_records(&args.prompts)?;
