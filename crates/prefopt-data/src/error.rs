@@ -29,26 +29,17 @@ pub struct RecordSource {
 impl RecordSource {
     /// A JSON Lines line (1-based).
     pub fn line(path: impl Into<PathBuf>, line: usize) -> Self {
-        Self {
-            path: path.into(),
-            location: Location::Line(line),
-        }
+        Self { path: path.into(), location: Location::Line(line) }
     }
 
     /// A Parquet row (0-based).
     pub fn row(path: impl Into<PathBuf>, row: usize) -> Self {
-        Self {
-            path: path.into(),
-            location: Location::Row(row),
-        }
+        Self { path: path.into(), location: Location::Row(row) }
     }
 
     /// An element of a JSON array, or the n-th record of data built in memory (0-based).
     pub fn index(path: impl Into<PathBuf>, index: usize) -> Self {
-        Self {
-            path: path.into(),
-            location: Location::Index(index),
-        }
+        Self { path: path.into(), location: Location::Index(index) }
     }
 }
 
@@ -156,39 +147,23 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        DataError::Io { path: path.to_path_buf(), source }
     }
 
     pub(crate) fn file(path: &Path, message: impl Into<String>) -> Self {
-        DataError::File {
-            path: path.to_path_buf(),
-            message: message.into(),
-        }
+        DataError::File { path: path.to_path_buf(), message: message.into() }
     }
 
     pub(crate) fn record(at: &RecordSource, message: impl Into<String>) -> Self {
-        DataError::Record {
-            at: at.clone(),
-            message: message.into(),
-        }
+        DataError::Record { at: at.clone(), message: message.into() }
     }
 
     pub(crate) fn field(at: &RecordSource, field: &str, message: impl Into<String>) -> Self {
-        DataError::Field {
-            at: at.clone(),
-            field: field.to_string(),
-            message: message.into(),
-        }
+        DataError::Field { at: at.clone(), field: field.to_string(), message: message.into() }
     }
 
     pub(crate) fn missing(at: &RecordSource, field: &str) -> Self {
-        DataError::MissingField {
-            at: at.clone(),
-            field: field.to_string(),
-        }
+        DataError::MissingField { at: at.clone(), field: field.to_string() }
     }
 
     /// Attaches a record's source to an error that lacks one (tokenizer, template).
@@ -198,10 +173,7 @@ impl DataError {
             | DataError::MissingField { .. }
             | DataError::Field { .. }
             | DataError::InRecord { .. } => self,
-            other => DataError::InRecord {
-                at: at.clone(),
-                inner: Box::new(other),
-            },
+            other => DataError::InRecord { at: at.clone(), inner: Box::new(other) },
         }
     }
 }
@@ -224,22 +196,10 @@ mod tests {
 
     #[test]
     fn sources_display_as_message_prefixes() {
-        assert_eq!(
-            RecordSource::line("data/train.jsonl", 7).to_string(),
-            "data/train.jsonl:7"
-        );
-        assert_eq!(
-            RecordSource::row("d.parquet", 0).to_string(),
-            "d.parquet: row 0"
-        );
-        let err = DataError::field(
-            &RecordSource::line("data/train.jsonl", 7),
-            "chosen",
-            "expected a string, found a number",
-        );
-        assert_eq!(
-            err.to_string(),
-            "data/train.jsonl:7: field `chosen`: expected a string, found a number"
-        );
+        assert_eq!(RecordSource::line("data/train.jsonl", 7).to_string(), "data/train.jsonl:7");
+        assert_eq!(RecordSource::row("d.parquet", 0).to_string(), "d.parquet: row 0");
+        let err =
+            DataError::field(&RecordSource::line("data/train.jsonl", 7), "chosen", "expected a string, found a number");
+        assert_eq!(err.to_string(), "data/train.jsonl:7: field `chosen`: expected a string, found a number");
     }
 }

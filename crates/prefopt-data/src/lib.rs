@@ -41,7 +41,7 @@ pub use records::{read_records, Record};
 pub use sft::{parse_prompt, parse_sft, SftExample};
 pub use text::Text;
 pub use tokenize::{
-    tokenize_pair, tokenize_prompt, tokenize_sft, PairOutcome, SeqOutcome, TokenizeOptions,
-    TokenizedPair, TokenizedSequence,
+    tokenize_pair, tokenize_prompt, tokenize_sft, PairOutcome, SeqOutcome, TokenizeOptions, TokenizedPair,
+    TokenizedSequence,
 };
 pub use tokenizer::{HfTokenizer, Message};

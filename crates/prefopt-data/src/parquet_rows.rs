@@ -5,8 +5,7 @@ use std::path::Path;
 
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type,
-    UInt64Type, UInt8Type,
+    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
 };
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::DataType;
@@ -23,8 +22,7 @@ pub(crate) fn read_parquet_rows(path: &Path) -> Result<Vec<Map<String, Value>>, 
         .map_err(|e| DataError::file(path, format!("cannot read Parquet: {e}")))?;
     let mut rows = Vec::new();
     for batch in reader {
-        let batch =
-            batch.map_err(|e| DataError::file(path, format!("cannot read Parquet: {e}")))?;
+        let batch = batch.map_err(|e| DataError::file(path, format!("cannot read Parquet: {e}")))?;
         batch_rows(&batch, &mut rows).map_err(|e| DataError::file(path, e))?;
     }
     Ok(rows)
@@ -34,10 +32,7 @@ fn batch_rows(batch: &RecordBatch, rows: &mut Vec<Map<String, Value>>) -> Result
     let schema = batch.schema();
     let mut columns = Vec::with_capacity(batch.num_columns());
     for (field, array) in schema.fields().iter().zip(batch.columns()) {
-        columns.push((
-            field.name().clone(),
-            column_to_json(array.as_ref(), field.name())?,
-        ));
+        columns.push((field.name().clone(), column_to_json(array.as_ref(), field.name())?));
     }
     for i in 0..batch.num_rows() {
         let mut row = Map::new();
@@ -61,20 +56,14 @@ fn number(name: &str, x: f64) -> Result<Value, String> {
 
 macro_rules! ints {
     ($array:expr, $name:expr, $t:ty) => {{
-        let a = $array
-            .as_primitive_opt::<$t>()
-            .ok_or_else(|| unsupported($name, $array.data_type()))?;
-        a.iter()
-            .map(|v| v.map_or(Value::Null, Value::from))
-            .collect()
+        let a = $array.as_primitive_opt::<$t>().ok_or_else(|| unsupported($name, $array.data_type()))?;
+        a.iter().map(|v| v.map_or(Value::Null, Value::from)).collect()
     }};
 }
 
 macro_rules! floats {
     ($array:expr, $name:expr, $t:ty) => {{
-        let a = $array
-            .as_primitive_opt::<$t>()
-            .ok_or_else(|| unsupported($name, $array.data_type()))?;
+        let a = $array.as_primitive_opt::<$t>().ok_or_else(|| unsupported($name, $array.data_type()))?;
         a.iter()
             .map(|v| match v {
                 None => Ok(Value::Null),
@@ -98,12 +87,8 @@ fn column_to_json(array: &dyn Array, name: &str) -> Result<Vec<Value>, String> {
     let mut values: Vec<Value> = match dt {
         DataType::Null => vec![Value::Null; array.len()],
         DataType::Boolean => {
-            let a = array
-                .as_boolean_opt()
-                .ok_or_else(|| unsupported(name, dt))?;
-            a.iter()
-                .map(|v| v.map_or(Value::Null, Value::Bool))
-                .collect()
+            let a = array.as_boolean_opt().ok_or_else(|| unsupported(name, dt))?;
+            a.iter().map(|v| v.map_or(Value::Null, Value::Bool)).collect()
         }
         DataType::Int8 => ints!(array, name, Int8Type),
         DataType::Int16 => ints!(array, name, Int16Type),
@@ -116,33 +101,19 @@ fn column_to_json(array: &dyn Array, name: &str) -> Result<Vec<Value>, String> {
         DataType::Float32 => floats!(array, name, Float32Type),
         DataType::Float64 => floats!(array, name, Float64Type),
         DataType::Utf8 => {
-            let a = array
-                .as_string_opt::<i32>()
-                .ok_or_else(|| unsupported(name, dt))?;
-            a.iter()
-                .map(|v| v.map_or(Value::Null, Value::from))
-                .collect()
+            let a = array.as_string_opt::<i32>().ok_or_else(|| unsupported(name, dt))?;
+            a.iter().map(|v| v.map_or(Value::Null, Value::from)).collect()
         }
         DataType::LargeUtf8 => {
-            let a = array
-                .as_string_opt::<i64>()
-                .ok_or_else(|| unsupported(name, dt))?;
-            a.iter()
-                .map(|v| v.map_or(Value::Null, Value::from))
-                .collect()
+            let a = array.as_string_opt::<i64>().ok_or_else(|| unsupported(name, dt))?;
+            a.iter().map(|v| v.map_or(Value::Null, Value::from)).collect()
         }
         DataType::Utf8View => {
-            let a = array
-                .as_string_view_opt()
-                .ok_or_else(|| unsupported(name, dt))?;
-            a.iter()
-                .map(|v| v.map_or(Value::Null, Value::from))
-                .collect()
+            let a = array.as_string_view_opt().ok_or_else(|| unsupported(name, dt))?;
+            a.iter().map(|v| v.map_or(Value::Null, Value::from)).collect()
         }
         DataType::List(_) => {
-            let a = array
-                .as_list_opt::<i32>()
-                .ok_or_else(|| unsupported(name, dt))?;
+            let a = array.as_list_opt::<i32>().ok_or_else(|| unsupported(name, dt))?;
             let child = column_to_json(a.values().as_ref(), name)?;
             let offsets = a.value_offsets();
             (0..a.len())
@@ -153,9 +124,7 @@ fn column_to_json(array: &dyn Array, name: &str) -> Result<Vec<Value>, String> {
                 .collect::<Result<_, _>>()?
         }
         DataType::LargeList(_) => {
-            let a = array
-                .as_list_opt::<i64>()
-                .ok_or_else(|| unsupported(name, dt))?;
+            let a = array.as_list_opt::<i64>().ok_or_else(|| unsupported(name, dt))?;
             let child = column_to_json(a.values().as_ref(), name)?;
             let offsets = a.value_offsets();
             (0..a.len())
@@ -166,9 +135,7 @@ fn column_to_json(array: &dyn Array, name: &str) -> Result<Vec<Value>, String> {
                 .collect::<Result<_, _>>()?
         }
         DataType::FixedSizeList(_, n) => {
-            let a = array
-                .as_fixed_size_list_opt()
-                .ok_or_else(|| unsupported(name, dt))?;
+            let a = array.as_fixed_size_list_opt().ok_or_else(|| unsupported(name, dt))?;
             let child = column_to_json(a.values().as_ref(), name)?;
             let n = *n as usize;
             (0..a.len())
@@ -183,10 +150,7 @@ fn column_to_json(array: &dyn Array, name: &str) -> Result<Vec<Value>, String> {
             let mut children = Vec::with_capacity(fields.len());
             for (field, column) in fields.iter().zip(a.columns()) {
                 let child_name = format!("{name}.{}", field.name());
-                children.push((
-                    field.name().clone(),
-                    column_to_json(column.as_ref(), &child_name)?,
-                ));
+                children.push((field.name().clone(), column_to_json(column.as_ref(), &child_name)?));
             }
             (0..a.len())
                 .map(|i| {
@@ -199,14 +163,9 @@ fn column_to_json(array: &dyn Array, name: &str) -> Result<Vec<Value>, String> {
                 .collect()
         }
         DataType::Dictionary(_, _) => {
-            let a = array
-                .as_any_dictionary_opt()
-                .ok_or_else(|| unsupported(name, dt))?;
+            let a = array.as_any_dictionary_opt().ok_or_else(|| unsupported(name, dt))?;
             let dict = column_to_json(a.values().as_ref(), name)?;
-            a.normalized_keys()
-                .into_iter()
-                .map(|k| dict.get(k).cloned().unwrap_or(Value::Null))
-                .collect()
+            a.normalized_keys().into_iter().map(|k| dict.get(k).cloned().unwrap_or(Value::Null)).collect()
         }
         _ => return Err(unsupported(name, dt)),
     };

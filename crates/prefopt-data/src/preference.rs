@@ -34,28 +34,19 @@ pub fn parse_preference(record: &Record) -> Result<PreferenceExample, DataError>
     let at = &record.source;
     let chosen = parse_text(at, "chosen", require(record, "chosen")?)?;
     let rejected = parse_text(at, "rejected", require(record, "rejected")?)?;
-    let prompt = get(record, "prompt")
-        .map(|v| parse_text(at, "prompt", v))
-        .transpose()?;
+    let prompt = get(record, "prompt").map(|v| parse_text(at, "prompt", v)).transpose()?;
 
-    let example = |prompt, chosen, rejected| PreferenceExample {
-        prompt,
-        chosen,
-        rejected,
-        source: at.clone(),
-    };
+    let example = |prompt, chosen, rejected| PreferenceExample { prompt, chosen, rejected, source: at.clone() };
     match (prompt, chosen, rejected) {
         (Some(p @ Text::Plain(_)), c @ Text::Plain(_), r @ Text::Plain(_)) => Ok(example(p, c, r)),
-        (Some(p @ Text::Conversation(_)), c @ Text::Conversation(_), r @ Text::Conversation(_)) => {
-            Ok(example(p, c, r))
-        }
+        (Some(p @ Text::Conversation(_)), c @ Text::Conversation(_), r @ Text::Conversation(_)) => Ok(example(p, c, r)),
         (None, Text::Conversation(c), Text::Conversation(r)) => {
             let (p, c, r) = split_implicit_prompt(at, c, r)?;
             Ok(example(p, c, r))
         }
         (Some(Text::Plain(p)), Text::Conversation(c), Text::Conversation(r)) => {
-            let (prompt, c, r) = split_implicit_prompt(at, c, r)
-                .map_err(|_| mixed(at, "chosen", "a list of messages", "a string"))?;
+            let (prompt, c, r) =
+                split_implicit_prompt(at, c, r).map_err(|_| mixed(at, "chosen", "a list of messages", "a string"))?;
             match &prompt {
                 Text::Conversation(msgs) if is_redundant_prompt(&p, msgs) => Ok(example(prompt, c, r)),
                 _ => Err(DataError::field(
@@ -94,9 +85,7 @@ pub(crate) fn mixed(at: &RecordSource, field: &str, is: &str, others: &str) -> D
 /// TRL's `maybe_extract_prompt` ignores a plain `prompt` beside whole conversations; we
 /// accept it only when it repeats the conversation's last prompt message.
 fn is_redundant_prompt(prompt: &str, messages: &[Message]) -> bool {
-    messages
-        .last()
-        .is_some_and(|m| m.role == "user" && m.content.trim() == prompt.trim())
+    messages.last().is_some_and(|m| m.role == "user" && m.content.trim() == prompt.trim())
 }
 
 /// Splits whole conversations into the shared prompt and the two completions.
@@ -105,11 +94,7 @@ fn split_implicit_prompt(
     chosen: Vec<Message>,
     rejected: Vec<Message>,
 ) -> Result<(Text, Text, Text), DataError> {
-    let shared = chosen
-        .iter()
-        .zip(&rejected)
-        .take_while(|(c, r)| c == r)
-        .count();
+    let shared = chosen.iter().zip(&rejected).take_while(|(c, r)| c == r).count();
     if shared == 0 {
         return Err(DataError::record(
             at,
@@ -131,11 +116,7 @@ fn split_implicit_prompt(
     let mut rejected = rejected;
     let chosen_rest = chosen.split_off(shared);
     let rejected_rest = rejected.split_off(shared);
-    Ok((
-        Text::Conversation(chosen),
-        Text::Conversation(chosen_rest),
-        Text::Conversation(rejected_rest),
-    ))
+    Ok((Text::Conversation(chosen), Text::Conversation(chosen_rest), Text::Conversation(rejected_rest)))
 }
 
 #[cfg(test)]
@@ -144,10 +125,7 @@ mod tests {
     use serde_json::json;
 
     fn rec(value: serde_json::Value) -> Record {
-        Record {
-            value,
-            source: RecordSource::line("data/train.jsonl", 7),
-        }
+        Record { value, source: RecordSource::line("data/train.jsonl", 7) }
     }
 
     fn conv(pairs: &[(&str, &str)]) -> Text {
@@ -160,10 +138,7 @@ mod tests {
 
     #[test]
     fn standard_format_reads_three_strings() {
-        let ex = parse_preference(&rec(
-            json!({"prompt": "Q", "chosen": " a", "rejected": " b", "score": 3}),
-        ))
-        .unwrap();
+        let ex = parse_preference(&rec(json!({"prompt": "Q", "chosen": " a", "rejected": " b", "score": 3}))).unwrap();
         assert_eq!(ex.prompt, Text::Plain("Q".into()));
         assert_eq!(ex.chosen, Text::Plain(" a".into()));
         assert_eq!(ex.rejected, Text::Plain(" b".into()));
@@ -199,10 +174,7 @@ mod tests {
         let e = err(json!({
             "chosen": [{"role": "user", "content": "hi"}],
             "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}));
-        assert!(
-            e.starts_with("data/train.jsonl:7: field `chosen`: no message left"),
-            "{e}"
-        );
+        assert!(e.starts_with("data/train.jsonl:7: field `chosen`: no message left"), "{e}");
         let e = err(json!({
             "chosen": [{"role": "user", "content": "a"}],
             "rejected": [{"role": "user", "content": "b"}]}));
@@ -211,14 +183,8 @@ mod tests {
 
     #[test]
     fn plain_text_without_prompt_is_a_missing_field() {
-        assert_eq!(
-            err(json!({"chosen": "a", "rejected": "b"})),
-            "data/train.jsonl:7: missing field `prompt`"
-        );
-        assert_eq!(
-            err(json!({"prompt": "p", "rejected": "b"})),
-            "data/train.jsonl:7: missing field `chosen`"
-        );
+        assert_eq!(err(json!({"chosen": "a", "rejected": "b"})), "data/train.jsonl:7: missing field `prompt`");
+        assert_eq!(err(json!({"prompt": "p", "rejected": "b"})), "data/train.jsonl:7: missing field `chosen`");
     }
 
     #[test]
@@ -228,47 +194,31 @@ mod tests {
             "data/train.jsonl:7: field `chosen`: expected a string or a list of {role, content} messages, found a number"
         );
         let e = err(json!({"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant"}]}));
-        assert_eq!(
-            e,
-            "data/train.jsonl:7: field `rejected`: message 0: missing `content`"
-        );
-        let e = err(
-            json!({"chosen": [{"role": "user", "content": [{"type": "text"}]}], "rejected": "b"}),
-        );
+        assert_eq!(e, "data/train.jsonl:7: field `rejected`: message 0: missing `content`");
+        let e = err(json!({"chosen": [{"role": "user", "content": [{"type": "text"}]}], "rejected": "b"}));
         assert!(e.contains("multimodal"), "{e}");
         let e = err(json!({"prompt": [], "chosen": "a", "rejected": "b"}));
-        assert!(
-            e.contains("field `prompt`") && e.contains("empty list"),
-            "{e}"
-        );
+        assert!(e.contains("field `prompt`") && e.contains("empty list"), "{e}");
     }
 
     #[test]
     fn mixed_formats_are_an_error() {
-        let e = err(
-            json!({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}),
-        );
-        assert!(e.starts_with("data/train.jsonl:7: field `chosen`: is a list of messages but the other fields are a string"), "{e}");
-        let e = err(
-            json!({"prompt": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b"}),
-        );
+        let e = err(json!({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}));
         assert!(
-            e.starts_with("data/train.jsonl:7: field `chosen`: is a string"),
+            e.starts_with(
+                "data/train.jsonl:7: field `chosen`: is a list of messages but the other fields are a string"
+            ),
             "{e}"
         );
+        let e = err(json!({"prompt": [{"role": "user", "content": "p"}], "chosen": "a", "rejected": "b"}));
+        assert!(e.starts_with("data/train.jsonl:7: field `chosen`: is a string"), "{e}");
         let e = err(json!({"chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}));
-        assert!(
-            e.starts_with("data/train.jsonl:7: field `rejected`: is a string"),
-            "{e}"
-        );
+        assert!(e.starts_with("data/train.jsonl:7: field `rejected`: is a string"), "{e}");
         // A plain prompt beside whole conversations that it does not repeat.
         let e = err(json!({"prompt": "other",
             "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
             "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "b"}]}));
-        assert!(
-            e.starts_with("data/train.jsonl:7: field `prompt`: is a string"),
-            "{e}"
-        );
+        assert!(e.starts_with("data/train.jsonl:7: field `prompt`: is a string"), "{e}");
     }
 
     #[test]

@@ -23,24 +23,15 @@ pub struct Record {
 /// A malformed line is an error naming the file, the line and serde's message; an
 /// empty file gives `Ok(vec![])` (callers decide whether that is an error).
 pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase);
+    let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     match ext.as_deref() {
         Some("jsonl") | Some("json") => read_json_lines(path),
         Some("parquet") => Ok(read_parquet_rows(path)?
             .into_iter()
             .enumerate()
-            .map(|(i, row)| Record {
-                value: Value::Object(row),
-                source: RecordSource::row(path, i),
-            })
+            .map(|(i, row)| Record { value: Value::Object(row), source: RecordSource::row(path, i) })
             .collect()),
-        _ => Err(DataError::file(
-            path,
-            "unknown dataset format: expected a .jsonl, .json or .parquet file",
-        )),
+        _ => Err(DataError::file(path, "unknown dataset format: expected a .jsonl, .json or .parquet file")),
     }
 }
 
@@ -50,22 +41,16 @@ fn read_json_lines(path: &Path) -> Result<Vec<Record>, DataError> {
         Ok(text) => text,
         Err(e) => {
             let valid = e.utf8_error().valid_up_to();
-            let line = 1 + e.as_bytes()[..valid]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count();
-            return Err(DataError::record(
-                &RecordSource::line(path, line),
-                "not valid UTF-8",
-            ));
+            let line = 1 + e.as_bytes()[..valid].iter().filter(|&&b| b == b'\n').count();
+            return Err(DataError::record(&RecordSource::line(path, line), "not valid UTF-8"));
         }
     };
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
 
     // A `.json` file may also be one JSON array of records (as `datasets` reads it).
     if text.trim_start().starts_with('[') {
-        let items: Vec<Value> = serde_json::from_str(text)
-            .map_err(|e| DataError::file(path, format!("not valid JSON: {e}")))?;
+        let items: Vec<Value> =
+            serde_json::from_str(text).map_err(|e| DataError::file(path, format!("not valid JSON: {e}")))?;
         return items
             .into_iter()
             .enumerate()
@@ -79,8 +64,8 @@ fn read_json_lines(path: &Path) -> Result<Vec<Record>, DataError> {
             continue;
         }
         let source = RecordSource::line(path, i + 1);
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| DataError::record(&source, format!("not valid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(line).map_err(|e| DataError::record(&source, format!("not valid JSON: {e}")))?;
         records.push(object_record(value, source)?);
     }
     Ok(records)
@@ -90,10 +75,7 @@ fn object_record(value: Value, source: RecordSource) -> Result<Record, DataError
     if value.is_object() {
         Ok(Record { value, source })
     } else {
-        Err(DataError::record(
-            &source,
-            format!("expected a JSON object, found {}", json_kind(&value)),
-        ))
+        Err(DataError::record(&source, format!("expected a JSON object, found {}", json_kind(&value))))
     }
 }
 
@@ -130,13 +112,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "d.jsonl", "{\"a\": 1}\n\n{\"a\": 1 \"b\": 2}\n");
         let err = read_records(&p).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            format!(
-                "{}:3: not valid JSON: expected `,` or `}}` at line 1 column 9",
-                p.display()
-            )
-        );
+        assert_eq!(err, format!("{}:3: not valid JSON: expected `,` or `}}` at line 1 column 9", p.display()));
     }
 
     #[test]
@@ -144,10 +120,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "d.json", "{\"a\": 1}\n[1, 2]\n");
         let err = read_records(&p).unwrap_err().to_string();
-        assert!(
-            err.ends_with(":2: expected a JSON object, found a list"),
-            "{err}"
-        );
+        assert!(err.ends_with(":2: expected a JSON object, found a list"), "{err}");
     }
 
     #[test]
@@ -178,19 +151,13 @@ mod tests {
         let p = dir.path().join("d.parquet");
 
         // prompt: string, n: int64, chosen: list<struct<role, content>> (TRL conversational).
-        let msg_fields = Fields::from(vec![
-            Field::new("role", DataType::Utf8, true),
-            Field::new("content", DataType::Utf8, true),
-        ]);
+        let msg_fields =
+            Fields::from(vec![Field::new("role", DataType::Utf8, true), Field::new("content", DataType::Utf8, true)]);
         let mut chosen = ListBuilder::new(StructBuilder::from_fields(msg_fields, 0));
         for (role, content) in [("user", "hi"), ("assistant", "yo")] {
             let s = chosen.values();
-            s.field_builder::<StringBuilder>(0)
-                .unwrap()
-                .append_value(role);
-            s.field_builder::<StringBuilder>(1)
-                .unwrap()
-                .append_value(content);
+            s.field_builder::<StringBuilder>(0).unwrap().append_value(role);
+            s.field_builder::<StringBuilder>(1).unwrap().append_value(content);
             s.append(true);
         }
         chosen.append(true);
@@ -198,9 +165,7 @@ mod tests {
         let prompt: ArrayRef = Arc::new(StringArray::from(vec![Some("p0"), None]));
         let n: ArrayRef = Arc::new(Int64Array::from(vec![7, -1]));
         let chosen: ArrayRef = Arc::new(chosen.finish());
-        let batch =
-            RecordBatch::try_from_iter(vec![("prompt", prompt), ("n", n), ("chosen", chosen)])
-                .unwrap();
+        let batch = RecordBatch::try_from_iter(vec![("prompt", prompt), ("n", n), ("chosen", chosen)]).unwrap();
         let file = std::fs::File::create(&p).unwrap();
         let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
         w.write(&batch).unwrap();
@@ -214,15 +179,9 @@ mod tests {
                 {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "yo"}]})
         );
-        assert_eq!(
-            recs[1].value,
-            json!({"prompt": null, "n": -1, "chosen": null})
-        );
+        assert_eq!(recs[1].value, json!({"prompt": null, "n": -1, "chosen": null}));
         assert_eq!(recs[1].source, RecordSource::row(&p, 1));
-        assert_eq!(
-            recs[1].source.to_string(),
-            format!("{}: row 1", p.display())
-        );
+        assert_eq!(recs[1].source.to_string(), format!("{}: row 1", p.display()));
     }
 
     #[test]
@@ -230,9 +189,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "d.parquet", "not parquet");
         let err = read_records(&p).unwrap_err().to_string();
-        assert!(
-            err.starts_with(&format!("{}: cannot read Parquet", p.display())),
-            "{err}"
-        );
+        assert!(err.starts_with(&format!("{}: cannot read Parquet", p.display())), "{err}");
     }
 }

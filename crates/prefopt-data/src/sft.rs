@@ -27,11 +27,7 @@ pub struct SftExample {
 /// `text` format (no prompt) is not supported and says so.
 pub fn parse_sft(record: &Record) -> Result<SftExample, DataError> {
     let at = &record.source;
-    let example = |prompt, completion| SftExample {
-        prompt,
-        completion,
-        source: at.clone(),
-    };
+    let example = |prompt, completion| SftExample { prompt, completion, source: at.clone() };
     if let Some(completion) = get(record, "completion") {
         let completion = parse_text(at, "completion", completion)?;
         let prompt = parse_text(at, "prompt", require(record, "prompt")?)?;
@@ -43,11 +39,7 @@ pub fn parse_sft(record: &Record) -> Result<SftExample, DataError> {
     if let Some(messages) = get(record, "messages") {
         let mut messages = parse_conversation(at, "messages", messages)?;
         let Some(last) = messages.iter().rposition(|m| m.role == "assistant") else {
-            return Err(DataError::field(
-                at,
-                "messages",
-                "has no assistant message to learn",
-            ));
+            return Err(DataError::field(at, "messages", "has no assistant message to learn"));
         };
         if last + 1 != messages.len() {
             return Err(DataError::field(
@@ -68,10 +60,7 @@ pub fn parse_sft(record: &Record) -> Result<SftExample, DataError> {
             ));
         }
         let completion = messages.split_off(last);
-        return Ok(example(
-            Text::Conversation(messages),
-            Text::Conversation(completion),
-        ));
+        return Ok(example(Text::Conversation(messages), Text::Conversation(completion)));
     }
     if get(record, "text").is_some() {
         return Err(DataError::record(
@@ -83,10 +72,7 @@ pub fn parse_sft(record: &Record) -> Result<SftExample, DataError> {
     if get(record, "prompt").is_some() {
         return Err(DataError::missing(at, "completion"));
     }
-    Err(DataError::record(
-        at,
-        "missing fields: expected `prompt` and `completion`, or `messages`",
-    ))
+    Err(DataError::record(at, "missing fields: expected `prompt` and `completion`, or `messages`"))
 }
 
 /// Reads the prompt of a prompt-only record (for generation): `prompt` (a string or a
@@ -118,10 +104,7 @@ mod tests {
     use serde_json::json;
 
     fn rec(value: serde_json::Value) -> Record {
-        Record {
-            value,
-            source: RecordSource::line("d.jsonl", 2),
-        }
+        Record { value, source: RecordSource::line("d.jsonl", 2) }
     }
 
     #[test]
@@ -132,22 +115,12 @@ mod tests {
             "prompt": [{"role": "user", "content": "Q"}],
             "completion": [{"role": "assistant", "content": "A"}]})))
         .unwrap();
-        assert_eq!(
-            ex.prompt,
-            Text::Conversation(vec![Message::new("user", "Q")])
-        );
-        let e = parse_sft(&rec(
-            json!({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]}),
-        ))
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.starts_with("d.jsonl:2: field `completion`: is a list of messages"),
-            "{e}"
-        );
-        let e = parse_sft(&rec(json!({"completion": "A"})))
+        assert_eq!(ex.prompt, Text::Conversation(vec![Message::new("user", "Q")]));
+        let e = parse_sft(&rec(json!({"prompt": "Q", "completion": [{"role": "assistant", "content": "A"}]})))
             .unwrap_err()
             .to_string();
+        assert!(e.starts_with("d.jsonl:2: field `completion`: is a list of messages"), "{e}");
+        let e = parse_sft(&rec(json!({"completion": "A"}))).unwrap_err().to_string();
         assert_eq!(e, "d.jsonl:2: missing field `prompt`");
     }
 
@@ -162,43 +135,27 @@ mod tests {
             Text::Conversation(m) => assert_eq!(m.len(), 4),
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            ex.completion,
-            Text::Conversation(vec![Message::new("assistant", "a2")])
-        );
+        assert_eq!(ex.completion, Text::Conversation(vec![Message::new("assistant", "a2")]));
         let e = parse_sft(&rec(json!({"messages": [
             {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
             {"role": "user", "content": "q2"}]})))
         .unwrap_err()
         .to_string();
         assert!(e.contains("followed by 1 more"), "{e}");
-        let e = parse_sft(&rec(json!({"text": "x"})))
-            .unwrap_err()
-            .to_string();
+        let e = parse_sft(&rec(json!({"text": "x"}))).unwrap_err().to_string();
         assert!(e.contains("not supported"), "{e}");
     }
 
     #[test]
     fn prompt_only_records() {
-        assert_eq!(
-            parse_prompt(&rec(json!({"prompt": "Q"}))).unwrap(),
-            Text::Plain("Q".into())
-        );
-        let t = parse_prompt(&rec(
-            json!({"messages": [{"role": "user", "content": "Q"}]}),
-        ))
-        .unwrap();
+        assert_eq!(parse_prompt(&rec(json!({"prompt": "Q"}))).unwrap(), Text::Plain("Q".into()));
+        let t = parse_prompt(&rec(json!({"messages": [{"role": "user", "content": "Q"}]}))).unwrap();
         assert_eq!(t, Text::Conversation(vec![Message::new("user", "Q")]));
-        let e = parse_prompt(&rec(
-            json!({"messages": [{"role": "assistant", "content": "A"}]}),
-        ))
-        .unwrap_err()
-        .to_string();
+        let e =
+            parse_prompt(&rec(json!({"messages": [{"role": "assistant", "content": "A"}]}))).unwrap_err().to_string();
         assert!(e.contains("ends with an assistant message"), "{e}");
         assert_eq!(
-            parse_prompt(&rec(json!({"question": "Q"})))
-                .unwrap_err()
-                .to_string(),
+            parse_prompt(&rec(json!({"question": "Q"}))).unwrap_err().to_string(),
             "d.jsonl:2: missing field `prompt`"
         );
     }

@@ -23,9 +23,7 @@ pub(crate) struct ChatTemplate {
 
 impl fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChatTemplate")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("ChatTemplate").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
@@ -67,14 +65,8 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(NAME, strip_generation_tags(source))
-            .map_err(|e| DataError::Template {
-                path: path.to_path_buf(),
-                message: describe(&e),
-            })?;
-        Ok(Self {
-            env,
-            path: path.to_path_buf(),
-        })
+            .map_err(|e| DataError::Template { path: path.to_path_buf(), message: describe(&e) })?;
+        Ok(Self { env, path: path.to_path_buf() })
     }
 
     /// The file this template was read from.
@@ -97,10 +89,7 @@ impl ChatTemplate {
             pad_token: special.pad_token.as_deref(),
             unk_token: special.unk_token.as_deref(),
         };
-        let err = |e: Error| DataError::Template {
-            path: self.path.clone(),
-            message: describe(&e),
-        };
+        let err = |e: Error| DataError::Template { path: self.path.clone(), message: describe(&e) };
         let template = self.env.get_template(NAME).map_err(err)?;
         template.render(ctx).map_err(err)
     }
@@ -204,20 +193,12 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> Result<Value,
     let (item_sep, key_sep) = match separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
         Some(_) => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: separators must be a pair (item, key)",
-            ))
+            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair (item, key)"))
         }
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let style = JsonStyle {
-        indent,
-        sort_keys,
-        item_sep,
-        key_sep,
-    };
+    let style = JsonStyle { indent, sort_keys, item_sep, key_sep };
     let mut out = String::new();
     write_json(value, &style, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -243,25 +224,17 @@ impl JsonStyle {
 
 fn json_string(s: &str, out: &mut String) -> Result<(), Error> {
     // serde_json escapes exactly what Python's json.dumps(ensure_ascii=False) escapes.
-    let quoted = serde_json::to_string(s)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, "tojson").with_source(e))?;
+    let quoted =
+        serde_json::to_string(s).map_err(|e| Error::new(ErrorKind::InvalidOperation, "tojson").with_source(e))?;
     out.push_str(&quoted);
     Ok(())
 }
 
-fn write_json(
-    value: &Value,
-    style: &JsonStyle,
-    depth: usize,
-    out: &mut String,
-) -> Result<(), Error> {
+fn write_json(value: &Value, style: &JsonStyle, depth: usize, out: &mut String) -> Result<(), Error> {
     match value.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Undefined => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                "tojson: cannot serialize an undefined value",
-            ))
+            return Err(Error::new(ErrorKind::InvalidOperation, "tojson: cannot serialize an undefined value"))
         }
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => {
@@ -340,22 +313,13 @@ mod tests {
     use super::*;
 
     fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
-        pairs
-            .iter()
-            .map(|(r, c)| Message {
-                role: r.to_string(),
-                content: c.to_string(),
-            })
-            .collect()
+        pairs.iter().map(|(r, c)| Message { role: r.to_string(), content: c.to_string() }).collect()
     }
 
     fn render(src: &str, messages: &[Message], gen: bool) -> Result<String, DataError> {
         let t = ChatTemplate::compile(src, Path::new("m/chat_template.jinja"))?;
-        let special = SpecialTokens {
-            bos_token: Some("<s>".into()),
-            eos_token: Some("</s>".into()),
-            ..Default::default()
-        };
+        let special =
+            SpecialTokens { bos_token: Some("<s>".into()), eos_token: Some("</s>".into()), ..Default::default() };
         t.render(messages, gen, &special)
     }
 
@@ -370,10 +334,7 @@ mod tests {
     #[test]
     fn python_string_methods_work() {
         let src = "{% for m in messages %}{{ m['content'].strip().upper() }}{% if m.content.startswith(' a') %}!{% endif %}{% endfor %}";
-        assert_eq!(
-            render(src, &msgs(&[("user", " ab ")]), false).unwrap(),
-            "AB!"
-        );
+        assert_eq!(render(src, &msgs(&[("user", " ab ")]), false).unwrap(), "AB!");
     }
 
     #[test]
@@ -381,24 +342,15 @@ mod tests {
         let src = "x\n{% if messages[0].role != 'system' %}{{ raise_exception('System first!') }}{% endif %}";
         let err = render(src, &msgs(&[("user", "hi")]), false).unwrap_err();
         let text = err.to_string();
-        assert!(
-            text.starts_with(
-                "m/chat_template.jinja: chat_template: raise_exception: System first!"
-            ),
-            "{text}"
-        );
+        assert!(text.starts_with("m/chat_template.jinja: chat_template: raise_exception: System first!"), "{text}");
         assert!(text.contains("template line 2"), "{text}");
     }
 
     #[test]
     fn syntax_error_names_file_and_line() {
-        let err = ChatTemplate::compile("ok\n{% if x %}", Path::new("m/tokenizer_config.json"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("m/tokenizer_config.json: chat_template: syntax error"),
-            "{err}"
-        );
+        let err =
+            ChatTemplate::compile("ok\n{% if x %}", Path::new("m/tokenizer_config.json")).unwrap_err().to_string();
+        assert!(err.starts_with("m/tokenizer_config.json: chat_template: syntax error"), "{err}");
         assert!(err.contains("template line"), "{err}");
     }
 
@@ -415,10 +367,7 @@ mod tests {
     #[test]
     fn generation_tags_render_their_body() {
         let src = "{% for m in messages %}{%- generation -%} {{ m.content }} {%- endgeneration %}{% endfor %}";
-        assert_eq!(
-            render(src, &msgs(&[("assistant", "yo")]), false).unwrap(),
-            "yo"
-        );
+        assert_eq!(render(src, &msgs(&[("assistant", "yo")]), false).unwrap(), "yo");
         // Malformed tags are left to the parser, which reports them.
         assert_eq!(strip_generation_tags("a {%} b {% x"), "a {%} b {% x");
     }
@@ -472,9 +421,6 @@ A",
     #[test]
     fn loop_controls_are_enabled() {
         let src = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}";
-        assert_eq!(
-            render(src, &msgs(&[("user", "a"), ("user", "b")]), false).unwrap(),
-            "a"
-        );
+        assert_eq!(render(src, &msgs(&[("user", "a"), ("user", "b")]), false).unwrap(), "a");
     }
 }

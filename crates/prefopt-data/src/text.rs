@@ -48,64 +48,33 @@ pub(crate) fn parse_text(at: &RecordSource, field: &str, value: &Value) -> Resul
     match value {
         Value::String(s) => Ok(Text::Plain(s.clone())),
         Value::Array(items) => parse_messages(at, field, items).map(Text::Conversation),
-        other => Err(DataError::field(
-            at,
-            field,
-            format!("{EXPECTED}, found {}", json_kind(other)),
-        )),
+        other => Err(DataError::field(at, field, format!("{EXPECTED}, found {}", json_kind(other)))),
     }
 }
 
 /// Reads a field that must be a conversation.
-pub(crate) fn parse_conversation(
-    at: &RecordSource,
-    field: &str,
-    value: &Value,
-) -> Result<Vec<Message>, DataError> {
+pub(crate) fn parse_conversation(at: &RecordSource, field: &str, value: &Value) -> Result<Vec<Message>, DataError> {
     match value {
         Value::Array(items) => parse_messages(at, field, items),
         other => Err(DataError::field(
             at,
             field,
-            format!(
-                "expected a list of {{role, content}} messages, found {}",
-                json_kind(other)
-            ),
+            format!("expected a list of {{role, content}} messages, found {}", json_kind(other)),
         )),
     }
 }
 
-fn parse_messages(
-    at: &RecordSource,
-    field: &str,
-    items: &[Value],
-) -> Result<Vec<Message>, DataError> {
+fn parse_messages(at: &RecordSource, field: &str, items: &[Value]) -> Result<Vec<Message>, DataError> {
     if items.is_empty() {
-        return Err(DataError::field(
-            at,
-            field,
-            format!("{EXPECTED}, found an empty list"),
-        ));
+        return Err(DataError::field(at, field, format!("{EXPECTED}, found an empty list")));
     }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| parse_message(at, field, i, item))
-        .collect()
+    items.iter().enumerate().map(|(i, item)| parse_message(at, field, i, item)).collect()
 }
 
-fn parse_message(
-    at: &RecordSource,
-    field: &str,
-    i: usize,
-    item: &Value,
-) -> Result<Message, DataError> {
+fn parse_message(at: &RecordSource, field: &str, i: usize, item: &Value) -> Result<Message, DataError> {
     let err = |msg: String| DataError::field(at, field, format!("message {i}: {msg}"));
     let Value::Object(obj) = item else {
-        return Err(err(format!(
-            "expected a {{role, content}} object, found {}",
-            json_kind(item)
-        )));
+        return Err(err(format!("expected a {{role, content}} object, found {}", json_kind(item))));
     };
     let mut role = None;
     let mut content = None;
@@ -120,17 +89,12 @@ fn parse_message(
                 } else {
                     ""
                 };
-                return Err(err(format!(
-                    "`{key}` must be a string, found {}{hint}",
-                    json_kind(other)
-                )));
+                return Err(err(format!("`{key}` must be a string, found {}{hint}", json_kind(other))));
             }
             // Parquet structs carry every field of the schema, null where unused.
             (_, Value::Null) => {}
             (other, _) => {
-                return Err(err(format!(
-                    "unsupported key `{other}`: prefopt reads only `role` and `content`"
-                )))
+                return Err(err(format!("unsupported key `{other}`: prefopt reads only `role` and `content`")))
             }
         }
     }

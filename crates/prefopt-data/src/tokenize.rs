@@ -46,9 +46,7 @@ impl TokenizedSequence {
 
     /// The prompt part of the sequence.
     pub fn prompt_ids(&self) -> &[u32] {
-        self.input_ids
-            .get(..self.completion_start)
-            .unwrap_or(&self.input_ids)
+        self.input_ids.get(..self.completion_start).unwrap_or(&self.input_ids)
     }
 
     /// The completion part of the sequence.
@@ -90,15 +88,8 @@ pub enum SeqOutcome {
 /// A prompt, tokenized and (for conversations) rendered, ready to be extended by a
 /// completion.
 enum PromptPart<'a> {
-    Plain {
-        text: &'a str,
-        ids: Vec<u32>,
-    },
-    Chat {
-        messages: &'a [Message],
-        text: String,
-        ids: Vec<u32>,
-    },
+    Plain { text: &'a str, ids: Vec<u32> },
+    Chat { messages: &'a [Message], text: String, ids: Vec<u32> },
 }
 
 impl PromptPart<'_> {
@@ -111,18 +102,11 @@ impl PromptPart<'_> {
 
 fn prompt_part<'a>(tok: &HfTokenizer, prompt: &'a Text) -> Result<PromptPart<'a>, DataError> {
     Ok(match prompt {
-        Text::Plain(text) => PromptPart::Plain {
-            text,
-            ids: tok.encode(text, true)?,
-        },
+        Text::Plain(text) => PromptPart::Plain { text, ids: tok.encode(text, true)? },
         Text::Conversation(messages) => {
             let text = tok.apply_chat_template(messages, true)?;
             let ids = tok.encode(&text, false)?;
-            PromptPart::Chat {
-                messages,
-                text,
-                ids,
-            }
+            PromptPart::Chat { messages, text, ids }
         }
     })
 }
@@ -152,36 +136,17 @@ fn sequence(
             })?;
             // TRL's add_eos: a completion that already ends with EOS keeps a single one.
             let eos = if completion.ends_with(eos) { "" } else { eos };
-            let full = tok
-                .encode(&format!("{text}{completion}{eos}"), true)
-                .map_err(|e| e.in_record(at))?;
-            TokenizedSequence {
-                completion_start: common_prefix_len(ids, &full),
-                input_ids: full,
-            }
+            let full = tok.encode(&format!("{text}{completion}{eos}"), true).map_err(|e| e.in_record(at))?;
+            TokenizedSequence { completion_start: common_prefix_len(ids, &full), input_ids: full }
         }
-        (
-            PromptPart::Chat {
-                messages,
-                text,
-                ids,
-            },
-            Text::Conversation(completion),
-        ) => {
+        (PromptPart::Chat { messages, text, ids }, Text::Conversation(completion)) => {
             let all: Vec<Message> = messages.iter().chain(completion).cloned().collect();
-            let full_text = tok
-                .apply_chat_template(&all, false)
-                .map_err(|e| e.in_record(at))?;
+            let full_text = tok.apply_chat_template(&all, false).map_err(|e| e.in_record(at))?;
             let full = tok.encode(&full_text, false).map_err(|e| e.in_record(at))?;
             if !full.starts_with(ids) {
-                return Err(prefix_mismatch(
-                    tok, text, &full_text, ids, &full, field, at,
-                ));
+                return Err(prefix_mismatch(tok, text, &full_text, ids, &full, field, at));
             }
-            TokenizedSequence {
-                completion_start: ids.len(),
-                input_ids: full,
-            }
+            TokenizedSequence { completion_start: ids.len(), input_ids: full }
         }
         (p, c) => {
             let p_kind = match p {
@@ -192,11 +157,7 @@ fn sequence(
         }
     };
     if seq.completion_len() == 0 {
-        return Err(DataError::field(
-            at,
-            field,
-            "the completion tokenizes to zero tokens",
-        ));
+        return Err(DataError::field(at, field, "the completion tokenizes to zero tokens"));
     }
     Ok(seq)
 }
@@ -299,29 +260,18 @@ pub fn tokenize_pair(
         truncate_prompt_keep_end(&mut rejected, max);
     }
     if let Some(max) = opts.max_length {
-        let prompt_len = prompt_ids
-            .len()
-            .max(chosen.completion_start)
-            .max(rejected.completion_start);
+        let prompt_len = prompt_ids.len().max(chosen.completion_start).max(rejected.completion_start);
         if prompt_len >= max {
             return Ok(PairOutcome::Dropped(dropped(prompt_len, max)));
         }
         chosen.input_ids.truncate(max);
         rejected.input_ids.truncate(max);
     }
-    Ok(PairOutcome::Kept(TokenizedPair {
-        prompt_ids,
-        chosen,
-        rejected,
-    }))
+    Ok(PairOutcome::Kept(TokenizedPair { prompt_ids, chosen, rejected }))
 }
 
 /// Tokenizes an SFT example with the same rules as [`tokenize_pair`].
-pub fn tokenize_sft(
-    tok: &HfTokenizer,
-    ex: &SftExample,
-    opts: &TokenizeOptions,
-) -> Result<SeqOutcome, DataError> {
+pub fn tokenize_sft(tok: &HfTokenizer, ex: &SftExample, opts: &TokenizeOptions) -> Result<SeqOutcome, DataError> {
     let at = &ex.source;
     let prompt = prompt_part(tok, &ex.prompt).map_err(|e| e.in_record(at))?;
     let mut seq = sequence(tok, &prompt, &ex.completion, "completion", at)?;
@@ -330,10 +280,7 @@ pub fn tokenize_sft(
         truncate_prompt_keep_end(&mut seq, max);
     }
     if let Some(max) = opts.max_length {
-        let prompt_len = opts
-            .max_prompt_length
-            .map_or(prompt_len, |m| prompt_len.min(m))
-            .max(seq.completion_start);
+        let prompt_len = opts.max_prompt_length.map_or(prompt_len, |m| prompt_len.min(m)).max(seq.completion_start);
         if prompt_len >= max {
             return Ok(SeqOutcome::Dropped(dropped(prompt_len, max)));
         }

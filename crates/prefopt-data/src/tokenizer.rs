@@ -21,10 +21,7 @@ pub struct Message {
 impl Message {
     /// A message with this role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -57,9 +54,7 @@ fn read_json(path: &Path) -> Result<Option<Value>, DataError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(DataError::io(path, e)),
     };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| DataError::file(path, format!("not valid JSON: {e}")))
+    serde_json::from_str(&text).map(Some).map_err(|e| DataError::file(path, format!("not valid JSON: {e}")))
 }
 
 /// `bos_token` & co.: a string, an AddedToken object `{"content": ...}`, or null.
@@ -69,10 +64,7 @@ fn special_token(config: &Value, key: &str, path: &Path) -> Result<Option<String
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Object(obj)) => match obj.get("content") {
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            _ => Err(DataError::file(
-                path,
-                format!("field `{key}`: an AddedToken object needs a string `content`"),
-            )),
+            _ => Err(DataError::file(path, format!("field `{key}`: an AddedToken object needs a string `content`"))),
         },
         Some(other) => Err(DataError::file(
             path,
@@ -105,15 +97,11 @@ fn config_chat_template(config: &Value, path: &Path) -> Result<Option<String>, D
                     }
                 }
             }
-            Err(bad(format!(
-                "the list has no template named \"default\" (found: {})",
-                names.join(", ")
-            )))
+            Err(bad(format!("the list has no template named \"default\" (found: {})", names.join(", "))))
         }
-        Some(other) => Err(bad(format!(
-            "expected a string or a list of {{name, template}}, found {}",
-            json_kind(other)
-        ))),
+        Some(other) => {
+            Err(bad(format!("expected a string or a list of {{name, template}}, found {}", json_kind(other))))
+        }
     }
 }
 
@@ -139,13 +127,9 @@ fn apply_add_bos_eos(
                 explicit = true;
                 Ok(*b)
             }
-            Some(other) => Err(DataError::file(
-                path,
-                format!(
-                    "field `{key}`: expected true or false, found {}",
-                    json_kind(other)
-                ),
-            )),
+            Some(other) => {
+                Err(DataError::file(path, format!("field `{key}`: expected true or false, found {}", json_kind(other))))
+            }
         }
     };
     let add_bos = flag("add_bos_token")?;
@@ -154,22 +138,18 @@ fn apply_add_bos_eos(
         return Ok(());
     }
     let mut special_tokens = Vec::new();
-    let mut piece =
-        |token: &Option<String>, add: bool, key: &str| -> Result<Option<String>, DataError> {
-            match token {
-                Some(text) if add => {
-                    let id = tokenizer.token_to_id(text).ok_or_else(|| {
-                        DataError::file(
-                            path,
-                            format!("{key} {text:?} is not in the vocabulary of tokenizer.json"),
-                        )
-                    })?;
-                    special_tokens.push((text.clone(), id));
-                    Ok(Some(text.clone()))
-                }
-                _ => Ok(None),
+    let mut piece = |token: &Option<String>, add: bool, key: &str| -> Result<Option<String>, DataError> {
+        match token {
+            Some(text) if add => {
+                let id = tokenizer.token_to_id(text).ok_or_else(|| {
+                    DataError::file(path, format!("{key} {text:?} is not in the vocabulary of tokenizer.json"))
+                })?;
+                special_tokens.push((text.clone(), id));
+                Ok(Some(text.clone()))
             }
-        };
+            _ => Ok(None),
+        }
+    };
     let bos = piece(&special.bos_token, add_bos, "bos_token")?;
     let eos = piece(&special.eos_token, add_eos, "eos_token")?;
     let with = |seq: &str, type_id: u8| {
@@ -183,27 +163,14 @@ fn apply_add_bos_eos(
         }
         parts.join(" ")
     };
-    let (single, pair) = (
-        with("$A", 0),
-        format!("{} {}", with("$A", 0), with("$B", 1)),
-    );
+    let (single, pair) = (with("$A", 0), format!("{} {}", with("$A", 0), with("$B", 1)));
     let template = tokenizers::processors::template::TemplateProcessing::builder()
         .try_single(single.as_str())
         .and_then(|b| b.try_pair(pair.as_str()))
-        .map_err(|e| {
-            DataError::file(
-                path,
-                format!("cannot build the add_bos_token/add_eos_token template: {e}"),
-            )
-        })?
+        .map_err(|e| DataError::file(path, format!("cannot build the add_bos_token/add_eos_token template: {e}")))?
         .special_tokens(special_tokens)
         .build()
-        .map_err(|e| {
-            DataError::file(
-                path,
-                format!("cannot build the add_bos_token/add_eos_token template: {e}"),
-            )
-        })?;
+        .map_err(|e| DataError::file(path, format!("cannot build the add_bos_token/add_eos_token template: {e}")))?;
     tokenizer.with_post_processor(Some(template));
     Ok(())
 }
@@ -219,9 +186,7 @@ impl HfTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self, DataError> {
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
-            return Err(DataError::TokenizerNotFound {
-                dir: dir.to_path_buf(),
-            });
+            return Err(DataError::TokenizerNotFound { dir: dir.to_path_buf() });
         }
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
             .map_err(|e| DataError::file(&tokenizer_path, format!("cannot load tokenizer: {e}")))?;
@@ -242,10 +207,7 @@ impl HfTokenizer {
             pad_token: token("pad_token")?,
             unk_token: token("unk_token")?,
         };
-        for (key, value) in [
-            ("eos_token", &special.eos_token),
-            ("pad_token", &special.pad_token),
-        ] {
+        for (key, value) in [("eos_token", &special.eos_token), ("pad_token", &special.pad_token)] {
             if let Some(text) = value {
                 if tokenizer.token_to_id(text).is_none() {
                     return Err(DataError::file(
@@ -262,12 +224,10 @@ impl HfTokenizer {
         let jinja_path = dir.join("chat_template.jinja");
         let chat_template = match std::fs::read_to_string(&jinja_path) {
             Ok(source) => Some(ChatTemplate::compile(&source, &jinja_path)?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match config_chat_template(&config, &config_path)? {
-                    Some(source) => Some(ChatTemplate::compile(&source, &config_path)?),
-                    None => None,
-                }
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match config_chat_template(&config, &config_path)? {
+                Some(source) => Some(ChatTemplate::compile(&source, &config_path)?),
+                None => None,
+            },
             Err(e) => return Err(DataError::io(&jinja_path, e)),
         };
 
@@ -287,22 +247,15 @@ impl HfTokenizer {
                 let as_id = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
                 match gen.get("eos_token_id") {
                     None | Some(Value::Null) => Vec::new(),
-                    Some(Value::Array(items)) => items
-                        .iter()
-                        .map(|v| as_id(v).ok_or_else(|| bad(v)))
-                        .collect::<Result<_, _>>()?,
+                    Some(Value::Array(items)) => {
+                        items.iter().map(|v| as_id(v).ok_or_else(|| bad(v))).collect::<Result<_, _>>()?
+                    }
                     Some(v) => vec![as_id(v).ok_or_else(|| bad(v))?],
                 }
             }
         };
 
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            tokenizer,
-            special,
-            generation_eos_ids,
-            chat_template,
-        })
+        Ok(Self { dir: dir.to_path_buf(), tokenizer, special, generation_eos_ids, chat_template })
     }
 
     /// The folder this tokenizer was loaded from.
@@ -316,10 +269,7 @@ impl HfTokenizer {
     }
 
     fn error(&self, message: String) -> DataError {
-        DataError::Tokenizer {
-            dir: self.dir.clone(),
-            message,
-        }
+        DataError::Tokenizer { dir: self.dir.clone(), message }
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor
@@ -358,10 +308,7 @@ impl HfTokenizer {
     pub fn eos_token_ids(&self) -> Vec<u32> {
         let mut ids = Vec::new();
         let config_eos = self.eos_token().and_then(|t| self.tokenizer.token_to_id(t));
-        for id in config_eos
-            .into_iter()
-            .chain(self.generation_eos_ids.iter().copied())
-        {
+        for id in config_eos.into_iter().chain(self.generation_eos_ids.iter().copied()) {
             if !ids.contains(&id) {
                 ids.push(id);
             }
@@ -392,11 +339,7 @@ impl HfTokenizer {
     /// Renders `messages` with the chat template as transformers does: variables
     /// `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `pad_token`,
     /// `unk_token`; `raise_exception(msg)`, `tojson` and Python string methods work.
-    pub fn apply_chat_template(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String, DataError> {
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, DataError> {
         match &self.chat_template {
             Some(t) => t.render(messages, add_generation_prompt, &self.special),
             None => Err(self.error(

@@ -154,7 +154,12 @@ impl ApoConfig {
     }
 
     fn validate(&self) -> Result<(), String> {
-        for (key, empty) in [("model", self.model.as_os_str().is_empty()), ("prompts", self.prompts.is_empty()), ("judge", self.judge.is_empty()), ("output_dir", self.output_dir.as_os_str().is_empty())] {
+        for (key, empty) in [
+            ("model", self.model.as_os_str().is_empty()),
+            ("prompts", self.prompts.is_empty()),
+            ("judge", self.judge.is_empty()),
+            ("output_dir", self.output_dir.as_os_str().is_empty()),
+        ] {
             if empty {
                 return Err(format!("missing required key `{key}`"));
             }
@@ -198,7 +203,8 @@ impl ApoConfig {
         table.insert("beta".into(), toml::Value::Float(self.beta_at(t)));
         table.insert("resume_from_checkpoint".into(), toml::Value::String("latest".into()));
         let text = toml::to_string(&table).map_err(|e| LoopError::Config(e.to_string()))?;
-        let cfg: TrainConfig = toml::from_str(&text).map_err(|e: toml::de::Error| LoopError::Config(format!("[train]: {e}")))?;
+        let cfg: TrainConfig =
+            toml::from_str(&text).map_err(|e: toml::de::Error| LoopError::Config(format!("[train]: {e}")))?;
         cfg.validate().map_err(|e| LoopError::Config(format!("[train]: {e}")))?;
         Ok(cfg)
     }
@@ -245,7 +251,8 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
     let config_json = serde_json::to_value(cfg).map_err(|e| LoopError::Io(e.to_string()))?;
     let mut manifest = match std::fs::read_to_string(&manifest_path) {
         Ok(text) => {
-            let m: Manifest = serde_json::from_str(&text).map_err(|e| LoopError::Io(format!("{}: {e}", manifest_path.display())))?;
+            let m: Manifest =
+                serde_json::from_str(&text).map_err(|e| LoopError::Io(format!("{}: {e}", manifest_path.display())))?;
             if m.config != config_json {
                 return Err(LoopError::Config(format!(
                     "{} holds a run with another config; use another output_dir (or the same config to resume)",
@@ -278,7 +285,16 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
         max_new_tokens: cfg.max_new_tokens,
     };
     // The base model's held-out samples: the baseline of every win rate and KL estimate.
-    let base = BaseSamples::load_or_make(&out.join("eval-base.jsonl"), &cfg.model, &tok, &eval_prompts, &sampling, cfg.seed, judge.as_mut(), &device)?;
+    let base = BaseSamples::load_or_make(
+        &out.join("eval-base.jsonl"),
+        &cfg.model,
+        &tok,
+        &eval_prompts,
+        &sampling,
+        cfg.seed,
+        judge.as_mut(),
+        &device,
+    )?;
     if manifest.base_eval.is_none() {
         manifest.base_eval = Some(base.metrics.clone());
         save_manifest(&manifest)?;
@@ -290,16 +306,17 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
         std::fs::create_dir_all(&dir).map_err(|e| LoopError::Io(format!("{}: {e}", dir.display())))?;
         let sampler = if t == 1 { cfg.model.clone() } else { out.join(format!("iter-{}/extrapolated", t - 1)) };
         let previous_trained = if t == 1 { cfg.model.clone() } else { out.join(format!("iter-{}/trained", t - 1)) };
-        let mut record = manifest.iterations.iter().find(|r| r.iteration == t).cloned().unwrap_or_else(|| IterationRecord {
-            iteration: t,
-            alpha: cfg.alpha,
-            beta: cfg.beta_at(t),
-            samples: dir.join("samples.jsonl"),
-            pairs: dir.join("pairs.jsonl"),
-            trained: dir.join("trained"),
-            extrapolated: dir.join("extrapolated"),
-            ..IterationRecord::default()
-        });
+        let mut record =
+            manifest.iterations.iter().find(|r| r.iteration == t).cloned().unwrap_or_else(|| IterationRecord {
+                iteration: t,
+                alpha: cfg.alpha,
+                beta: cfg.beta_at(t),
+                samples: dir.join("samples.jsonl"),
+                pairs: dir.join("pairs.jsonl"),
+                trained: dir.join("trained"),
+                extrapolated: dir.join("extrapolated"),
+                ..IterationRecord::default()
+            });
 
         // 1. Sample K completions per prompt of this iteration's fold from pi_{t-1}.
         if !record.samples.exists() {
@@ -310,7 +327,10 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
                 .collect();
             let model = HfModel::load(&sampler, &device)?;
             let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(t as u64);
-            let records = sample_prompts(&model, &tok, &fold, cfg.num_samples, &sampling, seed, &device, &mut |d, n| obs.samples(d, n))?;
+            let records =
+                sample_prompts(&model, &tok, &fold, cfg.num_samples, &sampling, seed, &device, &mut |d, n| {
+                    obs.samples(d, n)
+                })?;
             write_jsonl(&record.samples, &records)?;
             record.wall_s.insert("sampling".into(), started.elapsed().as_secs_f64());
         }
@@ -344,7 +364,8 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
             let run_dir = dir.join("train");
             let train_cfg = cfg.train_config(t, &sampler, &record.pairs, &run_dir)?;
             let summary = prefopt_train::train(&train_cfg, obs)?;
-            std::fs::rename(&summary.final_dir, &record.trained).map_err(|e| LoopError::Io(format!("{}: {e}", record.trained.display())))?;
+            std::fs::rename(&summary.final_dir, &record.trained)
+                .map_err(|e| LoopError::Io(format!("{}: {e}", record.trained.display())))?;
             record.wall_s.insert("training".into(), started.elapsed().as_secs_f64());
         }
 
@@ -364,8 +385,26 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
             obs.stage(t, "evaluation");
             let started = Instant::now();
             let eval_seed = cfg.seed.wrapping_add(7);
-            let trained = evaluate_model(&record.trained, &tok, &eval_prompts, &sampling, eval_seed, judge.as_mut(), &base, &device)?;
-            let extrapolated = evaluate_model(&record.extrapolated, &tok, &eval_prompts, &sampling, eval_seed, judge.as_mut(), &base, &device)?;
+            let trained = evaluate_model(
+                &record.trained,
+                &tok,
+                &eval_prompts,
+                &sampling,
+                eval_seed,
+                judge.as_mut(),
+                &base,
+                &device,
+            )?;
+            let extrapolated = evaluate_model(
+                &record.extrapolated,
+                &tok,
+                &eval_prompts,
+                &sampling,
+                eval_seed,
+                judge.as_mut(),
+                &base,
+                &device,
+            )?;
             let lines = [("trained", &trained), ("extrapolated", &extrapolated)]
                 .iter()
                 .map(|(which, m)| {
@@ -404,10 +443,7 @@ pub fn load_prompts(spec: &str, count: usize, seed: u64) -> Result<Vec<PromptIte
     if records.is_empty() {
         return Err(LoopError::Config(format!("{}: no prompts", path.display())));
     }
-    records
-        .iter()
-        .map(|r| Ok(PromptItem { text: parse_prompt(r)?, meta: serde_json::Value::Null }))
-        .collect()
+    records.iter().map(|r| Ok(PromptItem { text: parse_prompt(r)?, meta: serde_json::Value::Null })).collect()
 }
 
 /// A seeded shuffle of prompt indices; iteration t takes the t-th fold of it.

@@ -95,12 +95,21 @@ pub fn evaluate_model(
     Ok(summarize(&judged, &scores, &base.scores, kl))
 }
 
-fn judge_all(judge: &mut dyn Judge, prompts: &[PromptItem], samples: &[SampleRecord]) -> Result<Vec<Judgement>, LoopError> {
-    let batch: Vec<(&PromptItem, &[String])> = prompts.iter().zip(samples).map(|(p, s)| (p, s.completions.as_slice())).collect();
+fn judge_all(
+    judge: &mut dyn Judge,
+    prompts: &[PromptItem],
+    samples: &[SampleRecord],
+) -> Result<Vec<Judgement>, LoopError> {
+    let batch: Vec<(&PromptItem, &[String])> =
+        prompts.iter().zip(samples).map(|(p, s)| (p, s.completions.as_slice())).collect();
     let mut out = Vec::with_capacity(samples.len());
     for (mut j, s) in judge.judge_many(&batch)?.into_iter().zip(samples) {
         if j.len() != 1 || !j[0].score.is_finite() {
-            return Err(LoopError::Judge(format!("judge `{}` gave no finite score for held-out prompt {}", judge.name(), s.prompt_index)));
+            return Err(LoopError::Judge(format!(
+                "judge `{}` gave no finite score for held-out prompt {}",
+                judge.name(),
+                s.prompt_index
+            )));
         }
         out.push(j.remove(0));
     }
@@ -113,7 +122,15 @@ fn summarize(judged: &[Judgement], scores: &[f64], base_scores: &[f64], kl: f64)
     let wins: f64 = scores
         .iter()
         .zip(base_scores)
-        .map(|(a, b)| if a > b { 1.0 } else if a == b { 0.5 } else { 0.0 })
+        .map(|(a, b)| {
+            if a > b {
+                1.0
+            } else if a == b {
+                0.5
+            } else {
+                0.0
+            }
+        })
         .sum();
     EvalMetrics {
         eval_reward: scores.iter().sum::<f64>() / n,
@@ -126,7 +143,13 @@ fn summarize(judged: &[Judgement], scores: &[f64], base_scores: &[f64], kl: f64)
 }
 
 /// Log-probs of each sample's completion tokens under `model`.
-fn sequence_logps(model: &HfModel, tok: &HfTokenizer, prompts: &[PromptItem], samples: &[SampleRecord], device: &Device) -> Result<Vec<f64>, LoopError> {
+fn sequence_logps(
+    model: &HfModel,
+    tok: &HfTokenizer,
+    prompts: &[PromptItem],
+    samples: &[SampleRecord],
+    device: &Device,
+) -> Result<Vec<f64>, LoopError> {
     let net = model.build(false)?;
     let mut seqs = Vec::with_capacity(samples.len());
     for (p, s) in prompts.iter().zip(samples) {

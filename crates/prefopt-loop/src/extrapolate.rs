@@ -32,7 +32,11 @@ pub fn extrapolate(newer: &Params, older: &Params, alpha: f64) -> Result<Params,
         let new = var.as_tensor();
         let old = older.get(name).ok_or_else(|| ExtrapolateError::Missing(name.clone()))?.as_tensor();
         if new.dims() != old.dims() {
-            return Err(ExtrapolateError::Shape { name: name.clone(), newer: new.dims().to_vec(), older: old.dims().to_vec() });
+            return Err(ExtrapolateError::Shape {
+                name: name.clone(),
+                newer: new.dims().to_vec(),
+                older: old.dims().to_vec(),
+            });
         }
         // (newer - older) * alpha + newer: with alpha = 0 the added term is exactly zero.
         let step = ((new - old)?.affine(alpha, 0.0)? + new)?;
@@ -50,7 +54,9 @@ mod tests {
         Params::new(
             values
                 .iter()
-                .map(|(n, v)| (n.to_string(), Var::from_tensor(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap()).unwrap()))
+                .map(|(n, v)| {
+                    (n.to_string(), Var::from_tensor(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap()).unwrap())
+                })
                 .collect(),
         )
     }

@@ -22,13 +22,18 @@ pub struct PairRecord {
 
 /// Judges every prompt's samples and returns the pairs and the number of prompts skipped
 /// because all their samples tied.
-pub fn judge_and_pair(judge: &mut dyn Judge, samples: &[SampleRecord], k: usize) -> Result<(Vec<PairRecord>, usize), LoopError> {
+pub fn judge_and_pair(
+    judge: &mut dyn Judge,
+    samples: &[SampleRecord],
+    k: usize,
+) -> Result<(Vec<PairRecord>, usize), LoopError> {
     let items = samples
         .iter()
         .map(|s| Ok(PromptItem { text: json_to_text(&s.prompt)?, meta: s.meta.clone() }))
         .collect::<Result<Vec<_>, LoopError>>()?;
     // One call for the whole iteration: a command judge runs once, not once per prompt.
-    let batch: Vec<(&PromptItem, &[String])> = items.iter().zip(samples).map(|(i, s)| (i, s.completions.as_slice())).collect();
+    let batch: Vec<(&PromptItem, &[String])> =
+        items.iter().zip(samples).map(|(i, s)| (i, s.completions.as_slice())).collect();
     let all = judge.judge_many(&batch)?;
     let mut pairs = Vec::new();
     let mut skipped = 0;
@@ -60,7 +65,18 @@ pub fn judge_and_pair(judge: &mut dyn Judge, samples: &[SampleRecord], k: usize)
         }
         let win = |i: usize| -> f64 {
             let others = (0..k).filter(|&j| j != i);
-            others.map(|j| if scores[i] > scores[j] { 1.0 } else if scores[i] == scores[j] { 0.5 } else { 0.0 }).sum::<f64>() / (k - 1) as f64
+            others
+                .map(|j| {
+                    if scores[i] > scores[j] {
+                        1.0
+                    } else if scores[i] == scores[j] {
+                        0.5
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>()
+                / (k - 1) as f64
         };
         let as_completion = |text: &str| -> serde_json::Value {
             if s.prompt.is_string() {

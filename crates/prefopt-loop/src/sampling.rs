@@ -78,9 +78,8 @@ pub fn sample_prompts(
     for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
         let first = out.len();
         let ids = chunk.iter().map(|p| tokenize_prompt(tok, &p.text)).collect::<Result<Vec<_>, _>>()?;
-        let mut rngs: Vec<_> = (0..chunk.len() * k)
-            .map(|s| prefopt_model::generate::sample_rng(seed, ((first * k) + s) as u64))
-            .collect();
+        let mut rngs: Vec<_> =
+            (0..chunk.len() * k).map(|s| prefopt_model::generate::sample_rng(seed, ((first * k) + s) as u64)).collect();
         let generated = prefopt_model::generate::generate(&net, &ids, &params, &mut rngs, pad_id)?;
         for (j, p) in chunk.iter().enumerate() {
             let rows = &generated[j * k..(j + 1) * k];

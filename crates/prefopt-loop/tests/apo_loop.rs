@@ -60,7 +60,13 @@ fn saved_weights_satisfy_the_extrapolation_identity_over_three_iterations() {
     let mut previous = weights(&fixtures().join("models/qwen2-tied"));
     for t in 1..=3 {
         let dir = out.join(format!("iter-{t}"));
-        for f in ["samples.jsonl", "pairs.jsonl", "metrics.jsonl", "trained/model.safetensors", "extrapolated/model.safetensors"] {
+        for f in [
+            "samples.jsonl",
+            "pairs.jsonl",
+            "metrics.jsonl",
+            "trained/model.safetensors",
+            "extrapolated/model.safetensors",
+        ] {
             assert!(dir.join(f).exists(), "iter-{t}/{f} missing");
         }
         let trained = weights(&dir.join("trained"));

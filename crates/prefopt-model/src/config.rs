@@ -102,12 +102,10 @@ impl LlamaConfig {
             }
             Some(_) => {}
         }
-        let mut cfg: LlamaConfig =
-            serde_json::from_value(raw.clone()).map_err(|e| config_err(e.to_string()))?;
+        let mut cfg: LlamaConfig = serde_json::from_value(raw.clone()).map_err(|e| config_err(e.to_string()))?;
         if let Some(theta) = cfg.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")) {
-            cfg.rope_theta = theta
-                .as_f64()
-                .ok_or_else(|| config_err("rope_parameters.rope_theta must be a number".into()))?;
+            cfg.rope_theta =
+                theta.as_f64().ok_or_else(|| config_err("rope_parameters.rope_theta must be a number".into()))?;
         }
         if cfg.hidden_act != "silu" {
             return Err(config_err(format!(
@@ -135,9 +133,10 @@ impl LlamaConfig {
         // Sliding-window attention is not implemented; configs that only mention a window
         // size without enabling it (Qwen2.5, Mistral v0.2+) are fine.
         let sliding = raw.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true)
-            || raw.get("layer_types").and_then(|v| v.as_array()).is_some_and(|layers| {
-                layers.iter().any(|l| l.as_str() == Some("sliding_attention"))
-            });
+            || raw
+                .get("layer_types")
+                .and_then(|v| v.as_array())
+                .is_some_and(|layers| layers.iter().any(|l| l.as_str() == Some("sliding_attention")));
         if sliding {
             return Err(config_err(
                 "sliding-window attention is not supported yet (full causal attention only)".into(),
@@ -173,19 +172,11 @@ impl LlamaConfig {
         if value.is_null() {
             return Ok(None);
         }
-        let kind = value
-            .get("rope_type")
-            .or_else(|| value.get("type"))
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
+        let kind = value.get("rope_type").or_else(|| value.get("type")).and_then(|v| v.as_str()).unwrap_or("");
         match kind {
             "default" => Ok(None),
-            "llama3" => serde_json::from_value(value.clone())
-                .map(Some)
-                .map_err(|e| format!("rope_scaling: {e}")),
-            other => Err(format!(
-                "unsupported rope_scaling type `{other}`; prefopt supports `llama3` (or none)"
-            )),
+            "llama3" => serde_json::from_value(value.clone()).map(Some).map_err(|e| format!("rope_scaling: {e}")),
+            other => Err(format!("unsupported rope_scaling type `{other}`; prefopt supports `llama3` (or none)")),
         }
     }
 }

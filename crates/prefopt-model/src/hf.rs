@@ -60,7 +60,12 @@ fn is_weight_or_config(name: &str) -> bool {
 }
 
 /// Writes a loadable Hugging Face folder at `out` (atomically replacing an older one).
-pub fn save_model_dir(out: &Path, raw_config: &serde_json::Value, params: &Params, source: Option<&Path>) -> Result<()> {
+pub fn save_model_dir(
+    out: &Path,
+    raw_config: &serde_json::Value,
+    params: &Params,
+    source: Option<&Path>,
+) -> Result<()> {
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     }
@@ -70,7 +75,12 @@ pub fn save_model_dir(out: &Path, raw_config: &serde_json::Value, params: &Param
 /// Writes the model files into an existing folder `dir` (for callers that already write
 /// atomically, like a training checkpoint): f32 safetensors, `config.json` with the dtype
 /// set to float32, and every non-weight file of `source` (tokenizer, generation config).
-pub fn fill_model_dir(dir: &Path, raw_config: &serde_json::Value, params: &Params, source: Option<&Path>) -> Result<()> {
+pub fn fill_model_dir(
+    dir: &Path,
+    raw_config: &serde_json::Value,
+    params: &Params,
+    source: Option<&Path>,
+) -> Result<()> {
     let mut config = raw_config.clone();
     if let Some(obj) = config.as_object_mut() {
         // transformers 5 writes `dtype`, older versions `torch_dtype`; keep the file's layout.

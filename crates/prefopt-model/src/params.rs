@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
 use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{io_error, ModelError, Result};
 
@@ -67,7 +67,8 @@ impl Params {
         };
         let mut vars = BTreeMap::new();
         for (name, shape) in expected {
-            let view = st.get(name).map_err(|_| ModelError::MissingTensor { path: file_of(name), name: name.clone() })?;
+            let view =
+                st.get(name).map_err(|_| ModelError::MissingTensor { path: file_of(name), name: name.clone() })?;
             if view.shape() != shape.as_slice() {
                 return Err(ModelError::TensorShape {
                     path: file_of(name),
@@ -76,10 +77,9 @@ impl Params {
                     found: view.shape().to_vec(),
                 });
             }
-            let tensor = st.load(name, device).map_err(|e| ModelError::Weights {
-                path: file_of(name),
-                message: format!("tensor `{name}`: {e}"),
-            })?;
+            let tensor = st
+                .load(name, device)
+                .map_err(|e| ModelError::Weights { path: file_of(name), message: format!("tensor `{name}`: {e}") })?;
             match tensor.dtype() {
                 DType::F32 | DType::BF16 | DType::F16 => {}
                 other => {
@@ -92,12 +92,8 @@ impl Params {
             vars.insert(name.clone(), Var::from_tensor(&tensor.to_dtype(DType::F32)?)?);
         }
         let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let mut unused: Vec<String> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, _)| n)
-            .filter(|n| !known.contains(n.as_str()))
-            .collect();
+        let mut unused: Vec<String> =
+            st.tensors().into_iter().map(|(n, _)| n).filter(|n| !known.contains(n.as_str())).collect();
         unused.sort();
         Ok((Self { vars }, unused))
     }
@@ -145,10 +141,7 @@ fn weight_files(dir: &Path) -> Result<(Vec<PathBuf>, Option<ShardMap>)> {
                 message: format!("shard {} is listed but missing", missing.display()),
             });
         }
-        let shard_of = map
-            .iter()
-            .filter_map(|(name, file)| Some((name.clone(), dir.join(file.as_str()?))))
-            .collect();
+        let shard_of = map.iter().filter_map(|(name, file)| Some((name.clone(), dir.join(file.as_str()?)))).collect();
         return Ok((paths, Some(shard_of)));
     }
     let hint = if dir.join("pytorch_model.bin").exists() {

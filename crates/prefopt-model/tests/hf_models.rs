@@ -31,12 +31,7 @@ fn logits_match_transformers_for_every_fixture_architecture() {
         let (ids, want) = expected_logits(name);
         let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         let got: Vec<Vec<f32>> = model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-        let max_diff = got
-            .iter()
-            .flatten()
-            .zip(want.iter().flatten())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_diff = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_diff < 1e-4, "{name}: max |logit diff| = {max_diff}");
     }
 }
@@ -70,8 +65,13 @@ fn kv_cache_logits_equal_a_full_recompute() {
         let full: Vec<Vec<f32>> = model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         let mut cache = prefopt_model::KvCache::default();
         // A prompt chunk, then one token at a time.
-        let mut got: Vec<Vec<f32>> =
-            model.forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let mut got: Vec<Vec<f32>> = model
+            .forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for p in 5..ids.len() {
             let step = model.forward_cached(&input.narrow(1, p, 1).unwrap(), &mut cache).unwrap();
             got.extend(step.squeeze(0).unwrap().to_vec2::<f32>().unwrap());
@@ -89,7 +89,9 @@ fn save_then_load_gives_bit_identical_weights_and_copies_tokenizer_files() {
         let hf = load(name);
         let out = tmp.path().join(name);
         hf.save(&out).unwrap();
-        for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        for file in
+            ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+        {
             assert!(out.join(file).is_file(), "{name}: {file} not saved");
         }
         let again = HfModel::load(&out, &Device::Cpu).unwrap();

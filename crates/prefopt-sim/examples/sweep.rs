@@ -18,7 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         s.gap_metric,
         s.rate_margin
     );
-    println!("mode     n     beta  alpha  reached  iters(mean±std)  final_gap(mean±std)      rate   theory  ratio  unconv");
+    println!(
+        "mode     n     beta  alpha  reached  iters(mean±std)  final_gap(mean±std)      rate   theory  ratio  unconv"
+    );
     for g in &s.groups {
         let it = g
             .iterations_to_target
@@ -45,12 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for t in &s.tradeoff {
         println!(
             "tradeoff n={} beta={}: best alpha {} worse beyond {:?}; seeds worse at largest {}/{}",
-            t.n,
-            t.beta,
-            t.best_alpha,
-            t.worse_beyond_alpha,
-            t.seeds_worse_at_largest_alpha,
-            t.seeds
+            t.n, t.beta, t.best_alpha, t.worse_beyond_alpha, t.seeds_worse_at_largest_alpha, t.seeds
         );
     }
     Ok(())

@@ -105,9 +105,7 @@ impl<'de> Deserialize<'de> for Init {
         impl<'de> Visitor<'de> for InitVisitor {
             type Value = Init;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(
-                    "\"uniform\" or an array of arrays of log-probabilities (one per prompt)",
-                )
+                f.write_str("\"uniform\" or an array of arrays of log-probabilities (one per prompt)")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Init, E> {
                 if v == "uniform" {
@@ -239,12 +237,7 @@ impl Config {
 
     /// Checks every value that serde cannot (ranges, shapes, probabilities).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| {
-            Err(ConfigError::Invalid {
-                key: key.to_string(),
-                message,
-            })
-        };
+        let bad = |key: &str, message: String| Err(ConfigError::Invalid { key: key.to_string(), message });
         if self.alphas.is_empty() {
             return bad("alphas", "must list at least one value".into());
         }
@@ -269,10 +262,7 @@ impl Config {
                 return bad("ns", "each N must be >= 1".into());
             }
             if self.seeds.is_empty() {
-                return bad(
-                    "seeds",
-                    "must list at least one seed in sampled mode".into(),
-                );
+                return bad("seeds", "must list at least one seed in sampled mode".into());
             }
         }
         if self.iterations == 0 {
@@ -285,19 +275,13 @@ impl Config {
             return bad("num_responses", "must be >= 2".into());
         }
         if !(self.target_gap.is_finite() && self.target_gap > 0.0) {
-            return bad(
-                "target_gap",
-                format!("{} is not a positive number", self.target_gap),
-            );
+            return bad("target_gap", format!("{} is not a positive number", self.target_gap));
         }
         if self.k < 2 {
             return bad("k", "must be >= 2 (a pair needs two samples)".into());
         }
         if !(self.tolerance.is_finite() && self.tolerance > 0.0) {
-            return bad(
-                "tolerance",
-                format!("{} is not a positive number", self.tolerance),
-            );
+            return bad("tolerance", format!("{} is not a positive number", self.tolerance));
         }
         if !(self.l2.is_finite() && self.l2 >= 0.0) {
             return bad("l2", format!("{} is not a number >= 0", self.l2));
@@ -328,16 +312,16 @@ impl Config {
             for (x, m) in prefs.iter().enumerate() {
                 let r = m.len();
                 if r < 2 {
-                    return bad(
-                        "preferences",
-                        format!("prompt {x}: needs at least 2 responses"),
-                    );
+                    return bad("preferences", format!("prompt {x}: needs at least 2 responses"));
                 }
                 for (i, row) in m.iter().enumerate() {
                     if row.len() != r {
                         return bad(
                             "preferences",
-                            format!("prompt {x}: matrix is not square (row {i} has {} entries, expected {r})", row.len()),
+                            format!(
+                                "prompt {x}: matrix is not square (row {i} has {} entries, expected {r})",
+                                row.len()
+                            ),
                         );
                     }
                     for (j, &p) in row.iter().enumerate() {
@@ -350,10 +334,7 @@ impl Config {
                         if (p + m[j][i] - 1.0).abs() > 1e-9 {
                             return bad(
                                 "preferences",
-                                format!(
-                                    "prompt {x}: P({i} > {j}) + P({j} > {i}) = {} (must be 1)",
-                                    p + m[j][i]
-                                ),
+                                format!("prompt {x}: P({i} > {j}) + P({j} > {i}) = {} (must be 1)", p + m[j][i]),
                             );
                         }
                     }
@@ -365,7 +346,12 @@ impl Config {
             for (x, row) in rows.iter().enumerate() {
                 for (y, &l) in row.iter().enumerate() {
                     if !l.is_finite() {
-                        return bad("init", format!("init[{x}][{y}] = {l} is not finite (zero-probability responses are not supported)"));
+                        return bad(
+                            "init",
+                            format!(
+                                "init[{x}][{y}] = {l} is not finite (zero-probability responses are not supported)"
+                            ),
+                        );
                     }
                 }
             }
@@ -396,19 +382,13 @@ impl Config {
             if p != shape.len() {
                 return bad(
                     "num_prompts",
-                    format!(
-                        "{p} does not match the {} prompts of the explicit table",
-                        shape.len()
-                    ),
+                    format!("{p} does not match the {} prompts of the explicit table", shape.len()),
                 );
             }
         }
         if let Some(r) = self.num_responses {
             if shape.iter().any(|&s| s != r) {
-                return bad(
-                    "num_responses",
-                    format!("{r} does not match the explicit table's rows {shape:?}"),
-                );
+                return bad("num_responses", format!("{r} does not match the explicit table's rows {shape:?}"));
             }
         }
         // Exact mode needs a closed form.
@@ -426,8 +406,7 @@ impl Config {
 
     /// Whether the preference model is Bradley-Terry (explicit or drawn rewards).
     pub fn is_bradley_terry(&self) -> bool {
-        self.rewards.is_some()
-            || (self.preferences.is_none() && self.preference_model == PreferenceModel::Bt)
+        self.rewards.is_some() || (self.preferences.is_none() && self.preference_model == PreferenceModel::Bt)
     }
 
     /// Responses per prompt, from the first explicit table or the size keys.
@@ -441,28 +420,19 @@ impl Config {
         if let Init::LogProbs(rows) = &self.init {
             return rows.iter().map(Vec::len).collect();
         }
-        vec![
-            self.num_responses.unwrap_or(DEFAULT_NUM_RESPONSES);
-            self.num_prompts.unwrap_or(DEFAULT_NUM_PROMPTS)
-        ]
+        vec![self.num_responses.unwrap_or(DEFAULT_NUM_RESPONSES); self.num_prompts.unwrap_or(DEFAULT_NUM_PROMPTS)]
     }
 }
 
 fn check_rows(key: &str, rows: &[Vec<f64>]) -> Result<(), ConfigError> {
     if rows.is_empty() {
-        return Err(ConfigError::Invalid {
-            key: key.into(),
-            message: "must have at least one prompt (row)".into(),
-        });
+        return Err(ConfigError::Invalid { key: key.into(), message: "must have at least one prompt (row)".into() });
     }
     for (x, row) in rows.iter().enumerate() {
         if row.len() < 2 {
             return Err(ConfigError::Invalid {
                 key: key.into(),
-                message: format!(
-                    "row {x} has {} responses; each prompt needs at least 2",
-                    row.len()
-                ),
+                message: format!("row {x} has {} responses; each prompt needs at least 2", row.len()),
             });
         }
     }
@@ -488,13 +458,7 @@ mod tests {
     fn builtin_default_is_the_struct_default_plus_a_reward_table() {
         let builtin = Config::builtin_default();
         assert!(builtin.rewards.is_some());
-        assert_eq!(
-            Config {
-                rewards: None,
-                ..builtin
-            },
-            Config::default()
-        );
+        assert_eq!(Config { rewards: None, ..builtin }, Config::default());
     }
 
     #[test]
@@ -519,9 +483,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_by_name() {
-        let err = Config::from_toml_str("alpahs = [0.1]\n")
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_toml_str("alpahs = [0.1]\n").unwrap_err().to_string();
         assert!(err.contains("alpahs"), "{err}");
     }
 
@@ -533,14 +495,8 @@ mod tests {
             ("k = 1", "k"),
             ("init = \"gaussian\"", "init"),
             ("rewards = [[1.0]]", "rewards"),
-            (
-                "preferences = [[[0.5, 0.7], [0.2, 0.5]]]\nloss = \"ipo\"",
-                "preferences",
-            ),
-            (
-                "preferences = [[[0.5, 0.7], [0.3, 0.5]]]\nloss = \"dpo\"",
-                "loss",
-            ),
+            ("preferences = [[[0.5, 0.7], [0.2, 0.5]]]\nloss = \"ipo\"", "preferences"),
+            ("preferences = [[[0.5, 0.7], [0.3, 0.5]]]\nloss = \"dpo\"", "loss"),
             ("rewards = [[0.0, 1.0]]\ninit = [[0.0, 0.0, 0.0]]", "init"),
             ("mode = \"fast\"", "mode"),
         ] {
@@ -552,10 +508,7 @@ mod tests {
     #[test]
     fn init_accepts_uniform_and_tables() {
         let c = Config::from_toml_str("init = [[0.0, -1.0], [0.0, 0.0]]").unwrap();
-        assert_eq!(
-            c.init,
-            Init::LogProbs(vec![vec![0.0, -1.0], vec![0.0, 0.0]])
-        );
+        assert_eq!(c.init, Init::LogProbs(vec![vec![0.0, -1.0], vec![0.0, 0.0]]));
         assert_eq!(c.shape(), vec![2, 2]);
         let c = Config::from_toml_str("init = \"uniform\"").unwrap();
         assert_eq!(c.init, Init::Uniform);

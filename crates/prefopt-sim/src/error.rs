@@ -24,7 +24,9 @@ pub enum SimError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The von Neumann winner of a preference matrix could not be computed to 1e-9.
-    #[error("prompt {prompt}: could not compute the von Neumann winner (exploitability {exploitability:e} after the LP)")]
+    #[error(
+        "prompt {prompt}: could not compute the von Neumann winner (exploitability {exploitability:e} after the LP)"
+    )]
     VonNeumann {
         /// The prompt whose matrix failed.
         prompt: usize,

@@ -26,32 +26,24 @@ pub fn step_reward(problem: &Problem, loss: Loss, policy: &LogPolicy) -> Vec<Vec
         (Loss::Dpo, None) => {
             panic!("exact dpo needs Bradley-Terry rewards (rejected by Config::validate)")
         }
-        (Loss::Ipo | Loss::Sppo, _) => (0..problem.num_prompts())
-            .map(|x| problem.win_rates(x, &probs(&policy[x])))
-            .collect(),
+        (Loss::Ipo | Loss::Sppo, _) => {
+            (0..problem.num_prompts()).map(|x| problem.win_rates(x, &probs(&policy[x]))).collect()
+        }
     }
 }
 
 /// The exact proximal step `pi_hat_t+1 ∝ pi_t * exp(r_t / beta)`.
 pub fn exact_step(problem: &Problem, loss: Loss, beta: f64, policy: &LogPolicy) -> LogPolicy {
     let r = step_reward(problem, loss, policy);
-    let table = policy
-        .iter()
-        .zip(&r)
-        .map(|(row, rr)| row.iter().zip(rr).map(|(l, v)| l + v / beta).collect())
-        .collect();
+    let table =
+        policy.iter().zip(&r).map(|(row, rr)| row.iter().zip(rr).map(|(l, v)| l + v / beta).collect()).collect();
     normalized(table)
 }
 
 /// Theorem 4.1 of the APO paper, in closed form: given the rewards `r_0 .. r_t` of the
 /// iterations so far, the trained policy is
 /// `pi_hat_t+1 ∝ pi_0 * exp( sum_{i=0..t} (1 - alpha^(t+1-i)) / (1 - alpha) * r_i / beta )`.
-pub fn theorem_4_1(
-    init: &LogPolicy,
-    rewards: &[Vec<Vec<f64>>],
-    alpha: f64,
-    beta: f64,
-) -> LogPolicy {
+pub fn theorem_4_1(init: &LogPolicy, rewards: &[Vec<Vec<f64>>], alpha: f64, beta: f64) -> LogPolicy {
     let t1 = rewards.len() as i32; // t + 1
     let mut table = init.clone();
     for (i, r) in rewards.iter().enumerate() {
@@ -87,11 +79,7 @@ mod tests {
             let hat = exact_step(problem, loss, beta, &cur);
             let closed = theorem_4_1(&problem.init, &history, alpha, beta);
             let d = max_prob_diff(&hat, &closed);
-            assert!(
-                d < 1e-9,
-                "{loss:?} alpha {alpha} iteration {}: {d:e}",
-                history.len()
-            );
+            assert!(d < 1e-9, "{loss:?} alpha {alpha} iteration {}: {d:e}", history.len());
             cur = extrapolate(&hat, &hat_prev, alpha);
             hat_prev = hat;
         }
@@ -111,11 +99,7 @@ mod tests {
 
     #[test]
     fn exact_sppo_matches_theorem_4_1_with_its_changing_rewards() {
-        let rps = vec![
-            vec![0.5, 0.8, 0.1],
-            vec![0.2, 0.5, 0.7],
-            vec![0.9, 0.3, 0.5],
-        ];
+        let rps = vec![vec![0.5, 0.8, 0.1], vec![0.2, 0.5, 0.7], vec![0.9, 0.3, 0.5]];
         let general = Problem::general(vec![rps], normalized(vec![vec![0.0, -1.0, 0.5]])).unwrap();
         for alpha in [0.0, 0.5, 0.8] {
             check_against_theorem(&general, Loss::Sppo, alpha, 0.5, 25);
@@ -137,12 +121,7 @@ mod tests {
                     .init
                     .iter()
                     .zip(&r)
-                    .map(|(row, rr)| {
-                        row.iter()
-                            .zip(rr)
-                            .map(|(l, v)| l + t as f64 * v / beta)
-                            .collect()
-                    })
+                    .map(|(row, rr)| row.iter().zip(rr).map(|(l, v)| l + t as f64 * v / beta).collect())
                     .collect(),
             );
             assert!(max_prob_diff(&hat, &expect) < 1e-9, "t = {t}");

@@ -41,17 +41,8 @@ pub fn metrics(problem: &Problem, policy: &LogPolicy) -> Metrics {
             let best = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             gap += pi.iter().zip(r).map(|(q, r)| q * (best - r)).sum::<f64>();
         }
-        tv += pi
-            .iter()
-            .zip(&problem.optimal[x])
-            .map(|(q, o)| (q - o).max(0.0))
-            .sum::<f64>();
-        kl += pi
-            .iter()
-            .zip(row)
-            .zip(&problem.init[x])
-            .map(|((q, l), l0)| q * (l - l0))
-            .sum::<f64>();
+        tv += pi.iter().zip(&problem.optimal[x]).map(|(q, o)| (q - o).max(0.0)).sum::<f64>();
+        kl += pi.iter().zip(row).zip(&problem.init[x]).map(|((q, l), l0)| q * (l - l0)).sum::<f64>();
         expl += exploitability_of(&problem.prefs[x], &pi);
     }
     Metrics {
@@ -69,8 +60,7 @@ mod tests {
 
     #[test]
     fn uniform_policy_metrics_by_hand() {
-        let problem =
-            Problem::bradley_terry(vec![vec![0.0, 1.0], vec![2.0, 0.0]], uniform(&[2, 2]));
+        let problem = Problem::bradley_terry(vec![vec![0.0, 1.0], vec![2.0, 0.0]], uniform(&[2, 2]));
         let m = metrics(&problem, &uniform(&[2, 2]));
         assert!((m.reward_gap.unwrap() - 0.75).abs() < 1e-15);
         assert!((m.tv_to_optimal - 0.5).abs() < 1e-15);

@@ -45,12 +45,7 @@ pub fn extrapolate(hat_new: &LogPolicy, hat_old: &LogPolicy, alpha: f64) -> LogP
     let table = hat_new
         .iter()
         .zip(hat_old)
-        .map(|(new, old)| {
-            new.iter()
-                .zip(old)
-                .map(|(&n, &o)| n + alpha * (n - o))
-                .collect()
-        })
+        .map(|(new, old)| new.iter().zip(old).map(|(&n, &o)| n + alpha * (n - o)).collect())
         .collect();
     normalized(table)
 }

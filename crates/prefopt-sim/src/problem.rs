@@ -49,10 +49,7 @@ impl Problem {
         if config.is_bradley_terry() {
             let rewards = match &config.rewards {
                 Some(r) => r.clone(),
-                None => shape
-                    .iter()
-                    .map(|&r| (0..r).map(|_| rng.gen::<f64>()).collect())
-                    .collect(),
+                None => shape.iter().map(|&r| (0..r).map(|_| rng.gen::<f64>()).collect()).collect(),
             };
             Ok(Problem::bradley_terry(rewards, init))
         } else {
@@ -81,28 +78,17 @@ impl Problem {
     pub fn bradley_terry(rewards: Vec<Vec<f64>>, init: LogPolicy) -> Problem {
         let prefs = rewards
             .iter()
-            .map(|row| {
-                row.iter()
-                    .map(|&a| row.iter().map(|&b| sigmoid(a - b)).collect())
-                    .collect()
-            })
+            .map(|row| row.iter().map(|&a| row.iter().map(|&b| sigmoid(a - b)).collect()).collect())
             .collect();
         let optimal = rewards
             .iter()
             .map(|row| {
                 let best = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let ties = row.iter().filter(|&&r| r == best).count() as f64;
-                row.iter()
-                    .map(|&r| if r == best { 1.0 / ties } else { 0.0 })
-                    .collect()
+                row.iter().map(|&r| if r == best { 1.0 / ties } else { 0.0 }).collect()
             })
             .collect();
-        Problem {
-            rewards: Some(rewards),
-            prefs,
-            optimal,
-            init,
-        }
+        Problem { rewards: Some(rewards), prefs, optimal, init }
     }
 
     /// A general-preference problem; the reference solution is the von Neumann winner.
@@ -112,19 +98,11 @@ impl Problem {
             let q = von_neumann_winner(m);
             let e = exploitability_of(m, &q);
             if e > 1e-9 {
-                return Err(SimError::VonNeumann {
-                    prompt: x,
-                    exploitability: e,
-                });
+                return Err(SimError::VonNeumann { prompt: x, exploitability: e });
             }
             optimal.push(q);
         }
-        Ok(Problem {
-            rewards: None,
-            prefs,
-            optimal,
-            init,
-        })
+        Ok(Problem { rewards: None, prefs, optimal, init })
     }
 
     /// Number of prompts.
@@ -139,10 +117,7 @@ impl Problem {
 
     /// `P(y > pi | x)` for every response `y`, with `pi` given as probabilities.
     pub fn win_rates(&self, x: usize, pi: &[f64]) -> Vec<f64> {
-        self.prefs[x]
-            .iter()
-            .map(|row| row.iter().zip(pi).map(|(p, q)| p * q).sum())
-            .collect()
+        self.prefs[x].iter().map(|row| row.iter().zip(pi).map(|(p, q)| p * q).sum()).collect()
     }
 
     /// The margin that sets the exact-mode decay rate, when the reference solution is a
@@ -163,13 +138,7 @@ impl Problem {
             for &y in &outside {
                 let m = match (&self.rewards, loss) {
                     (Some(r), Loss::Dpo) => r[x][support[0]] - r[x][y],
-                    _ => {
-                        0.5 - self.prefs[x][y]
-                            .iter()
-                            .zip(opt)
-                            .map(|(p, q)| p * q)
-                            .sum::<f64>()
-                    }
+                    _ => 0.5 - self.prefs[x][y].iter().zip(opt).map(|(p, q)| p * q).sum::<f64>(),
                 };
                 margin = margin.min(m);
             }
@@ -182,9 +151,7 @@ impl Problem {
 /// Zero exactly at a von Neumann winner. Computed as `sum_y' q(y') (P(y > y') - 1/2)`,
 /// which keeps its relative precision when `q` is nearly pure.
 pub fn exploitability_of(m: &[Vec<f64>], q: &[f64]) -> f64 {
-    m.iter()
-        .map(|row| row.iter().zip(q).map(|(p, w)| (p - 0.5) * w).sum::<f64>())
-        .fold(f64::NEG_INFINITY, f64::max)
+    m.iter().map(|row| row.iter().zip(q).map(|(p, w)| (p - 0.5) * w).sum::<f64>()).fold(f64::NEG_INFINITY, f64::max)
 }
 
 /// The von Neumann winner of a preference matrix: a `q` with `P(y > q) <= 1/2` for all
@@ -272,11 +239,7 @@ mod tests {
 
     #[test]
     fn rock_paper_scissors_winner_is_uniform() {
-        let m = vec![
-            vec![0.5, 1.0, 0.0],
-            vec![0.0, 0.5, 1.0],
-            vec![1.0, 0.0, 0.5],
-        ];
+        let m = vec![vec![0.5, 1.0, 0.0], vec![0.0, 0.5, 1.0], vec![1.0, 0.0, 0.5]];
         let q = von_neumann_winner(&m);
         for v in &q {
             assert!((v - 1.0 / 3.0).abs() < 1e-12, "{q:?}");
@@ -287,11 +250,7 @@ mod tests {
     #[test]
     fn condorcet_winner_is_pure() {
         // Response 2 beats both others; 0 and 1 form no cycle with it.
-        let m = vec![
-            vec![0.5, 0.9, 0.3],
-            vec![0.1, 0.5, 0.2],
-            vec![0.7, 0.8, 0.5],
-        ];
+        let m = vec![vec![0.5, 0.9, 0.3], vec![0.1, 0.5, 0.2], vec![0.7, 0.8, 0.5]];
         let q = von_neumann_winner(&m);
         assert!((q[2] - 1.0).abs() < 1e-12, "{q:?}");
     }
@@ -311,11 +270,7 @@ mod tests {
             let q = von_neumann_winner(&m);
             assert!(q.iter().all(|&v| v >= 0.0));
             assert!((q.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-            assert!(
-                exploitability_of(&m, &q) < 1e-10,
-                "r = {r}: {}",
-                exploitability_of(&m, &q)
-            );
+            assert!(exploitability_of(&m, &q) < 1e-10, "r = {r}: {}", exploitability_of(&m, &q));
         }
     }
 

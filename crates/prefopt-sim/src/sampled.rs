@@ -89,12 +89,7 @@ struct PromptData {
 
 impl PromptData {
     fn new(r: usize) -> Self {
-        PromptData {
-            wins: vec![vec![0.0; r]; r],
-            count: vec![0.0; r],
-            target_sum: vec![0.0; r],
-            used: false,
-        }
+        PromptData { wins: vec![vec![0.0; r]; r], count: vec![0.0; r], target_sum: vec![0.0; r], used: false }
     }
 }
 
@@ -158,11 +153,7 @@ pub fn sampled_step(
                 for i in 0..k {
                     for j in i + 1..k {
                         if ys[i] != ys[j] {
-                            let (w, l) = if beats[i][j] {
-                                (ys[i], ys[j])
-                            } else {
-                                (ys[j], ys[i])
-                            };
+                            let (w, l) = if beats[i][j] { (ys[i], ys[j]) } else { (ys[j], ys[i]) };
                             d.wins[w][l] += 1.0;
                             stats.pairs += 1;
                         }
@@ -170,9 +161,7 @@ pub fn sampled_step(
                 }
             }
             (_, Pairing::BestWorst) => {
-                let wins: Vec<usize> = (0..k)
-                    .map(|i| (0..k).filter(|&j| j != i && beats[i][j]).count())
-                    .collect();
+                let wins: Vec<usize> = (0..k).map(|i| (0..k).filter(|&j| j != i && beats[i][j]).count()).collect();
                 let best = (0..k).fold(0, |b, i| if wins[i] > wins[b] { i } else { b });
                 let worst = (0..k).fold(0, |b, i| if wins[i] < wins[b] { i } else { b });
                 if wins[best] > wins[worst] && ys[best] != ys[worst] {
@@ -190,11 +179,7 @@ pub fn sampled_step(
 
     let active = data.iter().filter(|d| d.used).count();
     if s.loss == Loss::Dpo {
-        stats.separable_prompts = Some(
-            data.iter()
-                .filter(|d| d.used && is_separable(&d.wins))
-                .count(),
-        );
+        stats.separable_prompts = Some(data.iter().filter(|d| d.used && is_separable(&d.wins)).count());
     }
     if stats.pairs == 0 {
         return (policy.clone(), stats);
@@ -207,13 +192,7 @@ pub fn sampled_step(
         if !d.used {
             continue;
         }
-        let obj = Objective {
-            data: d,
-            loss: s.loss,
-            beta: s.beta,
-            l2: s.l2,
-            inv_m,
-        };
+        let obj = Objective { data: d, loss: s.loss, beta: s.beta, l2: s.l2, inv_m };
         let fit = newton(&obj, tol_prompt, s.max_fit_iters);
         stats.newton_steps = stats.newton_steps.max(fit.steps);
         if !fit.converged {
@@ -233,9 +212,7 @@ pub fn sampled_step(
 /// `w` (Zermelo's condition fails).
 fn is_separable(wins: &[Vec<f64>]) -> bool {
     let r = wins.len();
-    let mut reach: Vec<Vec<bool>> = (0..r)
-        .map(|i| (0..r).map(|j| wins[i][j] > 0.0).collect())
-        .collect();
+    let mut reach: Vec<Vec<bool>> = (0..r).map(|i| (0..r).map(|j| wins[i][j] > 0.0).collect()).collect();
     for m in 0..r {
         for i in 0..r {
             if reach[i][m] {
@@ -267,11 +244,7 @@ impl Objective<'_> {
             Loss::Dpo => {
                 let a = -b * z; // -logsig(b z) = softplus(-b z)
                 let v = a.max(0.0) + (-a.abs()).exp().ln_1p();
-                (
-                    v,
-                    -b * sigmoid(-b * z),
-                    b * b * sigmoid(b * z) * sigmoid(-b * z),
-                )
+                (v, -b * sigmoid(-b * z), b * b * sigmoid(b * z) * sigmoid(-b * z))
             }
             Loss::Ipo => {
                 let e = z - 0.5 / b;
@@ -349,20 +322,10 @@ fn newton(obj: &Objective, tol: f64, max_steps: usize) -> Fit {
         let (g, h) = obj.grad_hess(&u);
         let gn = norm(&g);
         if gn <= tol {
-            return Fit {
-                u,
-                steps,
-                grad_norm: gn,
-                converged: true,
-            };
+            return Fit { u, steps, grad_norm: gn, converged: true };
         }
         if steps >= max_steps {
-            return Fit {
-                u,
-                steps,
-                grad_norm: gn,
-                converged: false,
-            };
+            return Fit { u, steps, grad_norm: gn, converged: false };
         }
         let dir = solve_spd(&h, &g);
         let slope: f64 = g.iter().zip(&dir).map(|(a, b)| a * b).sum();
@@ -386,14 +349,7 @@ fn newton(obj: &Objective, tol: f64, max_steps: usize) -> Fit {
         steps += 1;
         match accepted {
             Some(cand) => u = cand,
-            None => {
-                return Fit {
-                    u,
-                    steps,
-                    grad_norm: gn,
-                    converged: false,
-                }
-            }
+            None => return Fit { u, steps, grad_norm: gn, converged: false },
         }
     }
 }
@@ -402,10 +358,7 @@ fn newton(obj: &Objective, tol: f64, max_steps: usize) -> Fit {
 /// positive definite (H is positive semi-definite: the losses are convex).
 fn solve_spd(h: &[Vec<f64>], g: &[f64]) -> Vec<f64> {
     let r = g.len();
-    let scale = (0..r)
-        .map(|i| h[i][i].abs())
-        .fold(0.0, f64::max)
-        .max(1e-300);
+    let scale = (0..r).map(|i| h[i][i].abs()).fold(0.0, f64::max).max(1e-300);
     let mut mu = 0.0;
     loop {
         if let Some(l) = cholesky(h, mu) {
@@ -467,10 +420,7 @@ mod tests {
     }
 
     fn max_log_ratio_diff(a: &LogPolicy, b: &LogPolicy) -> f64 {
-        a.iter()
-            .zip(b)
-            .flat_map(|(ra, rb)| ra.iter().zip(rb).map(|(x, y)| (x - y).abs()))
-            .fold(0.0, f64::max)
+        a.iter().zip(b).flat_map(|(ra, rb)| ra.iter().zip(rb).map(|(x, y)| (x - y).abs())).fold(0.0, f64::max)
     }
 
     #[test]
@@ -479,8 +429,7 @@ mod tests {
         let problem = Problem::bradley_terry(vec![vec![0.0, 0.5, 1.0], vec![1.0, 0.2, 0.0]], init);
         for loss in [Loss::Dpo, Loss::Ipo, Loss::Sppo] {
             let mut rng = ChaCha8Rng::seed_from_u64(3);
-            let (hat, stats) =
-                sampled_step(&problem, &problem.init, &settings(loss, 200_000), &mut rng);
+            let (hat, stats) = sampled_step(&problem, &problem.init, &settings(loss, 200_000), &mut rng);
             let exact = exact_step(&problem, loss, 0.5, &problem.init);
             assert_eq!(stats.unconverged_prompts, 0);
             assert!(stats.grad_norm <= 1e-10);
@@ -493,11 +442,9 @@ mod tests {
     fn always_won_pair_stays_finite_and_is_counted_separable() {
         // One prompt, two responses, response 1 always wins: DPO's unregularized
         // minimizer is at infinity; the L2 prior keeps it finite and the fit converges.
-        let problem =
-            Problem::general(vec![vec![vec![0.5, 0.0], vec![1.0, 0.5]]], uniform(&[2])).unwrap();
+        let problem = Problem::general(vec![vec![vec![0.5, 0.0], vec![1.0, 0.5]]], uniform(&[2])).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let (hat, stats) =
-            sampled_step(&problem, &problem.init, &settings(Loss::Dpo, 10), &mut rng);
+        let (hat, stats) = sampled_step(&problem, &problem.init, &settings(Loss::Dpo, 10), &mut rng);
         assert_eq!(stats.separable_prompts, Some(1));
         assert_eq!(stats.unconverged_prompts, 0);
         assert!(hat[0].iter().all(|v| v.is_finite()));
@@ -506,12 +453,8 @@ mod tests {
 
     #[test]
     fn best_worst_pairing_gives_at_most_one_pair_per_drawn_prompt() {
-        let problem =
-            Problem::bradley_terry(vec![vec![0.0, 0.5, 1.0, 2.0]; 3], uniform(&[4, 4, 4]));
-        let s = SampledSettings {
-            pairing: Pairing::BestWorst,
-            ..settings(Loss::Dpo, 50)
-        };
+        let problem = Problem::bradley_terry(vec![vec![0.0, 0.5, 1.0, 2.0]; 3], uniform(&[4, 4, 4]));
+        let s = SampledSettings { pairing: Pairing::BestWorst, ..settings(Loss::Dpo, 50) };
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let (hat, stats) = sampled_step(&problem, &problem.init, &s, &mut rng);
         assert_eq!(stats.pairs + stats.skipped_prompts, 50);
@@ -524,17 +467,9 @@ mod tests {
 
     #[test]
     fn separability_follows_zermelo() {
-        let cycle = vec![
-            vec![0.0, 1.0, 0.0],
-            vec![0.0, 0.0, 1.0],
-            vec![1.0, 0.0, 0.0],
-        ];
+        let cycle = vec![vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0], vec![1.0, 0.0, 0.0]];
         assert!(!is_separable(&cycle));
-        let chain = vec![
-            vec![0.0, 1.0, 0.0],
-            vec![0.0, 0.0, 1.0],
-            vec![0.0, 0.0, 0.0],
-        ];
+        let chain = vec![vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0], vec![0.0, 0.0, 0.0]];
         assert!(is_separable(&chain));
     }
 

@@ -64,14 +64,7 @@ pub struct Record {
 }
 
 impl Record {
-    fn new(
-        run: &RunKey,
-        loss: Loss,
-        iteration: usize,
-        hat: Metrics,
-        ext: Metrics,
-        fit: Option<FitStats>,
-    ) -> Record {
+    fn new(run: &RunKey, loss: Loss, iteration: usize, hat: Metrics, ext: Metrics, fit: Option<FitStats>) -> Record {
         Record {
             mode: if run.n.is_some() { "sampled" } else { "exact" }.to_string(),
             loss: loss.as_str().to_string(),
@@ -143,11 +136,7 @@ impl Spread {
     pub fn of(v: &[f64]) -> Spread {
         let n = v.len() as f64;
         let mean = v.iter().sum::<f64>() / n;
-        let var = if v.len() > 1 {
-            v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-        } else {
-            0.0
-        };
+        let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
         Spread {
             mean,
             std: var.sqrt(),
@@ -271,10 +260,7 @@ impl SweepOutput {
 
     /// The runs of one group (all seeds), in seed order.
     pub fn group(&self, n: Option<usize>, beta: f64, alpha: f64) -> Vec<&Run> {
-        self.runs
-            .iter()
-            .filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha)
-            .collect()
+        self.runs.iter().filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha).collect()
     }
 }
 
@@ -306,14 +292,7 @@ pub fn run_one(problem: &Problem, config: &Config, key: RunKey) -> Run {
             }
         };
         let ext = extrapolate(&hat, &hat_prev, key.alpha);
-        records.push(Record::new(
-            &key,
-            loss,
-            t,
-            metrics(problem, &hat),
-            metrics(problem, &ext),
-            fit,
-        ));
+        records.push(Record::new(&key, loss, t, metrics(problem, &hat), metrics(problem, &ext), fit));
         hat_prev = hat;
         cur = ext;
     }
@@ -327,16 +306,7 @@ pub fn run_sweep(config: &Config) -> Result<SweepOutput, SimError> {
     if config.mode.runs_exact() {
         for &beta in &config.betas {
             for &alpha in &config.alphas {
-                runs.push(run_one(
-                    &problem,
-                    config,
-                    RunKey {
-                        n: None,
-                        beta,
-                        alpha,
-                        seed: None,
-                    },
-                ));
+                runs.push(run_one(&problem, config, RunKey { n: None, beta, alpha, seed: None }));
             }
         }
     }
@@ -345,38 +315,20 @@ pub fn run_sweep(config: &Config) -> Result<SweepOutput, SimError> {
             for &beta in &config.betas {
                 for &alpha in &config.alphas {
                     for &seed in &config.seeds {
-                        runs.push(run_one(
-                            &problem,
-                            config,
-                            RunKey {
-                                n: Some(n),
-                                beta,
-                                alpha,
-                                seed: Some(seed),
-                            },
-                        ));
+                        runs.push(run_one(&problem, config, RunKey { n: Some(n), beta, alpha, seed: Some(seed) }));
                     }
                 }
             }
         }
     }
     let summary = summarize(&problem, config, &runs);
-    Ok(SweepOutput {
-        problem,
-        runs,
-        summary,
-    })
+    Ok(SweepOutput { problem, runs, summary })
 }
 
 /// Least-squares slope of `ln(gap)` against `t` over `t >= 1`, `gap > floor`.
 pub fn fit_log_slope(gaps: &[f64], floor: f64) -> Option<(f64, usize)> {
-    let pts: Vec<(f64, f64)> = gaps
-        .iter()
-        .enumerate()
-        .skip(1)
-        .filter(|(_, &g)| g > floor)
-        .map(|(t, &g)| (t as f64, g.ln()))
-        .collect();
+    let pts: Vec<(f64, f64)> =
+        gaps.iter().enumerate().skip(1).filter(|(_, &g)| g > floor).map(|(t, &g)| (t as f64, g.ln())).collect();
     if pts.len() < 2 {
         return None;
     }
@@ -408,19 +360,11 @@ impl RateFit {
 fn exact_rate_fit(records: &[Record], theory: Option<f64>) -> RateFit {
     let gaps: Vec<f64> = records.iter().map(Record::gap).collect();
     let Some((slope, points)) = fit_log_slope(&gaps, RATE_FIT_FLOOR) else {
-        return RateFit {
-            theory,
-            ..RateFit::default()
-        };
+        return RateFit { theory, ..RateFit::default() };
     };
-    let above: Vec<usize> = (1..gaps.len())
-        .filter(|&t| gaps[t] > RATE_FIT_FLOOR)
-        .collect();
+    let above: Vec<usize> = (1..gaps.len()).filter(|&t| gaps[t] > RATE_FIT_FLOOR).collect();
     let mut later = gaps.clone();
-    later
-        .iter_mut()
-        .take(above[points / 2])
-        .for_each(|g| *g = 0.0);
+    later.iter_mut().take(above[points / 2]).for_each(|g| *g = 0.0);
     RateFit {
         slope: Some(slope),
         points: Some(points),
@@ -450,16 +394,9 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
         ns.extend(v.into_iter().map(Some));
     }
     let select = |n: Option<usize>, beta: f64, alpha: f64| -> Vec<&Run> {
-        runs.iter()
-            .filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha)
-            .collect()
+        runs.iter().filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha).collect()
     };
-    let final_gaps = |group: &[&Run]| -> Vec<f64> {
-        group
-            .iter()
-            .map(|r| r.records.last().unwrap().gap())
-            .collect()
-    };
+    let final_gaps = |group: &[&Run]| -> Vec<f64> { group.iter().map(|r| r.records.last().unwrap().gap()).collect() };
 
     let mut groups = Vec::new();
     for &n in &ns {
@@ -469,17 +406,11 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                 let hits: Vec<f64> = group
                     .iter()
                     .filter_map(|r| {
-                        r.records
-                            .iter()
-                            .find(|rec| rec.gap() <= config.target_gap)
-                            .map(|rec| rec.iteration as f64)
+                        r.records.iter().find(|rec| rec.gap() <= config.target_gap).map(|rec| rec.iteration as f64)
                     })
                     .collect();
                 let fit = match n {
-                    None => exact_rate_fit(
-                        &group[0].records,
-                        margin.map(|m| m / ((1.0 - alpha) * beta)),
-                    ),
+                    None => exact_rate_fit(&group[0].records, margin.map(|m| m / ((1.0 - alpha) * beta))),
                     Some(_) => RateFit::default(),
                 };
                 groups.push(GroupSummary {
@@ -500,11 +431,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                     late_fitted_slope: fit.late_slope,
                     late_rate_ratio: fit.ratio(fit.late_slope),
                     unconverged_fits: n.map(|_| {
-                        group
-                            .iter()
-                            .flat_map(|r| &r.records)
-                            .filter_map(|rec| rec.fit_unconverged_prompts)
-                            .sum()
+                        group.iter().flat_map(|r| &r.records).filter_map(|rec| rec.fit_unconverged_prompts).sum()
                     }),
                 });
             }
@@ -514,27 +441,12 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
     let mut tradeoff = Vec::new();
     for &n in ns.iter().flatten() {
         for &beta in &betas {
-            let per_alpha: Vec<Vec<f64>> = alphas
-                .iter()
-                .map(|&a| final_gaps(&select(Some(n), beta, a)))
-                .collect();
+            let per_alpha: Vec<Vec<f64>> = alphas.iter().map(|&a| final_gaps(&select(Some(n), beta, a))).collect();
             let spreads: Vec<Spread> = per_alpha.iter().map(|v| Spread::of(v)).collect();
-            let best = (0..alphas.len()).fold(0, |b, i| {
-                if spreads[i].mean < spreads[b].mean {
-                    i
-                } else {
-                    b
-                }
-            });
+            let best = (0..alphas.len()).fold(0, |b, i| if spreads[i].mean < spreads[b].mean { i } else { b });
             let last = alphas.len() - 1;
-            let worse = spreads[best + 1..]
-                .iter()
-                .any(|s| s.mean > spreads[best].mean);
-            let seeds_worse = per_alpha[last]
-                .iter()
-                .zip(&per_alpha[best])
-                .filter(|(l, b)| l > b)
-                .count();
+            let worse = spreads[best + 1..].iter().any(|s| s.mean > spreads[best].mean);
+            let seeds_worse = per_alpha[last].iter().zip(&per_alpha[best]).filter(|(l, b)| l > b).count();
             tradeoff.push(Tradeoff {
                 n,
                 beta,
@@ -551,12 +463,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
 
     Summary {
         loss: config.loss.as_str().to_string(),
-        gap_metric: if problem.rewards.is_some() {
-            "reward_gap"
-        } else {
-            "exploitability"
-        }
-        .to_string(),
+        gap_metric: if problem.rewards.is_some() { "reward_gap" } else { "exploitability" }.to_string(),
         target_gap: config.target_gap,
         iterations: config.iterations,
         rate_margin: margin,
@@ -607,11 +514,7 @@ mod tests {
         assert_eq!(out.summary.rate_margin, Some(0.1));
         for g in &out.summary.groups {
             let ratio = g.rate_ratio.unwrap();
-            assert!(
-                (ratio - 1.0).abs() < 0.1,
-                "alpha {}: ratio {ratio}",
-                g.alpha
-            );
+            assert!((ratio - 1.0).abs() < 0.1, "alpha {}: ratio {ratio}", g.alpha);
         }
     }
 

@@ -166,10 +166,32 @@ impl Default for TrainConfig {
 
 /// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
 pub const SFT_KEYS: [&str; 27] = [
-    "model", "train_data", "eval_data", "output_dir", "seed", "optimizer", "learning_rate", "weight_decay",
-    "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type", "warmup_ratio", "warmup_steps",
-    "max_grad_norm", "batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "max_length",
-    "max_prompt_length", "logging_steps", "eval_steps", "save_steps", "resume_from_checkpoint", "on_nonfinite",
+    "model",
+    "train_data",
+    "eval_data",
+    "output_dir",
+    "seed",
+    "optimizer",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "max_grad_norm",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "max_length",
+    "max_prompt_length",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "resume_from_checkpoint",
+    "on_nonfinite",
     "cache_dir",
 ];
 
@@ -200,7 +222,11 @@ impl TrainConfig {
         })
     }
 
-    fn load_checked(path: Option<&Path>, overrides: &[String], check: impl FnOnce(&mut toml::Table) -> Result<(), String>) -> Result<Self, ConfigError> {
+    fn load_checked(
+        path: Option<&Path>,
+        overrides: &[String],
+        check: impl FnOnce(&mut toml::Table) -> Result<(), String>,
+    ) -> Result<Self, ConfigError> {
         let name = match (path, overrides.is_empty()) {
             (Some(p), true) => p.display().to_string(),
             (Some(p), false) => format!("{} with --set overrides", p.display()),
@@ -250,13 +276,19 @@ impl TrainConfig {
                 return Err(format!("`loss_weights` has {} entries but `loss_type` names {n_losses} losses", w.len()));
             }
         }
-        let positive = [("beta", self.beta), ("learning_rate", self.learning_rate), ("num_train_epochs", self.num_train_epochs)];
+        let positive =
+            [("beta", self.beta), ("learning_rate", self.learning_rate), ("num_train_epochs", self.num_train_epochs)];
         for (key, v) in positive {
             if !(v > 0.0 && v.is_finite()) {
                 return Err(format!("`{key}` must be a positive number, got {v}"));
             }
         }
-        for (key, v) in [("batch_size", self.batch_size), ("gradient_accumulation_steps", self.gradient_accumulation_steps), ("max_length", self.max_length), ("logging_steps", self.logging_steps)] {
+        for (key, v) in [
+            ("batch_size", self.batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            ("max_length", self.max_length),
+            ("logging_steps", self.logging_steps),
+        ] {
             if v == 0 {
                 return Err(format!("`{key}` must be at least 1"));
             }

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use prefopt_data::{parse_preference, read_records, tokenize_pair, HfTokenizer, PairOutcome, TokenizeOptions, TokenizedPair};
+use prefopt_data::{
+    parse_preference, read_records, tokenize_pair, HfTokenizer, PairOutcome, TokenizeOptions, TokenizedPair,
+};
 
 use crate::TrainError;
 

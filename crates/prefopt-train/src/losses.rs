@@ -43,26 +43,13 @@ pub enum LossError {
     #[error("loss `{loss}` needs win probabilities (`win_prob_chosen` and `win_prob_rejected`)")]
     MissingWinProbs { loss: &'static str },
     #[error("{param} must be {expected} for `{loss}`, got {value}")]
-    BadParam {
-        loss: &'static str,
-        param: &'static str,
-        expected: &'static str,
-        value: f64,
-    },
+    BadParam { loss: &'static str, param: &'static str, expected: &'static str, value: f64 },
     #[error("`{name}` has shape {got:?}, expected ({b},) like `chosen`")]
-    Shape {
-        name: &'static str,
-        got: Vec<usize>,
-        b: usize,
-    },
+    Shape { name: &'static str, got: Vec<usize>, b: usize },
     #[error("`chosen` must have shape (B,) with B >= 1, got {0:?}")]
     BatchShape(Vec<usize>),
     #[error("`{name}` has dtype {got:?}, expected {want:?} like `chosen`")]
-    DType {
-        name: &'static str,
-        got: DType,
-        want: DType,
-    },
+    DType { name: &'static str, got: DType, want: DType },
     #[error("no loss terms given")]
     NoTerms,
     #[error("gradient lists do not match: {0}")]
@@ -141,16 +128,10 @@ impl LossType {
 
     /// Parses a TRL `loss_type` name; the error lists the valid names.
     pub fn parse(s: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
-                format!(
-                    "unknown loss type `{s}`; expected one of: {}",
-                    names.join(", ")
-                )
-            })
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown loss type `{s}`; expected one of: {}", names.join(", "))
+        })
     }
 }
 
@@ -197,13 +178,7 @@ pub struct LossParams {
 
 impl Default for LossParams {
     fn default() -> Self {
-        Self {
-            beta: 0.1,
-            label_smoothing: 0.0,
-            simpo_gamma: 0.5,
-            dpop_lambda: 50.0,
-            sft_norm: SftNorm::PerPair,
-        }
+        Self { beta: 0.1, label_smoothing: 0.0, simpo_gamma: 0.5, dpop_lambda: 50.0, sft_norm: SftNorm::PerPair }
     }
 }
 
@@ -211,14 +186,7 @@ impl LossParams {
     /// Refuses parameters out of range for `kind`; parameters `kind` does not read are not checked.
     pub fn check(&self, kind: LossType) -> Result<(), LossError> {
         let loss = kind.name();
-        let bad = |param, expected, value| {
-            Err(LossError::BadParam {
-                loss,
-                param,
-                expected,
-                value,
-            })
-        };
+        let bad = |param, expected, value| Err(LossError::BadParam { loss, param, expected, value });
         if kind != LossType::Sft && !(self.beta.is_finite() && self.beta > 0.0) {
             return bad("beta", "> 0", self.beta);
         }
@@ -228,9 +196,7 @@ impl LossParams {
             _ if smoothed && (e.is_nan() || e < 0.0) => bad("label_smoothing", ">= 0", e),
             LossType::Sigmoid if e > 0.5 => bad("label_smoothing", "<= 0.5", e),
             LossType::Robust if e >= 0.5 => bad("label_smoothing", "< 0.5", e),
-            LossType::Simpo if !self.simpo_gamma.is_finite() => {
-                bad("simpo_gamma", "finite", self.simpo_gamma)
-            }
+            LossType::Simpo if !self.simpo_gamma.is_finite() => bad("simpo_gamma", "finite", self.simpo_gamma),
             LossType::Dpop if !(self.dpop_lambda.is_finite() && self.dpop_lambda >= 0.0) => {
                 bad("dpop_lambda", ">= 0", self.dpop_lambda)
             }
@@ -276,18 +242,10 @@ impl PairLogps<'_> {
         for (name, t) in named {
             let Some(t) = t else { continue };
             if t.dims() != [b] {
-                return Err(LossError::Shape {
-                    name,
-                    got: t.dims().to_vec(),
-                    b,
-                });
+                return Err(LossError::Shape { name, got: t.dims().to_vec(), b });
             }
             if t.dtype() != want {
-                return Err(LossError::DType {
-                    name,
-                    got: t.dtype(),
-                    want,
-                });
+                return Err(LossError::DType { name, got: t.dtype(), want });
             }
         }
         Ok(b)
@@ -309,10 +267,7 @@ impl PairLogps<'_> {
 
     /// `|y_w|`, `|y_l|` clamped to >= 1 (detached).
     fn lens(&self) -> Result<(Tensor, Tensor), LossError> {
-        Ok((
-            self.chosen_lens.detach().maximum(1.0)?,
-            self.rejected_lens.detach().maximum(1.0)?,
-        ))
+        Ok((self.chosen_lens.detach().maximum(1.0)?, self.rejected_lens.detach().maximum(1.0)?))
     }
 }
 
@@ -353,8 +308,7 @@ pub fn pair_loss(kind: LossType, p: &LossParams, x: &PairLogps) -> Result<Tensor
             // (-(1-e)*logsig(beta*h) + e*logsig(-beta*h)) / (1-2e)
             let z = margin(kind, x)?.affine(beta, 0.0)?;
             let d = 1.0 - 2.0 * e;
-            (log_sigmoid(&z)?.affine(-(1.0 - e) / d, 0.0)?
-                + log_sigmoid(&z.neg()?)?.affine(e / d, 0.0)?)?
+            (log_sigmoid(&z)?.affine(-(1.0 - e) / d, 0.0)? + log_sigmoid(&z.neg()?)?.affine(e / d, 0.0)?)?
         }
         LossType::Hinge => relu_strict(&margin(kind, x)?.affine(-beta, 1.0)?)?,
         LossType::Ipo => {
@@ -423,11 +377,7 @@ fn margin(kind: LossType, x: &PairLogps) -> Result<Tensor, LossError> {
 /// Weighted sum of several losses' batch means: TRL's `loss_type = [..]` with
 /// `loss_weights`; `[(Sigmoid, 1), (Sft, alpha)]` is RPO. Returns the scalar loss (rank 0,
 /// differentiable).
-pub fn combined_loss(
-    terms: &[(LossType, f64)],
-    p: &LossParams,
-    x: &PairLogps,
-) -> Result<Tensor, LossError> {
+pub fn combined_loss(terms: &[(LossType, f64)], p: &LossParams, x: &PairLogps) -> Result<Tensor, LossError> {
     let mut total: Option<Tensor> = None;
     for &(kind, weight) in terms {
         if !weight.is_finite() {
@@ -486,33 +436,20 @@ impl RewardMetrics {
 /// `beta*lp/|y|` for SimPO instead. Giving only one of the two reference tensors is an error.
 pub fn reward_metrics(beta: f64, x: &PairLogps) -> Result<RewardMetrics, LossError> {
     x.check()?;
-    let host = |t: &Tensor| -> Result<Vec<f64>, LossError> {
-        Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?)
-    };
+    let host = |t: &Tensor| -> Result<Vec<f64>, LossError> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?) };
     let lp_w = host(x.chosen)?;
     let lp_l = host(x.rejected)?;
     let (rho_w, rho_l): (Vec<f64>, Vec<f64>) = match (x.ref_chosen, x.ref_rejected) {
         (Some(rw), Some(rl)) => {
             let (rw, rl) = (host(rw)?, host(rl)?);
-            (
-                lp_w.iter().zip(&rw).map(|(a, b)| a - b).collect(),
-                lp_l.iter().zip(&rl).map(|(a, b)| a - b).collect(),
-            )
+            (lp_w.iter().zip(&rw).map(|(a, b)| a - b).collect(), lp_l.iter().zip(&rl).map(|(a, b)| a - b).collect())
         }
         (None, None) => (lp_w.clone(), lp_l.clone()),
-        _ => {
-            return Err(LossError::MissingReference {
-                loss: "reward metrics",
-            })
-        }
+        _ => return Err(LossError::MissingReference { loss: "reward metrics" }),
     };
     let n = lp_w.len() as f64;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
-    let margins: Vec<f64> = rho_w
-        .iter()
-        .zip(&rho_l)
-        .map(|(w, l)| beta * (w - l))
-        .collect();
+    let margins: Vec<f64> = rho_w.iter().zip(&rho_l).map(|(w, l)| beta * (w - l)).collect();
     let wins = rho_w.iter().zip(&rho_l).filter(|(w, l)| w > l).count() as f64;
     Ok(RewardMetrics {
         chosen: beta * mean(&rho_w),
@@ -530,30 +467,18 @@ mod tests {
     use candle_core::{Device, Var};
     use serde_json::Value;
 
-    const CROSSCHECK: &str = include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/expected/train/losses_crosscheck.json"
-    ));
+    const CROSSCHECK: &str =
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/expected/train/losses_crosscheck.json"));
 
     /// TRL loss types in the fixture that prefopt does not implement.
-    const NOT_IMPLEMENTED: [&str; 5] = [
-        "bco_pair",
-        "apo_zero",
-        "apo_down",
-        "exo_pair",
-        "sigmoid_norm",
-    ];
+    const NOT_IMPLEMENTED: [&str; 5] = ["bco_pair", "apo_zero", "apo_down", "exo_pair", "sigmoid_norm"];
 
     fn fixture() -> Value {
         serde_json::from_str(CROSSCHECK).unwrap()
     }
 
     fn floats(v: &Value) -> Vec<f64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
     }
 
     /// The cross-check inputs as tensors of one dtype.
@@ -564,17 +489,10 @@ mod tests {
     impl Inputs {
         fn new(fx: &Value, dtype: DType) -> Self {
             let inp = &fx["inputs"];
-            let keys = [
-                "lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l", "sppo_p_w", "sppo_p_l",
-            ];
+            let keys = ["lp_w", "lp_l", "ref_w", "ref_l", "len_w", "len_l", "sppo_p_w", "sppo_p_l"];
             let t = keys
                 .iter()
-                .map(|k| {
-                    Tensor::new(floats(&inp[*k]), &Device::Cpu)
-                        .unwrap()
-                        .to_dtype(dtype)
-                        .unwrap()
-                })
+                .map(|k| Tensor::new(floats(&inp[*k]), &Device::Cpu).unwrap().to_dtype(dtype).unwrap())
                 .collect();
             Self { t }
         }
@@ -618,10 +536,7 @@ mod tests {
             }
             "sigmoid+sft" => vec![(LossType::Sigmoid, 1.0), (LossType::Sft, 1.0)],
             _ if NOT_IMPLEMENTED.contains(&name) => return None,
-            _ => vec![(
-                LossType::parse(name).unwrap_or_else(|e| panic!("fixture loss {name}: {e}")),
-                1.0,
-            )],
+            _ => vec![(LossType::parse(name).unwrap_or_else(|e| panic!("fixture loss {name}: {e}")), 1.0)],
         };
         Some((terms, p))
     }
@@ -641,12 +556,7 @@ mod tests {
             if let [(kind, _)] = terms[..] {
                 covered.insert(kind);
                 if !entry["per_pair"].is_null() {
-                    let got = pair_loss(kind, &p, &x)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap()
-                        .to_vec1::<f64>()
-                        .unwrap();
+                    let got = pair_loss(kind, &p, &x).unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
                     let want = floats(&entry["per_pair"]);
                     assert_eq!(got.len(), want.len());
                     for (g, w) in got.iter().zip(&want) {
@@ -654,20 +564,11 @@ mod tests {
                     }
                 }
             }
-            let mean = combined_loss(&terms, &p, &x)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let mean = combined_loss(&terms, &p, &x).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
             err = err.max((mean - entry["mean"].as_f64().unwrap()).abs());
             out.push((name.clone(), err));
         }
-        assert_eq!(
-            covered.len(),
-            LossType::ALL.len(),
-            "every loss type has a cross-check entry"
-        );
+        assert_eq!(covered.len(), LossType::ALL.len(), "every loss type has a cross-check entry");
         out
     }
 
@@ -710,13 +611,7 @@ mod tests {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .starts_with("traj_")
-            })
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("traj_"))
             .collect();
         files.sort();
         assert!(files.len() >= 14, "{files:?}");
@@ -736,21 +631,13 @@ mod tests {
                 }
             }
             let v = |x: &Value| Tensor::new(floats(x), &Device::Cpu).unwrap();
-            let (ref_w, ref_l) = (
-                v(&fx["reference"]["logp_chosen"]),
-                v(&fx["reference"]["logp_rejected"]),
-            );
+            let (ref_w, ref_l) = (v(&fx["reference"]["logp_chosen"]), v(&fx["reference"]["logp_rejected"]));
             let (n_w, n_l) = (v(&fx["n_tokens_chosen"]), v(&fx["n_tokens_rejected"]));
             for step in fx["steps"].as_array().unwrap() {
-                let (lp_w, lp_l) = (
-                    v(&step["per_example"]["logp_chosen"]),
-                    v(&step["per_example"]["logp_rejected"]),
-                );
+                let (lp_w, lp_l) = (v(&step["per_example"]["logp_chosen"]), v(&step["per_example"]["logp_rejected"]));
                 for dtype in [DType::F32, DType::F64] {
-                    let t: Vec<Tensor> = [&lp_w, &lp_l, &ref_w, &ref_l, &n_w, &n_l]
-                        .iter()
-                        .map(|t| t.to_dtype(dtype).unwrap())
-                        .collect();
+                    let t: Vec<Tensor> =
+                        [&lp_w, &lp_l, &ref_w, &ref_l, &n_w, &n_l].iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
                     let x = PairLogps {
                         chosen: &t[0],
                         rejected: &t[1],
@@ -761,10 +648,7 @@ mod tests {
                         win_prob_chosen: None,
                         win_prob_rejected: None,
                     };
-                    let got = combined_loss(&terms, &p, &x)
-                        .unwrap()
-                        .to_dtype(DType::F64)
-                        .unwrap();
+                    let got = combined_loss(&terms, &p, &x).unwrap().to_dtype(DType::F64).unwrap();
                     let got = got.to_scalar::<f64>().unwrap();
                     let want = step["loss"].as_f64().unwrap();
                     let what = format!("{} step {} {dtype:?}", path.display(), step["step"]);
@@ -774,18 +658,12 @@ mod tests {
                     assert!(rel < 2e-6, "{what}: loss {got} vs {want}");
                     for (name, got) in reward_metrics(p.beta, &x).unwrap().named() {
                         let want = step[name].as_f64().unwrap();
-                        assert!(
-                            (got - want).abs() < 1e-5 * want.abs().max(1.0),
-                            "{what}: {name} {got} vs {want}"
-                        );
+                        assert!((got - want).abs() < 1e-5 * want.abs().max(1.0), "{what}: {name} {got} vs {want}");
                     }
                 }
             }
         }
-        println!(
-            "trajectory losses: max rel err f32 {:.2e}, f64 {:.2e}",
-            worst[0], worst[1]
-        );
+        println!("trajectory losses: max rel err f32 {:.2e}, f64 {:.2e}", worst[0], worst[1]);
     }
 
     #[test]
@@ -801,18 +679,11 @@ mod tests {
         assert!((m.margins - 3.0).abs() < 1e-12);
         assert_eq!(m.accuracies, 1.0);
         x.ref_chosen = Some(&inputs.t[2]);
-        assert!(matches!(
-            reward_metrics(2.0, &x),
-            Err(LossError::MissingReference { .. })
-        ));
+        assert!(matches!(reward_metrics(2.0, &x), Err(LossError::MissingReference { .. })));
     }
 
     fn params_for(kind: LossType) -> LossParams {
-        let mut p = LossParams {
-            label_smoothing: 0.1,
-            simpo_gamma: 1.375,
-            ..LossParams::default()
-        };
+        let mut p = LossParams { label_smoothing: 0.1, simpo_gamma: 1.375, ..LossParams::default() };
         if kind == LossType::Simpo {
             p.beta = 2.5;
         }
@@ -826,12 +697,7 @@ mod tests {
         let mut x = inputs.pairs();
         x.chosen = w.as_tensor();
         x.rejected = l.as_tensor();
-        let g = pair_loss(kind, p, &x)
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = pair_loss(kind, p, &x).unwrap().mean_all().unwrap().backward().unwrap();
         let get = |v: &Var| match g.get(v.as_tensor()) {
             Some(t) => t.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
             None => vec![0.0; 4], // the loss does not depend on it (sft and rejected)
@@ -846,10 +712,7 @@ mod tests {
             let inputs = Inputs::new(&fx, dtype);
             for kind in LossType::ALL {
                 let (gw, gl) = grads(kind, &params_for(kind), &inputs);
-                assert!(
-                    gw.iter().chain(&gl).all(|g| g.is_finite()),
-                    "{kind}: {gw:?} {gl:?}"
-                );
+                assert!(gw.iter().chain(&gl).all(|g| g.is_finite()), "{kind}: {gw:?} {gl:?}");
                 // Gradient descent raises lp(y_w): d loss / d lp_w < 0 for every loss here.
                 assert!(gw.iter().all(|&g| g < 0.0), "{kind} chosen: {gw:?}");
                 match kind {
@@ -859,11 +722,7 @@ mod tests {
                         let rho_l = [-1.8, -0.8, -1.8, -0.7];
                         let target = [-2.0, -0.5, -3.0, 0.0];
                         for i in 0..4 {
-                            assert_eq!(
-                                gl[i] > 0.0,
-                                rho_l[i] > target[i],
-                                "sppo rejected {i}: {gl:?}"
-                            );
+                            assert_eq!(gl[i] > 0.0, rho_l[i] > target[i], "sppo rejected {i}: {gl:?}");
                         }
                     }
                     _ => assert!(gl.iter().all(|&g| g > 0.0), "{kind} rejected: {gl:?}"),
@@ -886,25 +745,16 @@ mod tests {
             } else {
                 x.rejected = &moved;
             }
-            pair_loss(kind, p, &x)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
+            pair_loss(kind, p, &x).unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap()
         };
         for kind in LossType::ALL {
             for sft_norm in [SftNorm::PerPair, SftNorm::TokenMean] {
-                let p = LossParams {
-                    sft_norm,
-                    ..params_for(kind)
-                };
+                let p = LossParams { sft_norm, ..params_for(kind) };
                 let (gw, gl) = grads(kind, &p, &inputs);
                 for (side, g) in [(0, &gw), (1, &gl)] {
                     for (i, &gi) in g.iter().enumerate() {
                         let h = 1e-6;
-                        let fd = (mean_at(kind, &p, side, i, h) - mean_at(kind, &p, side, i, -h))
-                            / (2.0 * h);
+                        let fd = (mean_at(kind, &p, side, i, h) - mean_at(kind, &p, side, i, -h)) / (2.0 * h);
                         assert!(
                             (fd - gi).abs() < 1e-6 * (1.0 + fd.abs()),
                             "{kind} side {side} pair {i}: {gi} vs fd {fd}"
@@ -932,10 +782,7 @@ mod tests {
             win_prob_chosen: None,
             win_prob_rejected: None,
         };
-        let loss = pair_loss(LossType::Sigmoid, &LossParams::default(), &x)
-            .unwrap()
-            .mean_all()
-            .unwrap();
+        let loss = pair_loss(LossType::Sigmoid, &LossParams::default(), &x).unwrap().mean_all().unwrap();
         assert!((loss.to_scalar::<f32>().unwrap() - std::f32::consts::LN_2).abs() < 1e-7);
         let g = loss.backward().unwrap();
         for v in g.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap() {
@@ -966,10 +813,7 @@ mod tests {
     fn hinge_has_no_gradient_past_the_margin() {
         let fx = fixture();
         let inputs = Inputs::new(&fx, DType::F64);
-        let p = LossParams {
-            beta: 1.0,
-            ..LossParams::default()
-        }; // beta*h >= 1 for pairs 0 and 2
+        let p = LossParams { beta: 1.0, ..LossParams::default() }; // beta*h >= 1 for pairs 0 and 2
         let (gw, gl) = grads(LossType::Hinge, &p, &inputs);
         assert_eq!((gw[0], gl[0], gw[2], gl[2]), (0.0, 0.0, 0.0, 0.0));
         assert!(gw[1] < 0.0 && gl[1] > 0.0);
@@ -981,27 +825,15 @@ mod tests {
         let inputs = Inputs::new(&fx, DType::F64);
         let x = inputs.pairs();
         let p = LossParams::default();
-        let mean = |k| {
-            pair_loss(k, &p, &x)
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let both =
-            combined_loss(&[(LossType::Sigmoid, 1.0), (LossType::Sft, 1.0)], &p, &x).unwrap();
+        let mean = |k| pair_loss(k, &p, &x).unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap();
+        let both = combined_loss(&[(LossType::Sigmoid, 1.0), (LossType::Sft, 1.0)], &p, &x).unwrap();
         assert_eq!(both.rank(), 0);
         let both = both.to_scalar::<f64>().unwrap();
         assert!((both - (mean(LossType::Sigmoid) + mean(LossType::Sft))).abs() < 1e-12);
-        let weighted =
-            combined_loss(&[(LossType::Sigmoid, 1.0), (LossType::Sft, 0.25)], &p, &x).unwrap();
+        let weighted = combined_loss(&[(LossType::Sigmoid, 1.0), (LossType::Sft, 0.25)], &p, &x).unwrap();
         let weighted = weighted.to_scalar::<f64>().unwrap();
         assert!((weighted - (mean(LossType::Sigmoid) + 0.25 * mean(LossType::Sft))).abs() < 1e-12);
-        assert!(matches!(
-            combined_loss(&[], &p, &x),
-            Err(LossError::NoTerms)
-        ));
+        assert!(matches!(combined_loss(&[], &p, &x), Err(LossError::NoTerms)));
     }
 
     #[test]
@@ -1017,17 +849,17 @@ mod tests {
                 Ok(_) => assert!(!kind.needs_reference(), "{kind}"),
                 Err(e) => {
                     assert!(kind.needs_reference(), "{kind}: {e}");
-                    assert_eq!(e.to_string(), format!("loss `{kind}` needs reference log-probs (`ref_chosen` and `ref_rejected`)"));
+                    assert_eq!(
+                        e.to_string(),
+                        format!("loss `{kind}` needs reference log-probs (`ref_chosen` and `ref_rejected`)")
+                    );
                 }
             }
         }
         let mut x = inputs.pairs();
         x.win_prob_rejected = None;
         let e = pair_loss(LossType::Sppo, &LossParams::default(), &x).unwrap_err();
-        assert!(
-            matches!(e, LossError::MissingWinProbs { loss: "sppo" }),
-            "{e}"
-        );
+        assert!(matches!(e, LossError::MissingWinProbs { loss: "sppo" }), "{e}");
     }
 
     #[test]
@@ -1035,53 +867,25 @@ mod tests {
         let fx = fixture();
         let inputs = Inputs::new(&fx, DType::F32);
         let x = inputs.pairs();
-        let robust = LossParams {
-            label_smoothing: 0.6,
-            ..LossParams::default()
-        };
+        let robust = LossParams { label_smoothing: 0.6, ..LossParams::default() };
         let e = pair_loss(LossType::Robust, &robust, &x).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "label_smoothing must be < 0.5 for `robust`, got 0.6"
-        );
-        let half = LossParams {
-            label_smoothing: 0.5,
-            ..LossParams::default()
-        };
+        assert_eq!(e.to_string(), "label_smoothing must be < 0.5 for `robust`, got 0.6");
+        let half = LossParams { label_smoothing: 0.5, ..LossParams::default() };
         assert!(pair_loss(LossType::Robust, &half, &x).is_err());
         assert!(pair_loss(LossType::Sigmoid, &half, &x).is_ok());
         assert!(pair_loss(LossType::Sigmoid, &robust, &x).is_err());
         for beta in [0.0, -0.1, f64::NAN] {
-            let p = LossParams {
-                beta,
-                ..LossParams::default()
-            };
+            let p = LossParams { beta, ..LossParams::default() };
             for kind in LossType::ALL {
                 let r = pair_loss(kind, &p, &x);
                 assert_eq!(r.is_ok(), kind == LossType::Sft, "{kind} beta {beta}");
             }
         }
-        let e = pair_loss(
-            LossType::Ipo,
-            &LossParams {
-                beta: 0.0,
-                ..LossParams::default()
-            },
-            &x,
-        )
-        .unwrap_err();
+        let e = pair_loss(LossType::Ipo, &LossParams { beta: 0.0, ..LossParams::default() }, &x).unwrap_err();
         assert_eq!(e.to_string(), "beta must be > 0 for `ipo`, got 0");
-        let p = LossParams {
-            dpop_lambda: -1.0,
-            ..LossParams::default()
-        };
+        let p = LossParams { dpop_lambda: -1.0, ..LossParams::default() };
         assert!(pair_loss(LossType::Dpop, &p, &x).is_err());
-        let e = combined_loss(
-            &[(LossType::Sigmoid, f64::INFINITY)],
-            &LossParams::default(),
-            &x,
-        )
-        .unwrap_err();
+        let e = combined_loss(&[(LossType::Sigmoid, f64::INFINITY)], &LossParams::default(), &x).unwrap_err();
         assert!(e.to_string().contains("loss weight"), "{e}");
     }
 
@@ -1093,17 +897,11 @@ mod tests {
         let mut x = inputs.pairs();
         x.rejected_lens = &short;
         let e = pair_loss(LossType::Ipo, &LossParams::default(), &x).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "`rejected_lens` has shape [2], expected (4,) like `chosen`"
-        );
+        assert_eq!(e.to_string(), "`rejected_lens` has shape [2], expected (4,) like `chosen`");
         let wide = inputs.t[3].to_dtype(DType::F64).unwrap();
         let mut x = inputs.pairs();
         x.ref_rejected = Some(&wide);
-        assert!(matches!(
-            pair_loss(LossType::Sigmoid, &LossParams::default(), &x),
-            Err(LossError::DType { .. })
-        ));
+        assert!(matches!(pair_loss(LossType::Sigmoid, &LossParams::default(), &x), Err(LossError::DType { .. })));
     }
 
     #[test]
@@ -1122,10 +920,7 @@ mod tests {
         };
         for kind in [LossType::Ipo, LossType::Simpo, LossType::Sft] {
             for sft_norm in [SftNorm::PerPair, SftNorm::TokenMean] {
-                let p = LossParams {
-                    sft_norm,
-                    ..LossParams::default()
-                };
+                let p = LossParams { sft_norm, ..LossParams::default() };
                 let v = pair_loss(kind, &p, &x).unwrap().to_vec1::<f32>().unwrap();
                 assert!(v.iter().all(|v| v.is_finite()), "{kind}: {v:?}");
             }
@@ -1141,16 +936,7 @@ mod tests {
             assert_eq!(serde_json::from_str::<LossType>(&json).unwrap(), kind);
         }
         let e = LossType::parse("dpo").unwrap_err();
-        assert!(
-            e.contains("`dpo`")
-                && e.contains("sigmoid")
-                && e.contains("sppo_hard")
-                && e.contains("sft"),
-            "{e}"
-        );
-        assert_eq!(
-            serde_json::to_string(&SftNorm::TokenMean).unwrap(),
-            "\"token_mean\""
-        );
+        assert!(e.contains("`dpo`") && e.contains("sigmoid") && e.contains("sppo_hard") && e.contains("sft"), "{e}");
+        assert_eq!(serde_json::to_string(&SftNorm::TokenMean).unwrap(), "\"token_mean\"");
     }
 }

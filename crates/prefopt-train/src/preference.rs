@@ -10,7 +10,9 @@ use crate::dataset::PairDataset;
 use crate::losses::{combined_loss, reward_metrics, LossParams, LossType, PairLogps};
 use crate::reference::{self, RefLogps};
 use crate::spo::{self, SpoSolver};
-use crate::trainer::{backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary};
+use crate::trainer::{
+    backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary,
+};
 use crate::{grads, logps, TrainError};
 
 /// Runs a preference training job as configured.
@@ -22,7 +24,12 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, 
     let train_data = PairDataset::load(&cfg.train_data, &tok, &opts)?;
     let eval_data = cfg.eval_data.as_deref().map(|p| PairDataset::load(p, &tok, &opts)).transpose()?;
     if train_data.dropped > 0 {
-        obs.message(&format!("{}: {} examples dropped by max_length {}", train_data.path.display(), train_data.dropped, cfg.max_length));
+        obs.message(&format!(
+            "{}: {} examples dropped by max_length {}",
+            train_data.path.display(),
+            train_data.dropped,
+            cfg.max_length
+        ));
     }
     let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
 
@@ -104,7 +111,14 @@ impl Objective for PreferenceObjective {
         self.train.dropped
     }
 
-    fn micro_step(&mut self, policy: &Llama, params: &Params, step: &[usize], micro: &[usize], acc: &mut StepAccumulator) -> Result<(), TrainError> {
+    fn micro_step(
+        &mut self,
+        policy: &Llama,
+        params: &Params,
+        step: &[usize],
+        micro: &[usize],
+        acc: &mut StepAccumulator,
+    ) -> Result<(), TrainError> {
         let share = micro.len() as f64 / step.len() as f64;
         let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, &self.device)?;
         let x = fwd.pair_logps();
@@ -112,7 +126,8 @@ impl Objective for PreferenceObjective {
         let (objective, g) = match self.spo {
             None => (scalar(&po)?, backward(&po, params)?),
             Some((solver, lambda, _)) => {
-                let ref_chosen = x.ref_chosen.ok_or_else(|| TrainError::Config("SPO needs reference log-probs".into()))?;
+                let ref_chosen =
+                    x.ref_chosen.ok_or_else(|| TrainError::Config("SPO needs reference log-probs".into()))?;
                 let q = spo::safe_region_violation(x.chosen, ref_chosen, x.chosen_lens)?;
                 acc.add_metric("spo/violation", scalar(&q)?, share);
                 match solver {
@@ -154,7 +169,11 @@ impl Objective for PreferenceObjective {
             let x = fwd.pair_logps();
             acc.add_metric("loss", scalar(&combined_loss(&self.terms, &self.params, &x)?)?, share);
             if let (Some(_), Some(ref_chosen)) = (self.spo, x.ref_chosen) {
-                acc.add_metric("spo/violation", scalar(&spo::safe_region_violation(x.chosen, ref_chosen, x.chosen_lens)?)?, share);
+                acc.add_metric(
+                    "spo/violation",
+                    scalar(&spo::safe_region_violation(x.chosen, ref_chosen, x.chosen_lens)?)?,
+                    share,
+                );
             }
             add_batch_metrics(&mut acc, self.params.beta, &fwd, share)?;
         }
@@ -172,14 +191,24 @@ fn add_batch_metrics(acc: &mut StepAccumulator, beta: f64, fwd: &PairForward, sh
 
 /// Reference log-probs of one dataset, from the on-disk cache when enabled and present.
 /// Returns whether any reference forward pass ran.
-fn reference_logps(cfg: &TrainConfig, data: &PairDataset, pad_id: u32, device: &Device, obs: &mut dyn Observer) -> Result<(RefLogps, bool), TrainError> {
+fn reference_logps(
+    cfg: &TrainConfig,
+    data: &PairDataset,
+    pad_id: u32,
+    device: &Device,
+    obs: &mut dyn Observer,
+) -> Result<(RefLogps, bool), TrainError> {
     let ref_dir = cfg.ref_model_path();
     let cache = if cfg.precompute_ref_log_probs {
         let settings = format!("max_length={} max_prompt_length={:?} v1", cfg.max_length, cfg.max_prompt_length);
         let key = reference::cache_key(ref_dir, &data.path, &settings)?;
         let dir = reference::cache_dir(cfg.cache_dir.as_deref());
         if let Some(values) = reference::load_cached(&dir, &key, data.len()) {
-            obs.message(&format!("reference log-probs for {} loaded from cache (key {}): no reference forward passes", data.path.display(), &key[..12]));
+            obs.message(&format!(
+                "reference log-probs for {} loaded from cache (key {}): no reference forward passes",
+                data.path.display(),
+                &key[..12]
+            ));
             return Ok((values, false));
         }
         Some((dir, key))
@@ -231,9 +260,17 @@ impl PairForward {
 }
 
 /// Runs `model` on the chosen and rejected sequences of pairs `idx` in one batch.
-fn forward_pairs(model: &Llama, data: &PairDataset, refs: Option<&RefLogps>, idx: &[usize], pad_id: u32, device: &Device) -> Result<PairForward, TrainError> {
+fn forward_pairs(
+    model: &Llama,
+    data: &PairDataset,
+    refs: Option<&RefLogps>,
+    idx: &[usize],
+    pad_id: u32,
+    device: &Device,
+) -> Result<PairForward, TrainError> {
     let m = idx.len();
-    let seqs: Vec<_> = idx.iter().map(|&i| &data.pairs[i].chosen).chain(idx.iter().map(|&i| &data.pairs[i].rejected)).collect();
+    let seqs: Vec<_> =
+        idx.iter().map(|&i| &data.pairs[i].chosen).chain(idx.iter().map(|&i| &data.pairs[i].rejected)).collect();
     let batch = logps::SequenceBatch::new(&seqs, pad_id, device)?;
     let out = logps::completion_logps(model, &batch)?;
     let lens: Vec<f32> = batch.completion_lens.iter().map(|&l| l as f32).collect();
@@ -261,4 +298,3 @@ fn forward_pairs(model: &Llama, data: &PairDataset, refs: Option<&RefLogps>, idx
         num_tokens: batch.num_tokens,
     })
 }
-

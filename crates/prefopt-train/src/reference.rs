@@ -18,7 +18,14 @@ use crate::TrainError;
 pub type RefLogps = Vec<(f32, f32)>;
 
 /// Reference log-probs of `data` under `model`, in batches of `batch_size` pairs.
-pub fn compute(model: &HfModel, data: &PairDataset, batch_size: usize, pad_id: u32, device: &Device, mut progress: impl FnMut(usize)) -> Result<RefLogps, TrainError> {
+pub fn compute(
+    model: &HfModel,
+    data: &PairDataset,
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+    mut progress: impl FnMut(usize),
+) -> Result<RefLogps, TrainError> {
     let net = model.build(false)?;
     let mut out = Vec::with_capacity(data.len());
     for chunk in data.pairs.chunks(batch_size.max(1)) {
@@ -41,7 +48,11 @@ pub fn cache_key(ref_dir: &Path, data_path: &Path, settings: &str) -> Result<Str
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            p.is_file() && (name.ends_with(".safetensors") || name.starts_with("tokenizer") || name == "config.json" || name.ends_with(".jinja"))
+            p.is_file()
+                && (name.ends_with(".safetensors")
+                    || name.starts_with("tokenizer")
+                    || name == "config.json"
+                    || name.ends_with(".jinja"))
         })
         .collect();
     files.sort();

@@ -4,11 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use prefopt_data::{parse_sft, read_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions, TokenizedSequence};
+use prefopt_data::{
+    parse_sft, read_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions, TokenizedSequence,
+};
 use prefopt_model::{Llama, Params};
 
 use crate::config::TrainConfig;
-use crate::trainer::{backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary};
+use crate::trainer::{
+    backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary,
+};
 use crate::{grads, logps, TrainError};
 
 /// Tokenized SFT examples of one file.
@@ -55,7 +59,12 @@ pub fn train_sft(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSumma
     let train = SeqDataset::load(&cfg.train_data, &tok, &opts)?;
     let eval = cfg.eval_data.as_deref().map(|p| SeqDataset::load(p, &tok, &opts)).transpose()?;
     if train.dropped > 0 {
-        obs.message(&format!("{}: {} examples dropped by max_length {}", train.path.display(), train.dropped, cfg.max_length));
+        obs.message(&format!(
+            "{}: {} examples dropped by max_length {}",
+            train.path.display(),
+            train.dropped,
+            cfg.max_length
+        ));
     }
     let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
     let mut objective = SftObjective { train, eval, batch_size: cfg.batch_size, pad_id, device: Device::Cpu };
@@ -94,7 +103,14 @@ impl Objective for SftObjective {
         self.train.dropped
     }
 
-    fn micro_step(&mut self, policy: &Llama, params: &Params, step: &[usize], micro: &[usize], acc: &mut StepAccumulator) -> Result<(), TrainError> {
+    fn micro_step(
+        &mut self,
+        policy: &Llama,
+        params: &Params,
+        step: &[usize],
+        micro: &[usize],
+        acc: &mut StepAccumulator,
+    ) -> Result<(), TrainError> {
         // Token-mean over the whole step: each micro-batch weighs by its share of the tokens.
         let step_tokens: usize = step.iter().map(|&i| self.train.seqs[i].completion_len()).sum();
         let (lp, tokens, num_tokens) = self.forward(policy, &self.train, micro)?;

@@ -48,29 +48,17 @@ impl SpoSolver {
 /// responses' log-probs fell below the anchor's. Scalar, differentiable in `chosen` (the
 /// reference and lengths are detached; lengths clamped to >= 1). Gradient 0 where a pair sits
 /// exactly on the boundary.
-pub fn safe_region_violation(
-    chosen: &Tensor,
-    ref_chosen: &Tensor,
-    chosen_lens: &Tensor,
-) -> Result<Tensor, LossError> {
+pub fn safe_region_violation(chosen: &Tensor, ref_chosen: &Tensor, chosen_lens: &Tensor) -> Result<Tensor, LossError> {
     let b = match chosen.dims() {
         [b] if *b > 0 => *b,
         d => return Err(LossError::BatchShape(d.to_vec())),
     };
     for (name, t) in [("ref_chosen", ref_chosen), ("chosen_lens", chosen_lens)] {
         if t.dims() != [b] {
-            return Err(LossError::Shape {
-                name,
-                got: t.dims().to_vec(),
-                b,
-            });
+            return Err(LossError::Shape { name, got: t.dims().to_vec(), b });
         }
         if t.dtype() != chosen.dtype() {
-            return Err(LossError::DType {
-                name,
-                got: t.dtype(),
-                want: chosen.dtype(),
-            });
+            return Err(LossError::DType { name, got: t.dtype(), want: chosen.dtype() });
         }
     }
     let lens = chosen_lens.detach().maximum(1.0)?;
@@ -79,18 +67,9 @@ pub fn safe_region_violation(
 }
 
 /// The penalty solver's objective, `po_loss + lambda * violation` (both scalars).
-pub fn penalty_loss(
-    po_loss: &Tensor,
-    violation: &Tensor,
-    lambda: f64,
-) -> Result<Tensor, LossError> {
+pub fn penalty_loss(po_loss: &Tensor, violation: &Tensor, lambda: f64) -> Result<Tensor, LossError> {
     if !(lambda.is_finite() && lambda >= 0.0) {
-        return Err(LossError::BadParam {
-            loss: "spo",
-            param: "lambda",
-            expected: ">= 0",
-            value: lambda,
-        });
+        return Err(LossError::BadParam { loss: "spo", param: "lambda", expected: ">= 0", value: lambda });
     }
     Ok((po_loss + violation.affine(lambda, 0.0)?)?)
 }
@@ -102,12 +81,7 @@ pub fn penalty_loss(
 pub fn dynamic_weight(g_p: &[Tensor], g_q: &[Tensor], eta: f64) -> Result<f64, LossError> {
     check_grads(g_p, g_q)?;
     if !(eta.is_finite() && eta >= 0.0) {
-        return Err(LossError::BadParam {
-            loss: "spo",
-            param: "eta",
-            expected: ">= 0",
-            value: eta,
-        });
+        return Err(LossError::BadParam { loss: "spo", param: "eta", expected: ">= 0", value: eta });
     }
     if g_q.is_empty() {
         return Ok(0.0);
@@ -124,9 +98,7 @@ pub fn dynamic_weight(g_p: &[Tensor], g_q: &[Tensor], eta: f64) -> Result<f64, L
     let v = Tensor::stack(&[dot, sq], 0)?.to_vec1::<f64>()?;
     let (dot, sq) = (v[0], v[1]);
     if !(dot.is_finite() && sq.is_finite()) {
-        return Err(LossError::NonFinite(format!(
-            "gradients: <g_p, g_q> = {dot}, |g_q|^2 = {sq}"
-        )));
+        return Err(LossError::NonFinite(format!("gradients: <g_p, g_q> = {dot}, |g_q|^2 = {sq}")));
     }
     if sq == 0.0 {
         return Ok(0.0);
@@ -135,29 +107,14 @@ pub fn dynamic_weight(g_p: &[Tensor], g_q: &[Tensor], eta: f64) -> Result<f64, L
 }
 
 /// `g_p + lambda_t * g_q`, elementwise per tensor: the dynamic solver's update direction.
-pub fn combine_grads(
-    g_p: &[Tensor],
-    g_q: &[Tensor],
-    lambda_t: f64,
-) -> Result<Vec<Tensor>, LossError> {
+pub fn combine_grads(g_p: &[Tensor], g_q: &[Tensor], lambda_t: f64) -> Result<Vec<Tensor>, LossError> {
     check_grads(g_p, g_q)?;
     if !lambda_t.is_finite() {
-        return Err(LossError::BadParam {
-            loss: "spo",
-            param: "lambda_t",
-            expected: "finite",
-            value: lambda_t,
-        });
+        return Err(LossError::BadParam { loss: "spo", param: "lambda_t", expected: "finite", value: lambda_t });
     }
     g_p.iter()
         .zip(g_q)
-        .map(|(p, q)| {
-            if lambda_t == 0.0 {
-                Ok(p.clone())
-            } else {
-                Ok((p + q.affine(lambda_t, 0.0)?)?)
-            }
-        })
+        .map(|(p, q)| if lambda_t == 0.0 { Ok(p.clone()) } else { Ok((p + q.affine(lambda_t, 0.0)?)?) })
         .collect()
 }
 
@@ -171,26 +128,14 @@ fn upcast(t: &Tensor) -> candle_core::Result<Tensor> {
 
 fn check_grads(g_p: &[Tensor], g_q: &[Tensor]) -> Result<(), LossError> {
     if g_p.len() != g_q.len() {
-        return Err(LossError::GradMismatch(format!(
-            "{} tensors in g_p, {} in g_q",
-            g_p.len(),
-            g_q.len()
-        )));
+        return Err(LossError::GradMismatch(format!("{} tensors in g_p, {} in g_q", g_p.len(), g_q.len())));
     }
     for (i, (p, q)) in g_p.iter().zip(g_q).enumerate() {
         if p.shape() != q.shape() {
-            return Err(LossError::GradMismatch(format!(
-                "tensor {i}: g_p {:?}, g_q {:?}",
-                p.dims(),
-                q.dims()
-            )));
+            return Err(LossError::GradMismatch(format!("tensor {i}: g_p {:?}, g_q {:?}", p.dims(), q.dims())));
         }
         if p.dtype() != q.dtype() {
-            return Err(LossError::GradMismatch(format!(
-                "tensor {i}: g_p {:?}, g_q {:?}",
-                p.dtype(),
-                q.dtype()
-            )));
+            return Err(LossError::GradMismatch(format!("tensor {i}: g_p {:?}, g_q {:?}", p.dtype(), q.dtype())));
         }
     }
     Ok(())
@@ -214,10 +159,7 @@ mod tests {
         assert_eq!(v.rank(), 0);
         assert_eq!(v.to_scalar::<f32>().unwrap(), 0.0);
         let g = v.backward().unwrap();
-        let g = g
-            .get(chosen.as_tensor())
-            .map(|g| g.to_vec1::<f32>().unwrap())
-            .unwrap_or(vec![0.0; 3]);
+        let g = g.get(chosen.as_tensor()).map(|g| g.to_vec1::<f32>().unwrap()).unwrap_or(vec![0.0; 3]);
         assert_eq!(g, vec![0.0; 3]);
     }
 
@@ -240,20 +182,14 @@ mod tests {
     #[test]
     fn violation_checks_shapes() {
         let e = safe_region_violation(&t(&[-1.0, -2.0]), &t(&[-1.0]), &t(&[1.0, 1.0])).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "`ref_chosen` has shape [1], expected (2,) like `chosen`"
-        );
+        assert_eq!(e.to_string(), "`ref_chosen` has shape [1], expected (2,) like `chosen`");
     }
 
     #[test]
     fn penalty_adds_lambda_times_violation() {
-        let l = penalty_loss(
-            &Tensor::new(0.7f32, &Device::Cpu).unwrap(),
-            &Tensor::new(0.2f32, &Device::Cpu).unwrap(),
-            2.0,
-        )
-        .unwrap();
+        let l =
+            penalty_loss(&Tensor::new(0.7f32, &Device::Cpu).unwrap(), &Tensor::new(0.2f32, &Device::Cpu).unwrap(), 2.0)
+                .unwrap();
         assert!((l.to_scalar::<f32>().unwrap() - 1.1).abs() < 1e-6);
         let z = Tensor::new(0f32, &Device::Cpu).unwrap();
         assert!(penalty_loss(&z, &z, -1.0).is_err());
@@ -286,18 +222,8 @@ mod tests {
         // The combined step then decreases q at rate eta: <g_p + lambda g_q, g_q> = eta |g_q|^2.
         let lam = dynamic_weight(&opposite, &g_q, eta).unwrap();
         let step = combine_grads(&opposite, &g_q, lam).unwrap();
-        let dot: f32 = step
-            .iter()
-            .zip(&g_q)
-            .map(|(a, b)| {
-                (a * b)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
-            .sum();
+        let dot: f32 =
+            step.iter().zip(&g_q).map(|(a, b)| (a * b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sum();
         assert!((dot - 0.5).abs() < 1e-6);
     }
 
@@ -308,32 +234,18 @@ mod tests {
         let c = combine_grads(&g_p, &g_q, 0.5).unwrap();
         assert_eq!(c[0].to_vec1::<f32>().unwrap(), vec![6.0, 12.0]);
         assert_eq!(c[1].to_vec1::<f32>().unwrap(), vec![18.0]);
-        assert_eq!(
-            combine_grads(&g_p, &g_q, 0.0).unwrap()[0]
-                .to_vec1::<f32>()
-                .unwrap(),
-            vec![1.0, 2.0]
-        );
+        assert_eq!(combine_grads(&g_p, &g_q, 0.0).unwrap()[0].to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
         let short = grads(&[&[1.0, 2.0]]);
-        assert!(matches!(
-            combine_grads(&g_p, &short, 1.0),
-            Err(LossError::GradMismatch(_))
-        ));
+        assert!(matches!(combine_grads(&g_p, &short, 1.0), Err(LossError::GradMismatch(_))));
         let odd = grads(&[&[1.0], &[3.0]]);
-        assert!(matches!(
-            dynamic_weight(&g_p, &odd, 1.0),
-            Err(LossError::GradMismatch(_))
-        ));
+        assert!(matches!(dynamic_weight(&g_p, &odd, 1.0), Err(LossError::GradMismatch(_))));
         assert!(dynamic_weight(&g_p, &g_q, -1.0).is_err());
     }
 
     #[test]
     fn solver_names_are_snake_case() {
         for s in [SpoSolver::Penalty, SpoSolver::Dynamic] {
-            assert_eq!(
-                serde_json::to_string(&s).unwrap(),
-                format!("\"{}\"", s.name())
-            );
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.name()));
         }
     }
 }

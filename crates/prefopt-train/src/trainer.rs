@@ -64,7 +64,14 @@ pub trait Objective {
     fn describe(&self, idx: &[usize]) -> String;
     /// Forward and backward of `micro` (a slice of the step's examples `step`); adds
     /// gradients and metrics to `acc` weighted by the micro-batch's share of the step.
-    fn micro_step(&mut self, policy: &Llama, params: &Params, step: &[usize], micro: &[usize], acc: &mut StepAccumulator) -> Result<(), TrainError>;
+    fn micro_step(
+        &mut self,
+        policy: &Llama,
+        params: &Params,
+        step: &[usize],
+        micro: &[usize],
+        acc: &mut StepAccumulator,
+    ) -> Result<(), TrainError>;
     /// After the last micro-batch, before clipping (e.g. SPO's dynamic weighting).
     fn finish_step(&mut self, _acc: &mut StepAccumulator) -> Result<(), TrainError> {
         Ok(())
@@ -80,7 +87,8 @@ pub fn prepare_output(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> 
     let out = &cfg.output_dir;
     std::fs::create_dir_all(out).map_err(|e| TrainError::Io(format!("output_dir {}: {e}", out.display())))?;
     let probe = out.join(".prefopt-write-test");
-    std::fs::write(&probe, b"").map_err(|e| TrainError::Io(format!("output_dir {} is not writable: {e}", out.display())))?;
+    std::fs::write(&probe, b"")
+        .map_err(|e| TrainError::Io(format!("output_dir {} is not writable: {e}", out.display())))?;
     let _ = std::fs::remove_file(&probe);
     let resume_dir = resolve_resume(cfg)?;
     if resume_dir.is_none() && (checkpoint::latest(out).is_some() || out.join("final").exists()) {
@@ -93,7 +101,12 @@ pub fn prepare_output(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> 
 }
 
 /// Runs the optimization of `objective` as configured, from `cfg.model` or `resume_dir`.
-pub fn run_loop(cfg: &TrainConfig, resume_dir: Option<PathBuf>, objective: &mut dyn Objective, obs: &mut dyn Observer) -> Result<TrainSummary, TrainError> {
+pub fn run_loop(
+    cfg: &TrainConfig,
+    resume_dir: Option<PathBuf>,
+    objective: &mut dyn Objective,
+    obs: &mut dyn Observer,
+) -> Result<TrainSummary, TrainError> {
     let device = Device::Cpu;
     let out = &cfg.output_dir;
     let source = HfModel::load(&cfg.model, &device)?;
@@ -147,7 +160,8 @@ pub fn run_loop(cfg: &TrainConfig, resume_dir: Option<PathBuf>, objective: &mut 
             (Optimizer::new(opt_cfg, &hf.params)?, state)
         }
     };
-    let schedule = Schedule::new(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, cfg.warmup_ratio, total_steps);
+    let schedule =
+        Schedule::new(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, cfg.warmup_ratio, total_steps);
     let policy = hf.build(true)?;
     let frozen_view = hf.build(false)?; // same storage, no graph: for evaluation
     let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
@@ -214,7 +228,8 @@ pub fn run_loop(cfg: &TrainConfig, resume_dir: Option<PathBuf>, objective: &mut 
         }
         if cfg.save_steps > 0 && state.step % cfg.save_steps == 0 && state.step < total_steps {
             let dir = checkpoint::checkpoint_dir(out, state.step);
-            let as_model_error = |e: TrainError| prefopt_model::ModelError::Io { path: dir.clone(), message: e.to_string() };
+            let as_model_error =
+                |e: TrainError| prefopt_model::ModelError::Io { path: dir.clone(), message: e.to_string() };
             prefopt_model::fsio::write_dir_atomic(&dir, |tmp| {
                 fill_model_dir(tmp, &hf.raw_config, &hf.params, Some(&source.dir))?;
                 optimizer.save(tmp).map_err(|e| as_model_error(e.into()))?;
@@ -225,7 +240,11 @@ pub fn run_loop(cfg: &TrainConfig, resume_dir: Option<PathBuf>, objective: &mut 
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         obs.step(
             state.step,
-            &StepStatus { loss, reward_accuracy: acc.metric("rewards/accuracies"), tokens_per_s: acc.num_tokens as f64 / secs },
+            &StepStatus {
+                loss,
+                reward_accuracy: acc.metric("rewards/accuracies"),
+                tokens_per_s: acc.num_tokens as f64 / secs,
+            },
         );
     }
     obs.finish();
@@ -250,7 +269,10 @@ fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
         Some(path) => {
             let dir = PathBuf::from(path);
             if !dir.join(checkpoint::STATE_FILE).is_file() {
-                return Err(TrainError::Config(format!("resume_from_checkpoint: {path} is not a complete checkpoint (no {})", checkpoint::STATE_FILE)));
+                return Err(TrainError::Config(format!(
+                    "resume_from_checkpoint: {path} is not a complete checkpoint (no {})",
+                    checkpoint::STATE_FILE
+                )));
             }
             Ok(Some(dir))
         }

@@ -57,7 +57,11 @@ fn check_trajectory(model: &str, fixture: &str, setup: impl FnOnce(&mut TrainCon
         let (gl, wl) = (g["loss"].as_f64().unwrap(), w["loss"].as_f64().unwrap());
         let torch_f32_error = (wl - w64["loss"].as_f64().unwrap()).abs();
         let tolerance = (1e-5 * wl.abs().max(1.0)).max(2.0 * torch_f32_error);
-        assert!((gl - wl).abs() < tolerance, "{model} {fixture} step {}: loss {gl} vs torch {wl} (tolerance {tolerance})", w["step"]);
+        assert!(
+            (gl - wl).abs() < tolerance,
+            "{model} {fixture} step {}: loss {gl} vs torch {wl} (tolerance {tolerance})",
+            w["step"]
+        );
         let (gn, wn) = (g["grad_norm"].as_f64().unwrap(), w["grad_norm"].as_f64().unwrap());
         assert!(((gn - wn) / wn).abs() < 1e-4, "{model} {fixture} step {}: grad_norm {gn} vs torch {wn}", w["step"]);
         for key in ["logps/chosen", "logps/rejected"] {
@@ -82,7 +86,9 @@ fn dpo_family_trajectories_match_pytorch() {
             c.beta = 2.5;
             c.simpo_gamma = 1.375;
         });
-        check_trajectory(model, "sigmoid+sft", |c| c.loss_type = LossTypes::Many(vec![LossType::Sigmoid, LossType::Sft]));
+        check_trajectory(model, "sigmoid+sft", |c| {
+            c.loss_type = LossTypes::Many(vec![LossType::Sigmoid, LossType::Sft])
+        });
     }
 }
 
@@ -110,7 +116,9 @@ fn gradient_accumulation_equals_the_large_batch() {
             assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{key}: {p} vs {q}");
         }
     }
-    for ((name, wa), (_, wb)) in final_weights(&a.path().join("final")).iter().zip(final_weights(&b.path().join("final"))) {
+    for ((name, wa), (_, wb)) in
+        final_weights(&a.path().join("final")).iter().zip(final_weights(&b.path().join("final")))
+    {
         let diff = wa.iter().zip(&wb).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-6, "{name}: max diff {diff}");
     }
@@ -159,5 +167,8 @@ fn spo_keeps_the_chosen_log_prob_where_dpo_lets_it_fall() {
     assert!(dpo_delta < 0.0, "DPO was expected to lower the chosen log-prob, changed by {dpo_delta}");
     assert!(pen_delta >= 0.0, "SPO (penalty) let the chosen log-prob fall by {pen_delta}");
     assert!(dyn_delta >= 0.0, "SPO (dynamic) let the chosen log-prob fall by {dyn_delta}");
-    assert!(pen_acc >= dpo_acc - 0.25 && dyn_acc >= dpo_acc - 0.25, "accuracies: dpo {dpo_acc}, penalty {pen_acc}, dynamic {dyn_acc}");
+    assert!(
+        pen_acc >= dpo_acc - 0.25 && dyn_acc >= dpo_acc - 0.25,
+        "accuracies: dpo {dpo_acc}, penalty {pen_acc}, dynamic {dyn_acc}"
+    );
 }

@@ -49,11 +49,7 @@ pub struct Series {
 impl Series {
     /// A plain line.
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Series {
-        Series {
-            name: name.into(),
-            points,
-            ..Series::default()
-        }
+        Series { name: name.into(), points, ..Series::default() }
     }
     /// Adds a shaded band.
     pub fn with_band(mut self, band: Vec<(f64, f64, f64)>) -> Series {
@@ -116,11 +112,7 @@ pub enum Legend {
 
 impl ChartSpec {
     /// A linear-y chart with no series yet.
-    pub fn new(
-        title: impl Into<String>,
-        x_label: impl Into<String>,
-        y_label: impl Into<String>,
-    ) -> ChartSpec {
+    pub fn new(title: impl Into<String>, x_label: impl Into<String>, y_label: impl Into<String>) -> ChartSpec {
         ChartSpec {
             title: title.into(),
             x_label: x_label.into(),
@@ -168,26 +160,16 @@ const PALETTE: [RGBColor; 10] = [
 /// Draws `spec` as a PNG at `path` (written atomically).
 pub fn line_chart(path: &Path, spec: &ChartSpec) -> Result<()> {
     register_font()?;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
     // The bitmap encoder picks the format from the extension, so keep `.png` last.
-    let tmp: PathBuf = dir.join(format!(
-        ".{}.tmp-{}.png",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp: PathBuf = dir.join(format!(".{}.tmp-{}.png", name.to_string_lossy(), std::process::id()));
     let drawn = draw(&tmp, spec);
     if let Err(e) = drawn {
         let _ = std::fs::remove_file(&tmp);
         return Err(e.context(format!("drawing {}", path.display())));
     }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("moving {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("moving {} to {}", tmp.display(), path.display()))
 }
 
 /// A tick label without trailing zeros: `5`, `0.25`, `1.5e-5`.
@@ -211,14 +193,8 @@ fn visible(spec: &ChartSpec, y: f64) -> bool {
 
 fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
     // Data ranges over everything that will be drawn.
-    let xs = spec
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0))
-        .filter(|x| x.is_finite());
-    let (mut x0, mut x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
-        (a.min(x), b.max(x))
-    });
+    let xs = spec.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).filter(|x| x.is_finite());
+    let (mut x0, mut x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
     if !x0.is_finite() {
         (x0, x1) = (0.0, 1.0);
     }
@@ -226,17 +202,10 @@ fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
         (x0, x1) = (x0 - 0.5, x0 + 0.5);
     }
     let ys = spec.series.iter().flat_map(|s| {
-        s.points
-            .iter()
-            .map(|p| p.1)
-            .chain(s.band.iter().flatten().flat_map(|b| [b.1, b.2]))
-            .collect::<Vec<_>>()
+        s.points.iter().map(|p| p.1).chain(s.band.iter().flatten().flat_map(|b| [b.1, b.2])).collect::<Vec<_>>()
     });
-    let (mut y0, mut y1) = ys
-        .filter(|&y| visible(spec, y))
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
-            (a.min(y), b.max(y))
-        });
+    let (mut y0, mut y1) =
+        ys.filter(|&y| visible(spec, y)).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
     if !y0.is_finite() {
         (y0, y1) = if spec.log_y { (1e-3, 1.0) } else { (0.0, 1.0) };
     }
@@ -252,21 +221,13 @@ fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
         let step = (decades + 7) / 8;
         let mut ticks = Vec::new();
         for e in lo..=hi {
-            let mantissas: &[i32] = if decades <= 3 {
-                &[1, 2, 3, 4, 5, 6, 7, 8, 9]
-            } else {
-                &[1]
-            };
+            let mantissas: &[i32] = if decades <= 3 { &[1, 2, 3, 4, 5, 6, 7, 8, 9] } else { &[1] };
             for &m in mantissas {
                 let v = (m as f64).log10() + e as f64;
                 if v > hi as f64 + 1e-9 {
                     break;
                 }
-                let show = if decades <= 3 {
-                    matches!(m, 1 | 2 | 5)
-                } else {
-                    e.rem_euclid(step) == 0
-                };
+                let show = if decades <= 3 { matches!(m, 1 | 2 | 5) } else { e.rem_euclid(step) == 0 };
                 let label = match (show, m) {
                     (false, _) => String::new(),
                     (true, _) if (-3..=4).contains(&e) => short_number(&(m as f64 * 10f64.powi(e))),
@@ -276,16 +237,10 @@ fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
                 ticks.push((v, label));
             }
         }
-        YAxis {
-            range: lo as f64..hi as f64,
-            log_ticks: Some(ticks),
-        }
+        YAxis { range: lo as f64..hi as f64, log_ticks: Some(ticks) }
     } else {
         let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.5 };
-        YAxis {
-            range: (y0 - pad)..(y1 + pad),
-            log_ticks: None,
-        }
+        YAxis { range: (y0 - pad)..(y1 + pad), log_ticks: None }
     };
     render(&root, spec, x0..x1, axis)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
@@ -338,20 +293,14 @@ where
         let major = BLACK.mix(0.25);
         chart
             .draw_series(ticks.iter().map(|(v, label)| {
-                PathElement::new(
-                    vec![(xa, *v), (xb, *v)],
-                    if label.is_empty() { grid } else { major },
-                )
+                PathElement::new(vec![(xa, *v), (xb, *v)], if label.is_empty() { grid } else { major })
             }))
             .map_err(err)?;
-        let style =
-            TextStyle::from((FAMILY, 16).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
+        let style = TextStyle::from((FAMILY, 16).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
         for (v, label) in ticks.iter().filter(|t| !t.1.is_empty()) {
             let (px, py) = chart.backend_coord(&(xa, *v));
-            root.draw(&Text::new(label.clone(), (px - 8, py), style.clone()))
-                .map_err(err)?;
-            root.draw(&PathElement::new(vec![(px - 5, py), (px, py)], BLACK))
-                .map_err(err)?;
+            root.draw(&Text::new(label.clone(), (px - 8, py), style.clone())).map_err(err)?;
+            root.draw(&PathElement::new(vec![(px - 5, py), (px, py)], BLACK)).map_err(err)?;
         }
     }
     let mut next = 0;
@@ -364,49 +313,27 @@ where
             }
         };
         if let Some(band) = &s.band {
-            let band: Vec<_> = band
-                .iter()
-                .filter(|b| visible(spec, b.1) && visible(spec, b.2))
-                .collect();
+            let band: Vec<_> = band.iter().filter(|b| visible(spec, b.1) && visible(spec, b.2)).collect();
             if band.len() >= 2 {
-                let outline: Vec<(f64, f64)> = band
-                    .iter()
-                    .map(|b| (b.0, ty(b.2)))
-                    .chain(band.iter().rev().map(|b| (b.0, ty(b.1))))
-                    .collect();
-                chart
-                    .draw_series(std::iter::once(Polygon::new(
-                        outline,
-                        color.mix(0.15).filled(),
-                    )))
-                    .map_err(err)?;
+                let outline: Vec<(f64, f64)> =
+                    band.iter().map(|b| (b.0, ty(b.2))).chain(band.iter().rev().map(|b| (b.0, ty(b.1)))).collect();
+                chart.draw_series(std::iter::once(Polygon::new(outline, color.mix(0.15).filled()))).map_err(err)?;
             }
         }
-        let pts: Vec<(f64, f64)> = s
-            .points
-            .iter()
-            .filter(|p| p.0.is_finite() && visible(spec, p.1))
-            .map(|p| (p.0, ty(p.1)))
-            .collect();
+        let pts: Vec<(f64, f64)> =
+            s.points.iter().filter(|p| p.0.is_finite() && visible(spec, p.1)).map(|p| (p.0, ty(p.1))).collect();
         let style = color.stroke_width(3);
         let anno = if s.dashed {
-            chart
-                .draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style))
-                .map_err(err)?
+            chart.draw_series(DashedLineSeries::new(pts.clone(), 8, 5, style)).map_err(err)?
         } else {
-            chart
-                .draw_series(LineSeries::new(pts.clone(), style))
-                .map_err(err)?
+            chart.draw_series(LineSeries::new(pts.clone(), style)).map_err(err)?
         };
         if !s.name.is_empty() && !pts.is_empty() {
-            anno.label(s.name.as_str()).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
-            });
+            anno.label(s.name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3)));
         }
         if s.markers {
-            chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                .map_err(err)?;
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(err)?;
         }
     }
     if spec.series.iter().any(|s| !s.name.is_empty()) {
@@ -441,11 +368,7 @@ mod tests {
                 Series::new("a", vec![(0.0, 1.0), (1.0, 1e-3), (2.0, 0.0)])
                     .with_band(vec![(0.0, 0.5, 2.0), (1.0, 1e-4, 1e-2)]),
             )
-            .series(
-                Series::new("b", vec![(0.0, 0.5), (2.0, 0.25)])
-                    .with_markers()
-                    .dashed(),
-            );
+            .series(Series::new("b", vec![(0.0, 0.5), (2.0, 0.25)]).with_markers().dashed());
         line_chart(&path, &spec).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");

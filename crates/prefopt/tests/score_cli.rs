@@ -135,10 +135,26 @@ fn a_model_folder_without_a_tokenizer_or_config_is_named() {
         std::fs::copy(fixtures().join("models/qwen2-tied").join(f), model.join(f)).unwrap();
     }
     let data = fixtures().join("data/plain.jsonl");
-    let run = prefopt(&["score", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let run = prefopt(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let err = stderr_of(&run);
     assert!(err.contains("tokenizer.json") && err.contains("model"), "{err}");
-    let run = prefopt(&["score", "--model", "/nonexistent/model", "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let run = prefopt(&[
+        "score",
+        "--model",
+        "/nonexistent/model",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(stderr_of(&run).contains("/nonexistent/model"));
 }
 

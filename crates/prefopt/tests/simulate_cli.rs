@@ -5,10 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn prefopt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prefopt"))
-        .args(args)
-        .output()
-        .expect("running prefopt")
+    Command::new(env!("CARGO_BIN_EXE_prefopt")).args(args).output().expect("running prefopt")
 }
 
 fn stderr(o: &Output) -> String {
@@ -28,13 +25,7 @@ rewards = [[0.0, 0.5, 1.0], [1.0, 0.2, 0.0]]
 fn run_config(dir: &Path, text: &str, out: &str) -> Output {
     let cfg = dir.join(format!("{out}.toml"));
     std::fs::write(&cfg, text).unwrap();
-    prefopt(&[
-        "simulate",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        dir.join(out).to_str().unwrap(),
-    ])
+    prefopt(&["simulate", "--config", cfg.to_str().unwrap(), "--out", dir.join(out).to_str().unwrap()])
 }
 
 #[test]
@@ -46,16 +37,7 @@ fn default_run_writes_results_summary_and_plots() {
 
     let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
     let first: serde_json::Value = serde_json::from_str(results.lines().next().unwrap()).unwrap();
-    for key in [
-        "alpha",
-        "beta",
-        "n",
-        "seed",
-        "iteration",
-        "reward_gap",
-        "tv_to_optimal",
-        "kl_to_init",
-    ] {
+    for key in ["alpha", "beta", "n", "seed", "iteration", "reward_gap", "tv_to_optimal", "kl_to_init"] {
         assert!(first.get(key).is_some(), "results.jsonl lacks `{key}`");
     }
     assert!(first.get("extrapolated_reward_gap").is_some());
@@ -70,16 +52,9 @@ fn default_run_writes_results_summary_and_plots() {
         .unwrap()
         .iter()
         .filter(|g| g["mode"] == "exact")
-        .map(|g| {
-            g["iterations_to_target"]["iterations"]["mean"]
-                .as_f64()
-                .expect("exact runs reach the target")
-        })
+        .map(|g| g["iterations_to_target"]["iterations"]["mean"].as_f64().expect("exact runs reach the target"))
         .collect();
-    assert!(
-        exact.len() >= 3 && exact.windows(2).all(|w| w[1] < w[0]),
-        "{exact:?}"
-    );
+    assert!(exact.len() >= 3 && exact.windows(2).all(|w| w[1] < w[0]), "{exact:?}");
     // ...and the trade-off: for the smallest N the final gap gets worse beyond some
     // alpha, across seeds.
     let smallest = &summary["tradeoff"][0];
@@ -96,11 +71,7 @@ fn default_run_writes_results_summary_and_plots() {
         assert_eq!(&std::fs::read(&p).unwrap()[1..4], b"PNG", "{}", p.display());
     }
     // Written atomically: no temporary file is left behind.
-    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
-        .unwrap()
-        .file_name()
-        .to_string_lossy()
-        .starts_with('.')));
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with('.')));
     assert!(stderr(&o).contains("results.jsonl"));
 }
 
@@ -120,11 +91,8 @@ fn out_of_range_value_fails_naming_the_key() {
     let o = run_config(dir.path(), "alphas = [1.0]\n", "bad");
     assert!(!o.status.success());
     assert!(stderr(&o).contains("`alphas`"), "{}", stderr(&o));
-    let o = run_config(
-        dir.path(),
-        "preferences = [[[0.5, 0.9], [0.1, 0.5]]]\nloss = \"dpo\"\nmode = \"exact\"\n",
-        "dpo",
-    );
+    let o =
+        run_config(dir.path(), "preferences = [[[0.5, 0.9], [0.1, 0.5]]]\nloss = \"dpo\"\nmode = \"exact\"\n", "dpo");
     assert!(!o.status.success());
     assert!(stderr(&o).contains("`loss`"), "{}", stderr(&o));
 }
@@ -139,20 +107,10 @@ fn same_seed_gives_the_same_results() {
     let rb = std::fs::read(dir.path().join("b/results.jsonl")).unwrap();
     assert_eq!(ra, rb);
     // 2 exact runs + 2 alphas x 2 seeds sampled runs, 6 iterations each (0..=5).
-    assert_eq!(
-        String::from_utf8(ra.clone()).unwrap().lines().count(),
-        (2 + 4) * 6
-    );
-    let c = run_config(
-        dir.path(),
-        &TINY.replace("seeds = [3, 4]", "seeds = [5, 6]"),
-        "c",
-    );
+    assert_eq!(String::from_utf8(ra.clone()).unwrap().lines().count(), (2 + 4) * 6);
+    let c = run_config(dir.path(), &TINY.replace("seeds = [3, 4]", "seeds = [5, 6]"), "c");
     assert!(c.status.success());
-    assert_ne!(
-        ra,
-        std::fs::read(dir.path().join("c/results.jsonl")).unwrap()
-    );
+    assert_ne!(ra, std::fs::read(dir.path().join("c/results.jsonl")).unwrap());
 }
 
 #[test]
@@ -169,8 +127,7 @@ preferences = [[[0.5, 0.9, 0.2], [0.1, 0.5, 0.7], [0.8, 0.3, 0.5]]]
     let o = run_config(dir.path(), text, "g");
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("g/summary.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("g/summary.json")).unwrap()).unwrap();
     assert_eq!(summary["gap_metric"], "exploitability");
     let results = std::fs::read_to_string(dir.path().join("g/results.jsonl")).unwrap();
     let rec: serde_json::Value = serde_json::from_str(results.lines().next().unwrap()).unwrap();

@@ -82,10 +82,15 @@ fn cached_reference_log_probs_skip_the_reference_model_on_the_second_run() {
     assert!(first_err.contains("reference log-probs cached at"), "{first_err}");
     let second = ok(train_cmd(&tmp.path().join("b"), &settings).output().unwrap());
     let second_err = String::from_utf8_lossy(&second.stderr);
-    assert!(second_err.contains("loaded from cache") && second_err.contains("no reference forward passes"), "{second_err}");
+    assert!(
+        second_err.contains("loaded from cache") && second_err.contains("no reference forward passes"),
+        "{second_err}"
+    );
     assert_eq!(read(&tmp.path().join("a/metrics.jsonl")), read(&tmp.path().join("b/metrics.jsonl")));
     // Another max_length is another key: computed again.
-    let third = ok(train_cmd(&tmp.path().join("c"), &[settings[0], settings[1], settings[2], "max_length=200"]).output().unwrap());
+    let third = ok(train_cmd(&tmp.path().join("c"), &[settings[0], settings[1], settings[2], "max_length=200"])
+        .output()
+        .unwrap());
     assert!(String::from_utf8_lossy(&third.stderr).contains("cached at"));
 }
 
@@ -94,10 +99,32 @@ fn training_writes_metrics_with_trl_names_a_loadable_model_and_plots() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let eval = format!("eval_data=\"{}\"", fixtures().join("data/plain.jsonl").display());
-    ok(train_cmd(&out, &["max_steps=3", eval.as_str(), "eval_steps=2", "loss_type=[\"sigmoid\", \"sft\"]", "spo_lambda=0.5"]).output().unwrap());
-    let lines: Vec<serde_json::Value> = read(&out.join("metrics.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    ok(train_cmd(
+        &out,
+        &["max_steps=3", eval.as_str(), "eval_steps=2", "loss_type=[\"sigmoid\", \"sft\"]", "spo_lambda=0.5"],
+    )
+    .output()
+    .unwrap());
+    let lines: Vec<serde_json::Value> =
+        read(&out.join("metrics.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let train_line = &lines[0];
-    for key in ["step", "epoch", "loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "num_tokens", "spo/violation"] {
+    for key in [
+        "step",
+        "epoch",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "num_tokens",
+        "spo/violation",
+    ] {
         assert!(train_line.get(key).is_some(), "missing {key} in {train_line}");
     }
     let eval_line = lines.iter().find(|l| l.get("eval_loss").is_some()).expect("an eval line");
@@ -113,9 +140,16 @@ fn training_writes_metrics_with_trl_names_a_loadable_model_and_plots() {
 fn a_nan_loss_stops_with_the_step_batch_and_last_checkpoint_or_is_skipped() {
     let tmp = tempfile::tempdir().unwrap();
     // An absurd learning rate blows the weights up after the first update.
-    let settings = ["max_steps=4", "learning_rate=1e30", "save_steps=1", "lr_scheduler_type=\"constant\"", "max_grad_norm=0"];
+    let settings =
+        ["max_steps=4", "learning_rate=1e30", "save_steps=1", "lr_scheduler_type=\"constant\"", "max_grad_norm=0"];
     let err = failure(train_cmd(&tmp.path().join("stop"), &settings).output().unwrap());
-    assert!(err.contains("non-finite") && err.contains("at step 2") && err.contains("checkpoint-1") && err.contains("plain.jsonl:"), "{err}");
+    assert!(
+        err.contains("non-finite")
+            && err.contains("at step 2")
+            && err.contains("checkpoint-1")
+            && err.contains("plain.jsonl:"),
+        "{err}"
+    );
     let mut skip: Vec<&str> = settings.to_vec();
     skip.push("on_nonfinite=\"skip\"");
     let run = ok(train_cmd(&tmp.path().join("skip"), &skip).output().unwrap());
@@ -153,7 +187,8 @@ fn bad_data_and_outputs_fail_clearly_without_destroying_earlier_results() {
     let out = tmp.path().join("run");
     let err = failure(train_cmd(&out, &[&data("empty.jsonl", "")]).output().unwrap());
     assert!(err.contains("empty.jsonl") && err.contains("empty"), "{err}");
-    let err = failure(train_cmd(&out, &[&data("cols.jsonl", "{\"prompt\": \"a\", \"chosen\": \"b\"}\n")]).output().unwrap());
+    let err =
+        failure(train_cmd(&out, &[&data("cols.jsonl", "{\"prompt\": \"a\", \"chosen\": \"b\"}\n")]).output().unwrap());
     assert!(err.contains("cols.jsonl:1") && err.contains("rejected"), "{err}");
     let long = format!("{{\"prompt\": \"{}\", \"chosen\": \"b\", \"rejected\": \"c\"}}\n", "word ".repeat(50));
     let err = failure(train_cmd(&out, &[&data("long.jsonl", &long), "max_length=8"]).output().unwrap());
@@ -191,7 +226,18 @@ fn sft_lowers_the_completion_loss_and_rejects_preference_keys() {
             format!("train_data=\"{}\"", data.display()),
             format!("output_dir=\"{}\"", out.display()),
         ];
-        for s in base.iter().map(String::as_str).chain(["max_steps=15", "learning_rate=3e-3", "batch_size=9", "logging_steps=1", "lr_scheduler_type=\"constant\""]).chain(extra.iter().copied()) {
+        for s in base
+            .iter()
+            .map(String::as_str)
+            .chain([
+                "max_steps=15",
+                "learning_rate=3e-3",
+                "batch_size=9",
+                "logging_steps=1",
+                "lr_scheduler_type=\"constant\"",
+            ])
+            .chain(extra.iter().copied())
+        {
             cmd.args(["--set", s]);
         }
         cmd.output().unwrap()
@@ -199,7 +245,8 @@ fn sft_lowers_the_completion_loss_and_rejects_preference_keys() {
     let err = failure(sft(&["beta=0.1"]));
     assert!(err.contains("`beta` does not apply to `prefopt sft`"), "{err}");
     ok(sft(&[]));
-    let lines: Vec<serde_json::Value> = read(&out.join("metrics.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> =
+        read(&out.join("metrics.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let (first, last) = (lines[0]["loss"].as_f64().unwrap(), lines.last().unwrap()["loss"].as_f64().unwrap());
     assert!(last < 0.5 * first, "SFT loss went from {first} to {last}");
     assert!(prefopt_model::HfModel::load(&out.join("final"), &candle_core::Device::Cpu).is_ok());

@@ -10,21 +10,8 @@ use crate::records::Record;
 use crate::{parse_preference, parse_sft};
 
 // Ids: 0 <unk>, 1 <s>, 2 </s>, 3 <|im_start|>, 4 <|im_end|>, then the words below.
-const WORDS: &[&str] = &[
-    "Q",
-    ":",
-    "hi",
-    "there",
-    "hithere",
-    "user",
-    "assistant",
-    "a",
-    "b",
-    "c",
-    "x",
-    "system",
-    "think",
-];
+const WORDS: &[&str] =
+    &["Q", ":", "hi", "there", "hithere", "user", "assistant", "a", "b", "c", "x", "system", "think"];
 const Q: u32 = 5;
 const COLON: u32 = 6;
 const HI: u32 = 7;
@@ -93,8 +80,7 @@ impl Folder {
 }
 
 fn tok_with_template(template: &str) -> (Folder, HfTokenizer) {
-    let f =
-        Folder::new(json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}));
+    let f = Folder::new(json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}));
     let t = f.load().unwrap();
     (f, t)
 }
@@ -104,17 +90,10 @@ fn tok() -> (Folder, HfTokenizer) {
 }
 
 fn rec(value: serde_json::Value) -> Record {
-    Record {
-        value,
-        source: RecordSource::line("data/train.jsonl", 3),
-    }
+    Record { value, source: RecordSource::line("data/train.jsonl", 3) }
 }
 
-fn pair(
-    tok: &HfTokenizer,
-    value: serde_json::Value,
-    opts: TokenizeOptions,
-) -> Result<PairOutcome, DataError> {
+fn pair(tok: &HfTokenizer, value: serde_json::Value, opts: TokenizeOptions) -> Result<PairOutcome, DataError> {
     tokenize_pair(tok, &parse_preference(&rec(value))?, &opts)
 }
 
@@ -126,23 +105,13 @@ fn kept(outcome: PairOutcome) -> TokenizedPair {
 }
 
 fn opts(max_length: Option<usize>, max_prompt_length: Option<usize>) -> TokenizeOptions {
-    TokenizeOptions {
-        max_length,
-        max_prompt_length,
-    }
+    TokenizeOptions { max_length, max_prompt_length }
 }
 
 #[test]
 fn plain_text_gets_bos_and_eos_and_completion_starts_after_prompt() {
     let (_f, tok) = tok();
-    let p = kept(
-        pair(
-            &tok,
-            json!({"prompt": "Q :", "chosen": " a", "rejected": " b c"}),
-            opts(None, None),
-        )
-        .unwrap(),
-    );
+    let p = kept(pair(&tok, json!({"prompt": "Q :", "chosen": " a", "rejected": " b c"}), opts(None, None)).unwrap());
     assert_eq!(p.prompt_ids, vec![1, Q, COLON]);
     assert_eq!(p.chosen.input_ids, vec![1, Q, COLON, A, 2]);
     assert_eq!(p.chosen.completion_start, 3);
@@ -154,14 +123,7 @@ fn plain_text_gets_bos_and_eos_and_completion_starts_after_prompt() {
 #[test]
 fn completion_already_ending_with_eos_keeps_a_single_eos() {
     let (_f, tok) = tok();
-    let p = kept(
-        pair(
-            &tok,
-            json!({"prompt": "Q", "chosen": " a</s>", "rejected": " b"}),
-            opts(None, None),
-        )
-        .unwrap(),
-    );
+    let p = kept(pair(&tok, json!({"prompt": "Q", "chosen": " a</s>", "rejected": " b"}), opts(None, None)).unwrap());
     assert_eq!(p.chosen.input_ids, vec![1, Q, A, 2]);
     assert_eq!(p.rejected.input_ids, vec![1, Q, B, 2]);
 }
@@ -170,14 +132,7 @@ fn completion_already_ending_with_eos_keeps_a_single_eos() {
 fn completion_start_is_the_longest_shared_token_prefix() {
     // "hi" + "there" tokenizes to one word "hithere": the prompt's last token is not shared.
     let (_f, tok) = tok();
-    let p = kept(
-        pair(
-            &tok,
-            json!({"prompt": "hi", "chosen": "there", "rejected": " a"}),
-            opts(None, None),
-        )
-        .unwrap(),
-    );
+    let p = kept(pair(&tok, json!({"prompt": "hi", "chosen": "there", "rejected": " a"}), opts(None, None)).unwrap());
     assert_eq!(p.prompt_ids, vec![1, HI]);
     assert_eq!(p.chosen.input_ids, vec![1, HITHERE, 2]);
     assert_eq!(p.chosen.completion_start, 1);
@@ -189,41 +144,22 @@ fn completion_start_is_the_longest_shared_token_prefix() {
 fn max_length_keeps_the_start_and_cuts_the_completion() {
     let (_f, tok) = tok();
     let p = kept(
-        pair(
-            &tok,
-            json!({"prompt": "Q :", "chosen": " a", "rejected": " b c c c"}),
-            opts(Some(5), None),
-        )
-        .unwrap(),
+        pair(&tok, json!({"prompt": "Q :", "chosen": " a", "rejected": " b c c c"}), opts(Some(5), None)).unwrap(),
     );
     assert_eq!(p.chosen.input_ids, vec![1, Q, COLON, A, 2]);
     assert_eq!(p.rejected.input_ids, vec![1, Q, COLON, B, C]);
     assert_eq!(p.rejected.completion_start, 3);
     // One completion token left is enough to keep the pair.
-    let p = kept(
-        pair(
-            &tok,
-            json!({"prompt": "Q :", "chosen": " a", "rejected": " b c"}),
-            opts(Some(4), None),
-        )
-        .unwrap(),
-    );
+    let p =
+        kept(pair(&tok, json!({"prompt": "Q :", "chosen": " a", "rejected": " b c"}), opts(Some(4), None)).unwrap());
     assert_eq!(p.rejected.input_ids, vec![1, Q, COLON, B]);
 }
 
 #[test]
 fn pair_is_dropped_when_the_prompt_fills_the_budget() {
     let (_f, tok) = tok();
-    let out = pair(
-        &tok,
-        json!({"prompt": "Q :", "chosen": " a", "rejected": " b"}),
-        opts(Some(3), None),
-    )
-    .unwrap();
-    assert_eq!(
-        out,
-        PairOutcome::Dropped("prompt has 3 tokens, max_length is 3".into())
-    );
+    let out = pair(&tok, json!({"prompt": "Q :", "chosen": " a", "rejected": " b"}), opts(Some(3), None)).unwrap();
+    assert_eq!(out, PairOutcome::Dropped("prompt has 3 tokens, max_length is 3".into()));
 }
 
 #[test]
@@ -241,10 +177,7 @@ fn max_prompt_length_keeps_the_end_of_the_prompt() {
     assert_eq!(p.rejected.input_ids, vec![X, Q, COLON, B]);
     assert_eq!(p.rejected.completion_start, 3);
     let out = pair(&tok, value, opts(Some(3), Some(3))).unwrap();
-    assert_eq!(
-        out,
-        PairOutcome::Dropped("prompt has 3 tokens, max_length is 3".into())
-    );
+    assert_eq!(out, PairOutcome::Dropped("prompt has 3 tokens, max_length is 3".into()));
 }
 
 #[test]
@@ -295,14 +228,8 @@ fn template_whose_prompt_is_not_a_prefix_is_an_error_showing_where() {
         "chosen": [{"role": "assistant", "content": "a"}],
         "rejected": [{"role": "assistant", "content": "b"}]});
     let e = pair(&tok, value, opts(None, None)).unwrap_err().to_string();
-    assert!(
-        e.starts_with("data/train.jsonl:3: field `chosen`: the chat template's rendering"),
-        "{e}"
-    );
-    assert!(
-        e.contains("the prompt continues with \"think\", the conversation with \"a<|im_end|>\""),
-        "{e}"
-    );
+    assert!(e.starts_with("data/train.jsonl:3: field `chosen`: the chat template's rendering"), "{e}");
+    assert!(e.contains("the prompt continues with \"think\", the conversation with \"a<|im_end|>\""), "{e}");
 
     // Same text, but the tokenizer merges across the prompt's end.
     let (_f, tok) = tok_with_template("{% for m in messages %}{{ m.content }}{% endfor %}");
@@ -312,26 +239,19 @@ fn template_whose_prompt_is_not_a_prefix_is_an_error_showing_where() {
         "rejected": [{"role": "assistant", "content": " b"}]});
     let e = pair(&tok, value, opts(None, None)).unwrap_err().to_string();
     assert!(e.contains("tokens diverge at token 0"), "{e}");
-    assert!(
-        e.contains("\"hi\" [7]") && e.contains("\"hithere\" [9]"),
-        "{e}"
-    );
+    assert!(e.contains("\"hi\" [7]") && e.contains("\"hithere\" [9]"), "{e}");
 }
 
 #[test]
 fn completion_with_zero_tokens_is_an_error() {
-    let (_f, tok) = tok_with_template(
-        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}",
-    );
+    let (_f, tok) =
+        tok_with_template("{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}");
     let value = json!({
         "prompt": [{"role": "user", "content": "hi"}],
         "chosen": [{"role": "assistant", "content": "a"}],
         "rejected": [{"role": "assistant", "content": "b"}]});
     let e = pair(&tok, value, opts(None, None)).unwrap_err().to_string();
-    assert_eq!(
-        e,
-        "data/train.jsonl:3: field `chosen`: the completion tokenizes to zero tokens"
-    );
+    assert_eq!(e, "data/train.jsonl:3: field `chosen`: the completion tokenizes to zero tokens");
 }
 
 #[test]
@@ -357,13 +277,8 @@ fn template_errors_carry_the_record_source() {
 fn plain_text_needs_an_eos_token() {
     let f = Folder::new(json!({"bos_token": "<s>", "eos_token": null}));
     let tok = f.load().unwrap();
-    let e = pair(
-        &tok,
-        json!({"prompt": "Q", "chosen": " a", "rejected": " b"}),
-        opts(None, None),
-    )
-    .unwrap_err()
-    .to_string();
+    let e =
+        pair(&tok, json!({"prompt": "Q", "chosen": " a", "rejected": " b"}), opts(None, None)).unwrap_err().to_string();
     assert!(e.starts_with("data/train.jsonl:3: tokenizer folder"), "{e}");
     assert!(e.contains("no eos_token"), "{e}");
 }
@@ -374,37 +289,22 @@ fn sft_and_prompt_tokenization_follow_the_same_rules() {
     let ex = parse_sft(&rec(json!({"messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "a b"}]})))
     .unwrap();
-    let SeqOutcome::Kept(seq) = tokenize_sft(&tok, &ex, &opts(None, None)).unwrap() else {
-        panic!()
-    };
-    assert_eq!(
-        seq.input_ids,
-        vec![1, 3, USER, HI, 4, 3, ASSISTANT, A, B, 4]
-    );
+    let SeqOutcome::Kept(seq) = tokenize_sft(&tok, &ex, &opts(None, None)).unwrap() else { panic!() };
+    assert_eq!(seq.input_ids, vec![1, 3, USER, HI, 4, 3, ASSISTANT, A, B, 4]);
     assert_eq!(seq.completion_start, 7);
-    let SeqOutcome::Kept(seq) = tokenize_sft(&tok, &ex, &opts(Some(8), None)).unwrap() else {
-        panic!()
-    };
+    let SeqOutcome::Kept(seq) = tokenize_sft(&tok, &ex, &opts(Some(8), None)).unwrap() else { panic!() };
     assert_eq!(seq.completion_ids(), &[A]);
     assert_eq!(
         tokenize_sft(&tok, &ex, &opts(Some(7), None)).unwrap(),
         SeqOutcome::Dropped("prompt has 7 tokens, max_length is 7".into())
     );
     let ex = parse_sft(&rec(json!({"prompt": "Q", "completion": " a"}))).unwrap();
-    let SeqOutcome::Kept(seq) = tokenize_sft(&tok, &ex, &opts(None, None)).unwrap() else {
-        panic!()
-    };
+    let SeqOutcome::Kept(seq) = tokenize_sft(&tok, &ex, &opts(None, None)).unwrap() else { panic!() };
     assert_eq!(seq.input_ids, vec![1, Q, A, 2]);
 
-    assert_eq!(
-        tokenize_prompt(&tok, &Text::Plain("Q :".into())).unwrap(),
-        vec![1, Q, COLON]
-    );
+    assert_eq!(tokenize_prompt(&tok, &Text::Plain("Q :".into())).unwrap(), vec![1, Q, COLON]);
     let conv = Text::Conversation(vec![Message::new("user", "hi")]);
-    assert_eq!(
-        tokenize_prompt(&tok, &conv).unwrap(),
-        vec![1, 3, USER, HI, 4, 3, ASSISTANT]
-    );
+    assert_eq!(tokenize_prompt(&tok, &conv).unwrap(), vec![1, 3, USER, HI, 4, 3, ASSISTANT]);
 }
 
 // ---- tokenizer folders ----
@@ -422,10 +322,7 @@ fn special_tokens_may_be_added_token_objects_and_generation_config_adds_eos_ids(
     assert_eq!(tok.eos_token_ids(), vec![2, 4]);
     assert_eq!(tok.pad_token_id(), None);
     assert!(!tok.has_chat_template());
-    let e = tok
-        .apply_chat_template(&[Message::new("user", "hi")], true)
-        .unwrap_err()
-        .to_string();
+    let e = tok.apply_chat_template(&[Message::new("user", "hi")], true).unwrap_err().to_string();
     assert!(e.contains("no chat template"), "{e}");
 
     let f = Folder::new(json!({"eos_token": "</s>", "pad_token": "<unk>"}))
@@ -438,47 +335,19 @@ fn special_tokens_may_be_added_token_objects_and_generation_config_adds_eos_ids(
 
 #[test]
 fn add_bos_and_add_eos_flags_override_the_post_processor_like_transformers() {
-    let encode = |config: serde_json::Value| {
-        Folder::new(config)
-            .load()
-            .unwrap()
-            .encode("Q", true)
-            .unwrap()
-    };
+    let encode = |config: serde_json::Value| Folder::new(config).load().unwrap().encode("Q", true).unwrap();
     let base = |extra: serde_json::Value| {
         let mut c = json!({"bos_token": "<s>", "eos_token": "</s>"});
-        c.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         c
     };
-    assert_eq!(
-        encode(base(json!({}))),
-        vec![1, Q],
-        "no flag: tokenizer.json decides"
-    );
+    assert_eq!(encode(base(json!({}))), vec![1, Q], "no flag: tokenizer.json decides");
     assert_eq!(encode(base(json!({"add_bos_token": false}))), vec![Q]);
-    assert_eq!(
-        encode(base(json!({"add_eos_token": true}))),
-        vec![Q, 2],
-        "an unset flag counts as false"
-    );
-    assert_eq!(
-        encode(base(json!({"add_bos_token": true, "add_eos_token": true}))),
-        vec![1, Q, 2]
-    );
-    assert_eq!(
-        encode(json!({"bos_token": null, "add_bos_token": true})),
-        vec![Q]
-    );
-    let e = Folder::new(base(json!({"add_bos_token": "yes"})))
-        .load()
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("field `add_bos_token`: expected true or false, found a string"),
-        "{e}"
-    );
+    assert_eq!(encode(base(json!({"add_eos_token": true}))), vec![Q, 2], "an unset flag counts as false");
+    assert_eq!(encode(base(json!({"add_bos_token": true, "add_eos_token": true}))), vec![1, Q, 2]);
+    assert_eq!(encode(json!({"bos_token": null, "add_bos_token": true})), vec![Q]);
+    let e = Folder::new(base(json!({"add_bos_token": "yes"}))).load().unwrap_err().to_string();
+    assert!(e.contains("field `add_bos_token`: expected true or false, found a string"), "{e}");
 }
 
 #[test]
@@ -492,17 +361,11 @@ fn chat_template_comes_from_the_config_or_the_jinja_file_which_wins() {
     let msgs = [Message::new("user", "hi")];
     let f = Folder::new(json!({"chat_template": [
         {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ messages[0].content }}"}]}));
-    assert_eq!(
-        f.load().unwrap().apply_chat_template(&msgs, false).unwrap(),
-        "Dhi"
-    );
+    assert_eq!(f.load().unwrap().apply_chat_template(&msgs, false).unwrap(), "Dhi");
     let f = f.with("chat_template.jinja", "J{{ messages[0].content }}\n");
     let tok = f.load().unwrap();
     assert_eq!(tok.apply_chat_template(&msgs, false).unwrap(), "Jhi");
-    assert_eq!(
-        tok.chat_template_path(),
-        Some(f.dir.path().join("chat_template.jinja").as_path())
-    );
+    assert_eq!(tok.chat_template_path(), Some(f.dir.path().join("chat_template.jinja").as_path()));
 
     let f = Folder::new(json!({"chat_template": [{"name": "tool_use", "template": "T"}]}));
     let e = f.load().unwrap_err().to_string();
@@ -513,35 +376,20 @@ fn chat_template_comes_from_the_config_or_the_jinja_file_which_wins() {
 fn tokenizer_folder_errors_name_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let e = HfTokenizer::from_dir(dir.path()).unwrap_err().to_string();
-    assert_eq!(
-        e,
-        format!(
-            "tokenizer folder {}: tokenizer.json not found",
-            dir.path().display()
-        )
-    );
+    assert_eq!(e, format!("tokenizer folder {}: tokenizer.json not found", dir.path().display()));
 
     let f = Folder::new(json!({"eos_token": 5}));
     let e = f.load().unwrap_err().to_string();
-    assert!(
-        e.contains("tokenizer_config.json: field `eos_token`: expected a string"),
-        "{e}"
-    );
+    assert!(e.contains("tokenizer_config.json: field `eos_token`: expected a string"), "{e}");
 
     let f = Folder::new(json!({"eos_token": "<eos>"}));
     let e = f.load().unwrap_err().to_string();
-    assert!(
-        e.contains("eos_token \"<eos>\" is not in the vocabulary"),
-        "{e}"
-    );
+    assert!(e.contains("eos_token \"<eos>\" is not in the vocabulary"), "{e}");
 
     let f = Folder::new(json!({})).with("chat_template.jinja", "{% for m in messages %}");
     let e = f.load().unwrap_err().to_string();
     assert!(
-        e.starts_with(&format!(
-            "{}: chat_template: syntax error",
-            f.dir.path().join("chat_template.jinja").display()
-        )),
+        e.starts_with(&format!("{}: chat_template: syntax error", f.dir.path().join("chat_template.jinja").display())),
         "{e}"
     );
 

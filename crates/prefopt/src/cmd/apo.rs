@@ -8,6 +8,10 @@ use prefopt_loop::apo::{run_apo, ApoConfig, LoopObserver, Manifest};
 use prefopt_train::{Observer, StepStatus};
 
 use crate::plot::{line_chart, ChartSpec, Series};
+use prefopt_loop::evaluate::EvalMetrics;
+
+/// Reads one number off an evaluation (None where it does not apply).
+type Metric = fn(&EvalMetrics) -> Option<f64>;
 
 #[derive(clap::Args)]
 pub struct ApoArgs {
@@ -90,7 +94,7 @@ impl LoopObserver for Progress {
 /// extrapolated, in one PNG per metric family.
 fn plot_iterations(manifest: &Manifest, out: &Path) -> Result<PathBuf> {
     let base = manifest.base_eval.clone().unwrap_or_default();
-    let series = |name: &str, get: &dyn Fn(&prefopt_loop::evaluate::EvalMetrics) -> Option<f64>, extrapolated: bool| {
+    let series = |name: &str, get: Metric, extrapolated: bool| {
         let mut points: Vec<(f64, f64)> = get(&base).map(|v| vec![(0.0, v)]).unwrap_or_default();
         for r in &manifest.iterations {
             let m = if extrapolated { &r.eval_extrapolated } else { &r.eval_trained };
@@ -99,15 +103,19 @@ fn plot_iterations(manifest: &Manifest, out: &Path) -> Result<PathBuf> {
             }
         }
         let s = Series::new(name, points).with_markers();
-        if extrapolated { s.dashed() } else { s }
+        if extrapolated {
+            s.dashed()
+        } else {
+            s
+        }
     };
     let mut spec = ChartSpec::new("APO: held-out evaluation per iteration (0 = base)", "iteration", "value");
-    let metrics: [(&str, &dyn Fn(&prefopt_loop::evaluate::EvalMetrics) -> Option<f64>); 5] = [
-        ("reward", &|m| Some(m.eval_reward)),
-        ("accuracy", &|m| m.eval_accuracy),
-        ("malformed", &|m| Some(m.malformed_rate)),
-        ("win vs base", &|m| Some(m.win_rate_vs_base)),
-        ("KL to base", &|m| Some(m.kl_to_base)),
+    let metrics: [(&str, Metric); 5] = [
+        ("reward", |m| Some(m.eval_reward)),
+        ("accuracy", |m| m.eval_accuracy),
+        ("malformed", |m| Some(m.malformed_rate)),
+        ("win vs base", |m| Some(m.win_rate_vs_base)),
+        ("KL to base", |m| Some(m.kl_to_base)),
     ];
     for (name, get) in metrics {
         spec = spec.series(series(&format!("{name} (trained)"), get, false));
@@ -122,14 +130,28 @@ fn plot_iterations(manifest: &Manifest, out: &Path) -> Result<PathBuf> {
 fn print_table(manifest: &Manifest) {
     eprintln!("iteration  model         reward  accuracy  malformed  win_vs_base  kl_to_base  pairs");
     if let Some(b) = &manifest.base_eval {
-        eprintln!("0          base          {:>6.3}  {:>8}  {:>9.3}  {:>11.3}  {:>10.3}", b.eval_reward, fmt_opt(b.eval_accuracy), b.malformed_rate, b.win_rate_vs_base, b.kl_to_base);
+        eprintln!(
+            "0          base          {:>6.3}  {:>8}  {:>9.3}  {:>11.3}  {:>10.3}",
+            b.eval_reward,
+            fmt_opt(b.eval_accuracy),
+            b.malformed_rate,
+            b.win_rate_vs_base,
+            b.kl_to_base
+        );
     }
     for r in &manifest.iterations {
         for (which, m) in [("trained", &r.eval_trained), ("extrapolated", &r.eval_extrapolated)] {
             if let Some(m) = m {
                 eprintln!(
                     "{:<10} {:<13} {:>6.3}  {:>8}  {:>9.3}  {:>11.3}  {:>10.3}  {}",
-                    r.iteration, which, m.eval_reward, fmt_opt(m.eval_accuracy), m.malformed_rate, m.win_rate_vs_base, m.kl_to_base, r.pair_count
+                    r.iteration,
+                    which,
+                    m.eval_reward,
+                    fmt_opt(m.eval_accuracy),
+                    m.malformed_rate,
+                    m.win_rate_vs_base,
+                    m.kl_to_base,
+                    r.pair_count
                 );
             }
         }

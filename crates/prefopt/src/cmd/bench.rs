@@ -48,7 +48,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    anyhow::ensure!(args.steps > 0 && args.batch > 0 && args.seq_len > 1, "--steps, --batch must be > 0 and --seq-len > 1");
+    anyhow::ensure!(
+        args.steps > 0 && args.batch > 0 && args.seq_len > 1,
+        "--steps, --batch must be > 0 and --seq-len > 1"
+    );
     if let Some(n) = args.threads {
         // candle reads this on every matmul; set before the first tensor op.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -81,7 +81,9 @@ pub fn run(args: ScoreArgs) -> Result<()> {
                 dropped += 1;
                 serde_json::json!({"index": i, "dropped": reason})
             }
-            (PairOutcome::Kept(_), score) => score.with_context(|| format!("internal error: pair {i} was not scored"))?,
+            (PairOutcome::Kept(_), score) => {
+                score.with_context(|| format!("internal error: pair {i} was not scored"))?
+            }
         };
         text.push_str(&line.to_string());
         text.push('\n');

@@ -38,10 +38,8 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     let out = args.out.context("--out DIR is required")?;
     let (config, config_text) = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config {}", path.display()))?;
-            let config = Config::from_toml_str(&text)
-                .with_context(|| format!("config {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+            let config = Config::from_toml_str(&text).with_context(|| format!("config {}", path.display()))?;
             (config, text)
         }
         None => (Config::builtin_default(), DEFAULT_CONFIG_TOML.to_string()),
@@ -65,35 +63,17 @@ pub fn run(args: SimulateArgs) -> Result<()> {
     write_atomic(&out.join("config.toml"), config_text.as_bytes())?;
     let plots = write_plots(&out, &config, &sweep)?;
 
-    eprint!(
-        "{}",
-        human_summary(
-            &config,
-            &sweep,
-            &out,
-            lines,
-            &plots,
-            sim_secs,
-            start.elapsed().as_secs_f64()
-        )
-    );
+    eprint!("{}", human_summary(&config, &sweep, &out, lines, &plots, sim_secs, start.elapsed().as_secs_f64()));
     Ok(())
 }
 
 /// Writes `bytes` to a temporary file next to `path`, then renames it over `path`.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .context("output path has no file name")?
-        .to_string_lossy();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().context("output path has no file name")?.to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -126,17 +106,9 @@ fn gap_band(sweep: &SweepOutput, n: Option<usize>, beta: f64, alpha: f64) -> Lin
 }
 
 fn final_gap_band(sweep: &SweepOutput, n: Option<usize>, beta: f64, alpha: f64) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = sweep
-        .group(n, beta, alpha)
-        .iter()
-        .map(|r| r.records.last().unwrap().gap())
-        .collect();
+    let mut v: Vec<f64> = sweep.group(n, beta, alpha).iter().map(|r| r.records.last().unwrap().gap()).collect();
     v.sort_by(|a, b| a.total_cmp(b));
-    (
-        v.iter().sum::<f64>() / v.len() as f64,
-        quantile(&v, 0.25),
-        quantile(&v, 0.75),
-    )
+    (v.iter().sum::<f64>() / v.len() as f64, quantile(&v, 0.25), quantile(&v, 0.75))
 }
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
@@ -173,27 +145,17 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             line_chart(&path, &spec)?;
             written.push(path);
 
-            let rows: Vec<&GroupSummary> = sweep
-                .summary
-                .groups
-                .iter()
-                .filter(|g| g.n.is_none() && g.beta == beta)
-                .collect();
-            let fitted: Vec<(f64, f64)> = rows
-                .iter()
-                .filter_map(|g| g.fitted_slope.map(|s| (g.alpha, -s)))
-                .collect();
-            let late: Vec<(f64, f64)> = rows
-                .iter()
-                .filter_map(|g| g.late_fitted_slope.map(|s| (g.alpha, -s)))
-                .collect();
+            let rows: Vec<&GroupSummary> =
+                sweep.summary.groups.iter().filter(|g| g.n.is_none() && g.beta == beta).collect();
+            let fitted: Vec<(f64, f64)> = rows.iter().filter_map(|g| g.fitted_slope.map(|s| (g.alpha, -s))).collect();
+            let late: Vec<(f64, f64)> =
+                rows.iter().filter_map(|g| g.late_fitted_slope.map(|s| (g.alpha, -s))).collect();
             // Theory on a fine grid of alpha, so that the curve is smooth.
             let (a0, a1) = (alphas[0], alphas[alphas.len() - 1]);
             let theory: Vec<(f64, f64)> = match sweep.summary.rate_margin {
-                Some(m) => (0..=100)
-                    .map(|i| a0 + (a1 - a0) * i as f64 / 100.0)
-                    .map(|a| (a, m / ((1.0 - a) * beta)))
-                    .collect(),
+                Some(m) => {
+                    (0..=100).map(|i| a0 + (a1 - a0) * i as f64 / 100.0).map(|a| (a, m / ((1.0 - a) * beta))).collect()
+                }
                 None => Vec::new(),
             };
             let mut spec = ChartSpec::new(
@@ -205,8 +167,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             .series(Series::new("fitted (all t with gap > 1e-12)", fitted).with_markers())
             .series(Series::new("fitted (later half of those t)", late).with_markers());
             if !theory.is_empty() {
-                spec = spec
-                    .series(Series::new("theory: margin / ((1 - alpha) beta)", theory).dashed());
+                spec = spec.series(Series::new("theory: margin / ((1 - alpha) beta)", theory).dashed());
             }
             let path = out.join(format!("rate_vs_alpha_beta{beta}.png"));
             line_chart(&path, &spec)?;
@@ -223,8 +184,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
                 .legend(Legend::LowerLeft);
                 for &alpha in &alphas {
                     let (mean, band) = gap_band(sweep, Some(n), beta, alpha);
-                    spec =
-                        spec.series(Series::new(format!("alpha = {alpha}"), mean).with_band(band));
+                    spec = spec.series(Series::new(format!("alpha = {alpha}"), mean).with_band(band));
                 }
                 let path = out.join(format!("sampled_gap_vs_iteration_n{n}_beta{beta}.png"));
                 line_chart(&path, &spec)?;
@@ -232,10 +192,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             }
         }
         let mut spec = ChartSpec::new(
-            format!(
-                "Final {gap} (iteration {}) vs alpha, beta = {beta}",
-                config.iterations
-            ),
+            format!("Final {gap} (iteration {}) vs alpha, beta = {beta}", config.iterations),
             "alpha",
             format!("final {gap} (log; mean, band 25-75% over seeds)"),
         )
@@ -248,10 +205,8 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             vec![("exact (N = inf)".into(), None)]
         };
         for (name, n) in groups {
-            let stats: Vec<(f64, (f64, f64, f64))> = alphas
-                .iter()
-                .map(|&a| (a, final_gap_band(sweep, n, beta, a)))
-                .collect();
+            let stats: Vec<(f64, (f64, f64, f64))> =
+                alphas.iter().map(|&a| (a, final_gap_band(sweep, n, beta, a))).collect();
             let mean = stats.iter().map(|(a, s)| (*a, s.0)).collect();
             let band = stats.iter().map(|(a, s)| (*a, s.1, s.2)).collect();
             let mut s = Series::new(name, mean).with_markers();
@@ -268,10 +223,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             // The trade-off at a glance: each N's mean final gap relative to its own
             // at the smallest alpha (below 1: momentum helped; above 1: it hurt).
             let mut spec = ChartSpec::new(
-                format!(
-                    "Final {gap} relative to alpha = {}, per N, beta = {beta}",
-                    alphas[0]
-                ),
+                format!("Final {gap} relative to alpha = {}, per N, beta = {beta}", alphas[0]),
                 "alpha",
                 format!("mean final {gap} / same at alpha = {} (log)", alphas[0]),
             )
@@ -279,17 +231,11 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             .legend(Legend::LowerLeft);
             for &n in &ns {
                 let base = final_gap_band(sweep, Some(n), beta, alphas[0]).0;
-                let pts = alphas
-                    .iter()
-                    .map(|&a| (a, final_gap_band(sweep, Some(n), beta, a).0 / base))
-                    .collect();
+                let pts = alphas.iter().map(|&a| (a, final_gap_band(sweep, Some(n), beta, a).0 / base)).collect();
                 spec = spec.series(Series::new(format!("N = {n}"), pts).with_markers());
             }
-            spec = spec.series(
-                Series::new("", alphas.iter().map(|&a| (a, 1.0)).collect())
-                    .dashed()
-                    .with_color((90, 90, 90)),
-            );
+            spec = spec
+                .series(Series::new("", alphas.iter().map(|&a| (a, 1.0)).collect()).dashed().with_color((90, 90, 90)));
             let path = out.join(format!("final_gap_relative_vs_alpha_beta{beta}.png"));
             line_chart(&path, &spec)?;
             written.push(path);
@@ -324,31 +270,18 @@ fn human_summary(
         sim_secs,
         total_secs
     );
-    let _ = writeln!(
-        o,
-        "wrote {} ({lines} lines)",
-        out.join("results.jsonl").display()
-    );
-    let _ = writeln!(
-        o,
-        "      {}, {}",
-        out.join("summary.json").display(),
-        out.join("config.toml").display()
-    );
+    let _ = writeln!(o, "wrote {} ({lines} lines)", out.join("results.jsonl").display());
+    let _ = writeln!(o, "      {}, {}", out.join("summary.json").display(), out.join("config.toml").display());
     for p in plots {
         let _ = writeln!(o, "      {}", p.display());
     }
-    let margin = s
-        .rate_margin
-        .map(|m| format!("{m}"))
-        .unwrap_or_else(|| "none (mixed optimum)".into());
-    let _ = writeln!(
-        o,
-        "\ngap = {}, target {:e}, margin = {margin}",
-        s.gap_metric, s.target_gap
-    );
+    let margin = s.rate_margin.map(|m| format!("{m}")).unwrap_or_else(|| "none (mixed optimum)".into());
+    let _ = writeln!(o, "\ngap = {}, target {:e}, margin = {margin}", s.gap_metric, s.target_gap);
     for beta in sorted(config.betas.clone()) {
-        let _ = writeln!(o, "\nbeta = {beta}: iterations to reach the target (mean ± std over runs that reached it, reached/runs)");
+        let _ = writeln!(
+            o,
+            "\nbeta = {beta}: iterations to reach the target (mean ± std over runs that reached it, reached/runs)"
+        );
         let cols: Vec<Option<usize>> = {
             let mut c = Vec::new();
             if config.mode.runs_exact() {
@@ -364,46 +297,26 @@ fn human_summary(
         };
         let _ = write!(o, "  {:>6}", "alpha");
         for c in &cols {
-            let _ = write!(
-                o,
-                " {:>18}",
-                c.map(|n| format!("N = {n}"))
-                    .unwrap_or_else(|| "exact".into())
-            );
+            let _ = write!(o, " {:>18}", c.map(|n| format!("N = {n}")).unwrap_or_else(|| "exact".into()));
         }
         if config.mode.runs_exact() {
-            let _ = write!(
-                o,
-                "   {:>8} {:>8} {:>6} {:>6}",
-                "rate", "theory", "ratio", "late"
-            );
+            let _ = write!(o, "   {:>8} {:>8} {:>6} {:>6}", "rate", "theory", "ratio", "late");
         }
         let _ = writeln!(o);
         for alpha in sorted(config.alphas.clone()) {
             let _ = write!(o, "  {alpha:>6}");
             for &c in &cols {
-                let g = s
-                    .groups
-                    .iter()
-                    .find(|g| g.n == c && g.beta == beta && g.alpha == alpha)
-                    .unwrap();
+                let g = s.groups.iter().find(|g| g.n == c && g.beta == beta && g.alpha == alpha).unwrap();
                 let it = &g.iterations_to_target;
                 let cell = match (it.iterations, c) {
                     (Some(sp), None) => format!("{}", sp.mean),
-                    (Some(sp), Some(_)) => format!(
-                        "{:.1} ± {:.1} ({}/{})",
-                        sp.mean, sp.std, it.reached, it.runs
-                    ),
+                    (Some(sp), Some(_)) => format!("{:.1} ± {:.1} ({}/{})", sp.mean, sp.std, it.reached, it.runs),
                     (None, _) => format!("- (0/{})", it.runs),
                 };
                 let _ = write!(o, " {cell:>18}");
             }
             if config.mode.runs_exact() {
-                let g = s
-                    .groups
-                    .iter()
-                    .find(|g| g.n.is_none() && g.beta == beta && g.alpha == alpha)
-                    .unwrap();
+                let g = s.groups.iter().find(|g| g.n.is_none() && g.beta == beta && g.alpha == alpha).unwrap();
                 let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
                 let _ = write!(
                     o,

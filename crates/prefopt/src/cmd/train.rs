@@ -46,7 +46,11 @@ pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
     eprintln!(
         "trained {} steps{} -> {} (metrics: {}, plots: {})",
         summary.steps,
-        if summary.skipped_batches > 0 { format!(" ({} batches skipped as non-finite)", summary.skipped_batches) } else { String::new() },
+        if summary.skipped_batches > 0 {
+            format!(" ({} batches skipped as non-finite)", summary.skipped_batches)
+        } else {
+            String::new()
+        },
         summary.final_dir.display(),
         summary.metrics_path.display(),
         plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
@@ -103,15 +107,22 @@ impl Observer for BarObserver {
 fn plot_training_curves(metrics: &Path, out: &Path) -> Result<Vec<PathBuf>> {
     let lines = MetricsLog::read_all(metrics);
     let curve = |key: &str| -> Vec<(f64, f64)> {
-        lines
-            .iter()
-            .filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(key)?.as_f64()?)))
-            .collect()
+        lines.iter().filter_map(|l| Some((l.get("step")?.as_f64()?, l.get(key)?.as_f64()?))).collect()
     };
     let charts = [
         ("loss.png", "Training loss", "loss", vec!["loss", "eval_loss"]),
-        ("rewards.png", "Implicit rewards (beta * log-ratio)", "reward", vec!["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]),
-        ("logps.png", "Completion log-probs (nats)", "log-prob", vec!["logps/chosen", "logps/rejected", "eval_logps/chosen", "eval_logps/rejected"]),
+        (
+            "rewards.png",
+            "Implicit rewards (beta * log-ratio)",
+            "reward",
+            vec!["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"],
+        ),
+        (
+            "logps.png",
+            "Completion log-probs (nats)",
+            "log-prob",
+            vec!["logps/chosen", "logps/rejected", "eval_logps/chosen", "eval_logps/rejected"],
+        ),
     ];
     let mut written = Vec::new();
     for (file, title, y, keys) in charts {

@@ -27,11 +27,7 @@ fn expected_files(dir: &Path) -> Vec<(String, String, Option<usize>, PathBuf)> {
         };
         let parts: Vec<&str> = stem.split("__").collect();
         if let [model, dataset, tag] = parts[..] {
-            let max_length = if tag == "none" {
-                None
-            } else {
-                Some(tag.parse().unwrap())
-            };
+            let max_length = if tag == "none" { None } else { Some(tag.parse().unwrap()) };
             out.push((model.to_string(), dataset.to_string(), max_length, path));
         }
     }
@@ -56,8 +52,7 @@ fn tokenization_matches_the_python_reference_on_every_fixture() {
     let mut checked = 0;
     for (model, dataset, max_length, expected_path) in &files {
         let tok = tokenizers.entry(model.clone()).or_insert_with(|| {
-            HfTokenizer::from_dir(&root.join("models").join(model))
-                .unwrap_or_else(|e| panic!("{e}"))
+            HfTokenizer::from_dir(&root.join("models").join(model)).unwrap_or_else(|e| panic!("{e}"))
         });
         let expected: Vec<Value> = std::fs::read_to_string(expected_path)
             .unwrap()
@@ -65,23 +60,14 @@ fn tokenization_matches_the_python_reference_on_every_fixture() {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let opts = TokenizeOptions {
-            max_length: *max_length,
-            max_prompt_length: None,
-        };
+        let opts = TokenizeOptions { max_length: *max_length, max_prompt_length: None };
         for ext in ["jsonl", "parquet"] {
             let data = root.join("data").join(format!("{dataset}.{ext}"));
             if !data.exists() {
                 continue;
             }
             let records = read_records(&data).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(
-                records.len(),
-                expected.len(),
-                "{} vs {}",
-                data.display(),
-                expected_path.display()
-            );
+            assert_eq!(records.len(), expected.len(), "{} vs {}", data.display(), expected_path.display());
             for want in &expected {
                 let index = want["index"].as_u64().unwrap() as usize;
                 let record = &records[index];
@@ -92,8 +78,7 @@ fn tokenization_matches_the_python_reference_on_every_fixture() {
                 match (got, want.get("dropped")) {
                     (PairOutcome::Dropped(why), Some(reason)) => {
                         if reason.as_str() != Some(why.as_str()) {
-                            mismatches
-                                .push(format!("{at}: dropped as {why:?}, Python says {reason}"));
+                            mismatches.push(format!("{at}: dropped as {why:?}, Python says {reason}"));
                         }
                     }
                     (PairOutcome::Dropped(why), None) => {
@@ -104,21 +89,9 @@ fn tokenization_matches_the_python_reference_on_every_fixture() {
                     }
                     (PairOutcome::Kept(pair), None) => {
                         let checks: [(&str, Value, Value); 5] = [
-                            (
-                                "prompt_ids",
-                                pair.prompt_ids.clone().into(),
-                                ids(want, "prompt_ids").into(),
-                            ),
-                            (
-                                "chosen_ids",
-                                pair.chosen.input_ids.clone().into(),
-                                ids(want, "chosen_ids").into(),
-                            ),
-                            (
-                                "rejected_ids",
-                                pair.rejected.input_ids.clone().into(),
-                                ids(want, "rejected_ids").into(),
-                            ),
+                            ("prompt_ids", pair.prompt_ids.clone().into(), ids(want, "prompt_ids").into()),
+                            ("chosen_ids", pair.chosen.input_ids.clone().into(), ids(want, "chosen_ids").into()),
+                            ("rejected_ids", pair.rejected.input_ids.clone().into(), ids(want, "rejected_ids").into()),
                             (
                                 "chosen_completion_start",
                                 pair.chosen.completion_start.into(),
@@ -132,8 +105,7 @@ fn tokenization_matches_the_python_reference_on_every_fixture() {
                         ];
                         for (field, ours, theirs) in checks {
                             if ours != theirs {
-                                mismatches
-                                    .push(format!("{at}: {field}: ours {ours}, Python {theirs}"));
+                                mismatches.push(format!("{at}: {field}: ours {ours}, Python {theirs}"));
                             }
                         }
                     }
@@ -141,17 +113,9 @@ fn tokenization_matches_the_python_reference_on_every_fixture() {
             }
         }
     }
-    eprintln!(
-        "fixture parity: {checked} examples over {} expected files",
-        files.len()
-    );
+    eprintln!("fixture parity: {checked} examples over {} expected files", files.len());
     assert!(checked > 0, "no fixture example was checked");
-    assert!(
-        mismatches.is_empty(),
-        "{} mismatches in {checked} examples:\n{}",
-        mismatches.len(),
-        mismatches.join("\n")
-    );
+    assert!(mismatches.is_empty(), "{} mismatches in {checked} examples:\n{}", mismatches.len(), mismatches.join("\n"));
 }
 
 #[test]
@@ -168,10 +132,8 @@ fn bad_prefix_fixture_errors_exactly_when_python_does() {
     let mut checked = 0;
     for entry in entries.flatten() {
         let path = entry.path();
-        let Some(model) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix("__chat_bad_prefix.json"))
+        let Some(model) =
+            path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix("__chat_bad_prefix.json"))
         else {
             continue;
         };
@@ -179,28 +141,17 @@ fn bad_prefix_fixture_errors_exactly_when_python_does() {
         let tok = HfTokenizer::from_dir(&root.join("models").join(model)).unwrap();
         let index = want["index"].as_u64().unwrap() as usize;
         let ex = parse_preference(&records[index]).unwrap();
-        assert_eq!(
-            tokenize_prompt(&tok, &ex.prompt).unwrap(),
-            ids(&want, "prompt_ids"),
-            "{model}"
-        );
+        assert_eq!(tokenize_prompt(&tok, &ex.prompt).unwrap(), ids(&want, "prompt_ids"), "{model}");
         let got = tokenize_pair(&tok, &ex, &TokenizeOptions::default());
         match (&got, want["error"].as_str()) {
             (Err(e), Some(_)) => {
                 let e = e.to_string();
-                assert!(
-                    e.contains("does not start with its rendering of the prompt"),
-                    "{model}: {e}"
-                );
+                assert!(e.contains("does not start with its rendering of the prompt"), "{model}: {e}");
                 eprintln!("{model}: {e}");
             }
             (Ok(PairOutcome::Kept(pair)), None) => {
                 assert_eq!(pair.chosen.input_ids, ids(&want, "chosen_ids"), "{model}");
-                assert_eq!(
-                    pair.rejected.input_ids,
-                    ids(&want, "rejected_ids"),
-                    "{model}"
-                );
+                assert_eq!(pair.rejected.input_ids, ids(&want, "rejected_ids"), "{model}");
             }
             _ => panic!("{model}: ours {got:?}, Python {want}"),
         }
