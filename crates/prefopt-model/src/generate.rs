@@ -226,7 +226,22 @@ pub fn sampling_distribution(logits: &[f32], params: &SamplingParams) -> Vec<(u3
     let total: f64 = dist.iter().map(|d| d.1).sum();
     dist.iter_mut().for_each(|d| d.1 /= total);
     if params.top_p < 1.0 {
-        dist.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Sort only as many of the most likely tokens as the nucleus needs: the top 64,
+        // then 4x more until they hold top_p of the mass (a full sort of a 150k vocabulary
+        // per token would dominate a decode step).
+        let desc = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let mut m = dist.len().min(64);
+        loop {
+            if m < dist.len() {
+                dist.select_nth_unstable_by(m - 1, desc);
+            }
+            dist[..m].sort_unstable_by(desc);
+            if m == dist.len() || dist[..m].iter().map(|d| d.1).sum::<f64>() >= params.top_p {
+                break;
+            }
+            m = (4 * m).min(dist.len());
+        }
+        dist.truncate(m);
         // Keep a token while the mass strictly above it is below top_p (transformers' rule).
         let mut above = 0.0;
         let keep = dist
@@ -309,6 +324,32 @@ mod tests {
         assert_eq!(frequencies(&logits, &params(1.0, 0, 1e-9), 100)[0], 1.0);
         // top-k first, then top-p over the renormalized survivors: 0.5/0.8 = 0.625 >= 0.6.
         assert_eq!(frequencies(&logits, &params(1.0, 2, 0.6), 1000), vec![1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn the_partial_nucleus_sort_equals_a_full_sort() {
+        let mut rng = sample_rng(1, 0);
+        for (v, spread) in [(5000, 8.0), (5000, 0.5), (300, 3.0)] {
+            let logits: Vec<f32> = (0..v).map(|_| (rng.gen::<f64>() * spread) as f32).collect();
+            for top_p in [0.05, 0.5, 0.9, 0.999] {
+                let got = sampling_distribution(&logits, &params(1.0, 0, top_p));
+                // Reference: every token sorted, the same keep rule.
+                let m = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                let mut all: Vec<(u32, f64)> =
+                    (0..v as u32).map(|i| (i, (logits[i as usize] as f64 - m).exp())).collect();
+                let total: f64 = all.iter().map(|d| d.1).sum();
+                all.iter_mut().for_each(|d| d.1 /= total);
+                all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let mut above = vec![0.0];
+                for d in &all {
+                    above.push(above[above.len() - 1] + d.1);
+                }
+                let keep = (0..v).take_while(|&i| above[i] < top_p).count();
+                let want: Vec<u32> = all[..keep].iter().map(|d| d.0).collect();
+                assert_eq!(got.iter().map(|d| d.0).collect::<Vec<_>>(), want, "v {v} spread {spread} top_p {top_p}");
+                assert!((got.iter().map(|d| d.1).sum::<f64>() - 1.0).abs() < 1e-12);
+            }
+        }
     }
 
     #[test]
