@@ -4,7 +4,7 @@
 //!
 //! Shapes: B sequences in the batch, T prompt length after padding, V vocab.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -115,7 +115,7 @@ pub fn generate<R: Rng>(
     }
 
     // Prefill the distinct prompts, left-padded to the longest.
-    let device = Device::Cpu;
+    let device = model.device();
     let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let prompt_pads: Vec<usize> = prompts.iter().map(|p| t - p.len()).collect();
     let mut ids = Vec::with_capacity(n * t);
@@ -123,7 +123,7 @@ pub fn generate<R: Rng>(
         ids.extend(std::iter::repeat_n(pad_id, pad));
         ids.extend_from_slice(p);
     }
-    let ids = Tensor::from_vec(ids, (n, t), &device)?;
+    let ids = Tensor::from_vec(ids, (n, t), device)?;
     let mut cache = KvCache::default();
     let h = model.hidden_states_padded(&ids, &prompt_pads, &mut cache)?.narrow(1, t - 1, 1)?;
     let prompt_logits: Vec<Vec<f32>> = model.logits(&h)?.squeeze(1)?.to_vec2()?; // (n, V)
@@ -160,7 +160,7 @@ pub fn generate<R: Rng>(
         }
         let last: Vec<u32> = active.iter().map(|&s| *out[s].tokens.last().unwrap_or(&pad_id)).collect();
         let pads: Vec<usize> = active.iter().map(|&s| prompt_pads[s / k]).collect();
-        let input = Tensor::from_vec(last, (active.len(), 1), &device)?;
+        let input = Tensor::from_vec(last, (active.len(), 1), device)?;
         let h = model.hidden_states_padded(&input, &pads, &mut cache)?;
         logits = model.logits(&h)?.squeeze(1)?.to_vec2()?;
     }

@@ -385,6 +385,11 @@ impl Llama {
         &self.cfg
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
     /// Logits at every position: input ids (B, T) u32 -> (B, T, V).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, None)?;
