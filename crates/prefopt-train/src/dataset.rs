@@ -1,10 +1,20 @@
-//! A preference file, tokenized once: the kept pairs, where each came from, and how many
-//! were dropped by the length budget.
+//! A preference file, tokenized once: the kept pairs, where each came from, how many were
+//! dropped by the length budget, and two optional per-pair column pairs:
+//!
+//! - `ref_chosen_logps` / `ref_rejected_logps`: precomputed reference log-probs (TRL's column
+//!   names). When a file has them, they are the reference and no reference model runs; the
+//!   online loop writes them for APO's exact extrapolated reference (methods.md section 3).
+//! - `win_prob_chosen` / `win_prob_rejected`: estimated win probabilities in [0, 1] for the
+//!   soft `sppo` loss; the online loop writes them from its judge's scores.
+//!
+//! A column pair is present when any kept row has either column; then every kept row must
+//! have both, as finite numbers (win probabilities in [0, 1]). Rows dropped by truncation
+//! are not read further.
 
 use std::path::{Path, PathBuf};
 
 use prefopt_data::{
-    parse_preference, read_records, tokenize_pair, HfTokenizer, PairOutcome, TokenizeOptions, TokenizedPair,
+    parse_preference, read_records, tokenize_pair, HfTokenizer, PairOutcome, Record, TokenizeOptions, TokenizedPair,
 };
 
 use crate::TrainError;
@@ -17,7 +27,19 @@ pub struct PairDataset {
     pub sources: Vec<String>,
     /// Examples dropped because their prompt alone filled `max_length`.
     pub dropped: usize,
+    /// Where pair i is among the file's records (0-based), so callers can line results up
+    /// with the file's rows.
+    pub rows: Vec<usize>,
+    /// Per kept pair, (ref_chosen_logps, ref_rejected_logps) when the file has the columns.
+    pub ref_logps: Option<Vec<(f32, f32)>>,
+    /// Per kept pair, (win_prob_chosen, win_prob_rejected) when the file has the columns.
+    pub win_probs: Option<Vec<(f32, f32)>>,
 }
+
+/// The optional reference log-prob columns (TRL's names).
+pub const REF_COLUMNS: [&str; 2] = ["ref_chosen_logps", "ref_rejected_logps"];
+/// The optional win-probability columns.
+pub const WIN_PROB_COLUMNS: [&str; 2] = ["win_prob_chosen", "win_prob_rejected"];
 
 impl PairDataset {
     /// Reads and tokenizes `path`. An empty file, or one whose every example is dropped by
@@ -28,14 +50,16 @@ impl PairDataset {
             return Err(TrainError::Data(format!("{}: the dataset is empty", path.display())));
         }
         let mut pairs = Vec::new();
-        let mut sources = Vec::new();
+        let mut kept = Vec::new();
+        let mut rows = Vec::new();
         let mut dropped = 0;
         let mut first_reason = None;
-        for record in &records {
+        for (row, record) in records.iter().enumerate() {
             match tokenize_pair(tok, &parse_preference(record)?, opts)? {
                 PairOutcome::Kept(pair) => {
                     pairs.push(pair);
-                    sources.push(record.source.to_string());
+                    kept.push(record);
+                    rows.push(row);
                 }
                 PairOutcome::Dropped(reason) => {
                     dropped += 1;
@@ -50,7 +74,10 @@ impl PairDataset {
                 first_reason.unwrap_or_default()
             )));
         }
-        Ok(Self { path: path.to_path_buf(), pairs, sources, dropped })
+        let ref_logps = read_columns(&kept, REF_COLUMNS, None)?;
+        let win_probs = read_columns(&kept, WIN_PROB_COLUMNS, Some((0.0, 1.0)))?;
+        let sources = kept.iter().map(|r| r.source.to_string()).collect();
+        Ok(Self { path: path.to_path_buf(), pairs, sources, dropped, rows, ref_logps, win_probs })
     }
 
     pub fn len(&self) -> usize {
@@ -59,5 +86,82 @@ impl PairDataset {
 
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
+    }
+}
+
+/// Both columns of `names` from every row, or `None` when no row has either; values must be
+/// finite and, with `range`, inside it.
+fn read_columns(
+    rows: &[&Record],
+    names: [&str; 2],
+    range: Option<(f64, f64)>,
+) -> Result<Option<Vec<(f32, f32)>>, TrainError> {
+    let has = |r: &Record, name: &str| r.value.get(name).is_some_and(|v| !v.is_null());
+    let Some(first) = rows.iter().find(|r| names.iter().any(|n| has(r, n))) else {
+        return Ok(None);
+    };
+    let first_name = names.iter().find(|n| has(first, n)).copied().unwrap_or(names[0]);
+    let value = |r: &Record, name: &str| -> Result<f32, TrainError> {
+        let bad = |what: String| TrainError::Data(format!("{}: field `{name}`: {what}", r.source));
+        let v = r.value.get(name).filter(|v| !v.is_null()).ok_or_else(|| {
+            bad(format!(
+                "missing, but {} has `{first_name}`; give `{}` and `{}` on every row or on none",
+                first.source, names[0], names[1]
+            ))
+        })?;
+        let x = v.as_f64().ok_or_else(|| bad(format!("expected a number, got {v}")))?;
+        if !x.is_finite() {
+            return Err(bad(format!("{x} is not finite")));
+        }
+        if let Some((lo, hi)) = range {
+            if !(lo..=hi).contains(&x) {
+                return Err(bad(format!("{x} is outside [{lo}, {hi}]")));
+            }
+        }
+        Ok(x as f32)
+    };
+    rows.iter().map(|r| Ok((value(r, names[0])?, value(r, names[1])?))).collect::<Result<Vec<_>, _>>().map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(rows: &str) -> Result<PairDataset, TrainError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pairs.jsonl");
+        std::fs::write(&path, rows).unwrap();
+        let tok =
+            HfTokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/qwen2-tied"))
+                .unwrap();
+        PairDataset::load(&path, &tok, &TokenizeOptions { max_length: Some(64), max_prompt_length: None })
+    }
+
+    const PAIR: &str = r#""prompt": "Q?", "chosen": "1", "rejected": "2""#;
+
+    #[test]
+    fn optional_columns_are_read_per_pair_in_order() {
+        let data = load(&format!(
+            "{{{PAIR}, \"ref_chosen_logps\": -1.5, \"ref_rejected_logps\": -2.0, \"win_prob_chosen\": 1.0, \"win_prob_rejected\": 0.25}}\n\
+             {{{PAIR}, \"ref_chosen_logps\": -3, \"ref_rejected_logps\": 0.5, \"win_prob_chosen\": 0.5, \"win_prob_rejected\": 0}}\n"
+        ))
+        .unwrap();
+        assert_eq!(data.ref_logps, Some(vec![(-1.5, -2.0), (-3.0, 0.5)]));
+        assert_eq!(data.win_probs, Some(vec![(1.0, 0.25), (0.5, 0.0)]));
+        let plain = load(&format!("{{{PAIR}}}\n")).unwrap();
+        assert!(plain.ref_logps.is_none() && plain.win_probs.is_none());
+    }
+
+    #[test]
+    fn partial_or_bad_columns_name_the_line_and_field() {
+        let msg = |rows: String| load(&rows).err().expect("must fail").to_string();
+        let missing = msg(format!("{{{PAIR}, \"win_prob_chosen\": 0.5, \"win_prob_rejected\": 0.1}}\n{{{PAIR}}}\n"));
+        assert!(missing.contains("pairs.jsonl:2: field `win_prob_chosen`: missing"), "{missing}");
+        let half = msg(format!("{{{PAIR}, \"ref_chosen_logps\": -1.0}}\n"));
+        assert!(half.contains("pairs.jsonl:1: field `ref_rejected_logps`: missing"), "{half}");
+        let range = msg(format!("{{{PAIR}, \"win_prob_chosen\": 1.5, \"win_prob_rejected\": 0.1}}\n"));
+        assert!(range.contains("field `win_prob_chosen`: 1.5 is outside [0, 1]"), "{range}");
+        let text = msg(format!("{{{PAIR}, \"ref_chosen_logps\": \"x\", \"ref_rejected_logps\": 0}}\n"));
+        assert!(text.contains("field `ref_chosen_logps`: expected a number"), "{text}");
     }
 }

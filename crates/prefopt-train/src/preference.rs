@@ -45,10 +45,14 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, 
     for (kind, _) in &terms {
         params.check(*kind).map_err(|e| TrainError::Config(e.to_string()))?;
         if kind.needs_win_probs() {
-            return Err(TrainError::Config(format!(
-                "loss `{}` needs win probabilities, which only the online loop estimates; use `sppo_hard` offline",
-                kind.name()
-            )));
+            if let Some(data) = std::iter::once(&train_data).chain(&eval_data).find(|d| d.win_probs.is_none()) {
+                return Err(TrainError::Config(format!(
+                    "loss `{}` needs win probabilities: columns `win_prob_chosen` and `win_prob_rejected` in {} \
+                     (`prefopt apo` writes them); use `sppo_hard` without them",
+                    kind.name(),
+                    data.path.display()
+                )));
+            }
         }
     }
 
@@ -198,6 +202,13 @@ fn reference_logps(
     device: &Device,
     obs: &mut dyn Observer,
 ) -> Result<(RefLogps, bool), TrainError> {
+    if let Some(values) = &data.ref_logps {
+        obs.message(&format!(
+            "reference log-probs for {} read from its `ref_chosen_logps`/`ref_rejected_logps` columns",
+            data.path.display()
+        ));
+        return Ok((values.clone(), false));
+    }
     let ref_dir = cfg.ref_model_path();
     let cache = if cfg.precompute_ref_log_probs {
         let settings = format!("max_length={} max_prompt_length={:?} v1", cfg.max_length, cfg.max_prompt_length);
@@ -235,6 +246,8 @@ struct PairForward {
     rejected: Tensor,
     ref_chosen: Option<Tensor>,
     ref_rejected: Option<Tensor>,
+    /// SPPO's win probabilities, when the data has them.
+    win_probs: Option<(Tensor, Tensor)>,
     chosen_lens: Tensor,
     rejected_lens: Tensor,
     logit_sum_chosen: f64,
@@ -253,8 +266,8 @@ impl PairForward {
             ref_rejected: self.ref_rejected.as_ref(),
             chosen_lens: &self.chosen_lens,
             rejected_lens: &self.rejected_lens,
-            win_prob_chosen: None,
-            win_prob_rejected: None,
+            win_prob_chosen: self.win_probs.as_ref().map(|w| &w.0),
+            win_prob_rejected: self.win_probs.as_ref().map(|w| &w.1),
         }
     }
 }
@@ -275,12 +288,13 @@ fn forward_pairs(
     let out = logps::completion_logps(model, &batch)?;
     let lens: Vec<f32> = batch.completion_lens.iter().map(|&l| l as f32).collect();
     let logit_sums: Vec<f32> = out.logit_sums.to_vec1()?;
-    let refs = refs.map(|r| -> Result<(Tensor, Tensor), TrainError> {
+    let columns = |r: &Vec<(f32, f32)>| -> Result<(Tensor, Tensor), TrainError> {
         let w: Vec<f32> = idx.iter().map(|&i| r[i].0).collect();
         let l: Vec<f32> = idx.iter().map(|&i| r[i].1).collect();
         Ok((Tensor::from_vec(w, m, device)?, Tensor::from_vec(l, m, device)?))
-    });
-    let (ref_chosen, ref_rejected) = match refs.transpose()? {
+    };
+    let win_probs = data.win_probs.as_ref().map(columns).transpose()?;
+    let (ref_chosen, ref_rejected) = match refs.map(columns).transpose()? {
         Some((w, l)) => (Some(w), Some(l)),
         None => (None, None),
     };
@@ -289,6 +303,7 @@ fn forward_pairs(
         rejected: out.logps.narrow(0, m, m)?,
         ref_chosen,
         ref_rejected,
+        win_probs,
         chosen_lens: Tensor::from_vec(lens[..m].to_vec(), m, device)?,
         rejected_lens: Tensor::from_vec(lens[m..].to_vec(), m, device)?,
         logit_sum_chosen: logit_sums[..m].iter().map(|&v| v as f64).sum(),
