@@ -6,6 +6,8 @@
 //! for t = 1..=T:                                     (directories iter-<t>, from 1)
 //!     samples  K completions per prompt from pi_{t-1}          iter-t/samples.jsonl
 //!     pairs    judge; best vs worst; ties skipped              iter-t/pairs.jsonl
+//!     reference  (`extrapolation = "logprob"`, t >= 2) the pairs with the exact
+//!              extrapolated reference's log-probs          iter-t/pairs-ref.jsonl
 //!     trained  pi_hat_t: train on the pairs, reference pi_{t-1},
 //!              starting from pi_{t-1}'s weights               iter-t/trained/
 //!     extrapolated  pi_t = pi_hat_t + alpha (pi_hat_t - pi_hat_{t-1})   iter-t/extrapolated/
@@ -15,17 +17,17 @@
 //! killed run, rerun with the same command, continues from the last finished stage.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use prefopt_data::{parse_prompt, read_records, HfTokenizer};
+use prefopt_data::{parse_prompt, read_records, HfTokenizer, TokenizeOptions};
 use prefopt_model::{save_model_dir, HfModel};
 use prefopt_train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluate::{evaluate_model, BaseSamples, EvalMetrics};
-use crate::extrapolate::extrapolate;
-use crate::judge::{judge_from_spec, PromptItem};
+use crate::extrapolate::{extrapolate, extrapolate_logps};
+use crate::judge::{judge_from_spec_with, JudgeOptions, PromptItem};
 use crate::sampling::{sample_prompts, SampleRecord, Sampling};
 use crate::LoopError;
 
@@ -37,13 +39,23 @@ pub enum BetaSchedule {
     PerIteration(Vec<f64>),
 }
 
-/// How the extrapolated policy enters the next iteration.
+/// How the extrapolated policy `pi_t ∝ pi_hat_t (pi_hat_t / pi_hat_{t-1})^alpha` enters the
+/// next iteration. Both modes write the parameter-extrapolated weights to
+/// `iter-<t>/extrapolated/` and sample from them; they differ in the reference of the loss.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Extrapolation {
-    /// Weights `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`: the sampler and
-    /// the reference of the next iteration (the paper's experiments).
+    /// Weights `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`: the sampler,
+    /// the training start and the reference of the next iteration (the paper's experiments).
+    /// Exact only for log-linear policies.
     Parameter,
+    /// The sampler and training start as with `parameter`, but the reference is the exact
+    /// policy-space step: `lp_ref(y) = (1+alpha) lp_{pi_hat_t}(y) - alpha lp_{pi_hat_{t-1}}(y)`
+    /// (the prompt-only normalizer cancels in every pairwise loss), computed from the two last
+    /// trained models and written into `iter-<t+1>/pairs-ref.jsonl` as TRL's
+    /// `ref_chosen_logps`/`ref_rejected_logps` columns. Iteration 1's reference is the base,
+    /// as in both modes.
+    Logprob,
 }
 
 /// Every key of an APO run.
@@ -58,6 +70,9 @@ pub struct ApoConfig {
     pub num_prompts: usize,
     /// Oracle: a built-in task name, `rm:<folder>` or `cmd:<shell command>`. Required.
     pub judge: String,
+    /// Longest one call of a `cmd:` judge may run (all prompts of a stage), in seconds;
+    /// then its whole process group is killed and the run stops (default 300).
+    pub judge_timeout_s: f64,
     /// Iterations T (default 3, as the paper).
     pub iterations: usize,
     /// Prompts per iteration (default 64); iteration t takes the next fold of the shuffled
@@ -69,6 +84,8 @@ pub struct ApoConfig {
     pub alpha: f64,
     /// KL strength: a number or one per iteration (default 0.1).
     pub beta: BetaSchedule,
+    /// `"parameter"` (default, the paper's) or `"logprob"` (exact reference, same sampler);
+    /// see [`Extrapolation`].
     pub extrapolation: Extrapolation,
     /// Held-out prompts: a file or `task:<name>` (default: the training task, other seed).
     pub eval_prompts: Option<String>,
@@ -95,6 +112,7 @@ impl Default for ApoConfig {
             prompts: String::new(),
             num_prompts: 256,
             judge: String::new(),
+            judge_timeout_s: 300.0,
             iterations: 3,
             prompts_per_iteration: 64,
             num_samples: 5,
@@ -167,6 +185,12 @@ impl ApoConfig {
         if self.iterations == 0 || self.prompts_per_iteration == 0 || self.num_samples < 2 {
             return Err("`iterations` and `prompts_per_iteration` must be at least 1, `num_samples` at least 2".into());
         }
+        if !(self.judge_timeout_s > 0.0 && self.judge_timeout_s.is_finite()) {
+            return Err(format!(
+                "`judge_timeout_s` must be a positive number of seconds, got {}",
+                self.judge_timeout_s
+            ));
+        }
         if !(0.0..1.0).contains(&self.alpha) {
             return Err(format!("`alpha` must be in [0, 1), got {}", self.alpha));
         }
@@ -228,6 +252,10 @@ pub struct IterationRecord {
     pub extrapolated: PathBuf,
     pub pair_count: usize,
     pub skipped_prompts: usize,
+    /// `extrapolation = "logprob"`, from iteration 2: the pairs with the extrapolated
+    /// reference's log-probs, which training reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_pairs: Option<PathBuf>,
     pub eval_trained: Option<EvalMetrics>,
     pub eval_extrapolated: Option<EvalMetrics>,
     /// Seconds per stage (sampling, judging, training, extrapolation, evaluation) in this
@@ -271,7 +299,8 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
     };
 
     let tok = HfTokenizer::from_dir(&cfg.model)?;
-    let mut judge = judge_from_spec(&cfg.judge, &device)?;
+    let judge_options = JudgeOptions { command_timeout: Duration::from_secs_f64(cfg.judge_timeout_s) };
+    let mut judge = judge_from_spec_with(&cfg.judge, &device, &judge_options)?;
     let train_prompts = load_prompts(&cfg.prompts, cfg.num_prompts, cfg.seed)?;
     let eval_spec = cfg.eval_prompts.clone().unwrap_or_else(|| cfg.prompts.clone());
     let eval_prompts = load_prompts(&eval_spec, cfg.num_eval_prompts, cfg.seed.wrapping_add(1_000_003))?;
@@ -333,6 +362,8 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
                 })?;
             write_jsonl(&record.samples, &records)?;
             record.wall_s.insert("sampling".into(), started.elapsed().as_secs_f64());
+            upsert(&mut manifest, record.clone());
+            save_manifest(&manifest)?;
         }
 
         // 2. Judge and pair best vs worst (ties skipped).
@@ -357,19 +388,31 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
         upsert(&mut manifest, record.clone());
         save_manifest(&manifest)?;
 
-        // 3. Train pi_hat_t from pi_{t-1}'s weights with reference pi_{t-1}.
+        // 3. logprob: the exact reference pi_{t-1} ∝ pi_hat_{t-1} (pi_hat_{t-1} / pi_hat_{t-2})^alpha
+        // as reference log-probs of the pairs.
+        let exact_reference = cfg.extrapolation == Extrapolation::Logprob && t >= 2;
+        let train_data = if exact_reference { dir.join("pairs-ref.jsonl") } else { record.pairs.clone() };
+        let train_cfg = cfg.train_config(t, &sampler, &train_data, &dir.join("train"))?;
+        if exact_reference && !record.trained.exists() && !train_data.exists() {
+            obs.stage(t, "reference");
+            let started = Instant::now();
+            let older = if t == 2 { cfg.model.clone() } else { out.join(format!("iter-{}/trained", t - 2)) };
+            write_extrapolated_reference(&train_cfg, &record.pairs, &previous_trained, &older, cfg.alpha, &train_data)?;
+            record.wall_s.insert("reference".into(), started.elapsed().as_secs_f64());
+        }
+        record.reference_pairs = exact_reference.then(|| train_data.clone());
+
+        // 4. Train pi_hat_t from pi_{t-1}'s weights with reference pi_{t-1}.
         if !record.trained.exists() {
             obs.stage(t, "training");
             let started = Instant::now();
-            let run_dir = dir.join("train");
-            let train_cfg = cfg.train_config(t, &sampler, &record.pairs, &run_dir)?;
             let summary = prefopt_train::train(&train_cfg, obs)?;
             std::fs::rename(&summary.final_dir, &record.trained)
                 .map_err(|e| LoopError::Io(format!("{}: {e}", record.trained.display())))?;
             record.wall_s.insert("training".into(), started.elapsed().as_secs_f64());
         }
 
-        // 4. Extrapolate: pi_t = pi_hat_t + alpha (pi_hat_t - pi_hat_{t-1}).
+        // 5. Extrapolate: pi_t = pi_hat_t + alpha (pi_hat_t - pi_hat_{t-1}).
         if !record.extrapolated.exists() {
             obs.stage(t, "extrapolation");
             let started = Instant::now();
@@ -380,7 +423,7 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
             record.wall_s.insert("extrapolation".into(), started.elapsed().as_secs_f64());
         }
 
-        // 5. Evaluate both on the held-out prompts.
+        // 6. Evaluate both on the held-out prompts.
         if record.eval_trained.is_none() || record.eval_extrapolated.is_none() {
             obs.stage(t, "evaluation");
             let started = Instant::now();
@@ -423,6 +466,36 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
         save_manifest(&manifest)?;
     }
     Ok(manifest)
+}
+
+/// `extrapolation = "logprob"`: writes `pairs` to `out` with the columns `ref_chosen_logps`
+/// and `ref_rejected_logps` = `(1 + alpha) lp_newer - alpha lp_older`, tokenized as `train`
+/// will tokenize them (rows it drops by truncation get no columns; it drops them again).
+fn write_extrapolated_reference(
+    train: &TrainConfig,
+    pairs: &Path,
+    newer: &Path,
+    older: &Path,
+    alpha: f64,
+    out: &Path,
+) -> Result<(), LoopError> {
+    let device = Device::Cpu;
+    let tok = HfTokenizer::from_dir(&train.model)?;
+    let opts = TokenizeOptions { max_length: Some(train.max_length), max_prompt_length: train.max_prompt_length };
+    // The judge's pairs carry no reference columns; these are computed from scratch.
+    let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &opts)?;
+    let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
+    let logps = |dir: &Path| -> Result<Vec<(f32, f32)>, LoopError> {
+        let model = HfModel::load(dir, &device)?;
+        Ok(prefopt_train::reference::compute(&model, &data, train.batch_size, pad_id, &device, |_| {})?)
+    };
+    let combined = extrapolate_logps(&logps(newer)?, &logps(older)?, alpha);
+    let mut rows: Vec<serde_json::Value> = read_jsonl(pairs)?;
+    for (&row, (w, l)) in data.rows.iter().zip(combined) {
+        rows[row]["ref_chosen_logps"] = w.into();
+        rows[row]["ref_rejected_logps"] = l.into();
+    }
+    write_jsonl(out, &rows)
 }
 
 fn upsert(manifest: &mut Manifest, record: IterationRecord) {

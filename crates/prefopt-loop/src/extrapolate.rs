@@ -3,6 +3,12 @@
 //! parameter, in f32. The momentum is taken between the two last TRAINED models; the paper's
 //! ablation shows the alternative (`theta_hat_t - theta_t-1`) is worse. `alpha = 0` runs the
 //! very same code and returns `theta_hat_t` bit for bit: that is plain iterative DPO.
+//!
+//! [`extrapolate_logps`] is the policy-space step itself, exact for any network, applied to
+//! the reference log-probs of the next iteration's pairs (`extrapolation = "logprob"`):
+//! `pi_t ∝ pi_hat_t (pi_hat_t / pi_hat_{t-1})^alpha`, so
+//! `lp_ref(y) = (1 + alpha) lp_{pi_hat_t}(y) - alpha lp_{pi_hat_{t-1}}(y)` up to a term in
+//! the prompt alone, which cancels in every pairwise loss.
 
 use std::collections::BTreeMap;
 
@@ -45,6 +51,13 @@ pub fn extrapolate(newer: &Params, older: &Params, alpha: f64) -> Result<Params,
     Ok(Params::new(out))
 }
 
+/// The extrapolated reference's log-probs from the two last trained models' ones:
+/// `(1 + alpha) * newer - alpha * older`, per (chosen, rejected) pair, in f64.
+pub fn extrapolate_logps(newer: &[(f32, f32)], older: &[(f32, f32)], alpha: f64) -> Vec<(f64, f64)> {
+    let step = |n: f32, o: f32| (1.0 + alpha) * n as f64 - alpha * o as f64;
+    newer.iter().zip(older).map(|(n, o)| (step(n.0, o.0), step(n.1, o.1))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,6 +94,29 @@ mod tests {
         let out = extrapolate(&newer, &older, 0.0).unwrap();
         let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
         assert_eq!(bits(values(&out, "a")), bits(values(&newer, "a")));
+    }
+
+    #[test]
+    fn logprob_extrapolation_is_the_normalized_policy_step() {
+        // Two "trained policies" over three responses of one prompt, as log-probs.
+        let newer = [0.5f64, 0.3, 0.2].map(f64::ln);
+        let older = [0.2f64, 0.3, 0.5].map(f64::ln);
+        let alpha = 0.3;
+        let pairs = |v: [f64; 3]| [(v[0] as f32, v[1] as f32), (v[0] as f32, v[2] as f32)];
+        let got = extrapolate_logps(&pairs(newer), &pairs(older), alpha);
+        // pi ∝ newer * (newer / older)^alpha, normalized: its log-ratios are what a pairwise
+        // loss sees, and they must equal the combined reference's.
+        let w: Vec<f64> = (0..3).map(|i| newer[i] + alpha * (newer[i] - older[i])).collect();
+        let z = w.iter().map(|x| x.exp()).sum::<f64>().ln();
+        let pi: Vec<f64> = w.iter().map(|x| x - z).collect();
+        for (k, j) in [(0, 1), (1, 2)] {
+            let ratio = got[k].0 - got[k].1;
+            assert!((ratio - (pi[0] - pi[j])).abs() < 1e-6, "pair {k}: {ratio} vs {}", pi[0] - pi[j]);
+        }
+        assert_eq!(got[0].0, 1.3 * (0.5f32.ln() as f64) - 0.3 * (0.2f32.ln() as f64));
+        // alpha = 0 is the newer model's own log-probs.
+        let same = extrapolate_logps(&pairs(newer), &pairs(older), 0.0);
+        assert_eq!(same[1], (newer[0] as f32 as f64, newer[2] as f32 as f64));
     }
 
     #[test]

@@ -1,5 +1,13 @@
 //! Judging samples and pairing them: best vs worst per prompt, ties skipped, with each
 //! response's estimated win probability against the policy's other samples (for SPPO).
+//!
+//! The win probability of sample i is its empirical win rate against the prompt's other
+//! K - 1 samples under the judge's scores (a win 1, a tie 1/2, a loss 0), an unbiased
+//! estimate of `P(y_i > pi_t)` from hard comparisons. SPPO's paper averages a preference
+//! model's soft probabilities over the K samples instead; a scorer gives no probabilities
+//! without assuming a scale (Bradley-Terry's `sigmoid(s_i - s_j)` depends on the unit of the
+//! scores), so prefopt counts wins. The pairs carry these as `win_prob_chosen` and
+//! `win_prob_rejected`, the columns the soft `sppo` loss reads.
 
 use serde::{Deserialize, Serialize};
 
@@ -96,4 +104,55 @@ pub fn judge_and_pair(
         });
     }
     Ok((pairs, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::judge::{JudgeError, Judgement};
+
+    /// Scores completions by a table: the completion's text parsed as a number.
+    struct Table;
+    impl Judge for Table {
+        fn judge(&mut self, _: &PromptItem, completions: &[String]) -> Result<Vec<Judgement>, JudgeError> {
+            Ok(completions.iter().map(|c| Judgement::score_only(c.parse().unwrap_or(f64::NAN))).collect())
+        }
+        fn name(&self) -> String {
+            "table".into()
+        }
+    }
+
+    fn sample(i: usize, completions: &[&str]) -> SampleRecord {
+        SampleRecord {
+            prompt_index: i,
+            prompt: serde_json::Value::String(format!("p{i}")),
+            meta: serde_json::Value::Null,
+            completions: completions.iter().map(|c| c.to_string()).collect(),
+            tokens: vec![vec![]; completions.len()],
+            logprobs: vec![0.0; completions.len()],
+        }
+    }
+
+    #[test]
+    fn best_vs_worst_with_empirical_win_rates_and_ties_skipped() {
+        let samples =
+            [sample(0, &["1", "3", "3", "0"]), sample(1, &["2", "2", "2", "2"]), sample(2, &["5", "1", "4", "9"])];
+        let (pairs, skipped) = judge_and_pair(&mut Table, &samples, 4).unwrap();
+        assert_eq!((pairs.len(), skipped), (2, 1));
+        // Prompt 0: the first of the tied best ("3" at 1) beats 1 and 0, ties the other 3.
+        assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), (Some("3"), Some("0")));
+        assert_eq!((pairs[0].win_prob_chosen, pairs[0].win_prob_rejected), ((1.0 + 1.0 + 0.5) / 3.0, 0.0));
+        assert_eq!((pairs[0].score_chosen, pairs[0].score_rejected), (3.0, 0.0));
+        assert_eq!((pairs[1].chosen.as_str(), pairs[1].rejected.as_str()), (Some("9"), Some("1")));
+        assert_eq!((pairs[1].win_prob_chosen, pairs[1].win_prob_rejected), (1.0, 0.0));
+    }
+
+    #[test]
+    fn wrong_counts_and_non_finite_scores_name_the_prompt() {
+        let err = judge_and_pair(&mut Table, &[sample(0, &["1", "2"]), sample(1, &["1", "x"])], 2).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("non-finite score (NaN) to completion 1 of prompt 1"), "{msg}");
+        let err = judge_and_pair(&mut Table, &[sample(3, &["1", "2", "3"])], 2).unwrap_err().to_string();
+        assert!(err.contains("3 scores for prompt 3 with 3 completions"), "{err}");
+    }
 }

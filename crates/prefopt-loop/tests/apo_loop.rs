@@ -144,3 +144,187 @@ fn judge_failures_are_clear_errors_and_keep_finished_stages() {
     let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
     assert!(err.contains("empty.jsonl") && err.contains("no prompts"), "{err}");
 }
+
+/// A judge scoring the i-th of K completions `min(i, 2)`: for K = 3 the scores are 1, 2, 2,
+/// so the chosen sample ties one other (win probability 3/4) and the rejected loses to both (0).
+const TIED_JUDGE: &str = r#"cmd:awk -F'","' '{printf "{\"scores\": ["; for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? "," : ""), (i < 2 ? i : 2); print "]}"}'"#;
+
+/// (lp(chosen), lp(rejected)) of every row of a pairs file under `model`.
+fn pair_logps(model: &Path, pairs: &Path) -> Vec<(f64, f64)> {
+    let tok = prefopt_data::HfTokenizer::from_dir(model).unwrap();
+    let opts = prefopt_data::TokenizeOptions { max_length: Some(128), max_prompt_length: Some(512) };
+    let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &opts).unwrap();
+    assert_eq!(data.dropped, 0);
+    let hf = HfModel::load(model, &Device::Cpu).unwrap();
+    let pad = tok.pad_token_id().unwrap();
+    let lp = prefopt_train::reference::compute(&hf, &data, 8, pad, &Device::Cpu, |_| {}).unwrap();
+    lp.into_iter().map(|(w, l)| (w as f64, l as f64)).collect()
+}
+
+fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn logprob_extrapolation_trains_against_the_two_last_trained_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("logprob");
+    let mut cfg = config(&out, 0.3);
+    cfg.iterations = 3;
+    cfg.extrapolation = prefopt_loop::apo::Extrapolation::Logprob;
+    cfg.train.insert("logging_steps".into(), 1.into());
+    let manifest = run_apo(&cfg, &mut Silent).unwrap();
+    let base = fixtures().join("models/qwen2-tied");
+    // Iteration 1: the reference is the base, as in `parameter` mode (no columns).
+    assert!(manifest.iterations[0].reference_pairs.is_none());
+    assert!(!out.join("iter-1/pairs-ref.jsonl").exists());
+    for t in 2..=3 {
+        let dir = out.join(format!("iter-{t}"));
+        let rows = jsonl(&dir.join("pairs-ref.jsonl"));
+        assert_eq!(manifest.iterations[t - 1].reference_pairs.as_deref(), Some(dir.join("pairs-ref.jsonl").as_path()));
+        // The columns are (1 + alpha) lp(pi_hat_{t-1}) - alpha lp(pi_hat_{t-2}), pi_hat_0 = base.
+        let newer = out.join(format!("iter-{}/trained", t - 1));
+        let older = if t == 2 { base.clone() } else { out.join(format!("iter-{}/trained", t - 2)) };
+        let (n, o) = (pair_logps(&newer, &dir.join("pairs.jsonl")), pair_logps(&older, &dir.join("pairs.jsonl")));
+        for (i, row) in rows.iter().enumerate() {
+            for (col, k) in [("ref_chosen_logps", 0), ("ref_rejected_logps", 1)] {
+                let pick = |p: (f64, f64)| if k == 0 { p.0 } else { p.1 };
+                let want = 1.3 * pick(n[i]) - 0.3 * pick(o[i]);
+                let got = row[col].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-4, "iter {t} row {i} {col}: {got} vs {want}");
+            }
+        }
+        // Training read them: step 1's `rewards/chosen` is beta * mean(lp_start(y_w) - column),
+        // with lp_start under the parameter-extrapolated start (which `parameter` mode also
+        // uses as its reference, giving exactly 0 there).
+        let start = pair_logps(&out.join(format!("iter-{}/extrapolated", t - 1)), &dir.join("pairs.jsonl"));
+        let want = 0.1
+            * (0..rows.len()).map(|i| start[i].0 - rows[i]["ref_chosen_logps"].as_f64().unwrap()).sum::<f64>()
+            / rows.len() as f64;
+        let first = &jsonl(&dir.join("train/metrics.jsonl"))[0];
+        let got = first["rewards/chosen"].as_f64().unwrap();
+        assert!((got - want).abs() < 1e-5, "iter {t}: rewards/chosen {got} vs {want}");
+        assert!(want.abs() > 1e-4, "iter {t}: the two references do not differ here ({want})");
+    }
+}
+
+#[test]
+fn sppo_trains_on_the_loops_win_probabilities() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("sppo");
+    let mut cfg = config(&out, 0.3);
+    cfg.iterations = 1;
+    cfg.judge = TIED_JUDGE.into();
+    cfg.beta = prefopt_loop::apo::BetaSchedule::One(1.0);
+    cfg.train = toml::from_str(
+        "loss_type = \"sppo\"\nlearning_rate = 1e-2\nmax_steps = 150\nbatch_size = 4\nlogging_steps = 50\nsave_steps = 0\nmax_length = 128",
+    )
+    .unwrap();
+    let manifest = run_apo(&cfg, &mut Silent).unwrap();
+    let pairs = out.join("iter-1/pairs.jsonl");
+    let rows = jsonl(&pairs);
+    assert_eq!(rows.len(), 4);
+    let trained = pair_logps(&manifest.iterations[0].trained, &pairs);
+    let reference = pair_logps(&fixtures().join("models/qwen2-tied"), &pairs);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!((row["win_prob_chosen"].as_f64(), row["win_prob_rejected"].as_f64()), (Some(0.75), Some(0.0)));
+        // SPPO's minimizer: rho = lp - lp_ref = (p - 1/2) / beta for each response; the hard
+        // variant would aim the chosen at +0.5 instead of +0.25.
+        let rho_w = trained[i].0 - reference[i].0;
+        let rho_l = trained[i].1 - reference[i].1;
+        eprintln!("pair {i}: rho_w {rho_w:.4} (target 0.25), rho_l {rho_l:.4} (target -0.5)");
+        assert!((rho_w - 0.25).abs() < 0.05 && (rho_l + 0.5).abs() < 0.05, "pair {i}: rho {rho_w:.3}, {rho_l:.3}");
+    }
+}
+
+#[test]
+fn judge_timeout_is_a_config_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(&tmp.path().join("slow"), 0.3);
+    cfg.judge = "cmd:sleep 60".into();
+    cfg.judge_timeout_s = 0.5;
+    let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
+    assert!(err.contains("judge command `sleep 60` timed out after 0.5 s"), "{err}");
+
+    assert_eq!(ApoConfig::default().judge_timeout_s, 300.0);
+    let path = tmp.path().join("apo.toml");
+    std::fs::write(&path, "model = \"m\"\nprompts = \"task:arithmetic\"\njudge = \"cmd:x\"\noutput_dir = \"o\"\n")
+        .unwrap();
+    let set = |v: &str| ApoConfig::load(Some(&path), &[format!("judge_timeout_s={v}")]);
+    assert_eq!(set("12.5").unwrap().judge_timeout_s, 12.5);
+    let err = set("0").unwrap_err().to_string();
+    assert!(err.contains("apo.toml") && err.contains("`judge_timeout_s` must be a positive number"), "{err}");
+}
+
+#[test]
+fn a_model_folder_without_a_tokenizer_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("no-tokenizer");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(fixtures().join("models/qwen2-tied").join(f), model.join(f)).unwrap();
+    }
+    let mut cfg = config(&tmp.path().join("out"), 0.3);
+    cfg.model = model.clone();
+    let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
+    assert!(err.contains(&model.display().to_string()) && err.contains("tokenizer"), "{err}");
+}
+
+#[test]
+fn nan_scores_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(&tmp.path().join("nan"), 0.3);
+    cfg.judge = r#"cmd:awk '{print "{\"scores\": [NaN]}"}'"#.into();
+    let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
+    assert!(
+        err.contains("awk")
+            && err.contains("prompt 0 (reply line 1)")
+            && err.contains("NaN and Infinity are not JSON numbers"),
+        "{err}"
+    );
+}
+
+/// Records the stages it hears, and breaks the judge (creates `marker`) when iteration 2's
+/// judging starts.
+struct Breaker {
+    marker: Option<PathBuf>,
+    stages: Vec<(usize, String)>,
+}
+impl prefopt_train::Observer for Breaker {}
+impl LoopObserver for Breaker {
+    fn stage(&mut self, iteration: usize, stage: &str) {
+        self.stages.push((iteration, stage.to_string()));
+        if let (Some(marker), (2, "judging")) = (&self.marker, (iteration, stage)) {
+            std::fs::write(marker, "").unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_judge_failing_mid_run_loses_no_finished_stage_and_the_rerun_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("resume");
+    let marker = tmp.path().join("broken");
+    let mut cfg = config(&out, 0.3);
+    cfg.iterations = 2;
+    cfg.judge = format!(
+        "cmd:if [ -e {} ]; then echo judge is broken >&2; exit 7; fi; {}",
+        marker.display(),
+        RANK_JUDGE.trim_start_matches("cmd:")
+    );
+    let mut first = Breaker { marker: Some(marker.clone()), stages: vec![] };
+    let err = run_apo(&cfg, &mut first).unwrap_err().to_string();
+    assert!(err.contains("judge is broken") && err.contains("exit"), "{err}");
+    let trained_1 = std::fs::read(out.join("iter-1/trained/model.safetensors")).unwrap();
+    let samples_2 = std::fs::read(out.join("iter-2/samples.jsonl")).unwrap();
+    assert!(!out.join("iter-2/pairs.jsonl").exists());
+
+    std::fs::remove_file(&marker).unwrap();
+    let mut second = Breaker { marker: None, stages: vec![] };
+    let manifest = run_apo(&cfg, &mut second).unwrap();
+    assert_eq!(second.stages.first(), Some(&(2, "judging".to_string())), "{:?}", second.stages);
+    assert_eq!(manifest.iterations.len(), 2);
+    assert!(manifest.iterations.iter().all(|r| r.eval_trained.is_some()));
+    assert_eq!(trained_1, std::fs::read(out.join("iter-1/trained/model.safetensors")).unwrap());
+    assert_eq!(samples_2, std::fs::read(out.join("iter-2/samples.jsonl")).unwrap());
+}
