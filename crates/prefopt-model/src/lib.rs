@@ -11,6 +11,7 @@ pub mod fsio;
 pub mod generate;
 pub mod hf;
 pub mod llama;
+pub mod ops;
 pub mod params;
 
 pub use config::LlamaConfig;

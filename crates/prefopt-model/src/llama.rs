@@ -2,16 +2,22 @@
 //! Qwen2/2.5 (q/k/v bias), chosen by config flags. Grouped-query attention, RoPE, RMSNorm,
 //! SwiGLU, tied or untied embeddings.
 //!
-//! Every op is an ordinary differentiable candle op. We deliberately avoid candle's fused
-//! `rope`, `rms_norm` and `softmax_last_dim` kernels: they have no backward pass, so
-//! gradients through them would silently be dropped.
+//! RMSNorm, rotary embedding, attention and SwiGLU are our fused ops (`crate::ops`), each
+//! one autograd node with a hand-written backward pass, so a training step is not dominated
+//! by candle's per-op gradient bookkeeping. We deliberately avoid candle's own fused `rope`,
+//! `rms_norm` and `softmax_last_dim` kernels: they have no backward pass, so gradients
+//! through them would silently be dropped.
+//!
+//! The residual stream is kept as (B*T, C) rows, the layout every linear layer and fused op
+//! reads, so no reshapes or head transposes enter the graph.
 //!
 //! Shapes: B batch, T time, C hidden, H query heads, KV key/value heads, D head dim, V vocab.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::ops::{self, AttentionMask};
 use crate::params::Params;
 
 /// Every parameter the config implies, with its Hugging Face name and shape.
@@ -70,17 +76,13 @@ fn transposed(w: Tensor, trainable: bool) -> candle_core::Result<Tensor> {
 }
 
 impl Module for Linear {
+    /// x (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (lead, last) = x.dims().split_at(x.rank() - 1);
-        let rows: usize = lead.iter().product();
-        let y = x.reshape((rows, last[0]))?.matmul(&self.weight_t)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out_shape = lead.to_vec();
-        out_shape.push(self.weight_t.dim(1)?);
-        y.reshape(out_shape)
+        let y = x.matmul(&self.weight_t)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
     }
 }
 
@@ -92,11 +94,7 @@ struct RmsNorm {
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = x.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
-        x.to_dtype(dtype)?.broadcast_mul(&self.weight)
+        ops::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -155,29 +153,13 @@ impl Rope {
     }
 }
 
-/// `x * cos + rotate_half(x) * sin` for x (B, heads, T, D).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
-}
-
-/// Softmax over the last dim from differentiable primitives.
-fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?)?;
-    let e = shifted.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
 /// Keys/values of earlier positions, per layer.
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
 }
 
-/// One layer's keys and values, (B, KV, capacity, D) each, of which the first `len`
+/// One layer's keys and values, (B, capacity, KV*D) each, of which the first `len`
 /// positions are filled. Without gradients, new positions are written in place and the
 /// capacity doubles when full, so a decode step costs O(T) rather than O(past) copying;
 /// with gradients (a trainable model), they are concatenated, so gradients reach every
@@ -189,28 +171,29 @@ struct LayerKv {
 }
 
 impl LayerKv {
-    /// Appends k, v (B, KV, T, D); returns every cached position's keys and values.
+    /// Appends k, v (B, T, KV*D); returns every cached position's keys and values,
+    /// (B, past+T, KV*D) each (a view of the buffers when no gradient is tracked).
     fn append(slot: &mut Option<LayerKv>, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let len = slot.as_ref().map_or(0, |c| c.len);
-        let new_len = len + k.dim(2)?;
+        let new_len = len + k.dim(1)?;
         if k.track_op() || v.track_op() {
             let (k, v) = match slot.as_ref() {
                 Some(c) => {
-                    (Tensor::cat(&[&c.k.narrow(2, 0, len)?, &k], 2)?, Tensor::cat(&[&c.v.narrow(2, 0, len)?, &v], 2)?)
+                    (Tensor::cat(&[&c.k.narrow(1, 0, len)?, &k], 1)?, Tensor::cat(&[&c.v.narrow(1, 0, len)?, &v], 1)?)
                 }
                 None => (k, v),
             };
             *slot = Some(LayerKv { k: k.clone(), v: v.clone(), len: new_len });
             return Ok((k, v));
         }
-        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
+        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(1).unwrap_or(0));
         if new_len > capacity {
-            let (b, kv, _, d) = k.dims4()?;
+            let (b, _, width) = k.dims3()?;
             let capacity = new_len.max(2 * capacity).max(64);
             let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
-                let buf = Tensor::zeros((b, kv, capacity, d), k.dtype(), k.device())?;
+                let buf = Tensor::zeros((b, capacity, width), k.dtype(), k.device())?;
                 if let Some(old) = old {
-                    buf.slice_set(old, 2, 0)?;
+                    buf.slice_set(old, 1, 0)?;
                 }
                 Ok(buf)
             };
@@ -218,10 +201,10 @@ impl LayerKv {
             *slot = Some(LayerKv { k: k_buf, v: v_buf, len });
         }
         let Some(c) = slot.as_mut() else { unreachable!("allocated above") };
-        c.k.slice_set(&k.contiguous()?, 2, len)?;
-        c.v.slice_set(&v.contiguous()?, 2, len)?;
+        c.k.slice_set(&k.contiguous()?, 1, len)?;
+        c.v.slice_set(&v.contiguous()?, 1, len)?;
         c.len = new_len;
-        Ok((c.k.narrow(2, 0, new_len)?, c.v.narrow(2, 0, new_len)?))
+        Ok((c.k.narrow(1, 0, new_len)?, c.v.narrow(1, 0, new_len)?))
     }
 }
 
@@ -258,48 +241,32 @@ struct Attention {
     o: Linear,
     heads: usize,
     kv_heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
-    /// x (B, T, C) at positions past..past+T; `cache` holds the earlier keys/values.
+    /// x (B*T, C) at positions past..past+T (see `mask`); `cache` holds the earlier
+    /// keys/values. cos, sin: rotary tables, (T, D) or one row per input row.
     fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        batch: usize,
+        (cos, sin): (&Tensor, &Tensor),
+        mask: &AttentionMask,
         cache: Option<&mut Option<LayerKv>>,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let d = self.head_dim;
-        let split = |y: Tensor, heads: usize| y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous();
-        let q = apply_rope(&split(self.q.forward(x)?, self.heads)?, cos, sin)?; // (B, H, T, D)
-        let k = apply_rope(&split(self.k.forward(x)?, self.kv_heads)?, cos, sin)?; // (B, KV, T, D)
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let q = ops::rope(&self.q.forward(x)?, cos, sin)?; // (B*T, H*D)
+        let k = ops::rope(&self.k.forward(x)?, cos, sin)?; // (B*T, KV*D)
+        let v = self.v.forward(x)?; // (B*T, KV*D)
         let (k, v) = match cache {
-            Some(slot) => LayerKv::append(slot, k, v)?, // (B, KV, past+T, D)
+            Some(slot) => {
+                let t = x.dim(0)? / batch;
+                let (k, v) = (k.reshape((batch, t, ()))?, v.reshape((batch, t, ()))?);
+                LayerKv::append(slot, k, v)? // (B, past+T, KV*D)
+            }
             None => (k, v),
         };
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?); // (B, H, S, D)
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?; // (B, H, T, S)
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let y = softmax(&scores)?.matmul(&v)?; // (B, H, T, D)
-        let y = y.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
+        let y = ops::causal_attention(&q, &k, &v, batch, self.heads, self.kv_heads, mask)?; // (B*T, H*D)
         self.o.forward(&y)
-    }
-
-    /// Grouped-query attention: each key/value head serves heads / kv_heads query heads.
-    fn repeat_kv(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        let rep = self.heads / self.kv_heads;
-        if rep == 1 {
-            return Ok(x);
-        }
-        let (b, kv, s, d) = x.dims4()?;
-        x.unsqueeze(2)?.broadcast_as((b, kv, rep, s, d))?.reshape((b, kv * rep, s, d))
     }
 }
 
@@ -311,7 +278,7 @@ struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?; // SwiGLU
+        let h = ops::swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?; // (B*T, F)
         self.down.forward(&h)
     }
 }
@@ -365,7 +332,6 @@ impl Llama {
                     o: linear(&format!("{p}.self_attn.o_proj"), cfg.o_bias())?,
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.num_kv_heads(),
-                    head_dim: cfg.head_dim(),
                 },
                 mlp_norm: norm(&format!("{p}.post_attention_layernorm"))?,
                 mlp: Mlp {
@@ -448,65 +414,31 @@ impl Llama {
             });
         }
         let device = input_ids.device();
-        let (cos, sin, mask) = if pad_lens.iter().all(|&p| p == 0) {
-            let (cos, sin) = self.rope.tables(past, t, device)?; // (T, D)
-            (cos, sin, causal_mask(t, past, device)?)
+        let (cos, sin) = if pad_lens.iter().all(|&p| p == 0) {
+            self.rope.tables(past, t, device)? // (T, D)
         } else {
             // Row b's slot s holds position s - pad_lens[b]; pad slots get 0 (never attended).
             let positions: Vec<usize> =
                 pad_lens.iter().flat_map(|&p| (past..past + t).map(move |s| s.saturating_sub(p))).collect();
-            let (cos, sin) = self.rope.tables_at(&positions, device)?; // (B*T, D)
-            let d = cos.dim(1)?;
-            (
-                cos.reshape((b, 1, t, d))?,
-                sin.reshape((b, 1, t, d))?,
-                Some(padded_causal_mask(pad_lens, t, past, device)?),
-            )
+            self.rope.tables_at(&positions, device)? // (B*T, D)
         };
-        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let pad_lens = if pad_lens.iter().all(|&p| p == 0) { Vec::new() } else { pad_lens.to_vec() };
+        let mask = AttentionMask { past, pad_lens };
+        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?; // (B*T, C)
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.blocks.len(), || None);
         }
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = block.attn.forward(&block.attn_norm.forward(&x)?, &cos, &sin, mask.as_ref(), slot)?;
+            let a = block.attn.forward(&block.attn_norm.forward(&x)?, b, (&cos, &sin), &mask, slot)?;
             x = (x + a)?;
             x = (&x + block.mlp.forward(&block.mlp_norm.forward(&x)?)?)?;
         }
-        Ok(self.norm.forward(&x)?)
+        Ok(self.norm.forward(&x)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     fn project(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, c) = h.dims3()?;
         h.reshape((b * t, c))?.matmul(&self.lm_head_t)?.reshape((b, t, self.cfg.vocab_size))
     }
-}
-
-/// Additive mask (B, 1, T, past+T) for left-padded rows: causal, and no query attends to
-/// row b's first `pad_lens[b]` slots, except that a pad query attends to itself (a row of
-/// all -inf would give NaN, which would reach real rows through later layers' pad keys).
-fn padded_causal_mask(pad_lens: &[usize], t: usize, past: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let s = past + t;
-    let mask: Vec<f32> = pad_lens
-        .iter()
-        .flat_map(|&p| {
-            (0..t).flat_map(move |i| {
-                let q = past + i;
-                (0..s).map(move |j| if j > q || (j < p && j != q) { f32::NEG_INFINITY } else { 0.0 })
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (pad_lens.len(), 1, t, s), device)
-}
-
-/// Additive mask (T, past+T): 0 where a query may attend, -inf in the future.
-/// `None` for a single new token, which may attend to everything cached.
-fn causal_mask(t: usize, past: usize, device: &Device) -> candle_core::Result<Option<Tensor>> {
-    if t == 1 {
-        return Ok(None);
-    }
-    let s = past + t;
-    let mask: Vec<f32> =
-        (0..t).flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Ok(Some(Tensor::from_vec(mask, (t, s), device)?))
 }

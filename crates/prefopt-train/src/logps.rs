@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use prefopt_data::TokenizedSequence;
+use prefopt_model::ops::{token_logps, NO_TARGET};
 use prefopt_model::Llama;
 
 /// Right-padded token sequences with the completion positions marked.
@@ -61,15 +62,26 @@ pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::
     Ok(logps_from_logits(&logits, batch)?)
 }
 
-/// The same from logits already computed; log-softmax always in f32.
+/// The same from logits already computed; log-softmax always in f32, computed only at
+/// completion positions (the fused `token_logps` op; prompt and padding positions cost
+/// nothing and pass no gradient).
 pub fn logps_from_logits(logits: &Tensor, batch: &SequenceBatch) -> candle_core::Result<CompletionLogps> {
-    let (_, t, _) = logits.dims3()?;
-    let logits = logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?; // (B, T-1, V)
-    let shifted = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
-    let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&batch.targets.unsqueeze(2)?, 2)?; // (B, T-1, 1)
-    let token_logps = picked.broadcast_sub(&log_norm)?.squeeze(2)?; // (B, T-1)
-    let logps = (token_logps * &batch.completion_mask)?.sum(1)?;
+    let (b, t, _) = logits.dims3()?;
+    let logits = logits.to_dtype(DType::F32)?;
+    // Position p predicts targets[p]; the last position predicts nothing.
+    let ids: Vec<Vec<u32>> = batch.targets.to_vec2()?;
+    let mask: Vec<Vec<f32>> = batch.completion_mask.to_vec2()?;
+    let mut targets = vec![NO_TARGET; b * t];
+    for (i, (ids, mask)) in ids.iter().zip(&mask).enumerate() {
+        for (p, (&id, &m)) in ids.iter().zip(mask).enumerate() {
+            if m != 0.0 {
+                targets[i * t + p] = id;
+            }
+        }
+    }
+    let logps = token_logps(&logits, &targets)?.sum(1)?; // (B,)
+                                                         // A metric only: computed on detached logits so it adds nothing to the graph.
+    let logits = logits.detach().narrow(1, 0, t - 1)?;
     let logit_sums = (logits.mean(D::Minus1)? * &batch.completion_mask)?.sum(1)?;
     Ok(CompletionLogps { logps, logit_sums })
 }

@@ -1,0 +1,140 @@
+//! Each fused op (`prefopt_model::ops`) against its plain-candle composition: the same
+//! values, and the same gradients for every input, through candle's own autograd.
+
+use candle_core::{Device, Tensor, Var};
+use prefopt_model::ops::{self, AttentionMask};
+use rand::{Rng, SeedableRng};
+
+const TOL: f32 = 2e-5;
+
+fn random(shape: &[usize], seed: u64) -> Tensor {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    let scale = b.iter().fold(1f32, |m, x| m.max(x.abs()));
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs() / scale).fold(0.0, f32::max)
+}
+
+/// Runs `f` (fused) and `g` (reference) on fresh variables holding `inputs`, weights each
+/// output element by a fixed random factor, and compares outputs and every input gradient.
+fn check(name: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, g: impl Fn(&[Tensor]) -> Tensor) {
+    let run = |op: &dyn Fn(&[Tensor]) -> Tensor| {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = op(&ts);
+        let weights = random(y.dims(), 99);
+        let grads = (&y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx: Vec<Tensor> = vars.iter().map(|v| grads.get(v).expect("every input gets a gradient").clone()).collect();
+        (y, dx)
+    };
+    let (y, dx) = run(&f);
+    let (y_ref, dx_ref) = run(&g);
+    let diff = max_rel_diff(&y, &y_ref);
+    assert!(diff < TOL, "{name}: output differs by {diff}");
+    for (i, (a, b)) in dx.iter().zip(&dx_ref).enumerate() {
+        let diff = max_rel_diff(a, b);
+        assert!(diff < TOL, "{name}: gradient of input {i} differs by {diff}");
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_composition_values_and_gradients() {
+    let inputs = [random(&[37, 24], 1), random(&[24], 2)];
+    check(
+        "rms_norm",
+        &inputs,
+        |t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        |t| ops::rms_norm_reference(&t[0], &t[1], 1e-5).unwrap(),
+    );
+}
+
+/// cos/sin tables (P, D) with the halves duplicated, as `Rope::tables` builds them.
+fn tables(p: usize, d: usize) -> (Tensor, Tensor) {
+    let angles: Vec<f32> = (0..p).flat_map(|i| (0..d).map(move |j| (i * (j % (d / 2) + 1)) as f32 * 0.37)).collect();
+    let a = Tensor::from_vec(angles, (p, d), &Device::Cpu).unwrap();
+    (a.cos().unwrap(), a.sin().unwrap())
+}
+
+#[test]
+fn rope_matches_the_composition_for_shared_and_per_row_positions() {
+    let (b, t, heads, d) = (3, 5, 4, 8);
+    for p in [t, b * t] {
+        let (cos, sin) = tables(p, d);
+        check(
+            &format!("rope P={p}"),
+            &[random(&[b * t, heads * d], 3)],
+            |x| ops::rope(&x[0], &cos, &sin).unwrap(),
+            |x| ops::rope_reference(&x[0], &cos, &sin).unwrap(),
+        );
+    }
+}
+
+#[test]
+fn swiglu_matches_the_composition_values_and_gradients() {
+    let inputs = [random(&[9, 33], 4), random(&[9, 33], 5)];
+    check("swiglu", &inputs, |t| ops::swiglu(&t[0], &t[1]).unwrap(), |t| ops::swiglu_reference(&t[0], &t[1]).unwrap());
+}
+
+#[test]
+fn token_logps_match_the_composition_and_skip_positions_without_target() {
+    let (rows, v) = (12, 40);
+    let targets: Vec<u32> = (0..rows as u32).map(|i| if i % 3 == 0 { ops::NO_TARGET } else { (i * 7) % 40 }).collect();
+    check(
+        "token_logps",
+        &[random(&[3, 4, v], 6)],
+        |x| ops::token_logps(&x[0], &targets).unwrap(),
+        |x| ops::token_logps_reference(&x[0], &targets).unwrap(),
+    );
+}
+
+/// Attention of q over k, v for every mask shape the model uses.
+fn check_attention(name: &str, batch: usize, t: usize, heads: usize, kv_heads: usize, mask: AttentionMask) {
+    let d = 8;
+    let s = mask.past + t;
+    let inputs = [
+        random(&[batch * t, heads * d], 7),
+        random(&[batch * s, kv_heads * d], 8),
+        random(&[batch * s, kv_heads * d], 9),
+    ];
+    check(
+        name,
+        &inputs,
+        |x| ops::causal_attention(&x[0], &x[1], &x[2], batch, heads, kv_heads, &mask).unwrap(),
+        |x| ops::causal_attention_reference(&x[0], &x[1], &x[2], batch, heads, kv_heads, &mask).unwrap(),
+    );
+}
+
+#[test]
+fn attention_matches_the_composition_causal_gqa_cached_and_padded() {
+    check_attention("mha", 2, 6, 4, 4, AttentionMask::default());
+    check_attention("gqa", 2, 6, 4, 2, AttentionMask::default());
+    check_attention("mqa", 3, 5, 4, 1, AttentionMask::default());
+    check_attention("past", 2, 3, 4, 2, AttentionMask { past: 4, pad_lens: vec![] });
+    check_attention("one new token", 2, 1, 4, 2, AttentionMask { past: 6, pad_lens: vec![] });
+    check_attention("padded", 3, 6, 4, 2, AttentionMask { past: 0, pad_lens: vec![0, 2, 5] });
+    check_attention("padded past", 2, 2, 2, 1, AttentionMask { past: 3, pad_lens: vec![4, 1] });
+}
+
+#[test]
+fn attention_reads_a_strided_cache_view_like_a_contiguous_one() {
+    // Keys/values as a KV cache holds them: (B, capacity, KV*D) buffers, of which the first S
+    // positions are the view attention reads.
+    let (batch, t, heads, kv_heads, d, s, capacity) = (2, 2, 4, 2, 8, 5, 9);
+    let mask = AttentionMask { past: s - t, pad_lens: vec![] };
+    let q = random(&[batch * t, heads * d], 10);
+    let k_buf = random(&[batch, capacity, kv_heads * d], 11);
+    let v_buf = random(&[batch, capacity, kv_heads * d], 12);
+    let (k, v) = (k_buf.narrow(1, 0, s).unwrap(), v_buf.narrow(1, 0, s).unwrap());
+    let fused = ops::causal_attention(&q, &k, &v, batch, heads, kv_heads, &mask).unwrap();
+    let (k, v) = (k.contiguous().unwrap(), v.contiguous().unwrap());
+    let reference = ops::causal_attention_reference(&q, &k, &v, batch, heads, kv_heads, &mask).unwrap();
+    let diff = max_rel_diff(&fused, &reference);
+    assert!(diff < TOL, "strided cache view differs by {diff}");
+}
