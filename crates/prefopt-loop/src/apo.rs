@@ -390,9 +390,11 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
 
         // 3. logprob: the exact reference pi_{t-1} ∝ pi_hat_{t-1} (pi_hat_{t-1} / pi_hat_{t-2})^alpha
         // as reference log-probs of the pairs.
-        let exact_reference = cfg.extrapolation == Extrapolation::Logprob && t >= 2;
+        // (Reference-free losses need none.)
+        let mut train_cfg = cfg.train_config(t, &sampler, &record.pairs, &dir.join("train"))?;
+        let exact_reference = cfg.extrapolation == Extrapolation::Logprob && t >= 2 && train_cfg.needs_reference();
         let train_data = if exact_reference { dir.join("pairs-ref.jsonl") } else { record.pairs.clone() };
-        let train_cfg = cfg.train_config(t, &sampler, &train_data, &dir.join("train"))?;
+        train_cfg.train_data = train_data.clone();
         if exact_reference && !record.trained.exists() && !train_data.exists() {
             obs.stage(t, "reference");
             let started = Instant::now();

@@ -144,7 +144,7 @@ fn logprob_apo_on_one_token_responses_follows_the_simulators_exact_iteration() {
         judge: TABLE_JUDGE.into(),
         iterations: ITERATIONS,
         prompts_per_iteration: prompts().len(),
-        num_samples: 16,
+        num_samples: 32,
         alpha: ALPHA,
         beta: BetaSchedule::One(BETA),
         extrapolation: Extrapolation::Logprob,
