@@ -153,6 +153,22 @@ mod tests {
     }
 
     #[test]
+    fn sppo_without_win_prob_columns_is_refused_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("pairs.jsonl");
+        std::fs::write(&data, format!("{{{PAIR}}}\n")).unwrap();
+        let cfg = crate::TrainConfig {
+            model: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/qwen2-tied"),
+            train_data: data,
+            output_dir: dir.path().join("out"),
+            loss_type: crate::config::LossTypes::One(crate::losses::LossType::Sppo),
+            ..crate::TrainConfig::default()
+        };
+        let err = crate::train(&cfg, &mut crate::Quiet).err().expect("must fail").to_string();
+        assert!(err.contains("`win_prob_chosen` and `win_prob_rejected` in") && err.contains("pairs.jsonl"), "{err}");
+    }
+
+    #[test]
     fn partial_or_bad_columns_name_the_line_and_field() {
         let msg = |rows: String| load(&rows).err().expect("must fail").to_string();
         let missing = msg(format!("{{{PAIR}, \"win_prob_chosen\": 0.5, \"win_prob_rejected\": 0.1}}\n{{{PAIR}}}\n"));
