@@ -281,14 +281,14 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
         Ok(text) => {
             let m: Manifest =
                 serde_json::from_str(&text).map_err(|e| LoopError::Io(format!("{}: {e}", manifest_path.display())))?;
-            if m.config != config_json {
+            if without_operational_keys(&m.config) != without_operational_keys(&config_json) {
                 return Err(LoopError::Config(format!(
                     "{} holds a run with another config; use another output_dir (or the same config to resume)",
                     out.display()
                 )));
             }
             obs.message(&format!("resuming the run in {}", out.display()));
-            m
+            Manifest { config: config_json, ..m }
         }
         Err(_) => Manifest { config: config_json, ..Manifest::default() },
     };
@@ -498,6 +498,20 @@ fn write_extrapolated_reference(
         rows[row]["ref_rejected_logps"] = l.into();
     }
     write_jsonl(out, &rows)
+}
+
+/// Keys that change how a run is carried out but not its results: a resumed run may change
+/// them (e.g. raise `judge_timeout_s` after a judge timed out).
+const OPERATIONAL_KEYS: [&str; 1] = ["judge_timeout_s"];
+
+fn without_operational_keys(config: &serde_json::Value) -> serde_json::Value {
+    let mut config = config.clone();
+    if let Some(map) = config.as_object_mut() {
+        for key in OPERATIONAL_KEYS {
+            map.remove(key);
+        }
+    }
+    config
 }
 
 fn upsert(manifest: &mut Manifest, record: IterationRecord) {

@@ -238,13 +238,32 @@ fn sppo_trains_on_the_loops_win_probabilities() {
 }
 
 #[test]
-fn judge_timeout_is_a_config_key() {
+fn judge_timeout_is_a_config_key_and_a_rerun_may_raise_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut cfg = config(&tmp.path().join("slow"), 0.3);
-    cfg.judge = "cmd:sleep 60".into();
+    let out = tmp.path().join("slow");
+    let marker = tmp.path().join("slow-judge");
+    let mut cfg = config(&out, 0.3);
+    cfg.iterations = 1;
+    // Fast for the base's evaluation; slow (1 s) from iteration 1's judging on.
+    cfg.judge =
+        format!("cmd:if [ -e {} ]; then sleep 1; fi; {}", marker.display(), RANK_JUDGE.trim_start_matches("cmd:"));
     cfg.judge_timeout_s = 0.5;
-    let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
-    assert!(err.contains("judge command `sleep 60` timed out after 0.5 s"), "{err}");
+    let mut obs = Breaker { marker: Some(marker), at: (1, "judging"), stages: vec![] };
+    let err = run_apo(&cfg, &mut obs).unwrap_err().to_string();
+    assert!(err.contains("sleep 1; fi; awk") && err.contains("timed out after 0.5 s"), "{err}");
+    let samples = std::fs::read(out.join("iter-1/samples.jsonl")).unwrap();
+    // The timeout does not change results: the same run, resumed with a longer one, finishes
+    // from where it stopped.
+    cfg.judge_timeout_s = 60.0;
+    let mut obs = Breaker { marker: None, at: (0, ""), stages: vec![] };
+    let manifest = run_apo(&cfg, &mut obs).unwrap();
+    assert_eq!(obs.stages.first(), Some(&(1, "judging".to_string())), "{:?}", obs.stages);
+    assert_eq!(samples, std::fs::read(out.join("iter-1/samples.jsonl")).unwrap());
+    assert_eq!(manifest.iterations.len(), 1);
+    assert_eq!(manifest.config["judge_timeout_s"], 60.0);
+    // Other keys still may not change.
+    cfg.alpha = 0.5;
+    assert!(run_apo(&cfg, &mut obs).unwrap_err().to_string().contains("another config"));
 
     assert_eq!(ApoConfig::default().judge_timeout_s, 300.0);
     let path = tmp.path().join("apo.toml");
@@ -284,17 +303,18 @@ fn nan_scores_are_clear_errors() {
     );
 }
 
-/// Records the stages it hears, and breaks the judge (creates `marker`) when iteration 2's
-/// judging starts.
+/// Records the stages it hears, and changes the judge's behaviour (creates `marker`) when
+/// stage `at` starts.
 struct Breaker {
     marker: Option<PathBuf>,
+    at: (usize, &'static str),
     stages: Vec<(usize, String)>,
 }
 impl prefopt_train::Observer for Breaker {}
 impl LoopObserver for Breaker {
     fn stage(&mut self, iteration: usize, stage: &str) {
         self.stages.push((iteration, stage.to_string()));
-        if let (Some(marker), (2, "judging")) = (&self.marker, (iteration, stage)) {
+        if let Some(marker) = self.marker.as_ref().filter(|_| (iteration, stage) == self.at) {
             std::fs::write(marker, "").unwrap();
         }
     }
@@ -312,7 +332,7 @@ fn a_judge_failing_mid_run_loses_no_finished_stage_and_the_rerun_continues() {
         marker.display(),
         RANK_JUDGE.trim_start_matches("cmd:")
     );
-    let mut first = Breaker { marker: Some(marker.clone()), stages: vec![] };
+    let mut first = Breaker { marker: Some(marker.clone()), at: (2, "judging"), stages: vec![] };
     let err = run_apo(&cfg, &mut first).unwrap_err().to_string();
     assert!(err.contains("judge is broken") && err.contains("exit"), "{err}");
     let trained_1 = std::fs::read(out.join("iter-1/trained/model.safetensors")).unwrap();
@@ -320,7 +340,7 @@ fn a_judge_failing_mid_run_loses_no_finished_stage_and_the_rerun_continues() {
     assert!(!out.join("iter-2/pairs.jsonl").exists());
 
     std::fs::remove_file(&marker).unwrap();
-    let mut second = Breaker { marker: None, stages: vec![] };
+    let mut second = Breaker { marker: None, at: (0, ""), stages: vec![] };
     let manifest = run_apo(&cfg, &mut second).unwrap();
     assert_eq!(second.stages.first(), Some(&(2, "judging".to_string())), "{:?}", second.stages);
     assert_eq!(manifest.iterations.len(), 2);
