@@ -2,8 +2,11 @@
 # Side-by-side throughput: prefopt vs PyTorch on the same HF folder, alternating runs
 # (A B A B ...) so machine drift hits both, then the median tokens/s of each and the ratio.
 #
-#   scripts/bench_compare.sh MODE [THREADS] [ROUNDS]     MODE: forward | fwd-bwd | dpo
+#   scripts/bench_compare.sh MODE [THREADS] [ROUNDS]     MODE: forward | fwd-bwd | dpo | generate
 #
+# BENCH_ARGS adds flags to both sides (they share the names: --batch, --prompt-len,
+# --new-tokens, --pairs, --completion-len, --steps, --warmup), e.g.
+#   BENCH_ARGS="--batch 16" scripts/bench_compare.sh generate 2 3
 # PREFOPT_ARGS adds flags to prefopt's side only (e.g. PREFOPT_ARGS=--cached-ref).
 #
 # Needs a Python with torch + transformers (scripts/requirements.txt) as $PYTHON
@@ -12,7 +15,7 @@
 # by scripts/bench_torch.py on first use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mode=${1:?mode: forward | fwd-bwd | dpo}
+mode=${1:?mode: forward | fwd-bwd | dpo | generate}
 threads=${2:-2}
 rounds=${3:-3}
 python=${PYTHON:-/work/pyenv/bin/python}
@@ -20,13 +23,14 @@ model=target-bench/torch-llama-4x256
 [ -d "$model" ] || "$python" scripts/bench_torch.py forward --model "$model" --steps 1 --warmup 0 >/dev/null
 ours=(); theirs=()
 for _ in $(seq "$rounds"); do
-  ours+=("$(./target/release/prefopt bench "$mode" --model "$model" --threads "$threads" ${PREFOPT_ARGS:-} | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
-  theirs+=("$("$python" scripts/bench_torch.py "$mode" --model "$model" --threads "$threads" 2>/dev/null | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
+  ours+=("$(./target/release/prefopt bench "$mode" --model "$model" --threads "$threads" ${BENCH_ARGS:-} ${PREFOPT_ARGS:-} | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
+  theirs+=("$("$python" scripts/bench_torch.py "$mode" --model "$model" --threads "$threads" ${BENCH_ARGS:-} 2>/dev/null | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
 done
 "$python" - "$mode" "$threads" "${ours[*]}" "${theirs[*]}" <<'PY'
-import statistics, sys
+import os, statistics, sys
 mode, threads, ours, theirs = sys.argv[1], sys.argv[2], list(map(float, sys.argv[3].split())), list(map(float, sys.argv[4].split()))
 o, t = statistics.median(ours), statistics.median(theirs)
-print(f"{mode} threads={threads}: prefopt {o:.0f} tok/s (runs {', '.join(f'{x:.0f}' for x in ours)}), "
+load = os.getloadavg()[0]
+print(f"{mode} threads={threads} {os.environ.get('BENCH_ARGS', '')}: 1-min load {load:.1f}: prefopt {o:.0f} tok/s (runs {', '.join(f'{x:.0f}' for x in ours)}), "
       f"pytorch {t:.0f} tok/s (runs {', '.join(f'{x:.0f}' for x in theirs)}), ratio {o/t:.2f}x")
 PY

@@ -159,9 +159,10 @@ pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
 }
 
-/// One layer's keys and values, (B, capacity, KV*D) each, of which the first `len`
-/// positions are filled. Without gradients, new positions are written in place and the
-/// capacity doubles when full, so a decode step costs O(T) rather than O(past) copying;
+/// One layer's keys and values, (B, KV, capacity, D) each (each head's positions
+/// contiguous, which decoding reads fastest), of which the first `len` positions are
+/// filled. Without gradients, new positions are written in place and the capacity doubles
+/// when full, so a decode step costs O(T) rather than O(past) copying;
 /// with gradients (a trainable model), they are concatenated, so gradients reach every
 /// position's projections.
 struct LayerKv {
@@ -171,29 +172,29 @@ struct LayerKv {
 }
 
 impl LayerKv {
-    /// Appends k, v (B, T, KV*D); returns every cached position's keys and values,
-    /// (B, past+T, KV*D) each (a view of the buffers when no gradient is tracked).
+    /// Appends k, v (B, KV, T, D); returns every cached position's keys and values,
+    /// (B, KV, past+T, D) each (a view of the buffers when no gradient is tracked).
     fn append(slot: &mut Option<LayerKv>, k: Tensor, v: Tensor) -> candle_core::Result<(Tensor, Tensor)> {
         let len = slot.as_ref().map_or(0, |c| c.len);
-        let new_len = len + k.dim(1)?;
+        let new_len = len + k.dim(2)?;
         if k.track_op() || v.track_op() {
             let (k, v) = match slot.as_ref() {
                 Some(c) => {
-                    (Tensor::cat(&[&c.k.narrow(1, 0, len)?, &k], 1)?, Tensor::cat(&[&c.v.narrow(1, 0, len)?, &v], 1)?)
+                    (Tensor::cat(&[&c.k.narrow(2, 0, len)?, &k], 2)?, Tensor::cat(&[&c.v.narrow(2, 0, len)?, &v], 2)?)
                 }
                 None => (k, v),
             };
             *slot = Some(LayerKv { k: k.clone(), v: v.clone(), len: new_len });
             return Ok((k, v));
         }
-        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(1).unwrap_or(0));
+        let capacity = slot.as_ref().map_or(0, |c| c.k.dim(2).unwrap_or(0));
         if new_len > capacity {
-            let (b, _, width) = k.dims3()?;
+            let (b, kv, _, d) = k.dims4()?;
             let capacity = new_len.max(2 * capacity).max(64);
             let grow = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
-                let buf = Tensor::zeros((b, capacity, width), k.dtype(), k.device())?;
+                let buf = Tensor::zeros((b, kv, capacity, d), k.dtype(), k.device())?;
                 if let Some(old) = old {
-                    buf.slice_set(old, 1, 0)?;
+                    buf.slice_set(old, 2, 0)?;
                 }
                 Ok(buf)
             };
@@ -201,10 +202,10 @@ impl LayerKv {
             *slot = Some(LayerKv { k: k_buf, v: v_buf, len });
         }
         let Some(c) = slot.as_mut() else { unreachable!("allocated above") };
-        c.k.slice_set(&k.contiguous()?, 1, len)?;
-        c.v.slice_set(&v.contiguous()?, 1, len)?;
+        c.k.slice_set(&k.contiguous()?, 2, len)?;
+        c.v.slice_set(&v.contiguous()?, 2, len)?;
         c.len = new_len;
-        Ok((c.k.narrow(1, 0, new_len)?, c.v.narrow(1, 0, new_len)?))
+        Ok((c.k.narrow(2, 0, new_len)?, c.v.narrow(2, 0, new_len)?))
     }
 }
 
@@ -260,8 +261,8 @@ impl Attention {
         let (k, v) = match cache {
             Some(slot) => {
                 let t = x.dim(0)? / batch;
-                let (k, v) = (k.reshape((batch, t, ()))?, v.reshape((batch, t, ()))?);
-                LayerKv::append(slot, k, v)? // (B, past+T, KV*D)
+                let heads = |y: Tensor| y.reshape((batch, t, self.kv_heads, ()))?.transpose(1, 2)?.contiguous();
+                LayerKv::append(slot, heads(k)?, heads(v)?)? // (B, KV, past+T, D)
             }
             None => (k, v),
         };

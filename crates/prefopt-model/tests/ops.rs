@@ -124,17 +124,24 @@ fn attention_matches_the_composition_causal_gqa_cached_and_padded() {
 
 #[test]
 fn attention_reads_a_strided_cache_view_like_a_contiguous_one() {
-    // Keys/values as a KV cache holds them: (B, capacity, KV*D) buffers, of which the first S
-    // positions are the view attention reads.
+    // Keys/values as a KV cache holds them: (B, KV, capacity, D) buffers, of which the first
+    // S positions are the view attention reads.
     let (batch, t, heads, kv_heads, d, s, capacity) = (2, 2, 4, 2, 8, 5, 9);
     let mask = AttentionMask { past: s - t, pad_lens: vec![] };
     let q = random(&[batch * t, heads * d], 10);
-    let k_buf = random(&[batch, capacity, kv_heads * d], 11);
-    let v_buf = random(&[batch, capacity, kv_heads * d], 12);
-    let (k, v) = (k_buf.narrow(1, 0, s).unwrap(), v_buf.narrow(1, 0, s).unwrap());
-    let fused = ops::causal_attention(&q, &k, &v, batch, heads, kv_heads, &mask).unwrap();
-    let (k, v) = (k.contiguous().unwrap(), v.contiguous().unwrap());
-    let reference = ops::causal_attention_reference(&q, &k, &v, batch, heads, kv_heads, &mask).unwrap();
-    let diff = max_rel_diff(&fused, &reference);
-    assert!(diff < TOL, "strided cache view differs by {diff}");
+    let k_buf = random(&[batch, kv_heads, capacity, d], 11);
+    let v_buf = random(&[batch, kv_heads, capacity, d], 12);
+    let (k, v) = (k_buf.narrow(2, 0, s).unwrap(), v_buf.narrow(2, 0, s).unwrap());
+    for t_new in [t, 1] {
+        let mask = AttentionMask { past: s - t_new, ..mask.clone() };
+        let q = q.narrow(0, 0, batch * t_new).unwrap();
+        let fused = ops::causal_attention(&q, &k, &v, batch, heads, kv_heads, &mask).unwrap();
+        // The same keys in the projections' (B*S, KV*D) layout.
+        let rows =
+            |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap().reshape((batch * s, kv_heads * d)).unwrap();
+        let reference =
+            ops::causal_attention_reference(&q, &rows(&k), &rows(&v), batch, heads, kv_heads, &mask).unwrap();
+        let diff = max_rel_diff(&fused, &reference);
+        assert!(diff < TOL, "strided cache view, {t_new} new positions: differs by {diff}");
+    }
 }

@@ -52,8 +52,8 @@ impl AttentionMask {
     }
 }
 
-/// Attention of queries q (B*T, H*D) over keys and values k, v ((B*S, KV*D) or
-/// (B, S, KV*D), the latter possibly a strided view such as a KV cache's filled part), with
+/// Attention of queries q (B*T, H*D) over keys and values k, v ((B*S, KV*D), (B, S, KV*D)
+/// or (B, KV, S, D), possibly strided views such as a KV cache's filled part), with
 /// `heads` query heads and `kv_heads` key/value heads (query head h reads kv head
 /// h / (H / KV)). Returns (B*T, H*D): the heads' outputs side by side, ready for o_proj.
 pub fn causal_attention(
@@ -132,27 +132,50 @@ struct Attention {
     probs: Mutex<Option<Vec<f32>>>,
 }
 
-/// Where element (b, s, 0) of a key/value argument lives: offset and the b and s strides.
+/// Where key/value element (b, s, g, 0) lives: offset, and the strides of batch row b,
+/// position s and kv head g (the head dim is contiguous).
 #[derive(Clone, Copy)]
 struct View {
     offset: usize,
     b: usize,
     s: usize,
+    g: usize,
     seq: usize, // S
 }
 
-fn kv_view(layout: &Layout, batch: usize, width: usize) -> Result<View> {
-    let (dims, stride) = (layout.dims(), layout.stride());
-    let view = match dims {
-        [rows, w] if *w == width && stride[1] == 1 => {
-            View { offset: layout.start_offset(), b: rows / batch * stride[0], s: stride[0], seq: rows / batch }
+/// Keys/values as (B*S, KV*D), (B, S, KV*D) (projection layouts) or (B, KV, S, D) (a KV
+/// cache's, where each head's positions are contiguous for decoding).
+fn kv_view(layout: &Layout, batch: usize, kv_heads: usize, d: usize) -> Result<View> {
+    let (dims, stride, offset) = (layout.dims(), layout.stride(), layout.start_offset());
+    let view = match *dims {
+        [rows, w] if w == kv_heads * d && stride[1] == 1 => {
+            View { offset, b: rows / batch * stride[0], s: stride[0], g: d, seq: rows / batch }
         }
-        [b, s, w] if *b == batch && *w == width && stride[2] == 1 => {
-            View { offset: layout.start_offset(), b: stride[0], s: stride[1], seq: *s }
+        [b, s, w] if b == batch && w == kv_heads * d && stride[2] == 1 => {
+            View { offset, b: stride[0], s: stride[1], g: d, seq: s }
         }
-        _ => bail!("attention: keys/values {dims:?} (strides {stride:?}) do not fit batch {batch} x width {width}"),
+        [b, g, s, w] if b == batch && g == kv_heads && w == d && stride[3] == 1 => {
+            View { offset, b: stride[0], s: stride[2], g: stride[1], seq: s }
+        }
+        _ => bail!("attention: keys/values {dims:?} (strides {stride:?}) do not fit {batch} x {kv_heads} x {d}"),
     };
     Ok(view)
+}
+
+/// Up to this many query rows, the forward pass uses dot products instead of gemm.
+const SMALL_T: usize = 4;
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent partial sums, so the compiler vectorizes the loop.
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// dst (m x n, row stride dst_rs, unit column stride) = [dst +] alpha * lhs (m x k) rhs (k x n),
@@ -202,9 +225,19 @@ impl Attention {
         let g = h / (self.heads / self.kv_heads);
         let s = kv.seq;
         let q_bh = q.as_ptr().add(b * t * f + h * d);
-        let k_g = k.as_ptr().add(kv.offset + b * kv.b + g * d);
-        // K^T as a (D x S) matrix: row stride 1, column stride kv.s.
-        matmul((t, s, d), p.as_mut_ptr(), s, false, (q_bh, f, 1), (k_g, 1, kv.s), self.scale);
+        let k_g = k.as_ptr().add(kv.offset + b * kv.b + g * kv.g);
+        if t <= SMALL_T {
+            // Decoding: a few query rows, where gemm's packing costs more than dot products.
+            for i in 0..t {
+                let qi = std::slice::from_raw_parts(q_bh.add(i * f), d);
+                for (j, x) in p[i * s..(i + 1) * s].iter_mut().enumerate() {
+                    *x = self.scale * dot(qi, std::slice::from_raw_parts(k_g.add(j * kv.s), d));
+                }
+            }
+        } else {
+            // K^T as a (D x S) matrix: row stride 1, column stride kv.s.
+            matmul((t, s, d), p.as_mut_ptr(), s, false, (q_bh, f, 1), (k_g, 1, kv.s), self.scale);
+        }
         for i in 0..t {
             let (lo, hi) = self.mask.range(b, i);
             let row = &mut p[i * s..(i + 1) * s];
@@ -238,7 +271,7 @@ impl CustomOp3 for Attention {
         let (b_n, t, h_n, kv_n, d) = (self.batch, self.t, self.heads, self.kv_heads, self.d);
         let q = contiguous_f32(qs, ql, "attention")?;
         let (k, v) = (storage_f32(ks, "attention")?, storage_f32(vs, "attention")?);
-        let (kv, vv) = (kv_view(kl, b_n, kv_n * d)?, kv_view(vl, b_n, kv_n * d)?);
+        let (kv, vv) = (kv_view(kl, b_n, kv_n, d)?, kv_view(vl, b_n, kv_n, d)?);
         if h_n % kv_n != 0 || q.len() != b_n * t * h_n * d || kv.seq != self.mask.past + t || vv.seq != kv.seq {
             bail!("attention: q {:?}, k {:?}, v {:?} do not fit the heads and mask", ql.dims(), kl.dims(), vl.dims());
         }
@@ -262,16 +295,19 @@ impl CustomOp3 for Attention {
                             &mut scratch[..]
                         };
                         self.probs_into(p, b, h, q, k, kv);
-                        let v_g = v.as_ptr().add(vv.offset + b * vv.b + g * d);
-                        matmul(
-                            (t, d, s),
-                            y_ptr.get().add(b * t * f + h * d),
-                            f,
-                            false,
-                            (p.as_ptr(), s, 1),
-                            (v_g, vv.s, 1),
-                            1.0,
-                        );
+                        let v_g = v.as_ptr().add(vv.offset + b * vv.b + g * vv.g);
+                        let y_bh = y_ptr.get().add(b * t * f + h * d);
+                        if t <= SMALL_T {
+                            for i in 0..t {
+                                let yi = std::slice::from_raw_parts_mut(y_bh.add(i * f), d);
+                                for (j, &pj) in p[i * s..(i + 1) * s].iter().enumerate() {
+                                    let vj = std::slice::from_raw_parts(v_g.add(j * vv.s), d);
+                                    yi.iter_mut().zip(vj).for_each(|(y, v)| *y += pj * v);
+                                }
+                            }
+                        } else {
+                            matmul((t, d, s), y_bh, f, false, (p.as_ptr(), s, 1), (v_g, vv.s, 1), 1.0);
+                        }
                     }
                 }
             }
@@ -291,12 +327,13 @@ impl CustomOp3 for Attention {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b_n, t, h_n, kv_n, d) = (self.batch, self.t, self.heads, self.kv_heads, self.d);
-        let (f, fk, rep) = (h_n * d, kv_n * d, h_n / kv_n);
+        let (f, rep) = (h_n * d, h_n / kv_n);
         let saved = self.probs.lock().expect("no panics while held").take();
-        // Keys and values as contiguous (B, S, KV*D), whatever their forward layout.
+        // Keys and values (and their gradients) contiguous in their forward shape.
         let (k_c, v_c) = (k.contiguous()?, v.contiguous()?);
-        let s = k_c.elem_count() / (b_n * fk);
-        let kv = View { offset: 0, b: s * fk, s: fk, seq: s };
+        let (kv, vv) = (kv_view(k_c.layout(), b_n, kv_n, d)?, kv_view(v_c.layout(), b_n, kv_n, d)?);
+        let (kv, vv) = (View { offset: 0, ..kv }, View { offset: 0, ..vv });
+        let s = kv.seq;
         let (dq, dk, dv) = with_f32(q, "attention", |q| {
             with_f32(&k_c, "attention", |k| {
                 with_f32(&v_c, "attention", |v| {
@@ -313,7 +350,7 @@ impl CustomOp3 for Attention {
                                 // SAFETY: this task owns query heads g*rep.. of batch row b (their
                                 // columns of dq) and kv head g of batch row b (its columns of dk, dv).
                                 unsafe {
-                                    let kg = b * kv.b + g * d;
+                                    let (kg, vg) = (b * kv.b + g * kv.g, b * vv.b + g * vv.g);
                                     for h in g * rep..(g + 1) * rep {
                                         let p: &[f32] = match saved {
                                             Some(all) => &all[(b * h_n + h) * t * s..(b * h_n + h + 1) * t * s],
@@ -325,7 +362,7 @@ impl CustomOp3 for Attention {
                                         let qh = b * t * f + h * d;
                                         let dy_bh = (dy.as_ptr().add(qh), f, 1);
                                         // dP = dY V^T (T x S).
-                                        let v_t = (v.as_ptr().add(kg), 1, kv.s);
+                                        let v_t = (v.as_ptr().add(vg), 1, vv.s);
                                         matmul((t, s, d), ds.as_mut_ptr(), s, false, dy_bh, v_t, 1.0);
                                         // dS = P * (dP - rowsum(P * dP)).
                                         for (pr, dr) in p.chunks_exact(s).zip(ds.chunks_exact_mut(s)) {
@@ -334,7 +371,7 @@ impl CustomOp3 for Attention {
                                         }
                                         // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
                                         let p_t = (p.as_ptr(), 1, s);
-                                        matmul((s, d, t), dv_p.get().add(kg), fk, true, p_t, dy_bh, 1.0);
+                                        matmul((s, d, t), dv_p.get().add(vg), vv.s, true, p_t, dy_bh, 1.0);
                                         let k_g = (k.as_ptr().add(kg), kv.s, 1);
                                         matmul(
                                             (t, d, s),
@@ -349,7 +386,7 @@ impl CustomOp3 for Attention {
                                         matmul(
                                             (s, d, t),
                                             dk_p.get().add(kg),
-                                            fk,
+                                            kv.s,
                                             true,
                                             (ds.as_ptr(), 1, s),
                                             q_bh,

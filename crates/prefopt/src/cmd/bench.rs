@@ -11,9 +11,11 @@ use rand::{Rng, SeedableRng};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// What to time: `forward` (no gradient), `fwd-bwd` (next-token loss + backward), or
-    /// `dpo` (a whole DPO step: reference forward, policy forward+backward, AdamW).
-    #[arg(value_parser = ["forward", "fwd-bwd", "dpo"])]
+    /// What to time: `forward` (no gradient), `fwd-bwd` (next-token loss + backward),
+    /// `dpo` (a whole DPO step: reference forward, policy forward+backward, AdamW), or
+    /// `generate` (sampling with a KV cache: --batch prompts of --prompt-len tokens, exactly
+    /// --new-tokens new tokens each, temperature 1, no top-k/top-p).
+    #[arg(value_parser = ["forward", "fwd-bwd", "dpo", "generate"])]
     mode: String,
     /// Hugging Face model folder (`scripts/bench_torch.py` creates the reference one).
     #[arg(long)]
@@ -22,11 +24,12 @@ pub struct BenchArgs {
     batch: usize,
     #[arg(long, default_value_t = 128)]
     seq_len: usize,
-    /// Timed steps; the median step time is reported.
-    #[arg(long, default_value_t = 10)]
-    steps: usize,
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
+    /// Timed steps; the median step time is reported (default 10; generate 3, as the torch script).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Untimed steps first (default 2; generate 1).
+    #[arg(long)]
+    warmup: Option<usize>,
     /// CPU threads (sets RAYON_NUM_THREADS before any tensor work; default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -35,22 +38,28 @@ pub struct BenchArgs {
     /// dpo: pairs per step (each pair is two sequences: chosen and rejected).
     #[arg(long, default_value_t = 4)]
     pairs: usize,
-    /// dpo: prompt tokens per sequence.
+    /// dpo and generate: prompt tokens per sequence.
     #[arg(long, default_value_t = 64)]
     prompt_len: usize,
     /// dpo: completion tokens per sequence.
     #[arg(long, default_value_t = 64)]
     completion_len: usize,
+    /// generate: new tokens per sequence.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
     /// dpo: reference log-probs come from the cache (`precompute_ref_log_probs`), so the
     /// step runs no reference forward pass.
     #[arg(long)]
     cached_ref: bool,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub fn run(mut args: BenchArgs) -> Result<()> {
+    let generating = args.mode == "generate";
+    args.steps = Some(args.steps.unwrap_or(if generating { 3 } else { 10 }));
+    args.warmup = Some(args.warmup.unwrap_or(if generating { 1 } else { 2 }));
     anyhow::ensure!(
-        args.steps > 0 && args.batch > 0 && args.seq_len > 1,
-        "--steps, --batch must be > 0 and --seq-len > 1"
+        args.steps > Some(0) && args.batch > 0 && args.seq_len > 1 && args.new_tokens > 0 && args.prompt_len > 0,
+        "--steps, --batch, --new-tokens, --prompt-len must be > 0 and --seq-len > 1"
     );
     if let Some(n) = args.threads {
         // candle reads this on every matmul; set before the first tensor op.
@@ -68,6 +77,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.mode == "dpo" {
         return bench_dpo(&args, &hf, &mut rng);
     }
+    if generating {
+        return bench_generate(&args, &hf, &mut rng);
+    }
     let trainable = args.mode == "fwd-bwd";
     let model = hf.build(trainable)?;
     let step = || -> Result<()> {
@@ -83,7 +95,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Ok(())
     };
-    let (median, min) = time_steps(args.warmup, args.steps, step)?;
+    let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
 
     // The torch script's estimate: N = parameters without the input embedding (lm_head counted
     // once), forward = 2*N*T + 4*L*T^2*d per sequence, fwd-bwd = 3x forward.
@@ -101,8 +113,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "seq_len": t,
         "median_step_s": median,
         "min_step_s": min,
-        "steps": args.steps,
-        "warmup": args.warmup,
+        "steps": args.steps.unwrap_or(1),
+        "warmup": args.warmup.unwrap_or(0),
         "model": args.model,
     });
     println!("{line}");
@@ -153,7 +165,7 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         optimizer.step(&policy_params, &g, 1e-6)?;
         Ok(())
     };
-    let (median, min) = time_steps(args.warmup, args.steps, step)?;
+    let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
     let t = a + c;
     let passes = if args.cached_ref { 3.0 } else { 4.0 }; // policy fwd+bwd = 3, reference fwd = 1
     let flops = passes * (2 * p) as f64 * forward_flops(hf, t);
@@ -172,8 +184,55 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         "cached_ref": args.cached_ref,
         "median_step_s": median,
         "min_step_s": min,
-        "steps": args.steps,
-        "warmup": args.warmup,
+        "steps": args.steps.unwrap_or(1),
+        "warmup": args.warmup.unwrap_or(0),
+        "model": args.model,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Sampling as `prefopt generate` runs it: one batch of distinct random prompts, a KV cache,
+/// exactly `new_tokens` new tokens per sequence (no stop ids), temperature 1, no filtering.
+fn bench_generate(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) -> Result<()> {
+    use prefopt_model::{generate, sample_rng, SamplingParams};
+
+    let (b, a, n) = (args.batch, args.prompt_len, args.new_tokens);
+    let vocab_hi = hf.config.vocab_size.min(480) as u32;
+    let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..a).map(|_| rng.gen_range(0..vocab_hi)).collect()).collect();
+    let model = hf.build(false)?;
+    let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: n, stop_ids: Vec::new() };
+    let mut call = 0u64;
+    let step = || -> Result<()> {
+        call += 1;
+        let mut rngs: Vec<_> = (0..b as u64).map(|i| sample_rng(args.seed + call, i)).collect();
+        let out = generate(&model, &prompts, &params, &mut rngs, 0)?;
+        anyhow::ensure!(out.iter().all(|g| g.tokens.len() == n), "a sequence ended early");
+        Ok(())
+    };
+    let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
+    // The torch script's estimate: prefill of the prompts, then per new token 2*N plus
+    // attention over the tokens in the cache.
+    let cfg = &hf.config;
+    let non_embedding = forward_flops(hf, 1) - 4.0 * (cfg.num_hidden_layers * cfg.hidden_size) as f64;
+    let decode: f64 =
+        (0..n).map(|i| non_embedding + 4.0 * (cfg.num_hidden_layers * (a + i + 1) * cfg.hidden_size) as f64).sum();
+    let flops = b as f64 * (forward_flops(hf, a) + decode);
+    let line = serde_json::json!({
+        "impl": "prefopt",
+        "mode": "generate",
+        "tokens_per_s": (b * n) as f64 / median,
+        "peak_rss_mb": peak_rss_mb(),
+        "gflops": flops / 1e9 / median,
+        "gflop_per_step": flops / 1e9,
+        "threads": candle_core::utils::get_num_threads(),
+        "batch": b,
+        "prompt_len": a,
+        "new_tokens": n,
+        "median_step_s": median,
+        "min_step_s": min,
+        "steps": args.steps.unwrap_or(1),
+        "warmup": args.warmup.unwrap_or(0),
         "model": args.model,
     });
     println!("{line}");
