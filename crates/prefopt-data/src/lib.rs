@@ -25,6 +25,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod char_tokenizer;
 pub mod error;
 mod parquet_rows;
 pub mod preference;
@@ -35,6 +36,7 @@ pub mod text;
 pub mod tokenize;
 pub mod tokenizer;
 
+pub use char_tokenizer::{printable_ascii, write_char_tokenizer};
 pub use error::{DataError, Location, RecordSource};
 pub use preference::{parse_preference, PreferenceExample};
 pub use records::{read_records, Record};

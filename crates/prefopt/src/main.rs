@@ -28,6 +28,10 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// The online loop: sample, judge, train, extrapolate (Accelerated Preference Optimization).
     Apo(cmd::apo::ApoArgs),
+    /// A freshly initialized model folder from an architecture config.json and a tokenizer.
+    Init(cmd::init::InitArgs),
+    /// JSONL datasets (prompts, SFT data) from a built-in task.
+    Tasks(cmd::tasks::TasksArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
     Simulate(cmd::simulate::SimulateArgs),
 }
@@ -42,6 +46,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Train(args) => cmd::train::run(args, cmd::train::Kind::Preference),
         Command::Sft(args) => cmd::train::run(args, cmd::train::Kind::Sft),
+        Command::Init(args) => cmd::init::run(args),
+        Command::Tasks(args) => cmd::tasks::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -3,6 +3,8 @@
 pub mod apo;
 pub mod bench;
 pub mod generate;
+pub mod init;
 pub mod score;
 pub mod simulate;
+pub mod tasks;
 pub mod train;
