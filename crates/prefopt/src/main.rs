@@ -16,6 +16,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The built-in demo: shipped base model, SPO vs DPO, APO vs iterative DPO, report and plots.
+    Demo(cmd::demo::DemoArgs),
     /// Summed completion log-probs of chosen/rejected pairs under a model (JSONL out).
     Score(cmd::score::ScoreArgs),
     /// Offline preference training: DPO loss family, SPO, from a TOML config.
@@ -39,6 +41,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Score(args) => cmd::score::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Apo(args) => cmd::apo::run(args),

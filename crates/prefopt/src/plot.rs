@@ -157,6 +157,12 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
+/// The i-th palette color, for series that must share a color (e.g. chosen and rejected).
+pub fn palette(i: usize) -> (u8, u8, u8) {
+    let c = PALETTE[i % PALETTE.len()];
+    (c.0, c.1, c.2)
+}
+
 /// Draws `spec` as a PNG at `path` (written atomically).
 pub fn line_chart(path: &Path, spec: &ChartSpec) -> Result<()> {
     register_font()?;

@@ -2,6 +2,7 @@
 
 pub mod apo;
 pub mod bench;
+pub mod demo;
 pub mod generate;
 pub mod init;
 pub mod score;
