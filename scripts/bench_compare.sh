@@ -7,7 +7,8 @@
 # BENCH_ARGS adds flags to both sides (they share the names: --batch, --prompt-len,
 # --new-tokens, --pairs, --completion-len, --steps, --warmup), e.g.
 #   BENCH_ARGS="--batch 16" scripts/bench_compare.sh generate 2 3
-# PREFOPT_ARGS adds flags to prefopt's side only (e.g. PREFOPT_ARGS=--cached-ref).
+# PREFOPT_ARGS adds flags to prefopt's side only (e.g. PREFOPT_ARGS=--cached-ref);
+# PREFOPT picks the binary (default ./target/release/prefopt).
 #
 # Needs a Python with torch + transformers (scripts/requirements.txt) as $PYTHON
 # (default /work/pyenv/bin/python) and a release build (cargo build --release).
@@ -19,11 +20,12 @@ mode=${1:?mode: forward | fwd-bwd | dpo | generate}
 threads=${2:-2}
 rounds=${3:-3}
 python=${PYTHON:-/work/pyenv/bin/python}
+prefopt=${PREFOPT:-./target/release/prefopt}
 model=target-bench/torch-llama-4x256
 [ -d "$model" ] || "$python" scripts/bench_torch.py forward --model "$model" --steps 1 --warmup 0 >/dev/null
 ours=(); theirs=()
 for _ in $(seq "$rounds"); do
-  ours+=("$(./target/release/prefopt bench "$mode" --model "$model" --threads "$threads" ${BENCH_ARGS:-} ${PREFOPT_ARGS:-} | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
+  ours+=("$("$prefopt" bench "$mode" --model "$model" --threads "$threads" ${BENCH_ARGS:-} ${PREFOPT_ARGS:-} | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
   theirs+=("$("$python" scripts/bench_torch.py "$mode" --model "$model" --threads "$threads" ${BENCH_ARGS:-} 2>/dev/null | "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')")
 done
 "$python" - "$mode" "$threads" "${ours[*]}" "${theirs[*]}" <<'PY'
