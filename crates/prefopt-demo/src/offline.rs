@@ -140,6 +140,7 @@ fn train_config(
     seed: u64,
 ) -> Result<TrainConfig, DemoError> {
     let mut table = recipe.train.clone();
+    table.extend(recipe.offline_train.clone());
     table.extend(method.train.clone());
     let path = |p: &Path| toml::Value::String(p.display().to_string());
     table.insert("model".into(), path(base));

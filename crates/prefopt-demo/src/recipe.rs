@@ -35,6 +35,9 @@ pub struct Recipe {
     /// Offline: prompts of the one preference set per seed, sampled from the base model.
     pub offline_prompts: usize,
     pub offline_methods: Vec<OfflineMethod>,
+    /// Offline: keys over `train` for every offline method (a longer run than one online
+    /// iteration, so the methods get near their optimum and likelihood displacement shows).
+    pub offline_train: toml::Table,
     /// Offline: evaluate the chosen/rejected log-probs on the preference set every N steps.
     pub offline_eval_steps: usize,
 
@@ -63,7 +66,7 @@ impl Recipe {
             top_p: 1.0,
             max_new_tokens: 16,
             num_samples: 4,
-            num_eval_prompts: 256,
+            num_eval_prompts: 128,
             train: table(&[
                 ("optimizer", s("adamw")),
                 ("learning_rate", f(5e-4)),
@@ -75,7 +78,8 @@ impl Recipe {
                 ("logging_steps", toml::Value::Integer(1)),
                 ("save_steps", toml::Value::Integer(0)),
             ]),
-            offline_prompts: 256,
+            offline_prompts: 128,
+            offline_train: table(&[("learning_rate", f(1e-3)), ("num_train_epochs", f(4.0))]),
             offline_methods: vec![
                 OfflineMethod { name: "dpo".into(), train: table(&[("loss_type", s("sigmoid")), ("beta", f(0.1))]) },
                 OfflineMethod {

@@ -54,10 +54,12 @@ pub fn render(s: &Summary) -> String {
     let _ = writeln!(
         md,
         "- Offline: {} prompts x {} base-model samples, best vs worst by the oracle (ties skipped): one \
-         preference set per seed. Methods {} train on it from the base model with the same budget.",
+         preference set per seed. Methods {} train on it from the base model with the same budget \
+         (shared keys below, with `{}`).",
         r.offline_prompts,
         r.num_samples,
-        r.offline_methods.iter().map(|m| format!("`{}`", m.name)).collect::<Vec<_>>().join(", ")
+        r.offline_methods.iter().map(|m| format!("`{}`", m.name)).collect::<Vec<_>>().join(", "),
+        toml_inline(&r.offline_train)
     );
     let _ = writeln!(
         md,
@@ -103,6 +105,11 @@ pub fn render(s: &Summary) -> String {
     );
 
     let _ = writeln!(md, "## Online: APO against iterative DPO\n");
+    let _ = writeln!(
+        md,
+        "Iteration 1 is the same run for every alpha: momentum enters with the first extrapolation, \
+         after it. The alpha-0 column of `extrapolated_*` in summary.json equals the trained model's.\n"
+    );
     let _ = writeln!(md, "Held-out accuracy of the trained model `pi_hat_t` after each iteration (0 = base):\n");
     online_table(&mut md, s, |r| r.eval_accuracy);
     let _ = writeln!(md, "\nHeld-out reward:\n");
