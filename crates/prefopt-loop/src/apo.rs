@@ -440,16 +440,22 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
                 &base,
                 &device,
             )?;
-            let extrapolated = evaluate_model(
-                &record.extrapolated,
-                &tok,
-                &eval_prompts,
-                &sampling,
-                eval_seed,
-                judge.as_mut(),
-                &base,
-                &device,
-            )?;
+            // At alpha 0 the extrapolated weights are the trained ones, byte for byte (tested),
+            // and the evaluation is seeded, so its numbers are the same: skip the second pass.
+            let extrapolated = if cfg.alpha == 0.0 {
+                trained.clone()
+            } else {
+                evaluate_model(
+                    &record.extrapolated,
+                    &tok,
+                    &eval_prompts,
+                    &sampling,
+                    eval_seed,
+                    judge.as_mut(),
+                    &base,
+                    &device,
+                )?
+            };
             let lines = [("trained", &trained), ("extrapolated", &extrapolated)]
                 .iter()
                 .map(|(which, m)| {
