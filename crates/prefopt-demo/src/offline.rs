@@ -85,7 +85,9 @@ pub fn run_offline<O: DemoObserver>(
             judge.as_mut(),
             &device,
         )?;
-        let base_logps = cached(&dir.join("base-logps.json"), || mean_pair_logps(base, &pairs_path, &tok, &device))?;
+        let opts = TokenizeOptions { max_length: Some(max_length(recipe)), max_prompt_length: Some(512) };
+        let base_logps =
+            cached(&dir.join("base-logps.json"), || mean_pair_logps(base, &pairs_path, &tok, &opts, &device))?;
         done += 1;
 
         for method in &recipe.offline_methods {
@@ -170,19 +172,26 @@ fn cached<T: Serialize + for<'de> Deserialize<'de>>(
     Ok(value)
 }
 
+/// The training runs' `max_length` (the recipe's, else the trainer's default), so the base
+/// model's log-probs are taken over the same tokens as the runs' `eval_logps/*` (the prompt
+/// budget is the trainer's default, 512, which the recipe does not change).
+fn max_length(recipe: &Recipe) -> usize {
+    recipe.train.get("max_length").and_then(|v| v.as_integer()).map_or(1024, |v| v as usize)
+}
+
 /// Mean summed completion log-probs (chosen, rejected) of a preference file under a model,
 /// with the trainer's tokenization (the same numbers as its `eval_logps/*`).
 fn mean_pair_logps(
     model_dir: &Path,
     pairs: &Path,
     tok: &HfTokenizer,
+    opts: &TokenizeOptions,
     device: &Device,
 ) -> Result<(f64, f64), DemoError> {
     let net = HfModel::load(model_dir, device)?.build(false)?;
-    let opts = TokenizeOptions { max_length: Some(64), max_prompt_length: Some(512) };
     let mut kept = Vec::new();
     for record in read_records(pairs)? {
-        if let PairOutcome::Kept(pair) = tokenize_pair(tok, &parse_preference(&record)?, &opts)? {
+        if let PairOutcome::Kept(pair) = tokenize_pair(tok, &parse_preference(&record)?, opts)? {
             kept.push(pair);
         }
     }
