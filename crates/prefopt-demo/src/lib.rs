@@ -11,7 +11,7 @@
 //! same arguments, continues where it stopped.
 
 pub mod base_model;
-mod jsonl;
+mod json_files;
 pub mod offline;
 pub mod online;
 pub mod recipe;
@@ -65,7 +65,7 @@ pub fn run_demo<O: DemoObserver>(recipe: &Recipe, base: &Path, out: &Path, obs: 
     // A finished demo's folder holds its recipe; another recipe there would mix runs.
     let recipe_path = out.join("recipe.json");
     if recipe_path.exists() {
-        let old: serde_json::Value = jsonl::read_json(&recipe_path)?;
+        let old: serde_json::Value = json_files::read_json(&recipe_path)?;
         if old != serde_json::to_value(recipe).map_err(|e| DemoError::io(&recipe_path, e))? {
             return Err(DemoError::Config(format!(
                 "{} holds a demo with other settings (--quick or --seeds differ); use another --out",
@@ -73,7 +73,7 @@ pub fn run_demo<O: DemoObserver>(recipe: &Recipe, base: &Path, out: &Path, obs: 
             )));
         }
     } else {
-        jsonl::write_json(&recipe_path, recipe)?;
+        json_files::write_json(&recipe_path, recipe)?;
     }
     let (mut runs, trajectories) = offline::run_offline(recipe, base, out, obs)?;
     runs.extend(online::run_online(recipe, base, out, obs)?);
@@ -96,7 +96,7 @@ pub fn run_demo<O: DemoObserver>(recipe: &Recipe, base: &Path, out: &Path, obs: 
         claims,
         wall_s: started.elapsed().as_secs_f64(),
     };
-    jsonl::write_json(&out.join("summary.json"), &s)?;
+    json_files::write_json(&out.join("summary.json"), &s)?;
     prefopt_model::fsio::write_atomic(&out.join("report.md"), report::render(&s).as_bytes())?;
     Ok(s)
 }

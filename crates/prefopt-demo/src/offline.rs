@@ -17,7 +17,9 @@ use prefopt_model::HfModel;
 use prefopt_train::{completion_logps, train, SequenceBatch, TrainConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::jsonl::{read_json, read_jsonl, write_json, write_jsonl};
+use prefopt_loop::apo::{read_jsonl, write_jsonl};
+
+use crate::json_files::{read_json, write_json};
 use crate::recipe::{OfflineMethod, Recipe};
 use crate::summary::RunRow;
 use crate::{DemoError, DemoObserver};
@@ -153,10 +155,7 @@ fn train_config(
     table.insert("output_dir".into(), path(out));
     table.insert("seed".into(), toml::Value::Integer(seed as i64));
     table.insert("resume_from_checkpoint".into(), toml::Value::String("latest".into()));
-    let text = toml::to_string(&table).map_err(|e| DemoError::Config(e.to_string()))?;
-    let cfg: TrainConfig = toml::from_str(&text).map_err(|e| DemoError::Config(format!("{}: {e}", method.name)))?;
-    cfg.validate().map_err(|e| DemoError::Config(format!("{}: {e}", method.name)))?;
-    Ok(cfg)
+    TrainConfig::from_table(&table).map_err(|e| DemoError::Config(format!("{}: {e}", method.name)))
 }
 
 /// Reads a value cached as JSON at `path`, or computes and caches it.

@@ -147,14 +147,9 @@ impl ApoConfig {
         if !overrides.is_empty() {
             let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
             for o in overrides {
-                let (key, value) = o.split_once('=').ok_or_else(|| err(format!("--set `{o}`: expected key=value")))?;
-                let value: toml::Value = format!("v = {value}")
-                    .parse::<toml::Table>()
-                    .ok()
-                    .and_then(|mut t| t.remove("v"))
-                    .unwrap_or_else(|| toml::Value::String(value.to_string()));
+                let (key, value) = prefopt_train::config::parse_override(o).map_err(&err)?;
                 let mut slot = &mut table;
-                let parts: Vec<&str> = key.trim().split('.').collect();
+                let parts: Vec<&str> = key.split('.').collect();
                 for part in &parts[..parts.len() - 1] {
                     slot = slot
                         .entry(part.to_string())
@@ -226,11 +221,7 @@ impl ApoConfig {
         table.insert("output_dir".into(), path(out));
         table.insert("beta".into(), toml::Value::Float(self.beta_at(t)));
         table.insert("resume_from_checkpoint".into(), toml::Value::String("latest".into()));
-        let text = toml::to_string(&table).map_err(|e| LoopError::Config(e.to_string()))?;
-        let cfg: TrainConfig =
-            toml::from_str(&text).map_err(|e: toml::de::Error| LoopError::Config(format!("[train]: {e}")))?;
-        cfg.validate().map_err(|e| LoopError::Config(format!("[train]: {e}")))?;
-        Ok(cfg)
+        TrainConfig::from_table(&table).map_err(|e| LoopError::Config(format!("[train]: {e}")))
     }
 }
 
@@ -550,7 +541,8 @@ fn fold_order(n: usize, seed: u64) -> Vec<usize> {
     order
 }
 
-pub(crate) fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), LoopError> {
+/// Writes one JSON object per line, atomically.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), LoopError> {
     let mut text = String::new();
     for row in rows {
         text.push_str(&serde_json::to_string(row).map_err(|e| LoopError::Io(e.to_string()))?);
@@ -560,7 +552,8 @@ pub(crate) fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<(), L
     Ok(())
 }
 
-pub(crate) fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, LoopError> {
+/// Reads one JSON object per non-blank line; errors name the file and line.
+pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, LoopError> {
     let text = std::fs::read_to_string(path).map_err(|e| LoopError::Io(format!("{}: {e}", path.display())))?;
     text.lines()
         .enumerate()

@@ -195,6 +195,18 @@ pub const SFT_KEYS: [&str; 27] = [
     "cache_dir",
 ];
 
+/// One `--set key=value` override: the trimmed key and the value read as TOML (`1e-3`,
+/// `true`, `["sigmoid", "sft"]`), or as a plain string when it is not valid TOML (`out/run2`).
+pub fn parse_override(spec: &str) -> Result<(String, toml::Value), String> {
+    let (key, value) = spec.split_once('=').ok_or_else(|| format!("--set `{spec}`: expected key=value"))?;
+    let value = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    Ok((key.trim().to_string(), value))
+}
+
 /// A config problem, with the file and key it is about.
 #[derive(Debug, thiserror::Error)]
 #[error("{source_name}: {message}")]
@@ -240,13 +252,8 @@ impl TrainConfig {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
         let as_written = table.clone();
         for o in overrides {
-            let (key, value) = o.split_once('=').ok_or_else(|| err(format!("--set `{o}`: expected key=value")))?;
-            let value: toml::Value = format!("v = {value}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.to_string()));
-            table.insert(key.trim().to_string(), value);
+            let (key, value) = parse_override(o).map_err(&err)?;
+            table.insert(key, value);
         }
         check(&mut table).map_err(&err)?;
         // Unchanged: parse the user's own text, so serde's errors point at their lines.
@@ -256,6 +263,16 @@ impl TrainConfig {
         // Deserializing from text (not from a Table) keeps the key and line in serde's errors.
         let cfg: TrainConfig = toml::from_str(&text).map_err(|e: toml::de::Error| err(e.to_string()))?;
         cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    /// A config built from a TOML table (a caller that composes the keys itself, like the
+    /// online loop or the demo), validated; the error is serde's or [`Self::validate`]'s.
+    pub fn from_table(table: &toml::Table) -> Result<Self, String> {
+        // Through text, as `load` does, so serde's messages name the key.
+        let text = toml::to_string(table).map_err(|e| e.to_string())?;
+        let cfg: TrainConfig = toml::from_str(&text).map_err(|e: toml::de::Error| e.to_string())?;
+        cfg.validate()?;
         Ok(cfg)
     }
 
