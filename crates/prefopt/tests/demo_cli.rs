@@ -152,4 +152,43 @@ fn init_and_tasks_make_a_trainable_model_folder_and_data() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown task `nope`"));
+    let bad = prefopt()
+        .args(["tasks", "--task", "compare", "--kind", "sft", "--count", "1", "--off-format-rate", "0.7"])
+        .args(["--wrong-rate", "0.5", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sum to at most 1"));
+    assert_eq!(std::fs::read_to_string(&data).unwrap().lines().count(), 32, "the earlier output is kept");
+
+    // An architecture whose vocabulary is smaller than the tokenizer's: named, nothing written.
+    let small = dir.path().join("small.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&arch).unwrap()).unwrap();
+    cfg["vocab_size"] = 50.into();
+    std::fs::write(&small, cfg.to_string()).unwrap();
+    let small_out = dir.path().join("small-model");
+    let bad = prefopt()
+        .args(["init", "--char-tokenizer", "--arch"])
+        .arg(&small)
+        .arg("--out")
+        .arg(&small_out)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("small.json") && err.contains("vocab_size 50") && err.contains("98 tokens"), "{err}");
+    assert!(!small_out.exists());
+    // A tokenizer folder without tokenizer.json is named.
+    let bad = prefopt()
+        .args(["init", "--arch"])
+        .arg(&arch)
+        .arg("--tokenizer")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no tokenizer.json in this folder"));
 }
