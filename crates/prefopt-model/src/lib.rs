@@ -14,6 +14,7 @@ pub mod init;
 pub mod llama;
 pub mod ops;
 pub mod params;
+pub mod threads;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};

@@ -116,13 +116,13 @@ impl Objective for PreferenceObjective {
     }
 
     fn micro_step(
-        &mut self,
+        &self,
         policy: &Llama,
         params: &Params,
         step: &[usize],
         micro: &[usize],
-        acc: &mut StepAccumulator,
-    ) -> Result<(), TrainError> {
+    ) -> Result<StepAccumulator, TrainError> {
+        let mut acc = StepAccumulator::default();
         let share = micro.len() as f64 / step.len() as f64;
         let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, &self.device)?;
         let x = fwd.pair_logps();
@@ -149,9 +149,9 @@ impl Objective for PreferenceObjective {
         };
         grads::accumulate(&mut acc.grads, &g, share)?;
         acc.add_metric("loss", objective, share);
-        add_batch_metrics(acc, self.params.beta, &fwd, share)?;
+        add_batch_metrics(&mut acc, self.params.beta, &fwd, share)?;
         acc.num_tokens += fwd.num_tokens as u64;
-        Ok(())
+        Ok(acc)
     }
 
     fn finish_step(&mut self, acc: &mut StepAccumulator) -> Result<(), TrainError> {

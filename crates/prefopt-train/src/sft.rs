@@ -104,13 +104,13 @@ impl Objective for SftObjective {
     }
 
     fn micro_step(
-        &mut self,
+        &self,
         policy: &Llama,
         params: &Params,
         step: &[usize],
         micro: &[usize],
-        acc: &mut StepAccumulator,
-    ) -> Result<(), TrainError> {
+    ) -> Result<StepAccumulator, TrainError> {
+        let mut acc = StepAccumulator::default();
         // Token-mean over the whole step: each micro-batch weighs by its share of the tokens.
         let step_tokens: usize = step.iter().map(|&i| self.train.seqs[i].completion_len()).sum();
         let (lp, tokens, num_tokens) = self.forward(policy, &self.train, micro)?;
@@ -119,7 +119,7 @@ impl Objective for SftObjective {
         grads::accumulate(&mut acc.grads, &backward(&loss, params)?, share)?;
         acc.add_metric("loss", scalar(&loss)?, share);
         acc.num_tokens += num_tokens as u64;
-        Ok(())
+        Ok(acc)
     }
 
     fn evaluate(&mut self, model: &Llama) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError> {

@@ -6,6 +6,10 @@
 //! large-batch one); then clip, check for NaN/inf, apply the optimizer at the scheduled
 //! rate, log, evaluate and checkpoint. Objectives: preference pairs (`preference.rs`) and
 //! SFT (`sft.rs`).
+//!
+//! On the CPU each micro-batch is split into one shard per compute thread, and the shards
+//! run forward and backward at the same time, each weighted by its share of the step as
+//! micro-batches are (data parallelism inside one process; see [`run_sharded`]).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -54,7 +58,7 @@ pub struct TrainSummary {
 }
 
 /// A training objective: how to turn a micro-batch of example indices into gradients.
-pub trait Objective {
+pub trait Objective: Sync {
     /// Number of training examples.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -62,16 +66,16 @@ pub trait Objective {
     }
     /// Where examples `idx` came from (file:line), for error messages.
     fn describe(&self, idx: &[usize]) -> String;
-    /// Forward and backward of `micro` (a slice of the step's examples `step`); adds
-    /// gradients and metrics to `acc` weighted by the micro-batch's share of the step.
+    /// Forward and backward of `micro` (a slice of the step's examples `step`): its
+    /// gradients and metrics weighted by its share of the step. Shards of one micro-batch
+    /// run on several threads at once, hence `&self`.
     fn micro_step(
-        &mut self,
+        &self,
         policy: &Llama,
         params: &Params,
         step: &[usize],
         micro: &[usize],
-        acc: &mut StepAccumulator,
-    ) -> Result<(), TrainError>;
+    ) -> Result<StepAccumulator, TrainError>;
     /// After the last micro-batch, before clipping (e.g. SPO's dynamic weighting).
     fn finish_step(&mut self, _acc: &mut StepAccumulator) -> Result<(), TrainError> {
         Ok(())
@@ -173,7 +177,10 @@ pub fn run_loop(
         let indices = step_indices(cfg.seed, step, steps_per_epoch, per_step, objective.len());
         let mut acc = StepAccumulator::default();
         for micro in indices.chunks(cfg.batch_size) {
-            objective.micro_step(&policy, &hf.params, &indices, micro, &mut acc)?;
+            let objective = &*objective;
+            for shard in run_sharded(micro, |shard| objective.micro_step(&policy, &hf.params, &indices, shard))? {
+                acc.merge(shard)?;
+            }
         }
         objective.finish_step(&mut acc)?;
 
@@ -261,6 +268,27 @@ pub fn run_loop(
     })
 }
 
+/// Runs `f` on contiguous shards of `items`, one per compute thread (rayon's current pool;
+/// never an empty shard), all at once, and returns the results in shard order.
+///
+/// Why: on a small CPU, two threads each running a whole forward and backward pass on half
+/// the batch keep both cores busy; splitting every matmul and elementwise op of one pass
+/// across them makes the threads wait on each other after each of several hundred ops.
+/// Every objective weights a shard by its share of the step, so the update equals the
+/// unsharded one up to float rounding; with the same thread count, runs are bit-identical.
+pub fn run_sharded<T: Send>(
+    items: &[usize],
+    f: impl Fn(&[usize]) -> Result<T, TrainError> + Sync,
+) -> Result<Vec<T>, TrainError> {
+    let shards = rayon::current_num_threads().clamp(1, items.len().max(1));
+    if shards == 1 {
+        return Ok(vec![f(items)?]);
+    }
+    use rayon::prelude::*;
+    let pieces: Vec<&[usize]> = items.chunks(items.len().div_ceil(shards)).collect();
+    pieces.into_par_iter().map(&f).collect()
+}
+
 /// The checkpoint to resume from: an explicit folder, or "latest" (none yet: start fresh).
 fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
     match cfg.resume_from_checkpoint.as_deref() {
@@ -324,6 +352,25 @@ impl StepAccumulator {
             Some((_, v)) => *v += value * share,
             None => self.metrics.push((name.to_string(), value * share)),
         }
+    }
+
+    /// Adds another accumulator's gradients, metrics and counts (both already weighted by
+    /// their shares of the step).
+    pub fn merge(&mut self, other: StepAccumulator) -> Result<(), TrainError> {
+        if !other.grads.is_empty() {
+            grads::accumulate(&mut self.grads, &other.grads, 1.0)?;
+        }
+        if !other.grads_aux.is_empty() {
+            grads::accumulate(&mut self.grads_aux, &other.grads_aux, 1.0)?;
+        }
+        for (name, value) in other.metrics {
+            self.add_metric(&name, value, 1.0);
+        }
+        for (mine, theirs) in self.logits.iter_mut().zip(other.logits) {
+            *mine += theirs;
+        }
+        self.num_tokens += other.num_tokens;
+        Ok(())
     }
 
     pub fn metric(&self, name: &str) -> f64 {

@@ -124,6 +124,42 @@ fn gradient_accumulation_equals_the_large_batch() {
     }
 }
 
+/// A step's micro-batch runs as one shard per thread (`trainer::run_sharded`): with 1 thread
+/// (one shard) and with 3 threads (shards of 4 pairs), the same run ends at the same weights up
+/// to float rounding, and two runs with the same thread count are bit-identical.
+#[test]
+fn sharding_across_threads_equals_one_shard_and_is_deterministic() {
+    let in_pool = |threads: usize, dir: &Path| {
+        let mut cfg = parity_config("qwen2-tied", dir);
+        cfg.optimizer = prefopt_train::optim::OptimizerKind::Sgd;
+        cfg.learning_rate = 1e-2;
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let metrics = pool.install(|| run(&cfg));
+        (metrics, final_weights(&dir.join("final")))
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (m1, w1) = in_pool(1, dirs[0].path());
+    let (m3, w3) = in_pool(3, dirs[1].path());
+    let (m3b, w3b) = in_pool(3, dirs[2].path());
+    for (x, y) in m1.iter().zip(&m3) {
+        // (Not rewards/accuracies: at step 1 policy == reference, every margin is 0 up to
+        // rounding, and the count of margins > 0 flips with it.)
+        for key in ["loss", "grad_norm", "rewards/margins"] {
+            let (p, q) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!((p - q).abs() <= 1e-5 * p.abs().max(1.0), "{key}: {p} vs {q}");
+        }
+    }
+    for ((name, a), (_, b)) in w1.iter().zip(&w3) {
+        let diff = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-6, "{name}: max diff {diff}");
+    }
+    assert_eq!(m3, m3b, "same thread count: identical metrics");
+    assert!(w3 == w3b, "same thread count: identical weights");
+    // The sharded run did split: with one thread the whole batch is one shard, and float
+    // rounding of 3 shards shows somewhere in the weights.
+    assert!(w1 != w3, "3 threads ran the batch as one shard");
+}
+
 /// Near-duplicate pairs (the rejected answer repeats or extends the chosen one): the case
 /// where DPO's likelihood displacement shows (methods.md section 4).
 const NEAR_DUPLICATES: &str = r#"{"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 4 4"}

@@ -40,7 +40,22 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let threads = match &cli.command {
+        Command::Bench(args) => args.threads,
+        _ => None,
+    };
+    let result = prefopt_model::threads::with_compute_threads(threads, || run(cli.command));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Score(args) => cmd::score::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
@@ -51,12 +66,5 @@ fn main() -> std::process::ExitCode {
         Command::Sft(args) => cmd::train::run(args, cmd::train::Kind::Sft),
         Command::Init(args) => cmd::init::run(args),
         Command::Tasks(args) => cmd::tasks::run(args),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
-        }
     }
 }

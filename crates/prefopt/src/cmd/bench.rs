@@ -30,9 +30,9 @@ pub struct BenchArgs {
     /// Untimed steps first (default 2; generate 1).
     #[arg(long)]
     warmup: Option<usize>,
-    /// CPU threads (sets RAYON_NUM_THREADS before any tensor work; default: all cores).
+    /// CPU threads (default: RAYON_NUM_THREADS or all cores); `main` applies it before any tensor work.
     #[arg(long)]
-    threads: Option<usize>,
+    pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// dpo: pairs per step (each pair is two sequences: chosen and rejected).
@@ -61,10 +61,6 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         args.steps > Some(0) && args.batch > 0 && args.seq_len > 1 && args.new_tokens > 0 && args.prompt_len > 0,
         "--steps, --batch, --new-tokens, --prompt-len must be > 0 and --seq-len > 1"
     );
-    if let Some(n) = args.threads {
-        // candle reads this on every matmul; set before the first tensor op.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
     let device = Device::Cpu;
     let hf = HfModel::load(&args.model, &device)?;
     let cfg = hf.config.clone();
@@ -139,22 +135,37 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         let input_ids = [prompt.clone(), random(c)].concat();
         seqs.push(TokenizedSequence { input_ids, completion_start: a });
     }
-    let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
-    let batch = SequenceBatch::new(&refs, 0, &device)?;
+    // Sequence i is pair i's chosen completion, p + i its rejected one.
+    let batch_of = |pairs: &[usize]| -> candle_core::Result<SequenceBatch> {
+        let refs: Vec<&TokenizedSequence> =
+            pairs.iter().map(|&i| &seqs[i]).chain(pairs.iter().map(|&i| &seqs[p + i])).collect();
+        SequenceBatch::new(&refs, 0, &device)
+    };
+    let all: Vec<usize> = (0..p).collect();
     let policy_params = hf.params.deep_clone()?;
     let policy = prefopt_model::Llama::new(&hf.config, &policy_params, true)?;
     let reference = hf.build(false)?;
-    let cached = completion_logps(&reference, &batch)?.logps;
+    let cached: Vec<f32> = completion_logps(&reference, &batch_of(&all)?)?.logps.to_vec1()?;
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
-    let lens = Tensor::new(vec![c as f32; p], &device)?;
-    let step = || -> Result<()> {
-        let ref_lp = if args.cached_ref { cached.clone() } else { completion_logps(&reference, &batch)?.logps };
+    // As `prefopt train` runs a step: the pairs split into one shard per thread, each
+    // shard's forward and backward at once, gradients weighted by the shard's share.
+    let shard_grads = |shard: &[usize]| -> Result<Vec<Tensor>, prefopt_train::TrainError> {
+        let m = shard.len();
+        let batch = batch_of(shard)?;
+        let ref_lp = if args.cached_ref {
+            let picked: Vec<f32> =
+                shard.iter().map(|&i| cached[i]).chain(shard.iter().map(|&i| cached[p + i])).collect();
+            Tensor::from_vec(picked, 2 * m, &device)?
+        } else {
+            completion_logps(&reference, &batch)?.logps
+        };
         let lp = completion_logps(&policy, &batch)?.logps;
+        let lens = Tensor::new(vec![c as f32; m], &device)?;
         let x = PairLogps {
-            chosen: &lp.narrow(0, 0, p)?,
-            rejected: &lp.narrow(0, p, p)?,
-            ref_chosen: Some(&ref_lp.narrow(0, 0, p)?),
-            ref_rejected: Some(&ref_lp.narrow(0, p, p)?),
+            chosen: &lp.narrow(0, 0, m)?,
+            rejected: &lp.narrow(0, m, m)?,
+            ref_chosen: Some(&ref_lp.narrow(0, 0, m)?),
+            ref_rejected: Some(&ref_lp.narrow(0, m, m)?),
             chosen_lens: &lens,
             rejected_lens: &lens,
             win_prob_chosen: None,
@@ -162,6 +173,13 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         };
         let loss = pair_loss(LossType::Sigmoid, &LossParams::default(), &x)?.mean_all()?;
         let (g, _) = grads::collect(&policy_params, &loss.backward()?)?;
+        Ok(g.iter().map(|g| g.affine(m as f64 / p as f64, 0.0)).collect::<candle_core::Result<_>>()?)
+    };
+    let step = || -> Result<()> {
+        let mut g = Vec::new();
+        for shard in prefopt_train::trainer::run_sharded(&all, shard_grads)? {
+            grads::accumulate(&mut g, &shard, 1.0)?;
+        }
         optimizer.step(&policy_params, &g, 1e-6)?;
         Ok(())
     };

@@ -1,0 +1,34 @@
+//! One set of compute threads for the whole process.
+//!
+//! Why: candle's CPU backend runs matmuls on rayon's pool but elementwise ops on a second,
+//! private pool whose workers spin for a while after every op. On a small machine the two
+//! pools' threads compete for the same cores: at 2 threads a DPO step lost 15-20% of its
+//! throughput to threads spinning while others had work (measured, BENCHMARKS.md). We run
+//! the work on one rayon pool, with the calling thread inside it (so a matmul's caller
+//! computes instead of sleeping on a latch), and leave candle's elementwise ops on that
+//! thread alone (`CANDLE_NUM_THREADS=1`); our fused ops (`crate::ops`) and matmuls still use
+//! every thread.
+
+/// Stack of the pool's threads: the main thread's usual 8 MiB is not enough for candle's
+/// recursive graph walk on deep models, so give the compute threads room (virtual memory,
+/// touched only when used).
+const STACK_BYTES: usize = 64 << 20;
+
+/// Runs `f` on a pool of `threads` threads (default: candle's count, `RAYON_NUM_THREADS` or
+/// every core). Call it once, from `main`, before any tensor work: it sets the environment
+/// variables candle reads when it creates its pools.
+pub fn with_compute_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() -> R + Send) -> R {
+    if let Some(n) = threads {
+        // candle reads RAYON_NUM_THREADS on every matmul to pick the gemm parallelism.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    let n = candle_core::utils::get_num_threads();
+    match rayon::ThreadPoolBuilder::new().num_threads(n).stack_size(STACK_BYTES).build() {
+        Ok(pool) => pool.install(f),
+        // No pool (threads cannot be spawned): run here; matmuls use rayon's global pool.
+        Err(_) => f(),
+    }
+}
