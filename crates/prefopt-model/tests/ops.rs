@@ -120,6 +120,9 @@ fn attention_matches_the_composition_causal_gqa_cached_and_padded() {
     check_attention("one new token", 2, 1, 4, 2, AttentionMask { past: 6, pad_lens: vec![] });
     check_attention("padded", 3, 6, 4, 2, AttentionMask { past: 0, pad_lens: vec![0, 2, 5] });
     check_attention("padded past", 2, 2, 2, 1, AttentionMask { past: 3, pad_lens: vec![4, 1] });
+    // Longer than one causal row block (32 rows): full, partial last block, after a past.
+    check_attention("row blocks", 2, 70, 4, 2, AttentionMask::default());
+    check_attention("row blocks past padded", 2, 40, 2, 1, AttentionMask { past: 5, pad_lens: vec![0, 9] });
 }
 
 #[test]

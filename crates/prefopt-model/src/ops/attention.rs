@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
+use super::fast_exp::exp_in_place;
 use super::{contiguous_f32, fused, par_chunks, storage_f32, with_f32, SharedMut};
 
 /// Which keys each query may attend to. Query i of the T new positions sits at slot
@@ -165,6 +166,19 @@ fn kv_view(layout: &Layout, batch: usize, kv_heads: usize, d: usize) -> Result<V
 /// Up to this many query rows, the forward pass uses dot products instead of gemm.
 const SMALL_T: usize = 4;
 
+/// Query rows per block of the causal gemms: rows i0..i1 see keys 0..past+i1 only, so the
+/// masked upper triangle is skipped block by block (smaller blocks skip more, but each
+/// gemm call has a fixed cost).
+const ROW_BLOCK: usize = 32;
+
+/// The row blocks (i0, i1, keys) of T query rows after `past` cached keys.
+fn row_blocks(t: usize, past: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    (0..t).step_by(ROW_BLOCK).map(move |i0| {
+        let i1 = (i0 + ROW_BLOCK).min(t);
+        (i0, i1, past + i1)
+    })
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums, so the compiler vectorizes the loop.
     let mut acc = [0f32; 8];
@@ -235,18 +249,20 @@ impl Attention {
                 }
             }
         } else {
-            // K^T as a (D x S) matrix: row stride 1, column stride kv.s.
-            matmul((t, s, d), p.as_mut_ptr(), s, false, (q_bh, f, 1), (k_g, 1, kv.s), self.scale);
+            // K^T as a (D x S) matrix: row stride 1, column stride kv.s; per row block, only
+            // the keys it may see (the rest of each row is zeroed below).
+            for (i0, i1, n) in row_blocks(t, self.mask.past) {
+                let (rows, q_rows) = (i1 - i0, q_bh.add(i0 * f));
+                matmul((rows, n, d), p.as_mut_ptr().add(i0 * s), s, false, (q_rows, f, 1), (k_g, 1, kv.s), self.scale);
+            }
         }
         for i in 0..t {
             let (lo, hi) = self.mask.range(b, i);
             let row = &mut p[i * s..(i + 1) * s];
             let max = row[lo..=hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row[lo..=hi].iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
+            row[lo..=hi].iter_mut().for_each(|x| *x -= max);
+            exp_in_place(&mut row[lo..=hi]);
+            let sum: f32 = row[lo..=hi].iter().sum();
             row[..lo].fill(0.0);
             row[hi + 1..].fill(0.0);
             row[lo..=hi].iter_mut().for_each(|x| *x /= sum);
@@ -306,7 +322,10 @@ impl CustomOp3 for Attention {
                                 }
                             }
                         } else {
-                            matmul((t, d, s), y_bh, f, false, (p.as_ptr(), s, 1), (v_g, vv.s, 1), 1.0);
+                            for (i0, i1, n) in row_blocks(t, self.mask.past) {
+                                let p_rows = (p.as_ptr().add(i0 * s), s, 1);
+                                matmul((i1 - i0, d, n), y_bh.add(i0 * f), f, false, p_rows, (v_g, vv.s, 1), 1.0);
+                            }
                         }
                     }
                 }
@@ -360,38 +379,38 @@ impl CustomOp3 for Attention {
                                             }
                                         };
                                         let qh = b * t * f + h * d;
-                                        let dy_bh = (dy.as_ptr().add(qh), f, 1);
-                                        // dP = dY V^T (T x S).
-                                        let v_t = (v.as_ptr().add(vg), 1, vv.s);
-                                        matmul((t, s, d), ds.as_mut_ptr(), s, false, dy_bh, v_t, 1.0);
-                                        // dS = P * (dP - rowsum(P * dP)).
-                                        for (pr, dr) in p.chunks_exact(s).zip(ds.chunks_exact_mut(s)) {
-                                            let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                                            dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
+                                        for (i0, i1, n) in row_blocks(t, self.mask.past) {
+                                            let rows = i1 - i0;
+                                            let (p_blk, ds_blk) = (p.as_ptr().add(i0 * s), ds.as_mut_ptr().add(i0 * s));
+                                            let dy_blk = (dy.as_ptr().add(qh + i0 * f), f, 1);
+                                            // dP = dY V^T (rows x n: the keys these rows see).
+                                            let v_t = (v.as_ptr().add(vg), 1, vv.s);
+                                            matmul((rows, n, d), ds_blk, s, false, dy_blk, v_t, 1.0);
+                                            // dS = P * (dP - rowsum(P * dP)).
+                                            for r in 0..rows {
+                                                let pr = std::slice::from_raw_parts(p_blk.add(r * s), n);
+                                                let dr = std::slice::from_raw_parts_mut(ds_blk.add(r * s), n);
+                                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                                dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
+                                            }
+                                            // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
+                                            let p_t = (p_blk, 1, s);
+                                            matmul((n, d, rows), dv_p.get().add(vg), vv.s, true, p_t, dy_blk, 1.0);
+                                            let k_g = (k.as_ptr().add(kg), kv.s, 1);
+                                            let dq_blk = dq_p.get().add(qh + i0 * f);
+                                            matmul((rows, d, n), dq_blk, f, false, (ds_blk, s, 1), k_g, self.scale);
+                                            let q_blk = (q.as_ptr().add(qh + i0 * f), f, 1);
+                                            let ds_t = (ds_blk as *const f32, 1, s);
+                                            matmul(
+                                                (n, d, rows),
+                                                dk_p.get().add(kg),
+                                                kv.s,
+                                                true,
+                                                ds_t,
+                                                q_blk,
+                                                self.scale,
+                                            );
                                         }
-                                        // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
-                                        let p_t = (p.as_ptr(), 1, s);
-                                        matmul((s, d, t), dv_p.get().add(vg), vv.s, true, p_t, dy_bh, 1.0);
-                                        let k_g = (k.as_ptr().add(kg), kv.s, 1);
-                                        matmul(
-                                            (t, d, s),
-                                            dq_p.get().add(qh),
-                                            f,
-                                            false,
-                                            (ds.as_ptr(), s, 1),
-                                            k_g,
-                                            self.scale,
-                                        );
-                                        let q_bh = (q.as_ptr().add(qh), f, 1);
-                                        matmul(
-                                            (s, d, t),
-                                            dk_p.get().add(kg),
-                                            kv.s,
-                                            true,
-                                            (ds.as_ptr(), 1, s),
-                                            q_bh,
-                                            self.scale,
-                                        );
                                     }
                                 }
                             }

@@ -9,6 +9,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, D};
 
+use super::fast_exp::exp_in_place;
 use super::{contiguous_f32, fused, par_chunks, with_f32, SharedMut};
 
 /// A target id meaning "no token here": its log-prob is 0 and it passes no gradient.
@@ -52,10 +53,13 @@ struct TokenLogps {
 }
 
 /// (max, log of the sum of exp(x - max)) of one row: log-softmax is x - max - that log.
-fn shift_and_log_norm(row: &[f32]) -> (f32, f32) {
+/// `scratch` is a buffer the row's exponentials are computed in.
+fn shift_and_log_norm(row: &[f32], scratch: &mut Vec<f32>) -> (f32, f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|x| (x - max).exp()).sum();
-    (max, sum.ln())
+    scratch.clear();
+    scratch.extend(row.iter().map(|x| x - max));
+    exp_in_place(scratch);
+    (max, scratch.iter().sum::<f32>().ln())
 }
 
 impl CustomOp1 for TokenLogps {
@@ -70,12 +74,13 @@ impl CustomOp1 for TokenLogps {
         let mut out = vec![0f32; self.targets.len()];
         let ptr = SharedMut(out.as_mut_ptr());
         par_chunks(self.targets.len(), 16, |start, end| {
+            let mut scratch = Vec::with_capacity(v);
             for r in start..end {
                 let y = self.targets[r];
                 if y == NO_TARGET {
                     continue;
                 }
-                let (max, log_norm) = shift_and_log_norm(&x[r * v..(r + 1) * v]);
+                let (max, log_norm) = shift_and_log_norm(&x[r * v..(r + 1) * v], &mut scratch);
                 // SAFETY: element r of out belongs to this chunk alone.
                 unsafe { *ptr.get().add(r) = (x[r * v + y as usize] - max) - log_norm };
             }
@@ -90,19 +95,20 @@ impl CustomOp1 for TokenLogps {
                 let mut dx = vec![0f32; x.len()];
                 let ptr = SharedMut(dx.as_mut_ptr());
                 par_chunks(self.targets.len(), 16, |start, end| {
+                    let mut scratch = Vec::with_capacity(v);
                     for r in start..end {
                         let y = self.targets[r];
                         if y == NO_TARGET {
                             continue;
                         }
                         let row = &x[r * v..(r + 1) * v];
-                        let (max, log_norm) = shift_and_log_norm(row);
+                        let (max, log_norm) = shift_and_log_norm(row, &mut scratch);
                         // SAFETY: row r of dx belongs to this chunk alone.
                         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * v), v) };
                         let g = dlp[r];
-                        for (o, xv) in out.iter_mut().zip(row) {
-                            *o = -g * (xv - max - log_norm).exp();
-                        }
+                        out.iter_mut().zip(row).for_each(|(o, xv)| *o = xv - max - log_norm);
+                        exp_in_place(out);
+                        out.iter_mut().for_each(|o| *o *= -g);
                         out[y as usize] += g;
                     }
                 });

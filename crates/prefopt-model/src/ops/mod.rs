@@ -12,6 +12,7 @@
 //! against (`tests/ops.rs`). The fused path runs for f32 CPU tensors.
 
 mod attention;
+mod fast_exp;
 mod log_softmax_gather;
 mod rms_norm;
 mod rope;

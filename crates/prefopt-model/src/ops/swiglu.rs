@@ -3,6 +3,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
+use super::fast_exp::exp_in_place;
 use super::{contiguous_f32, fused, par_chunks, with_f32, SharedMut};
 
 /// `silu(gate) * up`, elementwise; both the same shape.
@@ -21,18 +22,23 @@ pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-/// Parallel elementwise map over equal-length slices, into a new vector.
-fn map2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    let ptr = SharedMut(out.as_mut_ptr());
-    par_chunks(a.len(), 1 << 14, |start, end| {
-        // SAFETY: elements start..end of out belong to this chunk alone.
-        let out = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(start), end - start) };
-        for ((o, x), y) in out.iter_mut().zip(&a[start..end]).zip(&b[start..end]) {
-            *o = f(*x, *y);
+/// Elements per batch of `exp` calls (a buffer that stays in L1).
+const LANES: usize = 256;
+
+/// Runs `f(range, denominators)` over `0..n` in parallel chunks, in pieces of at most LANES
+/// elements, where `denominators[i] = 1 + exp(-g[i])` for the piece (sigmoid = 1 / that).
+fn for_each_piece(g: &[f32], f: impl Fn(usize, &[f32]) + Sync) {
+    par_chunks(g.len(), 1 << 14, |start, end| {
+        let mut den = [0f32; LANES];
+        for lo in (start..end).step_by(LANES) {
+            let hi = (lo + LANES).min(end);
+            let den = &mut den[..hi - lo];
+            den.iter_mut().zip(&g[lo..hi]).for_each(|(e, g)| *e = -g);
+            exp_in_place(den);
+            den.iter_mut().for_each(|e| *e += 1.0);
+            f(lo, den);
         }
     });
-    out
 }
 
 impl CustomOp2 for SwiGlu {
@@ -42,8 +48,17 @@ impl CustomOp2 for SwiGlu {
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, us: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
         let (g, u) = (contiguous_f32(gs, gl, "swiglu")?, contiguous_f32(us, ul, "swiglu")?);
-        // candle's silu: g / (1 + exp(-g)).
-        Ok((CpuStorage::F32(map2(g, u, |g, u| g / (1.0 + (-g).exp()) * u)), gl.shape().clone()))
+        let mut y = vec![0f32; g.len()];
+        let ptr = SharedMut(y.as_mut_ptr());
+        for_each_piece(g, |lo, den| {
+            // SAFETY: elements lo..lo+den.len() of y belong to this piece alone.
+            let y = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(lo), den.len()) };
+            // candle's silu: g / (1 + exp(-g)).
+            for (i, (y, den)) in y.iter_mut().zip(den).enumerate() {
+                *y = g[lo + i] / den * u[lo + i];
+            }
+        });
+        Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -52,13 +67,13 @@ impl CustomOp2 for SwiGlu {
                 with_f32(dy, "swiglu", |dy| {
                     let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
                     let (dg_ptr, du_ptr) = (SharedMut(dg.as_mut_ptr()), SharedMut(du.as_mut_ptr()));
-                    par_chunks(g.len(), 1 << 14, |start, end| {
-                        // SAFETY: elements start..end of dg and du belong to this chunk alone.
-                        let dg = unsafe { std::slice::from_raw_parts_mut(dg_ptr.get().add(start), end - start) };
-                        let du = unsafe { std::slice::from_raw_parts_mut(du_ptr.get().add(start), end - start) };
-                        for i in 0..end - start {
-                            let (gv, uv, dyv) = (g[start + i], u[start + i], dy[start + i]);
-                            let s = 1.0 / (1.0 + (-gv).exp());
+                    for_each_piece(g, |lo, den| {
+                        // SAFETY: elements lo..lo+den.len() of dg and du belong to this piece alone.
+                        let dg = unsafe { std::slice::from_raw_parts_mut(dg_ptr.get().add(lo), den.len()) };
+                        let du = unsafe { std::slice::from_raw_parts_mut(du_ptr.get().add(lo), den.len()) };
+                        for (i, den) in den.iter().enumerate() {
+                            let (gv, uv, dyv) = (g[lo + i], u[lo + i], dy[lo + i]);
+                            let s = 1.0 / den;
                             dg[i] = dyv * uv * s * (1.0 + gv * (1.0 - s));
                             du[i] = dyv * gv * s;
                         }
