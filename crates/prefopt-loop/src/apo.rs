@@ -486,7 +486,7 @@ fn write_extrapolated_reference(
     let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
     let logps = |dir: &Path| -> Result<Vec<(f32, f32)>, LoopError> {
         let model = HfModel::load(dir, &device)?;
-        Ok(prefopt_train::reference::compute(&model, &data, train.batch_size, pad_id, &device, |_| {})?)
+        Ok(prefopt_train::reference::compute(&model, train.bf16, &data, train.batch_size, pad_id, &device, |_| {})?)
     };
     let combined = extrapolate_logps(&logps(newer)?, &logps(older)?, alpha);
     let mut rows: Vec<serde_json::Value> = read_jsonl(pairs)?;

@@ -157,7 +157,7 @@ fn pair_logps(model: &Path, pairs: &Path) -> Vec<(f64, f64)> {
     assert_eq!(data.dropped, 0);
     let hf = HfModel::load(model, &Device::Cpu).unwrap();
     let pad = tok.pad_token_id().unwrap();
-    let lp = prefopt_train::reference::compute(&hf, &data, 8, pad, &Device::Cpu, |_| {}).unwrap();
+    let lp = prefopt_train::reference::compute(&hf, false, &data, 8, pad, &Device::Cpu, |_| {}).unwrap();
     lp.into_iter().map(|(w, l)| (w as f64, l as f64)).collect()
 }
 

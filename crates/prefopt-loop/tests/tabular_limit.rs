@@ -109,7 +109,7 @@ fn log_ratios(model: &Path, pairs: &Path) -> Vec<f64> {
     let data =
         PairDataset::load(pairs, &tok, &TokenizeOptions { max_length: Some(32), max_prompt_length: None }).unwrap();
     let hf = HfModel::load(model, &Device::Cpu).unwrap();
-    let lp = prefopt_train::reference::compute(&hf, &data, 8, 0, &Device::Cpu, |_| {}).unwrap();
+    let lp = prefopt_train::reference::compute(&hf, false, &data, 8, 0, &Device::Cpu, |_| {}).unwrap();
     lp.iter().map(|(w, l)| *w as f64 - *l as f64).collect()
 }
 

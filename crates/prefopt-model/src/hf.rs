@@ -37,6 +37,11 @@ impl HfModel {
         Llama::new(&self.config, &self.params, trainable)
     }
 
+    /// As [`HfModel::build`], computing with bf16-rounded weights when `bf16_weights`.
+    pub fn build_with(&self, trainable: bool, bf16_weights: bool) -> Result<Llama> {
+        Llama::new_with(&self.config, &self.params, trainable, bf16_weights)
+    }
+
     /// Saves `params` as a model folder at `out`, atomically: safetensors (f32), `config.json`
     /// (with `torch_dtype` float32), and every other file of the source folder copied.
     pub fn save_with(&self, params: &Params, out: &Path) -> Result<()> {

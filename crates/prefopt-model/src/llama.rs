@@ -11,9 +11,13 @@
 //! The residual stream is kept as (B*T, C) rows, the layout every linear layer and fused op
 //! reads, so no reshapes or head transposes enter the graph.
 //!
+//! bf16 weights ([`Llama::new_with`]): the forward pass sees every weight rounded to bf16,
+//! through a differentiable cast, so gradients reach the f32 master weights unchanged and
+//! the optimizer updates those; activations, norms, softmax and log-softmax stay in f32.
+//!
 //! Shapes: B batch, T time, C hidden, H query heads, KV key/value heads, D head dim, V vocab.
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -62,6 +66,19 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
 struct Linear {
     weight_t: Tensor,     // (in, out): W^T, see `transposed`
     bias: Option<Tensor>, // (out,)
+    /// Round the weights to bf16 on every forward pass (trainable bf16 models, whose
+    /// weights change between passes).
+    round: bool,
+}
+
+/// `w` as the forward pass uses it: rounded to bf16 (and back to f32) when `round`. The
+/// cast is differentiable: its gradient is the incoming one, in f32.
+fn rounded(w: &Tensor, round: bool) -> candle_core::Result<Tensor> {
+    if round {
+        w.to_dtype(DType::BF16)?.to_dtype(w.dtype())
+    } else {
+        Ok(w.clone())
+    }
 }
 
 /// W^T for a matmul. For a trainable model, a view of W, so gradients reach it; otherwise
@@ -78,9 +95,9 @@ fn transposed(w: Tensor, trainable: bool) -> candle_core::Result<Tensor> {
 impl Module for Linear {
     /// x (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight_t)?;
+        let y = x.matmul(&rounded(&self.weight_t, self.round)?)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&rounded(b, self.round)?),
             None => Ok(y),
         }
     }
@@ -90,11 +107,12 @@ impl Module for Linear {
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    round: bool, // as Linear's
 }
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::rms_norm(x, &self.weight, self.eps)
+        ops::rms_norm(x, &rounded(&self.weight, self.round)?, self.eps)
     }
 }
 
@@ -299,6 +317,9 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head_t: Tensor, // (C, V): the LM head (the embedding itself when tied), transposed
     rope: Rope,
+    /// Round embedding and LM head to bf16 on every pass (as `Linear::round`).
+    round: bool,
+    bf16_weights: bool,
 }
 
 impl Llama {
@@ -306,20 +327,29 @@ impl Llama {
     /// parameters' variables, so a backward pass reaches them; otherwise they are detached
     /// copies that record no graph (scoring, sampling, reference models).
     pub fn new(cfg: &LlamaConfig, params: &Params, trainable: bool) -> Result<Self> {
+        Self::new_with(cfg, params, trainable, false)
+    }
+
+    /// As [`Llama::new`]; with `bf16_weights` the network computes with its weights rounded
+    /// to bf16 (see the module docs). A frozen model rounds them once here, a trainable one
+    /// on every forward pass, since the optimizer changes the f32 weights between passes.
+    pub fn new_with(cfg: &LlamaConfig, params: &Params, trainable: bool, bf16_weights: bool) -> Result<Self> {
+        let round = bf16_weights && trainable;
         let get = |name: &str| -> Result<Tensor> {
             let var = params
                 .get(name)
                 .ok_or_else(|| ModelError::MissingTensor { path: "parameters".into(), name: name.to_string() })?;
-            Ok(if trainable { var.as_tensor().clone() } else { var.as_detached_tensor() })
+            Ok(if trainable { var.as_tensor().clone() } else { rounded(&var.as_detached_tensor(), bf16_weights)? })
         };
         let linear = |name: &str, bias: bool| -> Result<Linear> {
             Ok(Linear {
                 weight_t: transposed(get(&format!("{name}.weight"))?, trainable)?,
                 bias: if bias { Some(get(&format!("{name}.bias"))?) } else { None },
+                round,
             })
         };
         let norm = |name: &str| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: get(&format!("{name}.weight"))?, eps: cfg.rms_norm_eps })
+            Ok(RmsNorm { weight: get(&format!("{name}.weight"))?, eps: cfg.rms_norm_eps, round })
         };
         let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -345,11 +375,25 @@ impl Llama {
         let embed = get("model.embed_tokens.weight")?;
         let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight")? };
         let lm_head_t = transposed(lm_head, trainable)?;
-        Ok(Self { cfg: cfg.clone(), embed, blocks, norm: norm("model.norm")?, lm_head_t, rope: Rope::new(cfg)? })
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            norm: norm("model.norm")?,
+            lm_head_t,
+            rope: Rope::new(cfg)?,
+            round,
+            bf16_weights,
+        })
     }
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Whether the network computes with bf16-rounded weights ([`Llama::new_with`]).
+    pub fn bf16_weights(&self) -> bool {
+        self.bf16_weights
     }
 
     /// The device the weights live on.
@@ -425,7 +469,7 @@ impl Llama {
         };
         let pad_lens = if pad_lens.iter().all(|&p| p == 0) { Vec::new() } else { pad_lens.to_vec() };
         let mask = AttentionMask { past, pad_lens };
-        let mut x = self.embed.index_select(&input_ids.flatten_all()?, 0)?; // (B*T, C)
+        let mut x = rounded(&self.embed, self.round)?.index_select(&input_ids.flatten_all()?, 0)?; // (B*T, C)
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.blocks.len(), || None);
         }
@@ -440,6 +484,6 @@ impl Llama {
 
     fn project(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, c) = h.dims3()?;
-        h.reshape((b * t, c))?.matmul(&self.lm_head_t)?.reshape((b, t, self.cfg.vocab_size))
+        h.reshape((b * t, c))?.matmul(&rounded(&self.lm_head_t, self.round)?)?.reshape((b, t, self.cfg.vocab_size))
     }
 }

@@ -117,6 +117,9 @@ pub struct TrainConfig {
     pub resume_from_checkpoint: Option<String>,
     /// "stop" (default) or "skip" a batch whose loss or gradient is NaN/inf.
     pub on_nonfinite: NonFinitePolicy,
+    /// Compute with bf16-rounded weights (policy and reference); the optimizer keeps f32
+    /// master weights, and activations and log-softmax stay f32. Default false.
+    pub bf16: bool,
 }
 
 impl Default for TrainConfig {
@@ -160,12 +163,13 @@ impl Default for TrainConfig {
             save_steps: 500,
             resume_from_checkpoint: None,
             on_nonfinite: NonFinitePolicy::Stop,
+            bf16: false,
         }
     }
 }
 
 /// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
-pub const SFT_KEYS: [&str; 27] = [
+pub const SFT_KEYS: [&str; 28] = [
     "model",
     "train_data",
     "eval_data",
@@ -193,6 +197,7 @@ pub const SFT_KEYS: [&str; 27] = [
     "resume_from_checkpoint",
     "on_nonfinite",
     "cache_dir",
+    "bf16",
 ];
 
 /// One `--set key=value` override: the trimmed key and the value read as TOML (`1e-3`,

@@ -211,7 +211,9 @@ fn reference_logps(
     }
     let ref_dir = cfg.ref_model_path();
     let cache = if cfg.precompute_ref_log_probs {
-        let settings = format!("max_length={} max_prompt_length={:?} v1", cfg.max_length, cfg.max_prompt_length);
+        let precision = if cfg.bf16 { " bf16" } else { "" };
+        let settings =
+            format!("max_length={} max_prompt_length={:?}{precision} v1", cfg.max_length, cfg.max_prompt_length);
         let key = reference::cache_key(ref_dir, &data.path, &settings)?;
         let dir = reference::cache_dir(cfg.cache_dir.as_deref());
         if let Some(values) = reference::load_cached(&dir, &key, data.len()) {
@@ -229,7 +231,7 @@ fn reference_logps(
     let model = HfModel::load(ref_dir, device)?;
     let total = data.len();
     let mut done = 0;
-    let values = reference::compute(&model, data, cfg.batch_size, pad_id, device, |n| {
+    let values = reference::compute(&model, cfg.bf16, data, cfg.batch_size, pad_id, device, |n| {
         done += n;
         obs.reference_progress(done, total);
     })?;

@@ -20,13 +20,14 @@ pub type RefLogps = Vec<(f32, f32)>;
 /// Reference log-probs of `data` under `model`, in batches of `batch_size` pairs.
 pub fn compute(
     model: &HfModel,
+    bf16_weights: bool,
     data: &PairDataset,
     batch_size: usize,
     pad_id: u32,
     device: &Device,
     mut progress: impl FnMut(usize),
 ) -> Result<RefLogps, TrainError> {
-    let net = model.build(false)?;
+    let net = model.build_with(false, bf16_weights)?;
     let mut out = Vec::with_capacity(data.len());
     for chunk in data.pairs.chunks(batch_size.max(1)) {
         let seqs: Vec<_> = chunk.iter().map(|p| &p.chosen).chain(chunk.iter().map(|p| &p.rejected)).collect();

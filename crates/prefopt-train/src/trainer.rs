@@ -166,8 +166,7 @@ pub fn run_loop(
     };
     let schedule =
         Schedule::new(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, cfg.warmup_ratio, total_steps);
-    let policy = hf.build(true)?;
-    let frozen_view = hf.build(false)?; // same storage, no graph: for evaluation
+    let policy = hf.build_with(true, cfg.bf16)?;
     let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
 
     obs.start(state.step, total_steps);
@@ -227,7 +226,9 @@ pub fn run_loop(
         }
         let eval_due = (cfg.eval_steps > 0 && state.step % cfg.eval_steps == 0) || state.step == total_steps;
         if eval_due {
-            if let Some(mut line) = objective.evaluate(&frozen_view)? {
+            // A graph-free network over the current weights (built now: a frozen model holds
+            // copies of its weights, laid out for inference).
+            if let Some(mut line) = objective.evaluate(&hf.build_with(false, cfg.bf16)?)? {
                 line.insert("step".into(), state.step.into());
                 line.insert("epoch".into(), epoch.into());
                 log.append(&serde_json::Value::Object(line))?;

@@ -160,6 +160,66 @@ fn sharding_across_threads_equals_one_shard_and_is_deterministic() {
     assert!(w1 != w3, "3 threads ran the batch as one shard");
 }
 
+/// `bf16 = true`: the run follows torch's f32 trajectory (fixture) within the bf16 tolerance
+/// (loss within 1e-2 relative, grad norm within 2e-2 relative; measured values printed), and
+/// the optimizer updates f32 master weights: some weights move by less than half a bf16 step,
+/// which bf16 weights could not hold.
+#[test]
+fn bf16_weights_train_f32_master_weights_near_the_f32_trajectory() {
+    let path = fixtures().join("expected/train/traj_qwen2-tied__sigmoid.json");
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = parity_config("qwen2-tied", tmp.path());
+    cfg.bf16 = true;
+    let got = run(&cfg);
+    for (g, w) in got.iter().zip(want["steps"].as_array().unwrap()) {
+        let rel = |key: &str| {
+            let (a, b) = (g[key].as_f64().unwrap(), w[key].as_f64().unwrap());
+            ((a - b) / b).abs()
+        };
+        let (loss, norm) = (rel("loss"), rel("grad_norm"));
+        println!("step {}: loss {loss:.1e}, grad_norm {norm:.1e} relative to torch f32", w["step"]);
+        assert!(loss < 1e-2 && norm < 2e-2, "step {}: loss {loss}, grad_norm {norm} relative", w["step"]);
+    }
+    let before = final_weights(&fixtures().join("models/qwen2-tied"));
+    let after = final_weights(&tmp.path().join("final"));
+    let bf16_step = |w: f32| {
+        let b = half::bf16::from_f32(w);
+        (f32::from(half::bf16::from_bits(b.to_bits() + 1)) - f32::from(b)).abs()
+    };
+    let small_moves = before
+        .iter()
+        .zip(&after)
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b))
+        .filter(|(a, b)| *a != *b && (*a - *b).abs() < 0.5 * bf16_step(**a))
+        .count();
+    assert!(small_moves > 0, "no weight moved by less than half a bf16 step: the masters are not f32");
+}
+
+/// Evaluation after training sees the trained weights: `eval_logps/chosen` at the last step
+/// equals the mean chosen log-prob under the saved final model.
+#[test]
+fn evaluation_uses_the_current_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = parity_config("llama-untied", tmp.path());
+    cfg.eval_data = Some(cfg.train_data.clone());
+    cfg.learning_rate = 1e-2;
+    let logged = run(&cfg);
+    let eval = logged.iter().rev().find(|l| l.get("eval_logps/chosen").is_some()).expect("an eval line");
+    let model = tmp.path().join("final");
+    let tok = prefopt_data::HfTokenizer::from_dir(&model).unwrap();
+    let opts = prefopt_data::TokenizeOptions { max_length: Some(cfg.max_length), max_prompt_length: None };
+    let data = prefopt_train::dataset::PairDataset::load(&cfg.train_data, &tok, &opts).unwrap();
+    let net = prefopt_model::HfModel::load(&model, &candle_core::Device::Cpu).unwrap().build(false).unwrap();
+    let chosen: Vec<_> = data.pairs.iter().map(|p| &p.chosen).collect();
+    let pad = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
+    let batch = prefopt_train::SequenceBatch::new(&chosen, pad, &candle_core::Device::Cpu).unwrap();
+    let lp: Vec<f32> = prefopt_train::completion_logps(&net, &batch).unwrap().logps.to_vec1().unwrap();
+    let want = lp.iter().map(|&v| v as f64).sum::<f64>() / lp.len() as f64;
+    let got = eval["eval_logps/chosen"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "eval_logps/chosen {got}, final model {want}");
+}
+
 /// Near-duplicate pairs (the rejected answer repeats or extends the chosen one): the case
 /// where DPO's likelihood displacement shows (methods.md section 4).
 const NEAR_DUPLICATES: &str = r#"{"prompt": "Q: 2+2? A:", "chosen": " 4", "rejected": " 4 4"}

@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// step runs no reference forward pass.
     #[arg(long)]
     cached_ref: bool,
+    /// dpo: bf16-rounded weights with f32 master weights (the `bf16` training key).
+    #[arg(long)]
+    bf16: bool,
 }
 
 pub fn run(mut args: BenchArgs) -> Result<()> {
@@ -143,8 +146,8 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
     };
     let all: Vec<usize> = (0..p).collect();
     let policy_params = hf.params.deep_clone()?;
-    let policy = prefopt_model::Llama::new(&hf.config, &policy_params, true)?;
-    let reference = hf.build(false)?;
+    let policy = prefopt_model::Llama::new_with(&hf.config, &policy_params, true, args.bf16)?;
+    let reference = hf.build_with(false, args.bf16)?;
     let cached: Vec<f32> = completion_logps(&reference, &batch_of(&all)?)?.logps.to_vec1()?;
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
     // As `prefopt train` runs a step: the pairs split into one shard per thread, each
@@ -200,6 +203,7 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         "completion_len": c,
         "seq_len": t,
         "cached_ref": args.cached_ref,
+        "bf16": args.bf16,
         "median_step_s": median,
         "min_step_s": min,
         "steps": args.steps.unwrap_or(1),
