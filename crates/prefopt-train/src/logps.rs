@@ -56,10 +56,44 @@ pub struct CompletionLogps {
     pub logit_sums: Tensor,
 }
 
-/// Runs `model` on the batch and sums log-probs over completion tokens.
+/// Runs `model` on the batch and sums log-probs over completion tokens. The LM head runs only
+/// at the positions that predict a completion token (a prompt's positions need no logits),
+/// and its gradient is that small too.
 pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::Result<CompletionLogps> {
-    let logits = model.forward(&batch.input_ids)?; // (B, T, V)
-    Ok(logps_from_logits(&logits, batch)?)
+    let h = model.hidden_states(&batch.input_ids, None)?; // (B, T, C)
+    let (b, t, c) = h.dims3()?;
+    let ids: Vec<Vec<u32>> = batch.targets.to_vec2()?;
+    let mask: Vec<Vec<f32>> = batch.completion_mask.to_vec2()?;
+    // Rows of (B*T, C) that predict a completion token, their targets, and which sequence
+    // each belongs to (a (B, R) 0/1 matrix that sums rows into sequences).
+    let (mut rows, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (ids, mask)) in ids.iter().zip(&mask).enumerate() {
+        for (p, (&id, &m)) in ids.iter().zip(mask).enumerate() {
+            if m != 0.0 {
+                rows.push((i * t + p) as u32);
+                targets.push(id);
+                owner.push(i);
+            }
+        }
+    }
+    let device = h.device();
+    if rows.is_empty() {
+        let zeros = Tensor::zeros(b, DType::F32, device)?;
+        return Ok(CompletionLogps { logps: zeros.clone(), logit_sums: zeros });
+    }
+    let r = rows.len();
+    let picked = h.reshape((b * t, c))?.index_select(&Tensor::new(rows, device)?, 0)?; // (R, C)
+    let logits = model.logits(&picked.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?; // (R, V)
+    let mut seg = vec![0f32; b * r];
+    for (j, &i) in owner.iter().enumerate() {
+        seg[i * r + j] = 1.0;
+    }
+    let seg = Tensor::from_vec(seg, (b, r), device)?;
+    let per_sequence = |x: &Tensor| -> candle_core::Result<Tensor> { seg.matmul(&x.unsqueeze(1)?)?.squeeze(1) };
+    let logps = per_sequence(&token_logps(&logits, &targets)?)?; // (B,)
+                                                                 // A metric only: computed on detached logits so it adds nothing to the graph.
+    let logit_sums = per_sequence(&logits.detach().mean(D::Minus1)?)?;
+    Ok(CompletionLogps { logps, logit_sums })
 }
 
 /// The same from logits already computed; log-softmax always in f32, computed only at

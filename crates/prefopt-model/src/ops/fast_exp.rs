@@ -47,7 +47,10 @@ fn exp_one(x: f32) -> f32 {
     p = p.mul_add(r, 1.666_666_5e-1);
     p = p.mul_add(r, 0.5);
     let y = p.mul_add(z, r) + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n from n's bits, without a float-to-int cast (a saturating cast does not vectorize):
+    // n is an integer in [-127, 128], so 1.5 * 2^23 + n is exact and its low bits are n.
+    const MAGIC: f32 = 12_582_912.0;
+    let scale = f32::from_bits((n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     if x < LO {
         0.0
     } else if x > HI {
