@@ -14,7 +14,7 @@ pub mod init;
 pub mod llama;
 pub mod ops;
 pub mod params;
-pub mod threads;
+pub mod process;
 
 pub use config::LlamaConfig;
 pub use error::{ModelError, Result};

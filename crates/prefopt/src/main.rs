@@ -44,8 +44,8 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => args.threads,
         _ => None,
     };
-    prefopt_model::threads::keep_freed_memory();
-    let result = prefopt_model::threads::with_compute_threads(threads, || run(cli.command));
+    prefopt_model::process::keep_freed_memory();
+    let result = prefopt_model::process::with_compute_threads(threads, || run(cli.command));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -152,7 +152,7 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
     // As `prefopt train` runs a step: the pairs split into one shard per thread, each
     // shard's forward and backward at once, gradients weighted by the shard's share.
-    let shard_grads = |shard: &[usize]| -> Result<Vec<Tensor>, prefopt_train::TrainError> {
+    let shard_grads = |shard: &[usize]| -> Result<(Vec<Tensor>, f64), prefopt_train::TrainError> {
         let m = shard.len();
         let batch = batch_of(shard)?;
         let ref_lp = if args.cached_ref {
@@ -176,12 +176,12 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         };
         let loss = pair_loss(LossType::Sigmoid, &LossParams::default(), &x)?.mean_all()?;
         let (g, _) = grads::collect(&policy_params, &loss.backward()?)?;
-        Ok(g.iter().map(|g| g.affine(m as f64 / p as f64, 0.0)).collect::<candle_core::Result<_>>()?)
+        Ok((g, m as f64 / p as f64))
     };
     let step = || -> Result<()> {
         let mut g = Vec::new();
-        for shard in prefopt_train::trainer::run_sharded(&all, shard_grads)? {
-            grads::accumulate(&mut g, &shard, 1.0)?;
+        for (shard, share) in prefopt_train::trainer::run_sharded(&all, shard_grads)? {
+            grads::accumulate(&mut g, &shard, share)?;
         }
         optimizer.step(&policy_params, &g, 1e-6)?;
         Ok(())
