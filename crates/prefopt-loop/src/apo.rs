@@ -421,32 +421,13 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
             obs.stage(t, "evaluation");
             let started = Instant::now();
             let eval_seed = cfg.seed.wrapping_add(7);
-            let trained = evaluate_model(
-                &record.trained,
-                &tok,
-                &eval_prompts,
-                &sampling,
-                eval_seed,
-                judge.as_mut(),
-                &base,
-                &device,
-            )?;
+            let mut evaluate = |dir: &Path| {
+                evaluate_model(dir, &tok, &eval_prompts, &sampling, eval_seed, judge.as_mut(), &base, &device)
+            };
+            let trained = evaluate(&record.trained)?;
             // At alpha 0 the extrapolated weights are the trained ones, byte for byte (tested),
             // and the evaluation is seeded, so its numbers are the same: skip the second pass.
-            let extrapolated = if cfg.alpha == 0.0 {
-                trained.clone()
-            } else {
-                evaluate_model(
-                    &record.extrapolated,
-                    &tok,
-                    &eval_prompts,
-                    &sampling,
-                    eval_seed,
-                    judge.as_mut(),
-                    &base,
-                    &device,
-                )?
-            };
+            let extrapolated = if cfg.alpha == 0.0 { trained.clone() } else { evaluate(&record.extrapolated)? };
             let lines = [("trained", &trained), ("extrapolated", &extrapolated)]
                 .iter()
                 .map(|(which, m)| {

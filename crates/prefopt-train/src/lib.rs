@@ -21,7 +21,7 @@ pub mod spo;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use logps::{completion_logps, logps_from_logits, CompletionLogps, SequenceBatch};
+pub use logps::{completion_logps, CompletionLogps, SequenceBatch};
 pub use preference::train;
 pub use sft::train_sft;
 pub use trainer::{Observer, Quiet, StepStatus, TrainSummary};

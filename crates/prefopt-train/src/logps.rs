@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use prefopt_data::TokenizedSequence;
-use prefopt_model::ops::{token_logps, NO_TARGET};
+use prefopt_model::ops::token_logps;
 use prefopt_model::Llama;
 
 /// Right-padded token sequences with the completion positions marked.
@@ -56,9 +56,9 @@ pub struct CompletionLogps {
     pub logit_sums: Tensor,
 }
 
-/// Runs `model` on the batch and sums log-probs over completion tokens. The LM head runs only
-/// at the positions that predict a completion token (a prompt's positions need no logits),
-/// and its gradient is that small too.
+/// Runs `model` on the batch and sums log-probs over completion tokens. The LM head and the
+/// log-softmax (always f32, the fused `token_logps` op) run only at the positions that predict
+/// a completion token: prompt and padding positions cost nothing and pass no gradient.
 pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::Result<CompletionLogps> {
     let h = model.hidden_states(&batch.input_ids, None)?; // (B, T, C)
     let (b, t, c) = h.dims3()?;
@@ -93,29 +93,5 @@ pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::
     let logps = per_sequence(&token_logps(&logits, &targets)?)?; // (B,)
                                                                  // A metric only: computed on detached logits so it adds nothing to the graph.
     let logit_sums = per_sequence(&logits.detach().mean(D::Minus1)?)?;
-    Ok(CompletionLogps { logps, logit_sums })
-}
-
-/// The same from logits already computed; log-softmax always in f32, computed only at
-/// completion positions (the fused `token_logps` op; prompt and padding positions cost
-/// nothing and pass no gradient).
-pub fn logps_from_logits(logits: &Tensor, batch: &SequenceBatch) -> candle_core::Result<CompletionLogps> {
-    let (b, t, _) = logits.dims3()?;
-    let logits = logits.to_dtype(DType::F32)?;
-    // Position p predicts targets[p]; the last position predicts nothing.
-    let ids: Vec<Vec<u32>> = batch.targets.to_vec2()?;
-    let mask: Vec<Vec<f32>> = batch.completion_mask.to_vec2()?;
-    let mut targets = vec![NO_TARGET; b * t];
-    for (i, (ids, mask)) in ids.iter().zip(&mask).enumerate() {
-        for (p, (&id, &m)) in ids.iter().zip(mask).enumerate() {
-            if m != 0.0 {
-                targets[i * t + p] = id;
-            }
-        }
-    }
-    let logps = token_logps(&logits, &targets)?.sum(1)?; // (B,)
-                                                         // A metric only: computed on detached logits so it adds nothing to the graph.
-    let logits = logits.detach().narrow(1, 0, t - 1)?;
-    let logit_sums = (logits.mean(D::Minus1)? * &batch.completion_mask)?.sum(1)?;
     Ok(CompletionLogps { logps, logit_sums })
 }

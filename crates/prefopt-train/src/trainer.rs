@@ -175,9 +175,9 @@ pub fn run_loop(
         let started = Instant::now();
         let indices = step_indices(cfg.seed, step, steps_per_epoch, per_step, objective.len());
         let mut acc = StepAccumulator::default();
+        let shared = &*objective;
         for micro in indices.chunks(cfg.batch_size) {
-            let objective = &*objective;
-            for shard in run_sharded(micro, |shard| objective.micro_step(&policy, &hf.params, &indices, shard))? {
+            for shard in run_sharded(micro, |shard| shared.micro_step(&policy, &hf.params, &indices, shard))? {
                 acc.merge(shard)?;
             }
         }
