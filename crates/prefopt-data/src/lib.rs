@@ -30,20 +30,20 @@ pub mod error;
 mod parquet_rows;
 pub mod preference;
 pub mod records;
+pub mod sequence;
 pub mod sft;
 mod template;
 pub mod text;
-pub mod tokenize;
 pub mod tokenizer;
 
 pub use char_tokenizer::{printable_ascii, write_char_tokenizer};
 pub use error::{DataError, Location, RecordSource};
 pub use preference::{parse_preference, PreferenceExample};
 pub use records::{read_records, Record};
-pub use sft::{parse_prompt, parse_sft, SftExample};
-pub use text::Text;
-pub use tokenize::{
+pub use sequence::{
     tokenize_pair, tokenize_prompt, tokenize_sft, PairOutcome, SeqOutcome, TokenizeOptions, TokenizedPair,
     TokenizedSequence,
 };
+pub use sft::{parse_prompt, parse_sft, SftExample};
+pub use text::Text;
 pub use tokenizer::{HfTokenizer, Message};

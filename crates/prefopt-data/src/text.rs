@@ -22,6 +22,22 @@ impl Text {
         matches!(self, Text::Conversation(_))
     }
 
+    /// The value as TRL datasets hold it: a string, or a list of `{role, content}` objects.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Text::Plain(s) => Value::String(s.clone()),
+            Text::Conversation(messages) => Value::Array(
+                messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect(),
+            ),
+        }
+    }
+
+    /// Reads a field's value (a string or a non-empty list of `{role, content}` messages);
+    /// errors name `at` and `field`. The inverse of [`Text::to_json`].
+    pub fn from_json(at: &RecordSource, field: &str, value: &Value) -> Result<Text, DataError> {
+        parse_text(at, field, value)
+    }
+
     /// How this format is called in messages.
     pub(crate) fn kind(&self) -> &'static str {
         match self {
@@ -102,5 +118,26 @@ fn parse_message(at: &RecordSource, field: &str, i: usize, item: &Value) -> Resu
         (Some(role), Some(content)) => Ok(Message { role, content }),
         (None, _) => Err(err("missing `role`".into())),
         (_, None) => Err(err("missing `content`".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_plain_and_conversational_text() {
+        let at = RecordSource::line("samples.jsonl", 3);
+        for text in [
+            Text::Plain("Q: 2+2?".into()),
+            Text::Conversation(vec![Message::new("system", "s"), Message::new("user", "hi")]),
+        ] {
+            assert_eq!(Text::from_json(&at, "prompt", &text.to_json()).unwrap(), text);
+        }
+        let err = Text::from_json(&at, "prompt", &serde_json::json!(7)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "samples.jsonl:3: field `prompt`: expected a string or a list of {role, content} messages, found a number"
+        );
     }
 }

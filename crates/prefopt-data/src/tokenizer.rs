@@ -321,6 +321,14 @@ impl HfTokenizer {
         self.pad_token().and_then(|t| self.tokenizer.token_to_id(t))
     }
 
+    /// The id batches are padded with: the pad token, else the first EOS id (what TRL and
+    /// transformers fall back to), else 0. Padding is masked out of every result (right
+    /// padding sits after the real tokens under a causal mask; left padding is excluded from
+    /// attention), so this choice changes no number, only what the pad slots hold.
+    pub fn padding_id(&self) -> u32 {
+        self.pad_token_id().or(self.eos_token_ids().first().copied()).unwrap_or(0)
+    }
+
     /// The id of a token's text, if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)

@@ -26,12 +26,10 @@ pub fn write_base_model(dir: &Path) -> Result<(), DemoError> {
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent).map_err(|e| DemoError::io(parent, e))?;
     }
-    prefopt_model::fsio::write_dir_atomic(dir, |tmp| {
+    prefopt_fs::write_dir_atomic(dir, |tmp| -> Result<(), DemoError> {
         for (name, bytes) in FILES {
-            std::fs::write(tmp.join(name), bytes)
-                .map_err(|e| prefopt_model::ModelError::Io { path: tmp.join(name), message: e.to_string() })?;
+            std::fs::write(tmp.join(name), bytes).map_err(|e| DemoError::io(&tmp.join(name), e))?;
         }
         Ok(())
-    })?;
-    Ok(())
+    })
 }

@@ -11,7 +11,6 @@
 //! same arguments, continues where it stopped.
 
 pub mod base_model;
-mod json_files;
 pub mod offline;
 pub mod online;
 pub mod recipe;
@@ -26,14 +25,22 @@ use prefopt_loop::apo::LoopObserver;
 pub use recipe::Recipe;
 pub use summary::Summary;
 
+/// Why the demo stopped. Every message names the folder, file or method involved.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("{0}")]
-    Config(String),
-    #[error("{path}: {message}")]
+    /// `--out` holds a demo of other settings.
+    #[error("{}: {message}", out.display())]
+    Settings { out: PathBuf, message: String },
+    /// A method's training keys do not make a valid training config.
+    #[error("method `{method}`: {message}")]
+    Method { method: String, message: String },
+    #[error("{}: {message}", path.display())]
     Io { path: PathBuf, message: String },
-    #[error("{0}")]
-    Incomplete(String),
+    /// A finished run's output lacks what the summary needs.
+    #[error("{}: {message}", path.display())]
+    Incomplete { path: PathBuf, message: String },
+    #[error(transparent)]
+    Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]
     Loop(#[from] prefopt_loop::LoopError),
     #[error(transparent)]
@@ -59,24 +66,32 @@ pub trait DemoObserver: LoopObserver {
 
 /// Runs (or resumes) the demo in `out` and writes `summary.json` and `report.md` there.
 /// `base` is a model folder; [`base_model::write_base_model`] provides the shipped one.
-pub fn run_demo<O: DemoObserver>(recipe: &Recipe, base: &Path, out: &Path, obs: &mut O) -> Result<Summary, DemoError> {
+/// `device` (`cpu`, `cuda`, `cuda:N`) is where every run's tensors live; it is not part of
+/// the recipe, so a demo may be resumed on another device.
+pub fn run_demo<O: DemoObserver>(
+    recipe: &Recipe,
+    base: &Path,
+    out: &Path,
+    device: &str,
+    obs: &mut O,
+) -> Result<Summary, DemoError> {
     let started = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| DemoError::io(out, e))?;
     // A finished demo's folder holds its recipe; another recipe there would mix runs.
     let recipe_path = out.join("recipe.json");
     if recipe_path.exists() {
-        let old: serde_json::Value = json_files::read_json(&recipe_path)?;
+        let old: serde_json::Value = prefopt_fs::read_json(&recipe_path)?;
         if old != serde_json::to_value(recipe).map_err(|e| DemoError::io(&recipe_path, e))? {
-            return Err(DemoError::Config(format!(
-                "{} holds a demo with other settings (--quick or --seeds differ); use another --out",
-                out.display()
-            )));
+            return Err(DemoError::Settings {
+                out: out.to_path_buf(),
+                message: "holds a demo with other settings (--quick or --seeds differ); use another --out".into(),
+            });
         }
     } else {
-        json_files::write_json(&recipe_path, recipe)?;
+        prefopt_fs::write_json(&recipe_path, recipe)?;
     }
-    let (mut runs, trajectories) = offline::run_offline(recipe, base, out, obs)?;
-    runs.extend(online::run_online(recipe, base, out, obs)?);
+    let (mut runs, trajectories) = offline::run_offline(recipe, base, out, device, obs)?;
+    runs.extend(online::run_online(recipe, base, out, device, obs)?);
 
     let base_rows: Vec<&summary::RunRow> = runs.iter().filter(|r| r.method == "base").collect();
     let mean = |f: &dyn Fn(&summary::RunRow) -> f64| {
@@ -96,7 +111,7 @@ pub fn run_demo<O: DemoObserver>(recipe: &Recipe, base: &Path, out: &Path, obs: 
         claims,
         wall_s: started.elapsed().as_secs_f64(),
     };
-    json_files::write_json(&out.join("summary.json"), &s)?;
-    prefopt_model::fsio::write_atomic(&out.join("report.md"), report::render(&s).as_bytes())?;
+    prefopt_fs::write_json(&out.join("summary.json"), &s)?;
+    prefopt_fs::write_atomic(&out.join("report.md"), report::render(&s).as_bytes())?;
     Ok(s)
 }

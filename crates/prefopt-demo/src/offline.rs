@@ -6,20 +6,19 @@
 
 use std::path::Path;
 
-use candle_core::Device;
-use prefopt_data::{parse_preference, read_records, tokenize_pair, HfTokenizer, PairOutcome, TokenizeOptions};
+use prefopt_data::{HfTokenizer, TokenizeOptions};
+use prefopt_fs::{read_json, read_jsonl, write_json, write_jsonl};
 use prefopt_loop::apo::load_prompts;
 use prefopt_loop::evaluate::{evaluate_model, BaseSamples, EvalMetrics};
 use prefopt_loop::judge::{judge_from_spec, PromptItem};
 use prefopt_loop::pairing::judge_and_pair;
-use prefopt_loop::sampling::{sample_prompts, Sampling};
-use prefopt_model::HfModel;
-use prefopt_train::{completion_logps, train, SequenceBatch, TrainConfig};
+use prefopt_loop::sampling::{sample_records, sampling_params};
+use prefopt_loop::seeds;
+use prefopt_model::{HfModel, Mode, Precision, SamplingParams};
+use prefopt_train::dataset::PairDataset;
+use prefopt_train::{score_pairs, train, TrainConfig};
 use serde::{Deserialize, Serialize};
 
-use prefopt_loop::apo::{read_jsonl, write_jsonl};
-
-use crate::json_files::{read_json, write_json};
 use crate::recipe::{OfflineMethod, Recipe};
 use crate::summary::RunRow;
 use crate::{DemoError, DemoObserver};
@@ -37,11 +36,12 @@ pub struct LogpTrajectory {
 
 /// Held-out prompts of a seed: the same ones the online runs of that seed use.
 pub fn eval_prompts(recipe: &Recipe, seed: u64) -> Result<Vec<PromptItem>, DemoError> {
-    Ok(load_prompts(&format!("task:{}", recipe.task), recipe.num_eval_prompts, seed.wrapping_add(1_000_003))?)
+    Ok(load_prompts(&format!("task:{}", recipe.task), recipe.num_eval_prompts, seeds::eval_prompts(seed))?)
 }
 
-pub fn sampling(recipe: &Recipe) -> Sampling {
-    Sampling { temperature: recipe.temperature, top_p: recipe.top_p, top_k: 0, max_new_tokens: recipe.max_new_tokens }
+/// The recipe's sampler for the base model's tokenizer.
+pub fn sampling(recipe: &Recipe, tok: &HfTokenizer) -> SamplingParams {
+    sampling_params(tok, recipe.temperature, recipe.top_p, 0, recipe.max_new_tokens)
 }
 
 /// Runs (or resumes: every finished file is kept and reused) the offline experiment.
@@ -49,12 +49,13 @@ pub fn run_offline<O: DemoObserver>(
     recipe: &Recipe,
     base: &Path,
     out: &Path,
+    device_spec: &str,
     obs: &mut O,
 ) -> Result<(Vec<RunRow>, Vec<LogpTrajectory>), DemoError> {
-    let device = Device::Cpu;
+    let device = prefopt_model::parse_device(device_spec)?;
     let tok = HfTokenizer::from_dir(base)?;
     let mut judge = judge_from_spec(&recipe.task, &device)?;
-    let sampling = sampling(recipe);
+    let sampling = sampling(recipe, &tok);
     let total = recipe.seeds.len() * (1 + recipe.offline_methods.len());
     let mut done = 0;
     let (mut rows, mut trajectories) = (Vec::new(), Vec::new());
@@ -68,13 +69,12 @@ pub fn run_offline<O: DemoObserver>(
         if !pairs_path.exists() {
             let prompts = load_prompts(&format!("task:{}", recipe.task), recipe.offline_prompts, seed)?;
             let refs: Vec<&PromptItem> = prompts.iter().collect();
-            let model = HfModel::load(base, &device)?;
+            let net = HfModel::load(base, &device)?.build(Mode::Infer, Precision::F32)?;
             let samples =
-                sample_prompts(&model, &tok, &refs, recipe.num_samples, &sampling, seed, &device, &mut |d, t| {
-                    obs.samples(d, t)
-                })?;
-            let (pairs, _) = judge_and_pair(judge.as_mut(), &samples, recipe.num_samples)?;
-            write_jsonl(&dir.join("samples.jsonl"), &samples)?;
+                sample_records(&net, &tok, &refs, recipe.num_samples, &sampling, seed, &mut |d, t| obs.samples(d, t))?;
+            let samples_path = dir.join("samples.jsonl");
+            let (pairs, _) = judge_and_pair(judge.as_mut(), &samples, &samples_path, recipe.num_samples)?;
+            write_jsonl(&samples_path, &samples)?;
             write_jsonl(&pairs_path, &pairs)?;
         }
         let base_eval = BaseSamples::load_or_make(
@@ -87,7 +87,13 @@ pub fn run_offline<O: DemoObserver>(
             judge.as_mut(),
             &device,
         )?;
-        let opts = TokenizeOptions { max_length: Some(max_length(recipe)), max_prompt_length: Some(512) };
+        // The runs' tokenization (the length keys are shared by every method), so the base
+        // model's log-probs are taken over the same tokens as the runs' `eval_logps/*`.
+        let first = recipe.offline_methods.first().ok_or_else(|| DemoError::Method {
+            method: "offline".into(),
+            message: "the recipe has no offline methods".into(),
+        })?;
+        let opts = train_config(recipe, first, base, &pairs_path, &dir, device_spec, seed)?.tokenize_options();
         let base_logps =
             cached(&dir.join("base-logps.json"), || mean_pair_logps(base, &pairs_path, &tok, &opts, &device))?;
         done += 1;
@@ -95,7 +101,7 @@ pub fn run_offline<O: DemoObserver>(
         for method in &recipe.offline_methods {
             obs.run_started(done, total, &format!("offline seed {seed}: {}", method.name));
             let run = dir.join(&method.name);
-            let cfg = train_config(recipe, method, base, &pairs_path, &run, seed)?;
+            let cfg = train_config(recipe, method, base, &pairs_path, &run, device_spec, seed)?;
             if !run.join("final").exists() {
                 train(&cfg, obs)?;
             }
@@ -141,6 +147,7 @@ fn train_config(
     base: &Path,
     pairs: &Path,
     out: &Path,
+    device: &str,
     seed: u64,
 ) -> Result<TrainConfig, DemoError> {
     let mut table = recipe.train.clone();
@@ -155,7 +162,8 @@ fn train_config(
     table.insert("output_dir".into(), path(out));
     table.insert("seed".into(), toml::Value::Integer(seed as i64));
     table.insert("resume_from_checkpoint".into(), toml::Value::String("latest".into()));
-    TrainConfig::from_table(&table).map_err(|e| DemoError::Config(format!("{}: {e}", method.name)))
+    table.insert("device".into(), toml::Value::String(device.into()));
+    TrainConfig::from_table(&table).map_err(|message| DemoError::Method { method: method.name.clone(), message })
 }
 
 /// Reads a value cached as JSON at `path`, or computes and caches it.
@@ -164,18 +172,11 @@ fn cached<T: Serialize + for<'de> Deserialize<'de>>(
     make: impl FnOnce() -> Result<T, DemoError>,
 ) -> Result<T, DemoError> {
     if path.exists() {
-        return read_json(path);
+        return Ok(read_json(path)?);
     }
     let value = make()?;
     write_json(path, &value)?;
     Ok(value)
-}
-
-/// The training runs' `max_length` (the recipe's, else the trainer's default), so the base
-/// model's log-probs are taken over the same tokens as the runs' `eval_logps/*` (the prompt
-/// budget is the trainer's default, 512, which the recipe does not change).
-fn max_length(recipe: &Recipe) -> usize {
-    recipe.train.get("max_length").and_then(|v| v.as_integer()).map_or(1024, |v| v as usize)
 }
 
 /// Mean summed completion log-probs (chosen, rejected) of a preference file under a model,
@@ -185,27 +186,15 @@ fn mean_pair_logps(
     pairs: &Path,
     tok: &HfTokenizer,
     opts: &TokenizeOptions,
-    device: &Device,
+    device: &candle_core::Device,
 ) -> Result<(f64, f64), DemoError> {
-    let net = HfModel::load(model_dir, device)?.build(false)?;
-    let mut kept = Vec::new();
-    for record in read_records(pairs)? {
-        if let PairOutcome::Kept(pair) = tokenize_pair(tok, &parse_preference(&record)?, opts)? {
-            kept.push(pair);
-        }
-    }
-    let pad = tok.pad_token_id().unwrap_or(0);
-    let (mut chosen, mut rejected) = (0.0, 0.0);
-    for chunk in kept.chunks(16) {
-        for (side, sum) in [(0, &mut chosen), (1, &mut rejected)] {
-            let seqs: Vec<_> = chunk.iter().map(|p| if side == 0 { &p.chosen } else { &p.rejected }).collect();
-            let batch = SequenceBatch::new(&seqs, pad, device).map_err(prefopt_model::ModelError::from)?;
-            let lp: Vec<f32> =
-                completion_logps(&net, &batch)?.logps.to_vec1().map_err(prefopt_model::ModelError::from)?;
-            *sum += lp.iter().map(|&x| f64::from(x)).sum::<f64>();
-        }
-    }
-    let n = kept.len().max(1) as f64;
+    let net = HfModel::load(model_dir, device)?.build(Mode::Infer, Precision::F32)?;
+    let data = PairDataset::load(pairs, tok, opts)?;
+    let pairs: Vec<_> = data.pairs.iter().collect();
+    let lp = score_pairs(&net, &pairs, 16, tok.padding_id(), |_| {})?;
+    let chosen: f64 = lp.iter().map(|&(w, _)| f64::from(w)).sum();
+    let rejected: f64 = lp.iter().map(|&(_, l)| f64::from(l)).sum();
+    let n = lp.len().max(1) as f64;
     Ok((chosen / n, rejected / n))
 }
 
@@ -230,7 +219,10 @@ fn read_trajectory(metrics: &Path, method: &str, seed: u64, base: (f64, f64)) ->
         }
     }
     if t.steps.len() < 2 {
-        return Err(DemoError::Incomplete(format!("{}: no eval_logps/chosen lines", metrics.display())));
+        return Err(DemoError::Incomplete {
+            path: metrics.to_path_buf(),
+            message: "no eval_logps/chosen lines".into(),
+        });
     }
     Ok(t)
 }

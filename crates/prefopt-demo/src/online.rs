@@ -17,7 +17,7 @@ pub fn run_dir(out: &Path, alpha: f64, seed: u64) -> std::path::PathBuf {
 
 /// The loop's config for one (alpha, seed): training prompts and held-out prompts drawn by
 /// the task from the seed, so every alpha of a seed sees the same prompts.
-pub fn apo_config(recipe: &Recipe, base: &Path, out: &Path, alpha: f64, seed: u64) -> ApoConfig {
+pub fn apo_config(recipe: &Recipe, base: &Path, out: &Path, device: &str, alpha: f64, seed: u64) -> ApoConfig {
     let mut train = recipe.train.clone();
     train.insert("loss_type".into(), toml::Value::String("sigmoid".into()));
     train.insert("seed".into(), toml::Value::Integer(seed as i64));
@@ -40,6 +40,7 @@ pub fn apo_config(recipe: &Recipe, base: &Path, out: &Path, alpha: f64, seed: u6
         top_k: 0,
         max_new_tokens: recipe.max_new_tokens,
         output_dir: run_dir(out, alpha, seed),
+        device: device.to_string(),
         train,
         ..ApoConfig::default()
     }
@@ -51,6 +52,7 @@ pub fn run_online<O: DemoObserver>(
     recipe: &Recipe,
     base: &Path,
     out: &Path,
+    device: &str,
     obs: &mut O,
 ) -> Result<Vec<RunRow>, DemoError> {
     let mut rows = Vec::new();
@@ -60,17 +62,16 @@ pub fn run_online<O: DemoObserver>(
         for &alpha in &recipe.alphas {
             let method = if alpha == 0.0 { "iterative-dpo".to_string() } else { format!("apo-{alpha}") };
             obs.run_started(done, total, &format!("online {method} seed {seed}"));
-            let cfg = apo_config(recipe, base, out, alpha, seed);
+            let cfg = apo_config(recipe, base, out, device, alpha, seed);
             let manifest = run_apo(&cfg, obs)?;
             let base_eval = manifest.base_eval.clone().unwrap_or_default();
             rows.push(online_row(&method, alpha, seed, 0, &base_eval, &base_eval));
             for it in &manifest.iterations {
                 let (Some(trained), Some(extrapolated)) = (&it.eval_trained, &it.eval_extrapolated) else {
-                    return Err(DemoError::Incomplete(format!(
-                        "{}: iteration {} has no evaluation",
-                        cfg.output_dir.display(),
-                        it.iteration
-                    )));
+                    return Err(DemoError::Incomplete {
+                        path: cfg.output_dir.clone(),
+                        message: format!("iteration {} has no evaluation", it.iteration),
+                    });
                 };
                 rows.push(online_row(&method, alpha, seed, it.iteration, trained, extrapolated));
             }

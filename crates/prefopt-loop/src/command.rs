@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::judge::{prompt_to_json, Judge, JudgeError, Judgement, PromptItem};
+use crate::judge::{Judge, JudgeError, Judgement, PromptItem};
 
 /// A judge that runs an external command (see the module doc for the protocol).
 pub struct CommandJudge {
@@ -62,7 +62,7 @@ impl CommandJudge {
         }
         let mut input = Vec::new();
         for (prompt, completions) in batch {
-            let mut line = serde_json::json!({"prompt": prompt_to_json(&prompt.text), "completions": completions});
+            let mut line = serde_json::json!({"prompt": prompt.text.to_json(), "completions": completions});
             if !prompt.meta.is_null() {
                 line["meta"] = prompt.meta.clone();
             }

@@ -1,14 +1,25 @@
 //! Why the online loop stopped. Every message names the file, key, iteration or prompt.
 
+use std::path::PathBuf;
+
 /// An error of the APO loop.
 #[derive(Debug, thiserror::Error)]
 pub enum LoopError {
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Io(String),
-    #[error("{0}")]
-    Judge(String),
+    /// A config value that cannot work; `source_name` is the config file (or `--set`,
+    /// or `[train]` for the inner training keys) and the message names the key.
+    #[error("{source_name}: {message}")]
+    Config { source_name: String, message: String },
+    /// `output_dir` cannot hold this run.
+    #[error("output_dir {}: {message}", dir.display())]
+    OutputDir { dir: PathBuf, message: String },
+    /// A prompt source (a file or `task:<name>`) without usable prompts.
+    #[error("prompts `{spec}`: {message}")]
+    Prompts { spec: String, message: String },
+    /// The judge answered, but its verdicts cannot be used (wrong count, not finite, all tied).
+    #[error("judge `{judge}` {message}")]
+    Verdicts { judge: String, message: String },
+    #[error(transparent)]
+    Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]
     JudgeFailed(#[from] crate::judge::JudgeError),
     #[error(transparent)]

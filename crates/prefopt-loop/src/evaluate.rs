@@ -7,14 +7,13 @@ use std::path::Path;
 
 use candle_core::Device;
 use prefopt_data::{tokenize_prompt, HfTokenizer, TokenizedSequence};
-use prefopt_model::HfModel;
+use prefopt_model::{HfModel, Llama, Mode, Precision, SamplingParams};
 use prefopt_train::{completion_logps, SequenceBatch};
 use serde::{Deserialize, Serialize};
 
-use crate::apo::{read_jsonl, write_jsonl};
-use crate::judge::{Judge, Judgement, PromptItem};
-use crate::sampling::{sample_prompts, SampleRecord, Sampling};
-use crate::LoopError;
+use crate::judge::{self, Judge, Judgement, PromptItem};
+use crate::sampling::{sample_records, SampleRecord};
+use crate::{seeds, LoopError};
 
 /// One model's held-out numbers.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -46,18 +45,16 @@ impl BaseSamples {
         base_dir: &Path,
         tok: &HfTokenizer,
         prompts: &[PromptItem],
-        sampling: &Sampling,
+        sampling: &SamplingParams,
         seed: u64,
         judge: &mut dyn Judge,
         device: &Device,
     ) -> Result<Self, LoopError> {
         let samples: Vec<SampleRecord> = if path.exists() {
-            read_jsonl(path)?
+            prefopt_fs::read_jsonl(path)?
         } else {
-            let model = HfModel::load(base_dir, device)?;
-            let refs: Vec<&PromptItem> = prompts.iter().collect();
-            let s = sample_prompts(&model, tok, &refs, 1, sampling, eval_seed(seed), device, &mut |_, _| {})?;
-            write_jsonl(path, &s)?;
+            let s = held_out_samples(&network(base_dir, device)?, tok, prompts, sampling, seed)?;
+            prefopt_fs::write_jsonl(path, &s)?;
             s
         };
         let judged = judge_all(judge, prompts, &samples)?;
@@ -67,9 +64,21 @@ impl BaseSamples {
     }
 }
 
-/// The evaluation sampler's seed: the same for every model, so comparisons are paired.
-fn eval_seed(seed: u64) -> u64 {
-    seed.wrapping_mul(31).wrapping_add(17)
+/// The network the loop samples and scores with: f32, graph-free.
+fn network(dir: &Path, device: &Device) -> Result<Llama, LoopError> {
+    Ok(HfModel::load(dir, device)?.build(Mode::Infer, Precision::F32)?)
+}
+
+/// One sample per held-out prompt, from the evaluation streams of `seed` ([`seeds::eval_samples`]).
+fn held_out_samples(
+    net: &Llama,
+    tok: &HfTokenizer,
+    prompts: &[PromptItem],
+    sampling: &SamplingParams,
+    seed: u64,
+) -> Result<Vec<SampleRecord>, LoopError> {
+    let refs: Vec<&PromptItem> = prompts.iter().collect();
+    sample_records(net, tok, &refs, 1, sampling, seeds::eval_samples(seed), &mut |_, _| {})
 }
 
 /// Samples, judges and compares one model folder against the base.
@@ -78,19 +87,16 @@ pub fn evaluate_model(
     dir: &Path,
     tok: &HfTokenizer,
     prompts: &[PromptItem],
-    sampling: &Sampling,
+    sampling: &SamplingParams,
     seed: u64,
     judge: &mut dyn Judge,
     base: &BaseSamples,
     device: &Device,
 ) -> Result<EvalMetrics, LoopError> {
-    let model = HfModel::load(dir, device)?;
-    let refs: Vec<&PromptItem> = prompts.iter().collect();
-    let samples = sample_prompts(&model, tok, &refs, 1, sampling, eval_seed(seed), device, &mut |_, _| {})?;
+    let samples = held_out_samples(&network(dir, device)?, tok, prompts, sampling, seed)?;
     let judged = judge_all(judge, prompts, &samples)?;
     let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
-    let base_model = HfModel::load(&base.base_dir, device)?;
-    let lp_base = sequence_logps(&base_model, tok, prompts, &samples, device)?;
+    let lp_base = sequence_logps(&network(&base.base_dir, device)?, tok, prompts, &samples)?;
     let kl = samples.iter().zip(&lp_base).map(|(s, b)| s.logprobs[0] - b).sum::<f64>() / samples.len().max(1) as f64;
     Ok(summarize(&judged, &scores, &base.scores, kl))
 }
@@ -105,11 +111,10 @@ fn judge_all(
     let mut out = Vec::with_capacity(samples.len());
     for (mut j, s) in judge.judge_many(&batch)?.into_iter().zip(samples) {
         if j.len() != 1 || !j[0].score.is_finite() {
-            return Err(LoopError::Judge(format!(
-                "judge `{}` gave no finite score for held-out prompt {}",
-                judge.name(),
-                s.prompt_index
-            )));
+            return Err(LoopError::Verdicts {
+                judge: judge.name(),
+                message: format!("gave no finite score for held-out prompt {}", s.prompt_index),
+            });
         }
         out.push(j.remove(0));
     }
@@ -118,7 +123,7 @@ fn judge_all(
 
 fn summarize(judged: &[Judgement], scores: &[f64], base_scores: &[f64], kl: f64) -> EvalMetrics {
     let n = judged.len().max(1) as f64;
-    let graded: Vec<bool> = judged.iter().filter_map(|j| j.correct).collect();
+    let summary = judge::summarize(judged);
     let wins: f64 = scores
         .iter()
         .zip(base_scores)
@@ -133,24 +138,22 @@ fn summarize(judged: &[Judgement], scores: &[f64], base_scores: &[f64], kl: f64)
         })
         .sum();
     EvalMetrics {
-        eval_reward: scores.iter().sum::<f64>() / n,
-        eval_accuracy: (!graded.is_empty()).then(|| graded.iter().filter(|&&c| c).count() as f64 / graded.len() as f64),
-        malformed_rate: judged.iter().filter(|j| j.malformed).count() as f64 / n,
+        eval_reward: summary.mean_score,
+        eval_accuracy: summary.accuracy,
+        malformed_rate: summary.malformed_rate,
         win_rate_vs_base: wins / n,
         kl_to_base: kl,
         num_prompts: judged.len(),
     }
 }
 
-/// Log-probs of each sample's completion tokens under `model`.
+/// Log-probs of each sample's completion tokens under `net`.
 fn sequence_logps(
-    model: &HfModel,
+    net: &Llama,
     tok: &HfTokenizer,
     prompts: &[PromptItem],
     samples: &[SampleRecord],
-    device: &Device,
 ) -> Result<Vec<f64>, LoopError> {
-    let net = model.build(false)?;
     let mut seqs = Vec::with_capacity(samples.len());
     for (p, s) in prompts.iter().zip(samples) {
         let prompt_ids = tokenize_prompt(tok, &p.text)?;
@@ -158,12 +161,11 @@ fn sequence_logps(
         let input_ids = [prompt_ids, s.tokens[0].clone()].concat();
         seqs.push(TokenizedSequence { input_ids, completion_start });
     }
-    let pad_id = tok.pad_token_id().unwrap_or(0);
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(16) {
         let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
-        let batch = SequenceBatch::new(&refs, pad_id, device)?;
-        let lp: Vec<f32> = completion_logps(&net, &batch)?.logps.to_vec1()?;
+        let batch = SequenceBatch::new(&refs, tok.padding_id(), net.device())?;
+        let lp: Vec<f32> = completion_logps(net, &batch)?.logps.to_vec1()?;
         out.extend(lp.into_iter().map(f64::from));
     }
     Ok(out)

@@ -1,14 +1,18 @@
 //! APO's Nesterov step in parameter space (methods.md section 3):
 //! `theta_t = theta_hat_t + alpha * (theta_hat_t - theta_hat_{t-1})`, elementwise over every
-//! parameter, in f32. The momentum is taken between the two last TRAINED models; the paper's
-//! ablation shows the alternative (`theta_hat_t - theta_t-1`) is worse. `alpha = 0` runs the
-//! very same code and returns `theta_hat_t` bit for bit: that is plain iterative DPO.
+//! parameter, in f32. The momentum is taken between the two last TRAINED models, as the paper
+//! does; its ablation (one run each) finds the alternative (`theta_hat_t - theta_t-1`) "less
+//! stable and generally lower", though not at every alpha. `alpha = 0` runs the very same
+//! code and returns `theta_hat_t` bit for bit: that is plain iterative DPO.
 //!
-//! [`extrapolate_logps`] is the policy-space step itself, exact for any network, applied to
-//! the reference log-probs of the next iteration's pairs (`extrapolation = "logprob"`):
+//! [`extrapolate_logps`] is the policy-space step itself, for any network, applied to the
+//! reference log-probs of the next iteration's pairs (`extrapolation = "logprob"`):
 //! `pi_t ∝ pi_hat_t (pi_hat_t / pi_hat_{t-1})^alpha`, so
-//! `lp_ref(y) = (1 + alpha) lp_{pi_hat_t}(y) - alpha lp_{pi_hat_{t-1}}(y)` up to a term in
-//! the prompt alone, which cancels in every pairwise loss.
+//! `lp_ref(y) = (1 + alpha) lp_{pi_hat_t}(y) - alpha lp_{pi_hat_{t-1}}(y) - log Z'(x)`. The
+//! normalizer `log Z'(x)` depends on the prompt alone and is dropped here: it cancels only in
+//! losses that see the reference through `rho_w - rho_l` with equal weights (`sigmoid`, cDPO,
+//! `robust`, `hinge`), not in `ipo`, `sppo`, `sppo_hard`, `nca_pair`, `dpop` or SPO's
+//! safe-region term.
 
 use std::collections::BTreeMap;
 

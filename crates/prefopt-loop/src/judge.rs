@@ -248,16 +248,6 @@ pub fn summarize(judgements: &[Judgement]) -> JudgeSummary {
     }
 }
 
-/// A prompt as datasets and the command protocol hold it: a string or a list of messages.
-pub fn prompt_to_json(text: &Text) -> serde_json::Value {
-    match text {
-        Text::Plain(s) => serde_json::Value::String(s.clone()),
-        Text::Conversation(messages) => serde_json::Value::Array(
-            messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ pub mod judge;
 pub mod pairing;
 pub mod reward_model;
 pub mod sampling;
+pub mod seeds;
 pub mod task_data;
 pub mod tasks;
 

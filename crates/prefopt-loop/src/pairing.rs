@@ -9,10 +9,13 @@
 //! scores), so prefopt counts wins. The pairs carry these as `win_prob_chosen` and
 //! `win_prob_rejected`, the columns the soft `sppo` loss reads.
 
+use std::path::Path;
+
+use prefopt_data::{RecordSource, Text};
 use serde::{Deserialize, Serialize};
 
 use crate::judge::{Judge, PromptItem};
-use crate::sampling::{json_to_text, SampleRecord};
+use crate::sampling::SampleRecord;
 use crate::LoopError;
 
 /// A line of `iter-<t>/pairs.jsonl`: a TRL preference row plus the judge's numbers.
@@ -28,16 +31,21 @@ pub struct PairRecord {
     pub win_prob_rejected: f64,
 }
 
-/// Judges every prompt's samples and returns the pairs and the number of prompts skipped
-/// because all their samples tied.
+/// Judges every prompt's samples (read from `source`, which errors name) and returns the
+/// pairs and the number of prompts skipped because all their samples tied.
 pub fn judge_and_pair(
     judge: &mut dyn Judge,
     samples: &[SampleRecord],
+    source: &Path,
     k: usize,
 ) -> Result<(Vec<PairRecord>, usize), LoopError> {
     let items = samples
         .iter()
-        .map(|s| Ok(PromptItem { text: json_to_text(&s.prompt)?, meta: s.meta.clone() }))
+        .enumerate()
+        .map(|(i, s)| {
+            let text = Text::from_json(&RecordSource::line(source, i + 1), "prompt", &s.prompt)?;
+            Ok(PromptItem { text, meta: s.meta.clone() })
+        })
         .collect::<Result<Vec<_>, LoopError>>()?;
     // One call for the whole iteration: a command judge runs once, not once per prompt.
     let batch: Vec<(&PromptItem, &[String])> =
@@ -47,22 +55,25 @@ pub fn judge_and_pair(
     let mut skipped = 0;
     for (s, judged) in samples.iter().zip(all) {
         if judged.len() != s.completions.len() || judged.len() != k {
-            return Err(LoopError::Judge(format!(
-                "judge `{}` returned {} scores for prompt {} with {} completions",
-                judge.name(),
-                judged.len(),
-                s.prompt_index,
-                s.completions.len()
-            )));
+            return Err(LoopError::Verdicts {
+                judge: judge.name(),
+                message: format!(
+                    "returned {} scores for prompt {} with {} completions",
+                    judged.len(),
+                    s.prompt_index,
+                    s.completions.len()
+                ),
+            });
         }
         let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
         if let Some(bad) = scores.iter().position(|x| !x.is_finite()) {
-            return Err(LoopError::Judge(format!(
-                "judge `{}` gave a non-finite score ({}) to completion {bad} of prompt {}",
-                judge.name(),
-                scores[bad],
-                s.prompt_index
-            )));
+            return Err(LoopError::Verdicts {
+                judge: judge.name(),
+                message: format!(
+                    "gave a non-finite score ({}) to completion {bad} of prompt {}",
+                    scores[bad], s.prompt_index
+                ),
+            });
         }
         // First best and first worst, so the pairing is deterministic.
         let best = (0..k).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
@@ -137,7 +148,7 @@ mod tests {
     fn best_vs_worst_with_empirical_win_rates_and_ties_skipped() {
         let samples =
             [sample(0, &["1", "3", "3", "0"]), sample(1, &["2", "2", "2", "2"]), sample(2, &["5", "1", "4", "9"])];
-        let (pairs, skipped) = judge_and_pair(&mut Table, &samples, 4).unwrap();
+        let (pairs, skipped) = judge_and_pair(&mut Table, &samples, Path::new("samples.jsonl"), 4).unwrap();
         assert_eq!((pairs.len(), skipped), (2, 1));
         // Prompt 0: the first of the tied best ("3" at 1) beats 1 and 0, ties the other 3.
         assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), (Some("3"), Some("0")));
@@ -149,10 +160,12 @@ mod tests {
 
     #[test]
     fn wrong_counts_and_non_finite_scores_name_the_prompt() {
-        let err = judge_and_pair(&mut Table, &[sample(0, &["1", "2"]), sample(1, &["1", "x"])], 2).unwrap_err();
+        let err = judge_and_pair(&mut Table, &[sample(0, &["1", "2"]), sample(1, &["1", "x"])], Path::new("s"), 2)
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("non-finite score (NaN) to completion 1 of prompt 1"), "{msg}");
-        let err = judge_and_pair(&mut Table, &[sample(3, &["1", "2", "3"])], 2).unwrap_err().to_string();
+        let err =
+            judge_and_pair(&mut Table, &[sample(3, &["1", "2", "3"])], Path::new("s"), 2).unwrap_err().to_string();
         assert!(err.contains("3 scores for prompt 3 with 3 completions"), "{err}");
     }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use prefopt_data::{HfTokenizer, Message, Text};
 use prefopt_model::config::config_path;
-use prefopt_model::{parameter_shapes, Llama, LlamaConfig, Params};
+use prefopt_model::{parameter_shapes, Llama, LlamaConfig, Mode, Params, Precision};
 
 use crate::judge::{Judge, JudgeError, Judgement, PromptItem};
 
@@ -79,7 +79,7 @@ impl RewardModel {
         if unused.iter().any(|n| n == "score.bias") {
             return Err(err("the score head has a bias (`score.bias`); transformers' has none".into()));
         }
-        let net = Llama::new(&cfg, &params, false)?;
+        let net = Llama::new(&cfg, &params, Mode::Infer, Precision::F32)?;
         let score = params
             .get("score.weight")
             .ok_or_else(|| err("no `score.weight`".into()))?
@@ -161,7 +161,7 @@ impl RewardModel {
             let flat: Vec<u32> =
                 chunk.iter().flat_map(|ids| ids.iter().copied().chain(std::iter::repeat(fill)).take(width)).collect();
             let input = Tensor::from_vec(flat, (chunk.len(), width), &self.device)?;
-            let h = self.net.hidden_states(&input, None)?; // (B, T, C)
+            let h = self.net.hidden_states(&input, &[], None)?; // (B, T, C)
             let rows = chunk
                 .iter()
                 .enumerate()

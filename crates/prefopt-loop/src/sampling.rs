@@ -1,21 +1,15 @@
-//! Sampling K completions per prompt from a policy, as the loop's first stage.
+//! Sampling K completions per prompt: the one sampling loop of prefopt, shared by
+//! `prefopt generate` and the online loop's stages (training samples, held-out evaluation).
 
-use candle_core::Device;
-use prefopt_data::{tokenize_prompt, HfTokenizer, Text};
-use prefopt_model::HfModel;
+use prefopt_data::{tokenize_prompt, HfTokenizer};
+use prefopt_model::{generate, sample_rng, Generated, Llama, SamplingParams};
 use serde::{Deserialize, Serialize};
 
 use crate::judge::PromptItem;
 use crate::LoopError;
 
-/// The sampler's knobs (the paper: temperature 0.7, top-p 0.9).
-#[derive(Clone, Debug)]
-pub struct Sampling {
-    pub temperature: f64,
-    pub top_p: f64,
-    pub top_k: usize,
-    pub max_new_tokens: usize,
-}
+/// Prompts per generation batch in the loop's stages (each with its K samples).
+pub const PROMPTS_PER_BATCH: usize = 8;
 
 /// One prompt's samples, a line of `iter-<t>/samples.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,73 +26,86 @@ pub struct SampleRecord {
     pub logprobs: Vec<f64>,
 }
 
-/// A prompt as JSON, in TRL's column convention.
-pub fn text_to_json(text: &Text) -> serde_json::Value {
-    match text {
-        Text::Plain(s) => serde_json::Value::String(s.clone()),
-        Text::Conversation(messages) => serde_json::to_value(messages).unwrap_or_default(),
+/// The sampler's settings for a tokenizer: generation stops at its EOS ids, prompts are
+/// padded with its padding id.
+pub fn sampling_params(
+    tok: &HfTokenizer,
+    temperature: f64,
+    top_p: f64,
+    top_k: usize,
+    max_new_tokens: usize,
+) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens,
+        stop_ids: tok.eos_token_ids(),
+        pad_id: tok.padding_id(),
     }
 }
 
-/// The prompt back from its JSON form.
-pub fn json_to_text(value: &serde_json::Value) -> Result<Text, LoopError> {
-    match value {
-        serde_json::Value::String(s) => Ok(Text::Plain(s.clone())),
-        other => serde_json::from_value(other.clone())
-            .map(Text::Conversation)
-            .map_err(|e| LoopError::Io(format!("a prompt is neither a string nor a list of messages: {e}"))),
+/// `k` completions of each prompt (token ids) from `net`, `prompts_per_batch` prompts per
+/// batch, shortest prompts first (less padding). Sample j of prompt i draws from its own
+/// stream (`seed`, `i * k + j`), so the output does not depend on the batching. Returns one
+/// `Vec` of `k` per prompt, in input order; `progress` hears the prompts done so far.
+pub fn sample_completions(
+    net: &Llama,
+    prompts: &[Vec<u32>],
+    k: usize,
+    params: &SamplingParams,
+    seed: u64,
+    prompts_per_batch: usize,
+    progress: &mut dyn FnMut(usize),
+) -> prefopt_model::Result<Vec<Vec<Generated>>> {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&i| prompts[i].len());
+    let mut out: Vec<Vec<Generated>> = vec![Vec::new(); prompts.len()];
+    let mut done = 0;
+    for chunk in order.chunks(prompts_per_batch.max(1)) {
+        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+        let mut rngs: Vec<_> =
+            chunk.iter().flat_map(|&i| (0..k).map(move |j| sample_rng(seed, (i * k + j) as u64))).collect();
+        let generated = generate(net, &batch, params, &mut rngs)?;
+        for (&i, samples) in chunk.iter().zip(generated.chunks(k)) {
+            out[i] = samples.to_vec();
+        }
+        done += chunk.len();
+        progress(done);
     }
+    Ok(out)
 }
 
-/// K samples for each prompt from `model`; every random choice flows from `seed`.
-#[allow(clippy::too_many_arguments)]
-pub fn sample_prompts(
-    model: &HfModel,
+/// K samples of each prompt from `net` as the loop's records (text, tokens, log-probs);
+/// every random choice flows from `seed`. `progress` hears (prompts done, prompts).
+pub fn sample_records(
+    net: &Llama,
     tok: &HfTokenizer,
     prompts: &[&PromptItem],
     k: usize,
-    sampling: &Sampling,
+    params: &SamplingParams,
     seed: u64,
-    _device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<SampleRecord>, LoopError> {
-    let net = model.build(false)?;
-    let params = prefopt_model::generate::SamplingParams {
-        temperature: sampling.temperature,
-        top_p: sampling.top_p,
-        top_k: sampling.top_k,
-        max_new_tokens: sampling.max_new_tokens,
-        stop_ids: tok.eos_token_ids(),
-    };
-    let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
-    let mut out = Vec::with_capacity(prompts.len());
-    // Sample j of prompt i draws from its own stream i*K + j, so the output does not depend
-    // on how prompts are batched.
-    const PROMPTS_PER_BATCH: usize = 8;
-    for chunk in prompts.chunks(PROMPTS_PER_BATCH) {
-        let first = out.len();
-        let ids = chunk.iter().map(|p| tokenize_prompt(tok, &p.text)).collect::<Result<Vec<_>, _>>()?;
-        let mut rngs: Vec<_> =
-            (0..chunk.len() * k).map(|s| prefopt_model::generate::sample_rng(seed, ((first * k) + s) as u64)).collect();
-        let generated = prefopt_model::generate::generate(&net, &ids, &params, &mut rngs, pad_id)?;
-        for (j, p) in chunk.iter().enumerate() {
-            let rows = &generated[j * k..(j + 1) * k];
-            let mut record = SampleRecord {
-                prompt_index: out.len(),
-                prompt: text_to_json(&p.text),
-                meta: p.meta.clone(),
-                completions: Vec::with_capacity(k),
-                tokens: Vec::with_capacity(k),
-                logprobs: Vec::with_capacity(k),
-            };
-            for g in rows {
-                record.completions.push(tok.decode(&g.tokens, true)?);
-                record.tokens.push(g.tokens.clone());
-                record.logprobs.push(g.logprob);
-            }
-            out.push(record);
+    let ids = prompts.iter().map(|p| tokenize_prompt(tok, &p.text)).collect::<Result<Vec<_>, _>>()?;
+    let total = prompts.len();
+    let generated = sample_completions(net, &ids, k, params, seed, PROMPTS_PER_BATCH, &mut |d| progress(d, total))?;
+    let mut out = Vec::with_capacity(total);
+    for (i, (p, samples)) in prompts.iter().zip(generated).enumerate() {
+        let mut record = SampleRecord {
+            prompt_index: i,
+            prompt: p.text.to_json(),
+            meta: p.meta.clone(),
+            completions: Vec::with_capacity(k),
+            tokens: Vec::with_capacity(k),
+            logprobs: Vec::with_capacity(k),
+        };
+        for g in samples {
+            record.completions.push(tok.decode(&g.tokens, true)?);
+            record.logprobs.push(g.logprob);
+            record.tokens.push(g.tokens);
         }
-        progress(out.len(), prompts.len());
+        out.push(record);
     }
     Ok(out)
 }

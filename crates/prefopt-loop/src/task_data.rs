@@ -12,12 +12,12 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
 use crate::judge::JudgeError;
-use crate::sampling::text_to_json;
+use crate::seeds::SFT_ANSWER_STREAM;
 use crate::tasks::Task;
 
 /// `{"prompt": ...}` lines: the task's first `n` prompts of `seed`.
 pub fn prompt_records(task: &dyn Task, n: usize, seed: u64) -> Vec<Value> {
-    task.prompts(n, seed).iter().map(|p| json!({ "prompt": text_to_json(&p.text) })).collect()
+    task.prompts(n, seed).iter().map(|p| json!({ "prompt": p.text.to_json() })).collect()
 }
 
 /// `{"prompt", "completion"}` lines: with probability `off_format_rate` the right value in one
@@ -32,7 +32,7 @@ pub fn sft_records(
     wrong_rate: f64,
 ) -> Result<Vec<Value>, JudgeError> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(1000);
+    rng.set_stream(SFT_ANSWER_STREAM);
     task.prompts(n, seed)
         .iter()
         .map(|p| {
@@ -46,7 +46,7 @@ pub fn sft_records(
             } else {
                 answer
             };
-            Ok(json!({ "prompt": text_to_json(&p.text), "completion": completion }))
+            Ok(json!({ "prompt": p.text.to_json(), "completion": completion }))
         })
         .collect()
 }

@@ -1,4 +1,5 @@
-//! One error type for the model crate. Every message names the file or tensor it is about.
+//! One error type for the model crate. Every message names the file, tensor or setting it is
+//! about.
 
 use std::path::PathBuf;
 
@@ -17,6 +18,14 @@ pub enum ModelError {
     TensorShape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },
+    /// An input longer than the model's context.
+    #[error("a sequence of {positions} positions exceeds the model's max_position_embeddings ({max})")]
+    SequenceTooLong { positions: usize, max: usize },
+    /// A `--device` / `device` value that cannot be used.
+    #[error("device `{spec}`: {message}")]
+    Device { spec: String, message: String },
+    #[error(transparent)]
+    Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -26,11 +26,14 @@ pub struct SamplingParams {
     pub max_new_tokens: usize,
     /// Generation of a sequence ends right after it samples one of these (EOS, end of turn).
     pub stop_ids: Vec<u32>,
+    /// The id prompts are left-padded with (never attended to, so it changes no result; the
+    /// tokenizer's `padding_id`).
+    pub pad_id: u32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 256, stop_ids: Vec::new() }
+        Self { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: 256, stop_ids: Vec::new(), pad_id: 0 }
     }
 }
 
@@ -79,7 +82,7 @@ pub fn sample_rng(seed: u64, stream: u64) -> ChaCha8Rng {
 ///
 /// Sequence `i * k + j` (the output's order) is sample `j` of prompt `i` and draws its
 /// randomness only from `rngs[i * k + j]`, one uniform number per sampled token (none when
-/// greedy). The prompts are left-padded with `pad_id` (never attended to) and prefilled
+/// greedy). The prompts are left-padded with `params.pad_id` (never attended to) and prefilled
 /// once; their caches are copied to their `k` samples. A sequence leaves the batch when it
 /// samples a stop id, reaches `max_new_tokens`, or fills the model's context.
 pub fn generate<R: Rng>(
@@ -87,8 +90,8 @@ pub fn generate<R: Rng>(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
     rngs: &mut [R],
-    pad_id: u32,
 ) -> Result<Vec<Generated>> {
+    let pad_id = params.pad_id;
     params.validate().map_err(msg)?;
     let n = prompts.len();
     if n == 0 {
@@ -104,13 +107,11 @@ pub fn generate<R: Rng>(
             return Err(msg(format!("prompt {i} has no tokens")));
         }
         if p.len() >= max_pos {
-            return Err(ModelError::Config {
-                path: "config.json".into(),
-                message: format!(
-                    "prompt {i} has {} tokens, leaving no room to generate within max_position_embeddings ({max_pos})",
-                    p.len()
-                ),
-            });
+            return Err(msg(format!(
+                "prompt {i} has {} tokens, leaving no room to generate within the model's \
+                 max_position_embeddings ({max_pos})",
+                p.len()
+            )));
         }
     }
 
@@ -125,7 +126,7 @@ pub fn generate<R: Rng>(
     }
     let ids = Tensor::from_vec(ids, (n, t), device)?;
     let mut cache = KvCache::default();
-    let h = model.hidden_states_padded(&ids, &prompt_pads, &mut cache)?.narrow(1, t - 1, 1)?;
+    let h = model.hidden_states(&ids, &prompt_pads, Some(&mut cache))?.narrow(1, t - 1, 1)?;
     let prompt_logits: Vec<Vec<f32>> = model.logits(&h)?.squeeze(1)?.to_vec2()?; // (n, V)
 
     // One batch row per sequence from here on; `active` maps batch rows to sequences.
@@ -161,7 +162,7 @@ pub fn generate<R: Rng>(
         let last: Vec<u32> = active.iter().map(|&s| *out[s].tokens.last().unwrap_or(&pad_id)).collect();
         let pads: Vec<usize> = active.iter().map(|&s| prompt_pads[s / k]).collect();
         let input = Tensor::from_vec(last, (active.len(), 1), device)?;
-        let h = model.hidden_states_padded(&input, &pads, &mut cache)?;
+        let h = model.hidden_states(&input, &pads, Some(&mut cache))?;
         logits = model.logits(&h)?.squeeze(1)?.to_vec2()?;
     }
     Ok(out)

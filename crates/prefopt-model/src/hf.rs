@@ -7,7 +7,7 @@ use candle_core::Device;
 
 use crate::config::{config_path, LlamaConfig};
 use crate::error::{io_error, Result};
-use crate::llama::{parameter_shapes, Llama};
+use crate::llama::{parameter_shapes, Llama, Mode, Precision};
 use crate::params::Params;
 
 /// A causal LM loaded from a local folder.
@@ -32,14 +32,9 @@ impl HfModel {
         Ok(Self { dir: dir.to_path_buf(), config, raw_config, params, unused_tensors })
     }
 
-    /// The network over these parameters (see [`Llama::new`] for `trainable`).
-    pub fn build(&self, trainable: bool) -> Result<Llama> {
-        Llama::new(&self.config, &self.params, trainable)
-    }
-
-    /// As [`HfModel::build`], computing with bf16-rounded weights when `bf16_weights`.
-    pub fn build_with(&self, trainable: bool, bf16_weights: bool) -> Result<Llama> {
-        Llama::new_with(&self.config, &self.params, trainable, bf16_weights)
+    /// The network over these parameters (see [`Llama::new`]).
+    pub fn build(&self, mode: Mode, precision: Precision) -> Result<Llama> {
+        Llama::new(&self.config, &self.params, mode, precision)
     }
 
     /// Saves `params` as a model folder at `out`, atomically: safetensors (f32), `config.json`
@@ -74,7 +69,7 @@ pub fn save_model_dir(
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     }
-    crate::fsio::write_dir_atomic(out, |tmp| fill_model_dir(tmp, raw_config, params, source))
+    prefopt_fs::write_dir_atomic(out, |tmp| fill_model_dir(tmp, raw_config, params, source))
 }
 
 /// Writes the model files into an existing folder `dir` (for callers that already write
@@ -94,7 +89,7 @@ pub fn fill_model_dir(
     }
     params.save_safetensors(&dir.join("model.safetensors"))?;
     let text = serde_json::to_string_pretty(&config).map_err(|e| io_error(dir, e))?;
-    crate::fsio::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    prefopt_fs::write_atomic(&dir.join("config.json"), text.as_bytes())?;
     if let Some(src) = source {
         for entry in std::fs::read_dir(src).map_err(|e| io_error(src, e))? {
             let entry = entry.map_err(|e| io_error(src, e))?;

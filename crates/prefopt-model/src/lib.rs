@@ -6,8 +6,8 @@
 //! kernels without a backward pass, which would silently drop gradients.
 
 pub mod config;
+pub mod device;
 pub mod error;
-pub mod fsio;
 pub mod generate;
 pub mod hf;
 pub mod init;
@@ -17,9 +17,10 @@ pub mod params;
 pub mod process;
 
 pub use config::LlamaConfig;
+pub use device::{device_name, parse_device, DEVICE_HELP};
 pub use error::{ModelError, Result};
 pub use generate::{generate, sample_rng, Generated, SamplingParams};
 pub use hf::{fill_model_dir, save_model_dir, HfModel};
 pub use init::init_params;
-pub use llama::{parameter_shapes, KvCache, Llama};
+pub use llama::{parameter_shapes, KvCache, Llama, Mode, Precision};
 pub use params::Params;

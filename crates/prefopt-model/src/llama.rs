@@ -11,7 +11,7 @@
 //! The residual stream is kept as (B*T, C) rows, the layout every linear layer and fused op
 //! reads, so no reshapes or head transposes enter the graph.
 //!
-//! bf16 weights ([`Llama::new_with`]): the forward pass sees every weight rounded to bf16,
+//! bf16 weights ([`Precision::Bf16`]): the forward pass sees every weight rounded to bf16,
 //! through a differentiable cast, so gradients reach the f32 master weights unchanged and
 //! the optimizer updates those; activations, norms, softmax and log-softmax stay in f32.
 //!
@@ -60,6 +60,36 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
         shapes.push(("lm_head.weight".to_string(), vec![v, c]));
     }
     shapes
+}
+
+/// What a network built over a model's parameters is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The network's tensors are the parameters' variables, so a backward pass reaches them.
+    Train,
+    /// Detached copies that record no graph, laid out for fast inference (scoring, sampling,
+    /// reference models).
+    Infer,
+}
+
+/// The precision the network computes its weights in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// The f32 weights as they are.
+    F32,
+    /// Every weight rounded to bf16 (and back to f32) on the forward pass; see the module docs.
+    Bf16,
+}
+
+impl Precision {
+    /// `Bf16` when `bf16` (the `bf16` training key), else `F32`.
+    pub fn from_bf16_flag(bf16: bool) -> Self {
+        if bf16 {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
 }
 
 /// `y = x W^T + b` over the last dimension.
@@ -319,21 +349,16 @@ pub struct Llama {
     rope: Rope,
     /// Round embedding and LM head to bf16 on every pass (as `Linear::round`).
     round: bool,
-    bf16_weights: bool,
+    precision: Precision,
 }
 
 impl Llama {
-    /// Builds the model over `params`. With `trainable`, the model's tensors are the
-    /// parameters' variables, so a backward pass reaches them; otherwise they are detached
-    /// copies that record no graph (scoring, sampling, reference models).
-    pub fn new(cfg: &LlamaConfig, params: &Params, trainable: bool) -> Result<Self> {
-        Self::new_with(cfg, params, trainable, false)
-    }
-
-    /// As [`Llama::new`]; with `bf16_weights` the network computes with its weights rounded
-    /// to bf16 (see the module docs). A frozen model rounds them once here, a trainable one
-    /// on every forward pass, since the optimizer changes the f32 weights between passes.
-    pub fn new_with(cfg: &LlamaConfig, params: &Params, trainable: bool, bf16_weights: bool) -> Result<Self> {
+    /// Builds the network over `params` for `mode`, computing in `precision`. A frozen
+    /// (`Mode::Infer`) network rounds bf16 weights once here, a trainable one on every forward
+    /// pass, since the optimizer changes the f32 weights between passes.
+    pub fn new(cfg: &LlamaConfig, params: &Params, mode: Mode, precision: Precision) -> Result<Self> {
+        let trainable = mode == Mode::Train;
+        let bf16_weights = precision == Precision::Bf16;
         let round = bf16_weights && trainable;
         let get = |name: &str| -> Result<Tensor> {
             let var = params
@@ -383,7 +408,7 @@ impl Llama {
             lm_head_t,
             rope: Rope::new(cfg)?,
             round,
-            bf16_weights,
+            precision,
         })
     }
 
@@ -391,9 +416,9 @@ impl Llama {
         &self.cfg
     }
 
-    /// Whether the network computes with bf16-rounded weights ([`Llama::new_with`]).
-    pub fn bf16_weights(&self) -> bool {
-        self.bf16_weights
+    /// The precision the network computes its weights in.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The device the weights live on.
@@ -401,36 +426,28 @@ impl Llama {
         self.embed.device()
     }
 
-    /// Logits at every position: input ids (B, T) u32 -> (B, T, V).
+    /// Logits at every position of a batch without padding or cache: input ids (B, T) u32 ->
+    /// (B, T, V). The same as `logits(hidden_states(input_ids, &[], None))`.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let h = self.hidden_states(input_ids, None)?;
-        Ok(self.project(&h)?)
+        let h = self.hidden_states(input_ids, &[], None)?;
+        self.logits(&h)
     }
 
-    /// Logits for new tokens (B, T) after the positions in `cache`, which is extended.
-    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.hidden_states(input_ids, Some(cache))?;
-        Ok(self.project(&h)?)
-    }
-
-    /// Logits (B, T, V) for a left-padded batch, for generation: row b starts with
-    /// `pad_lens[b]` pad tokens, fixed for the whole generation (the prefill and every
-    /// cached step after it). Each row's real tokens sit at positions 0, 1, ... (as
-    /// transformers' `position_ids = cumsum(attention_mask) - 1`) and no query attends to a
-    /// pad key, so a row's logits at real positions are those of the row run alone. The
-    /// logits at pad positions are meaningless.
-    pub fn forward_padded(&self, input_ids: &Tensor, pad_lens: &[usize], cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.hidden_states_padded(input_ids, pad_lens, cache)?;
-        Ok(self.project(&h)?)
-    }
-
-    /// Final-norm hidden states (B, T, C) of a left-padded batch (see [`Llama::forward_padded`]).
-    pub fn hidden_states_padded(&self, input_ids: &Tensor, pad_lens: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+    /// Final-norm hidden states (B, T, C) of input ids (B, T) u32: the input to the LM head
+    /// ([`Llama::logits`]) or a score head.
+    ///
+    /// `cache`, when given, holds the keys/values of earlier positions and is extended with
+    /// these. `pad_lens` is empty, or gives per batch row the left-padding slots (for
+    /// generation, fixed for the prefill and every cached step after it): row b's real tokens
+    /// sit at positions 0, 1, ... (as transformers' `position_ids = cumsum(attention_mask) - 1`)
+    /// and no query attends to a pad key, so a row's states at real positions are those of
+    /// the row run alone. The states at pad positions are meaningless.
+    pub fn hidden_states(&self, input_ids: &Tensor, pad_lens: &[usize], cache: Option<&mut KvCache>) -> Result<Tensor> {
         let b = input_ids.dim(0)?;
-        if pad_lens.len() != b {
+        if !pad_lens.is_empty() && pad_lens.len() != b {
             return Err(candle_core::Error::Msg(format!("{} pad lengths for a batch of {b}", pad_lens.len())).into());
         }
-        self.run(input_ids, pad_lens, Some(cache))
+        self.run(input_ids, pad_lens, cache)
     }
 
     /// Logits (B, T, V) from final-norm hidden states (B, T, C): the LM head alone, so a
@@ -439,24 +456,13 @@ impl Llama {
         Ok(self.project(h)?)
     }
 
-    /// Final-norm hidden states (B, T, C); the input to the LM head or a score head.
-    pub fn hidden_states(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.run(input_ids, &[], cache)
-    }
-
     /// The network; `pad_lens` empty or all zero means no padding.
     fn run(&self, input_ids: &Tensor, pad_lens: &[usize], mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let longest = past + t - pad_lens.iter().copied().min().unwrap_or(0).min(past + t);
         if longest > self.cfg.max_position_embeddings {
-            return Err(ModelError::Config {
-                path: "config.json".into(),
-                message: format!(
-                    "sequence of {longest} positions exceeds max_position_embeddings ({})",
-                    self.cfg.max_position_embeddings
-                ),
-            });
+            return Err(ModelError::SequenceTooLong { positions: longest, max: self.cfg.max_position_embeddings });
         }
         let device = input_ids.device();
         let (cos, sin) = if pad_lens.iter().all(|&p| p == 0) {

@@ -109,7 +109,7 @@ impl Params {
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
             .map_err(|e| ModelError::Weights { path: path.to_path_buf(), message: e.to_string() })?;
-        crate::fsio::write_atomic(path, &bytes)
+        Ok(prefopt_fs::write_atomic(path, &bytes)?)
     }
 }
 

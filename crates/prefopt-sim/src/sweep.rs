@@ -262,6 +262,46 @@ impl SweepOutput {
     pub fn group(&self, n: Option<usize>, beta: f64, alpha: f64) -> Vec<&Run> {
         self.runs.iter().filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha).collect()
     }
+
+    /// Mean and interquartile band over seeds of the gap at every iteration of a group:
+    /// `(t, mean)` and `(t, 25th percentile, 75th percentile)`.
+    pub fn gap_band(&self, n: Option<usize>, beta: f64, alpha: f64) -> GapBand {
+        let runs = self.group(n, beta, alpha);
+        let iters = runs[0].records.len();
+        let mut mean = Vec::with_capacity(iters);
+        let mut band = Vec::with_capacity(iters);
+        for t in 0..iters {
+            let mut v: Vec<f64> = runs.iter().map(|r| r.records[t].gap()).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            mean.push((t as f64, m));
+            band.push((t as f64, quantile(&v, 0.25), quantile(&v, 0.75)));
+        }
+        (mean, band)
+    }
+
+    /// The final gap of a group over seeds: (mean, 25th percentile, 75th percentile).
+    pub fn final_gap_band(&self, n: Option<usize>, beta: f64, alpha: f64) -> (f64, f64, f64) {
+        let mut v: Vec<f64> =
+            self.group(n, beta, alpha).iter().filter_map(|r| r.records.last()).map(|r| r.gap()).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v.iter().sum::<f64>() / v.len() as f64, quantile(&v, 0.25), quantile(&v, 0.75))
+    }
+}
+
+/// A line (`(t, mean)`) and its band (`(t, 25th percentile, 75th percentile)`).
+pub type GapBand = (Vec<(f64, f64)>, Vec<(f64, f64, f64)>);
+
+/// The `q`-quantile of sorted values, interpolated linearly between neighbours (numpy's
+/// default).
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = q * (sorted.len() - 1) as f64;
+    let (i, f) = (pos.floor() as usize, pos.fract());
+    if i + 1 < sorted.len() {
+        sorted[i] * (1.0 - f) + sorted[i + 1] * f
+    } else {
+        sorted[i]
+    }
 }
 
 /// Runs one configuration of the algorithm: `n = None` is exact mode.

@@ -46,13 +46,9 @@ pub fn latest(output_dir: &Path) -> Option<PathBuf> {
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState, TrainError> {
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))
+    Ok(prefopt_fs::read_json(&dir.join(STATE_FILE))?)
 }
 
 pub fn write_state(dir: &Path, state: &TrainerState) -> Result<(), TrainError> {
-    let text = serde_json::to_string_pretty(state).map_err(|e| TrainError::Io(e.to_string()))?;
-    prefopt_model::fsio::write_atomic(&dir.join(STATE_FILE), text.as_bytes())?;
-    Ok(())
+    Ok(prefopt_fs::write_json(&dir.join(STATE_FILE), state)?)
 }

@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
+use prefopt_data::TokenizeOptions;
+use prefopt_model::Precision;
 use serde::{Deserialize, Serialize};
 
 use crate::losses::LossType;
@@ -120,6 +123,9 @@ pub struct TrainConfig {
     /// Compute with bf16-rounded weights (policy and reference); the optimizer keeps f32
     /// master weights, and activations and log-softmax stay f32. Default false.
     pub bf16: bool,
+    /// Where the tensors live: "cpu", "cuda" or "cuda:N" (a build with the `cuda` feature).
+    /// Default "cpu".
+    pub device: String,
 }
 
 impl Default for TrainConfig {
@@ -164,12 +170,13 @@ impl Default for TrainConfig {
             resume_from_checkpoint: None,
             on_nonfinite: NonFinitePolicy::Stop,
             bf16: false,
+            device: "cpu".into(),
         }
     }
 }
 
 /// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
-pub const SFT_KEYS: [&str; 28] = [
+pub const SFT_KEYS: [&str; 29] = [
     "model",
     "train_data",
     "eval_data",
@@ -198,6 +205,7 @@ pub const SFT_KEYS: [&str; 28] = [
     "on_nonfinite",
     "cache_dir",
     "bf16",
+    "device",
 ];
 
 /// One `--set key=value` override: the trimmed key and the value read as TOML (`1e-3`,
@@ -210,6 +218,27 @@ pub fn parse_override(spec: &str) -> Result<(String, toml::Value), String> {
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
     Ok((key.trim().to_string(), value))
+}
+
+/// Applies `key=value` overrides to a TOML table: each value read as [`parse_override`]
+/// reads it; a dotted key (`train.learning_rate`) reaches into (or creates) nested tables.
+/// The one `--set` merge of every command.
+pub fn apply_overrides(table: &mut toml::Table, overrides: &[String]) -> Result<(), String> {
+    for spec in overrides {
+        let (key, value) = parse_override(spec)?;
+        let parts: Vec<&str> = key.split('.').collect();
+        let (last, path) = parts.split_last().ok_or_else(|| format!("--set `{spec}`: empty key"))?;
+        let mut slot = &mut *table;
+        for part in path {
+            slot = slot
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| format!("--set `{key}`: `{part}` is not a table"))?;
+        }
+        slot.insert(last.to_string(), value);
+    }
+    Ok(())
 }
 
 /// A config problem, with the file and key it is about.
@@ -256,10 +285,7 @@ impl TrainConfig {
         };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
         let as_written = table.clone();
-        for o in overrides {
-            let (key, value) = parse_override(o).map_err(&err)?;
-            table.insert(key, value);
-        }
+        apply_overrides(&mut table, overrides).map_err(&err)?;
         check(&mut table).map_err(&err)?;
         // Unchanged: parse the user's own text, so serde's errors point at their lines.
         if table != as_written {
@@ -341,5 +367,21 @@ impl TrainConfig {
 
     pub fn ref_model_path(&self) -> &Path {
         self.ref_model.as_deref().unwrap_or(&self.model)
+    }
+
+    /// The length budget of every tokenization of the run (training, evaluation, reference).
+    pub fn tokenize_options(&self) -> TokenizeOptions {
+        TokenizeOptions { max_length: Some(self.max_length), max_prompt_length: self.max_prompt_length }
+    }
+
+    /// The `device` key as a device; an unusable one (`cuda` in a CPU-only build) is an error
+    /// that says why.
+    pub fn device(&self) -> Result<Device, prefopt_model::ModelError> {
+        prefopt_model::parse_device(&self.device)
+    }
+
+    /// The `bf16` key as the network's precision.
+    pub fn precision(&self) -> Precision {
+        Precision::from_bf16_flag(self.bf16)
     }
 }

@@ -47,7 +47,7 @@ impl PairDataset {
     pub fn load(path: &Path, tok: &HfTokenizer, opts: &TokenizeOptions) -> Result<Self, TrainError> {
         let records = read_records(path)?;
         if records.is_empty() {
-            return Err(TrainError::Data(format!("{}: the dataset is empty", path.display())));
+            return Err(TrainError::EmptyData { path: path.to_path_buf() });
         }
         let mut pairs = Vec::new();
         let mut kept = Vec::new();
@@ -68,11 +68,11 @@ impl PairDataset {
             }
         }
         if pairs.is_empty() {
-            return Err(TrainError::Data(format!(
-                "{}: all {dropped} examples were dropped by truncation (e.g. {}); raise max_length",
-                path.display(),
-                first_reason.unwrap_or_default()
-            )));
+            return Err(TrainError::AllDropped {
+                path: path.to_path_buf(),
+                dropped,
+                example: first_reason.unwrap_or_default(),
+            });
         }
         let ref_logps = read_columns(&kept, REF_COLUMNS, None)?;
         let win_probs = read_columns(&kept, WIN_PROB_COLUMNS, Some((0.0, 1.0)))?;
@@ -93,7 +93,7 @@ impl PairDataset {
 /// finite and, with `range`, inside it.
 fn read_columns(
     rows: &[&Record],
-    names: [&str; 2],
+    names: [&'static str; 2],
     range: Option<(f64, f64)>,
 ) -> Result<Option<Vec<(f32, f32)>>, TrainError> {
     let has = |r: &Record, name: &str| r.value.get(name).is_some_and(|v| !v.is_null());
@@ -101,8 +101,8 @@ fn read_columns(
         return Ok(None);
     };
     let first_name = names.iter().find(|n| has(first, n)).copied().unwrap_or(names[0]);
-    let value = |r: &Record, name: &str| -> Result<f32, TrainError> {
-        let bad = |what: String| TrainError::Data(format!("{}: field `{name}`: {what}", r.source));
+    let value = |r: &Record, name: &'static str| -> Result<f32, TrainError> {
+        let bad = |message: String| TrainError::Column { at: r.source.clone(), field: name, message };
         let v = r.value.get(name).filter(|v| !v.is_null()).ok_or_else(|| {
             bad(format!(
                 "missing, but {} has `{first_name}`; give `{}` and `{}` on every row or on none",

@@ -20,23 +20,47 @@ pub mod sft;
 pub mod spo;
 pub mod trainer;
 
+use std::path::PathBuf;
+
 pub use config::TrainConfig;
-pub use logps::{completion_logps, CompletionLogps, SequenceBatch};
-pub use preference::train;
+pub use logps::{completion_logps, score_pairs, CompletionLogps, SequenceBatch};
+pub use preference::{train, PreferenceObjective};
 pub use sft::train_sft;
 pub use trainer::{Observer, Quiet, StepStatus, TrainSummary};
 
-/// Why a training run stopped. Messages name the file, key, step or batch involved.
+/// Why a training run stopped. Every message names the key, file (and line and field),
+/// folder, step or batch involved.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Data(String),
-    #[error("{0}")]
-    Io(String),
-    #[error("{0}")]
-    NonFinite(String),
+    /// A setting that cannot work.
+    #[error("{key}: {message}")]
+    Config { key: &'static str, message: String },
+    /// `output_dir` cannot be used (not creatable, not writable, holds another run).
+    #[error("output_dir {}: {message}", dir.display())]
+    OutputDir { dir: PathBuf, message: String },
+    /// A checkpoint cannot be resumed.
+    #[error("{}: {message}", dir.display())]
+    Checkpoint { dir: PathBuf, message: String },
+    /// A data file without a single record.
+    #[error("{}: the dataset is empty", path.display())]
+    EmptyData { path: PathBuf },
+    /// Every example of a data file was dropped by the length budget.
+    #[error(
+        "{}: all {dropped} examples were dropped by truncation (e.g. {example}); raise max_length",
+        path.display()
+    )]
+    AllDropped { path: PathBuf, dropped: usize, example: String },
+    /// An optional per-pair column (reference log-probs, win probabilities) is missing or wrong.
+    #[error("{at}: field `{field}`: {message}")]
+    Column { at: prefopt_data::RecordSource, field: &'static str, message: String },
+    /// A NaN or infinite loss or gradient, with `on_nonfinite = "stop"`.
+    #[error(
+        "non-finite loss or gradient (loss {loss}, grad_norm {grad_norm}) at step {step}, batch {batch}; last good checkpoint: {}",
+        last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string())
+    )]
+    NonFinite { step: usize, loss: f64, grad_norm: f64, batch: String, last_checkpoint: Option<PathBuf> },
+    #[error(transparent)]
+    Fs(#[from] prefopt_fs::FsError),
     // Boxed: these are large, and every fallible function returns a TrainError.
     #[error(transparent)]
     Model(Box<prefopt_model::ModelError>),

@@ -2,7 +2,7 @@
 //! `lp(y) = sum_t log pi(y_t | x, y_<t)` over completion tokens only, in f32.
 
 use candle_core::{DType, Device, Tensor, D};
-use prefopt_data::TokenizedSequence;
+use prefopt_data::{TokenizedPair, TokenizedSequence};
 use prefopt_model::ops::token_logps;
 use prefopt_model::Llama;
 
@@ -60,7 +60,7 @@ pub struct CompletionLogps {
 /// log-softmax (always f32, the fused `token_logps` op) run only at the positions that predict
 /// a completion token: prompt and padding positions cost nothing and pass no gradient.
 pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::Result<CompletionLogps> {
-    let h = model.hidden_states(&batch.input_ids, None)?; // (B, T, C)
+    let h = model.hidden_states(&batch.input_ids, &[], None)?; // (B, T, C)
     let (b, t, c) = h.dims3()?;
     let ids: Vec<Vec<u32>> = batch.targets.to_vec2()?;
     let mask: Vec<Vec<f32>> = batch.completion_mask.to_vec2()?;
@@ -94,4 +94,30 @@ pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::
                                                                  // A metric only: computed on detached logits so it adds nothing to the graph.
     let logit_sums = per_sequence(&logits.detach().mean(D::Minus1)?)?;
     Ok(CompletionLogps { logps, logit_sums })
+}
+
+/// Summed completion log-probs `(lp(chosen), lp(rejected))` of each pair under `model`, in
+/// order: the one scoring path of prefopt (reference log-probs, `prefopt score`, the loop's
+/// exact reference, the demo's base model). `batch_size` pairs share a forward pass, their
+/// chosen sequences first and their rejected ones after, the layout the trainer's steps use.
+/// `progress` hears the number of pairs done after each batch.
+pub fn score_pairs(
+    model: &Llama,
+    pairs: &[&TokenizedPair],
+    batch_size: usize,
+    pad_id: u32,
+    mut progress: impl FnMut(usize),
+) -> prefopt_model::Result<Vec<(f32, f32)>> {
+    let device = model.device();
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let seqs: Vec<&TokenizedSequence> =
+            chunk.iter().map(|p| &p.chosen).chain(chunk.iter().map(|p| &p.rejected)).collect();
+        let batch = SequenceBatch::new(&seqs, pad_id, device)?;
+        let lp: Vec<f32> = completion_logps(model, &batch)?.logps.to_vec1()?;
+        let n = chunk.len();
+        out.extend((0..n).map(|i| (lp[i], lp[n + i])));
+        progress(out.len());
+    }
+    Ok(out)
 }

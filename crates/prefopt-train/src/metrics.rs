@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use prefopt_fs::FsError;
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
@@ -54,8 +55,8 @@ impl MetricsLog {
             .create(true)
             .append(true)
             .open(&self.path)
-            .map_err(|e| TrainError::Io(format!("{}: {e}", self.path.display())))?;
-        writeln!(f, "{line}").map_err(|e| TrainError::Io(format!("{}: {e}", self.path.display())))
+            .map_err(|e| FsError::io(&self.path, e))?;
+        Ok(writeln!(f, "{line}").map_err(|e| FsError::io(&self.path, e))?)
     }
 
     /// On resume: keeps only the lines of steps up to `step` (those the checkpoint saw), so
@@ -72,7 +73,7 @@ impl MetricsLog {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        prefopt_model::fsio::write_atomic(&self.path, kept.as_bytes())?;
+        prefopt_fs::write_atomic(&self.path, kept.as_bytes())?;
         Ok(())
     }
 

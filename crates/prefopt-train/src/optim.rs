@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use prefopt_model::{ModelError, Params};
+use prefopt_model::Params;
 
 /// File names inside a checkpoint folder.
 pub const STATE_FILE: &str = "optimizer.safetensors";
@@ -134,19 +134,13 @@ pub enum OptimError {
     #[error("{path}: the checkpoint holds `{found}` optimizer state, but the config asks for `{expected}`")]
     KindMismatch { path: PathBuf, expected: OptimizerKind, found: OptimizerKind },
     #[error(transparent)]
+    Fs(#[from] prefopt_fs::FsError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> OptimError {
     OptimError::Io { path: path.to_path_buf(), message: e.to_string() }
-}
-
-fn from_model_err(path: &Path, e: ModelError) -> OptimError {
-    match e {
-        ModelError::Io { path, message } => OptimError::Io { path, message },
-        ModelError::Candle(e) => OptimError::Candle(e),
-        other => io_err(path, other),
-    }
 }
 
 /// `optimizer.json`: what the state tensors mean.
@@ -342,7 +336,7 @@ impl Optimizer {
         let metadata = HashMap::from([("format".to_string(), META_FORMAT.to_string())]);
         let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
             .map_err(|e| io_err(&state_path, e))?;
-        prefopt_model::fsio::write_atomic(&state_path, &bytes).map_err(|e| from_model_err(&state_path, e))?;
+        prefopt_fs::write_atomic(&state_path, &bytes)?;
 
         let meta_path = dir.join(META_FILE);
         let meta = Meta {
@@ -353,7 +347,7 @@ impl Optimizer {
             no_decay: self.no_decay_names().into_iter().map(String::from).collect(),
         };
         let json = serde_json::to_string_pretty(&meta).map_err(|e| io_err(&meta_path, e))? + "\n";
-        prefopt_model::fsio::write_atomic(&meta_path, json.as_bytes()).map_err(|e| from_model_err(&meta_path, e))
+        Ok(prefopt_fs::write_atomic(&meta_path, json.as_bytes())?)
     }
 
     /// Restores state saved by [`Optimizer::save`] for the same parameters. The hyper-parameters

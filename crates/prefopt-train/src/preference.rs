@@ -2,8 +2,8 @@
 //! pairs, with SPO (section 4) as an optional stabilizer, and `train`, its entry point.
 
 use candle_core::{Device, Tensor};
-use prefopt_data::{HfTokenizer, TokenizeOptions};
-use prefopt_model::{HfModel, Llama, Params};
+use prefopt_data::HfTokenizer;
+use prefopt_model::{HfModel, Llama, Mode, Params};
 
 use crate::config::TrainConfig;
 use crate::dataset::PairDataset;
@@ -11,16 +11,17 @@ use crate::losses::{combined_loss, reward_metrics, LossParams, LossType, PairLog
 use crate::reference::{self, RefLogps};
 use crate::spo::{self, SpoSolver};
 use crate::trainer::{
-    backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary,
+    backward, describe_sources, prepare_output, run_loop, scalar, LogitSums, Objective, Observer, StepAccumulator,
+    TrainSummary,
 };
 use crate::{grads, logps, TrainError};
 
 /// Runs a preference training job as configured.
 pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, TrainError> {
-    let device = Device::Cpu;
+    let device = cfg.device()?;
     let resume_dir = prepare_output(cfg)?;
     let tok = HfTokenizer::from_dir(&cfg.model)?;
-    let opts = TokenizeOptions { max_length: Some(cfg.max_length), max_prompt_length: cfg.max_prompt_length };
+    let opts = cfg.tokenize_options();
     let train_data = PairDataset::load(&cfg.train_data, &tok, &opts)?;
     let eval_data = cfg.eval_data.as_deref().map(|p| PairDataset::load(p, &tok, &opts)).transpose()?;
     if train_data.dropped > 0 {
@@ -31,27 +32,24 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, 
             cfg.max_length
         ));
     }
-    let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
+    let pad_id = tok.padding_id();
 
     // Losses: check every parameter before any compute.
-    let params = LossParams {
-        beta: cfg.beta,
-        label_smoothing: cfg.label_smoothing,
-        simpo_gamma: cfg.simpo_gamma,
-        dpop_lambda: cfg.dpop_lambda,
-        ..LossParams::default()
-    };
     let terms = cfg.loss_terms();
+    let params = loss_params(cfg);
     for (kind, _) in &terms {
-        params.check(*kind).map_err(|e| TrainError::Config(e.to_string()))?;
+        params.check(*kind)?;
         if kind.needs_win_probs() {
             if let Some(data) = std::iter::once(&train_data).chain(&eval_data).find(|d| d.win_probs.is_none()) {
-                return Err(TrainError::Config(format!(
-                    "loss `{}` needs win probabilities: columns `win_prob_chosen` and `win_prob_rejected` in {} \
-                     (`prefopt apo` writes them); use `sppo_hard` without them",
-                    kind.name(),
-                    data.path.display()
-                )));
+                return Err(TrainError::Config {
+                    key: "loss_type",
+                    message: format!(
+                        "loss `{}` needs win probabilities: columns `win_prob_chosen` and `win_prob_rejected` in {} \
+                         (`prefopt apo` writes them); use `sppo_hard` without them",
+                        kind.name(),
+                        data.path.display()
+                    ),
+                });
             }
         }
     }
@@ -71,24 +69,28 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, 
         (None, None)
     };
 
-    let mut objective = PreferenceObjective {
-        train: train_data,
-        eval: eval_data,
-        ref_train,
-        ref_eval,
-        terms,
-        params,
-        spo: (cfg.spo_lambda > 0.0).then_some((cfg.spo_solver, cfg.spo_lambda, cfg.spo_eta)),
-        batch_size: cfg.batch_size,
-        pad_id,
-        device,
-    };
+    let mut objective = PreferenceObjective::new(cfg, train_data, ref_train, pad_id);
+    objective.eval = eval_data;
+    objective.ref_eval = ref_eval;
     let mut summary = run_loop(cfg, resume_dir, &mut objective, obs)?;
     summary.reference_forward_passes = reference_forward_passes;
     Ok(summary)
 }
 
-struct PreferenceObjective {
+/// The loss knobs of a config.
+fn loss_params(cfg: &TrainConfig) -> LossParams {
+    LossParams {
+        beta: cfg.beta,
+        label_smoothing: cfg.label_smoothing,
+        simpo_gamma: cfg.simpo_gamma,
+        dpop_lambda: cfg.dpop_lambda,
+        ..LossParams::default()
+    }
+}
+
+/// Preference pairs and how to turn them into a loss: the configured mix of losses, SPO on
+/// top when enabled, the reference log-probs as data.
+pub struct PreferenceObjective {
     train: PairDataset,
     eval: Option<PairDataset>,
     ref_train: Option<RefLogps>,
@@ -99,7 +101,30 @@ struct PreferenceObjective {
     spo: Option<(SpoSolver, f64, f64)>,
     batch_size: usize,
     pad_id: u32,
-    device: Device,
+}
+
+impl PreferenceObjective {
+    /// The objective of `cfg`'s losses on `train`, with reference log-probs `reference` (one
+    /// pair per training pair; `None` for reference-free losses) and no evaluation data.
+    pub fn new(cfg: &TrainConfig, train: PairDataset, reference: Option<RefLogps>, pad_id: u32) -> Self {
+        Self {
+            train,
+            eval: None,
+            ref_train: reference,
+            ref_eval: None,
+            terms: cfg.loss_terms(),
+            params: loss_params(cfg),
+            spo: (cfg.spo_lambda > 0.0).then_some((cfg.spo_solver, cfg.spo_lambda, cfg.spo_eta)),
+            batch_size: cfg.batch_size,
+            pad_id,
+        }
+    }
+
+    /// Replaces the training pairs' reference log-probs (a caller that recomputes them, as a
+    /// benchmark of PyTorch's per-step reference forward does).
+    pub fn set_reference(&mut self, reference: RefLogps) {
+        self.ref_train = Some(reference);
+    }
 }
 
 impl Objective for PreferenceObjective {
@@ -124,14 +149,16 @@ impl Objective for PreferenceObjective {
     ) -> Result<StepAccumulator, TrainError> {
         let mut acc = StepAccumulator::default();
         let share = micro.len() as f64 / step.len() as f64;
-        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, &self.device)?;
+        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id)?;
         let x = fwd.pair_logps();
         let po = combined_loss(&self.terms, &self.params, &x)?;
         let (objective, g) = match self.spo {
             None => (scalar(&po)?, backward(&po, params)?),
             Some((solver, lambda, _)) => {
-                let ref_chosen =
-                    x.ref_chosen.ok_or_else(|| TrainError::Config("SPO needs reference log-probs".into()))?;
+                let ref_chosen = x.ref_chosen.ok_or_else(|| TrainError::Config {
+                    key: "spo_lambda",
+                    message: "SPO needs reference log-probs".into(),
+                })?;
                 let q = spo::safe_region_violation(x.chosen, ref_chosen, x.chosen_lens)?;
                 acc.add_metric("spo/violation", scalar(&q)?, share);
                 match solver {
@@ -169,7 +196,7 @@ impl Objective for PreferenceObjective {
         let all: Vec<usize> = (0..data.len()).collect();
         for micro in all.chunks(self.batch_size) {
             let share = micro.len() as f64 / data.len() as f64;
-            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id, &self.device)?;
+            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id)?;
             let x = fwd.pair_logps();
             acc.add_metric("loss", scalar(&combined_loss(&self.terms, &self.params, &x)?)?, share);
             if let (Some(_), Some(ref_chosen)) = (self.spo, x.ref_chosen) {
@@ -189,7 +216,7 @@ fn add_batch_metrics(acc: &mut StepAccumulator, beta: f64, fwd: &PairForward, sh
     for (name, value) in reward_metrics(beta, &fwd.pair_logps())?.named() {
         acc.add_metric(name, value, share);
     }
-    acc.add_logits(fwd.logit_sum_chosen, fwd.tokens_chosen, fwd.logit_sum_rejected, fwd.tokens_rejected);
+    acc.add_logits(&fwd.logits);
     Ok(())
 }
 
@@ -228,13 +255,10 @@ fn reference_logps(
     } else {
         None
     };
-    let model = HfModel::load(ref_dir, device)?;
+    let reference = HfModel::load(ref_dir, device)?.build(Mode::Infer, cfg.precision())?;
     let total = data.len();
-    let mut done = 0;
-    let values = reference::compute(&model, cfg.bf16, data, cfg.batch_size, pad_id, device, |n| {
-        done += n;
-        obs.reference_progress(done, total);
-    })?;
+    let values =
+        reference::compute(&reference, data, cfg.batch_size, pad_id, |done| obs.reference_progress(done, total))?;
     if let Some((dir, key)) = cache {
         let path = reference::store_cached(&dir, &key, &values)?;
         obs.message(&format!("reference log-probs cached at {}", path.display()));
@@ -252,10 +276,7 @@ struct PairForward {
     win_probs: Option<(Tensor, Tensor)>,
     chosen_lens: Tensor,
     rejected_lens: Tensor,
-    logit_sum_chosen: f64,
-    logit_sum_rejected: f64,
-    tokens_chosen: f64,
-    tokens_rejected: f64,
+    logits: LogitSums,
     num_tokens: usize,
 }
 
@@ -281,8 +302,8 @@ fn forward_pairs(
     refs: Option<&RefLogps>,
     idx: &[usize],
     pad_id: u32,
-    device: &Device,
 ) -> Result<PairForward, TrainError> {
+    let device = model.device();
     let m = idx.len();
     let seqs: Vec<_> =
         idx.iter().map(|&i| &data.pairs[i].chosen).chain(idx.iter().map(|&i| &data.pairs[i].rejected)).collect();
@@ -308,10 +329,12 @@ fn forward_pairs(
         win_probs,
         chosen_lens: Tensor::from_vec(lens[..m].to_vec(), m, device)?,
         rejected_lens: Tensor::from_vec(lens[m..].to_vec(), m, device)?,
-        logit_sum_chosen: logit_sums[..m].iter().map(|&v| v as f64).sum(),
-        logit_sum_rejected: logit_sums[m..].iter().map(|&v| v as f64).sum(),
-        tokens_chosen: lens[..m].iter().map(|&v| v as f64).sum(),
-        tokens_rejected: lens[m..].iter().map(|&v| v as f64).sum(),
+        logits: LogitSums {
+            chosen: logit_sums[..m].iter().map(|&v| v as f64).sum(),
+            chosen_tokens: lens[..m].iter().map(|&v| v as f64).sum(),
+            rejected: logit_sums[m..].iter().map(|&v| v as f64).sum(),
+            rejected_tokens: lens[m..].iter().map(|&v| v as f64).sum(),
+        },
         num_tokens: batch.num_tokens,
     })
 }

@@ -6,38 +6,28 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-use prefopt_model::HfModel;
+use prefopt_fs::FsError;
+use prefopt_model::Llama;
 use sha2::{Digest, Sha256};
 
 use crate::dataset::PairDataset;
-use crate::logps::{completion_logps, SequenceBatch};
+use crate::logps::score_pairs;
 use crate::TrainError;
 
 /// (lp_ref(chosen), lp_ref(rejected)) per pair, in dataset order.
 pub type RefLogps = Vec<(f32, f32)>;
 
-/// Reference log-probs of `data` under `model`, in batches of `batch_size` pairs.
+/// Reference log-probs of `data` under the frozen network `reference`, `batch_size` pairs
+/// per forward pass; `progress` hears the pairs done so far.
 pub fn compute(
-    model: &HfModel,
-    bf16_weights: bool,
+    reference: &Llama,
     data: &PairDataset,
     batch_size: usize,
     pad_id: u32,
-    device: &Device,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<RefLogps, TrainError> {
-    let net = model.build_with(false, bf16_weights)?;
-    let mut out = Vec::with_capacity(data.len());
-    for chunk in data.pairs.chunks(batch_size.max(1)) {
-        let seqs: Vec<_> = chunk.iter().map(|p| &p.chosen).chain(chunk.iter().map(|p| &p.rejected)).collect();
-        let batch = SequenceBatch::new(&seqs, pad_id, device)?;
-        let lp: Vec<f32> = completion_logps(&net, &batch)?.logps.to_vec1()?;
-        let n = chunk.len();
-        out.extend((0..n).map(|i| (lp[i], lp[n + i])));
-        progress(n);
-    }
-    Ok(out)
+    let pairs: Vec<_> = data.pairs.iter().collect();
+    Ok(score_pairs(reference, &pairs, batch_size, pad_id, progress)?)
 }
 
 /// Hex SHA-256 over the reference model's weight and tokenizer files, the data file, and
@@ -45,7 +35,7 @@ pub fn compute(
 pub fn cache_key(ref_dir: &Path, data_path: &Path, settings: &str) -> Result<String, TrainError> {
     let mut hasher = Sha256::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(ref_dir)
-        .map_err(|e| TrainError::Io(format!("{}: {e}", ref_dir.display())))?
+        .map_err(|e| FsError::io(ref_dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -67,10 +57,10 @@ pub fn cache_key(ref_dir: &Path, data_path: &Path, settings: &str) -> Result<Str
 }
 
 fn hash_file(hasher: &mut Sha256, path: &Path) -> Result<(), TrainError> {
-    let mut f = std::fs::File::open(path).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+    let mut f = std::fs::File::open(path).map_err(|e| FsError::io(path, e))?;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| TrainError::Io(format!("{}: {e}", path.display())))?;
+        let n = f.read(&mut buf).map_err(|e| FsError::io(path, e))?;
         if n == 0 {
             return Ok(());
         }
@@ -100,9 +90,9 @@ pub fn load_cached(dir: &Path, key: &str, expected_len: usize) -> Option<RefLogp
 /// Writes an entry atomically.
 pub fn store_cached(dir: &Path, key: &str, values: &RefLogps) -> Result<PathBuf, TrainError> {
     let folder = dir.join("ref-logps");
-    std::fs::create_dir_all(&folder).map_err(|e| TrainError::Io(format!("{}: {e}", folder.display())))?;
+    std::fs::create_dir_all(&folder).map_err(|e| FsError::io(&folder, e))?;
     let path = folder.join(format!("{key}.json"));
-    let text = serde_json::to_string(values).map_err(|e| TrainError::Io(e.to_string()))?;
-    prefopt_model::fsio::write_atomic(&path, text.as_bytes())?;
+    let text = serde_json::to_string(values).map_err(|e| FsError::io(&path, e))?;
+    prefopt_fs::write_atomic(&path, text.as_bytes())?;
     Ok(path)
 }

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use prefopt_data::{
     parse_sft, read_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions, TokenizedSequence,
 };
@@ -28,23 +28,27 @@ impl SeqDataset {
     pub fn load(path: &Path, tok: &HfTokenizer, opts: &TokenizeOptions) -> Result<Self, TrainError> {
         let records = read_records(path)?;
         if records.is_empty() {
-            return Err(TrainError::Data(format!("{}: the dataset is empty", path.display())));
+            return Err(TrainError::EmptyData { path: path.to_path_buf() });
         }
-        let (mut seqs, mut sources, mut dropped) = (Vec::new(), Vec::new(), 0);
+        let (mut seqs, mut sources, mut dropped, mut first_reason) = (Vec::new(), Vec::new(), 0, None);
         for record in &records {
             match tokenize_sft(tok, &parse_sft(record)?, opts)? {
                 SeqOutcome::Kept(seq) => {
                     seqs.push(seq);
                     sources.push(record.source.to_string());
                 }
-                SeqOutcome::Dropped(_) => dropped += 1,
+                SeqOutcome::Dropped(reason) => {
+                    dropped += 1;
+                    first_reason.get_or_insert(format!("{}: {reason}", record.source));
+                }
             }
         }
         if seqs.is_empty() {
-            return Err(TrainError::Data(format!(
-                "{}: all {dropped} examples were dropped by truncation; raise max_length",
-                path.display()
-            )));
+            return Err(TrainError::AllDropped {
+                path: path.to_path_buf(),
+                dropped,
+                example: first_reason.unwrap_or_default(),
+            });
         }
         Ok(Self { path: path.to_path_buf(), seqs, sources, dropped })
     }
@@ -55,7 +59,7 @@ impl SeqDataset {
 pub fn train_sft(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, TrainError> {
     let resume_dir = prepare_output(cfg)?;
     let tok = HfTokenizer::from_dir(&cfg.model)?;
-    let opts = TokenizeOptions { max_length: Some(cfg.max_length), max_prompt_length: cfg.max_prompt_length };
+    let opts = cfg.tokenize_options();
     let train = SeqDataset::load(&cfg.train_data, &tok, &opts)?;
     let eval = cfg.eval_data.as_deref().map(|p| SeqDataset::load(p, &tok, &opts)).transpose()?;
     if train.dropped > 0 {
@@ -66,8 +70,7 @@ pub fn train_sft(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSumma
             cfg.max_length
         ));
     }
-    let pad_id = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
-    let mut objective = SftObjective { train, eval, batch_size: cfg.batch_size, pad_id, device: Device::Cpu };
+    let mut objective = SftObjective { train, eval, batch_size: cfg.batch_size, pad_id: tok.padding_id() };
     run_loop(cfg, resume_dir, &mut objective, obs)
 }
 
@@ -76,14 +79,13 @@ struct SftObjective {
     eval: Option<SeqDataset>,
     batch_size: usize,
     pad_id: u32,
-    device: Device,
 }
 
 impl SftObjective {
     /// Summed completion log-probs of `idx` and their token count.
     fn forward(&self, model: &Llama, data: &SeqDataset, idx: &[usize]) -> Result<(Tensor, f64, usize), TrainError> {
         let seqs: Vec<&TokenizedSequence> = idx.iter().map(|&i| &data.seqs[i]).collect();
-        let batch = logps::SequenceBatch::new(&seqs, self.pad_id, &self.device)?;
+        let batch = logps::SequenceBatch::new(&seqs, self.pad_id, model.device())?;
         let lp = logps::completion_logps(model, &batch)?.logps.sum_all()?;
         let tokens = batch.completion_lens.iter().sum::<usize>() as f64;
         Ok((lp, tokens, batch.num_tokens))

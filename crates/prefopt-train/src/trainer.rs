@@ -14,8 +14,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
-use prefopt_model::{fill_model_dir, save_model_dir, HfModel, Llama, Params};
+use candle_core::Tensor;
+use prefopt_model::{fill_model_dir, save_model_dir, HfModel, Llama, Mode, Params};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -89,184 +89,301 @@ pub trait Objective: Sync {
 /// Checks the output folder and finds the checkpoint to resume from, before any data is read.
 pub fn prepare_output(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).map_err(|e| TrainError::Io(format!("output_dir {}: {e}", out.display())))?;
+    let bad = |message: String| TrainError::OutputDir { dir: out.clone(), message };
+    std::fs::create_dir_all(out).map_err(|e| bad(e.to_string()))?;
     let probe = out.join(".prefopt-write-test");
-    std::fs::write(&probe, b"")
-        .map_err(|e| TrainError::Io(format!("output_dir {} is not writable: {e}", out.display())))?;
+    std::fs::write(&probe, b"").map_err(|e| bad(format!("not writable: {e}")))?;
     let _ = std::fs::remove_file(&probe);
     let resume_dir = resolve_resume(cfg)?;
     if resume_dir.is_none() && (checkpoint::latest(out).is_some() || out.join("final").exists()) {
-        return Err(TrainError::Config(format!(
-            "output_dir {} already holds a run; resume it (--resume) or choose another output_dir",
-            out.display()
-        )));
+        return Err(bad("already holds a run; resume it (--resume) or choose another output_dir".into()));
     }
     Ok(resume_dir)
 }
 
-/// Runs the optimization of `objective` as configured, from `cfg.model` or `resume_dir`.
+/// Runs the optimization of `objective` as configured, from `cfg.model` or `resume_dir`:
+/// start or resume, then per step: forward and backward, update, log, evaluate if due,
+/// checkpoint if due; then save `final/`.
 pub fn run_loop(
     cfg: &TrainConfig,
     resume_dir: Option<PathBuf>,
     objective: &mut dyn Objective,
     obs: &mut dyn Observer,
 ) -> Result<TrainSummary, TrainError> {
-    let device = Device::Cpu;
-    let out = &cfg.output_dir;
-    let source = HfModel::load(&cfg.model, &device)?;
-    let hf = match &resume_dir {
-        Some(dir) => HfModel::load(dir, &device)?,
-        None => HfModel::load(&cfg.model, &device)?,
-    };
-    let opt_cfg = OptimizerConfig {
-        kind: cfg.optimizer,
-        weight_decay: cfg.weight_decay,
-        adam_beta1: cfg.adam_beta1,
-        adam_beta2: cfg.adam_beta2,
-        adam_epsilon: cfg.adam_epsilon,
-        ..OptimizerConfig::default()
-    };
-    let per_step = cfg.batch_size * cfg.gradient_accumulation_steps;
-    let steps_per_epoch = objective.len().div_ceil(per_step);
-    let total_steps = if cfg.max_steps > 0 {
-        cfg.max_steps as usize
-    } else {
-        ((cfg.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
-    };
-    let log = MetricsLog::new(out);
-    let (mut optimizer, mut state) = match &resume_dir {
-        Some(dir) => {
-            let state = checkpoint::read_state(dir)?;
-            if state.steps_per_epoch != steps_per_epoch || state.seed != cfg.seed {
-                return Err(TrainError::Config(format!(
-                    "{}: the checkpoint was made with other data or seed (steps per epoch {} vs {steps_per_epoch}, seed {} vs {})",
-                    dir.display(),
-                    state.steps_per_epoch,
-                    state.seed,
-                    cfg.seed
-                )));
-            }
-            log.truncate_after(state.step)?;
-            obs.message(&format!("resuming from {} (step {})", dir.display(), state.step));
-            (Optimizer::load(opt_cfg, &hf.params, dir)?, TrainerState { total_steps, ..state })
-        }
-        None => {
-            let _ = std::fs::remove_file(log.path());
-            let state = TrainerState {
-                step: 0,
-                total_steps,
-                seed: cfg.seed,
-                steps_per_epoch,
-                num_tokens: 0,
-                skipped_batches: 0,
-                averager: MetricAverager::default(),
-            };
-            (Optimizer::new(opt_cfg, &hf.params)?, state)
-        }
-    };
-    let schedule =
-        Schedule::new(cfg.lr_scheduler_type, cfg.learning_rate, cfg.warmup_steps, cfg.warmup_ratio, total_steps);
-    let policy = hf.build_with(true, cfg.bf16)?;
-    let mut last_checkpoint: Option<PathBuf> = resume_dir.clone();
-
-    obs.start(state.step, total_steps);
-    while state.step < total_steps {
-        let step = state.step;
+    let mut run = Run::start_or_resume(cfg, resume_dir, objective.len(), obs)?;
+    let policy = run.model.build(Mode::Train, cfg.precision())?;
+    obs.start(run.state.step, run.plan.total_steps);
+    while run.state.step < run.plan.total_steps {
         let started = Instant::now();
-        let indices = step_indices(cfg.seed, step, steps_per_epoch, per_step, objective.len());
-        let mut acc = StepAccumulator::default();
-        let shared = &*objective;
-        for micro in indices.chunks(cfg.batch_size) {
-            for shard in run_sharded(micro, |shard| shared.micro_step(&policy, &hf.params, &indices, shard))? {
-                acc.merge(shard)?;
-            }
+        let indices = run.plan.indices(cfg.seed, run.state.step, objective.len());
+        let mut acc = accumulate_step(objective, &policy, &run.model.params, &indices, cfg.batch_size)?;
+        let update = run.update(&mut acc, || objective.describe(&indices), obs)?;
+        run.log_step(&acc, &update)?;
+        if run.eval_due() {
+            run.evaluate(objective)?;
         }
-        objective.finish_step(&mut acc)?;
-
-        let loss = acc.metric("loss");
-        let finite = loss.is_finite() && grads::all_finite(&acc.grads)?;
-        let grad_norm = grads::clip_grad_norm(&mut acc.grads, cfg.max_grad_norm)?;
-        let lr = schedule.lr_at(step);
-        if !finite || !grad_norm.is_finite() {
-            let batch = objective.describe(&indices);
-            match cfg.on_nonfinite {
-                NonFinitePolicy::Stop => {
-                    return Err(TrainError::NonFinite(format!(
-                        "non-finite loss or gradient (loss {loss}, grad_norm {grad_norm}) at step {}, batch {batch}; last good checkpoint: {}",
-                        step + 1,
-                        last_checkpoint.as_ref().map_or("none".to_string(), |p| p.display().to_string())
-                    )))
-                }
-                NonFinitePolicy::Skip => {
-                    obs.message(&format!("step {}: skipped batch {batch} with non-finite loss or gradient", step + 1));
-                    state.skipped_batches += 1;
-                }
-            }
-        } else {
-            optimizer.step(&hf.params, &acc.grads, lr)?;
-        }
-
-        state.step += 1;
-        state.num_tokens += acc.num_tokens;
-        for (name, value) in acc.metrics() {
-            state.averager.add(&name, value, 1.0);
-        }
-        let epoch = state.step as f64 / steps_per_epoch as f64;
-        if state.step % cfg.logging_steps == 0 || state.step == total_steps {
-            let mut line = serde_json::Map::new();
-            line.insert("step".into(), state.step.into());
-            line.insert("epoch".into(), epoch.into());
-            for (name, value) in state.averager.take() {
-                line.insert(name, value.into());
-            }
-            line.insert("grad_norm".into(), grad_norm.into());
-            line.insert("learning_rate".into(), lr.into());
-            line.insert("num_tokens".into(), state.num_tokens.into());
-            log.append(&serde_json::Value::Object(line))?;
-        }
-        let eval_due = (cfg.eval_steps > 0 && state.step % cfg.eval_steps == 0) || state.step == total_steps;
-        if eval_due {
-            // A graph-free network over the current weights (built now: a frozen model holds
-            // copies of its weights, laid out for inference).
-            if let Some(mut line) = objective.evaluate(&hf.build_with(false, cfg.bf16)?)? {
-                line.insert("step".into(), state.step.into());
-                line.insert("epoch".into(), epoch.into());
-                log.append(&serde_json::Value::Object(line))?;
-            }
-        }
-        if cfg.save_steps > 0 && state.step % cfg.save_steps == 0 && state.step < total_steps {
-            let dir = checkpoint::checkpoint_dir(out, state.step);
-            let as_model_error =
-                |e: TrainError| prefopt_model::ModelError::Io { path: dir.clone(), message: e.to_string() };
-            prefopt_model::fsio::write_dir_atomic(&dir, |tmp| {
-                fill_model_dir(tmp, &hf.raw_config, &hf.params, Some(&source.dir))?;
-                optimizer.save(tmp).map_err(|e| as_model_error(e.into()))?;
-                checkpoint::write_state(tmp, &state).map_err(as_model_error)
-            })?;
-            last_checkpoint = Some(dir);
+        if run.checkpoint_due() {
+            run.checkpoint()?;
         }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        obs.step(
-            state.step,
-            &StepStatus {
-                loss,
-                reward_accuracy: acc.metric("rewards/accuracies"),
-                tokens_per_s: acc.num_tokens as f64 / secs,
-            },
-        );
+        let status = StepStatus {
+            loss: update.loss,
+            reward_accuracy: acc.metric("rewards/accuracies"),
+            tokens_per_s: acc.num_tokens as f64 / secs,
+        };
+        obs.step(run.state.step, &status);
     }
     obs.finish();
-
-    let final_dir = out.join("final");
-    save_model_dir(&final_dir, &source.raw_config, &hf.params, Some(&source.dir))?;
+    let final_dir = run.save_final()?;
     Ok(TrainSummary {
         final_dir,
-        metrics_path: log.path().to_path_buf(),
-        steps: state.step,
-        skipped_batches: state.skipped_batches,
+        metrics_path: run.log.path().to_path_buf(),
+        steps: run.state.step,
+        skipped_batches: run.state.skipped_batches,
         dropped_train: objective.dropped(),
         reference_forward_passes: false,
     })
+}
+
+/// One optimizer step's forward and backward passes: the step's examples `indices` in
+/// micro-batches of `batch_size`, each split into one shard per compute thread
+/// ([`run_sharded`]), the results merged in order; then the objective's end-of-step work.
+pub fn accumulate_step(
+    objective: &mut dyn Objective,
+    policy: &Llama,
+    params: &Params,
+    indices: &[usize],
+    batch_size: usize,
+) -> Result<StepAccumulator, TrainError> {
+    let mut acc = StepAccumulator::default();
+    let shared = &*objective;
+    for micro in indices.chunks(batch_size) {
+        for shard in run_sharded(micro, |shard| shared.micro_step(policy, params, indices, shard))? {
+            acc.merge(shard)?;
+        }
+    }
+    objective.finish_step(&mut acc)?;
+    Ok(acc)
+}
+
+/// How many optimizer steps a run takes and which examples each one sees.
+struct Plan {
+    /// Examples per optimizer step: `batch_size x gradient_accumulation_steps`.
+    per_step: usize,
+    steps_per_epoch: usize,
+    total_steps: usize,
+}
+
+impl Plan {
+    fn new(cfg: &TrainConfig, examples: usize) -> Self {
+        let per_step = cfg.batch_size * cfg.gradient_accumulation_steps;
+        let steps_per_epoch = examples.div_ceil(per_step);
+        let total_steps = if cfg.max_steps > 0 {
+            cfg.max_steps as usize
+        } else {
+            ((cfg.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
+        };
+        Self { per_step, steps_per_epoch, total_steps }
+    }
+
+    /// The examples of optimizer step `step` (see [`step_indices`]).
+    fn indices(&self, seed: u64, step: usize, examples: usize) -> Vec<usize> {
+        step_indices(seed, step, self.steps_per_epoch, self.per_step, examples)
+    }
+
+    fn epoch(&self, step: usize) -> f64 {
+        step as f64 / self.steps_per_epoch as f64
+    }
+}
+
+/// The outcome of one optimizer update.
+struct Update {
+    loss: f64,
+    /// Before clipping, as TRL logs it.
+    grad_norm: f64,
+    lr: f64,
+}
+
+/// A run in progress: the weights being trained, their optimizer and schedule, the metrics
+/// log and the trainer's state (step, data position, metric sums).
+struct Run<'a> {
+    cfg: &'a TrainConfig,
+    plan: Plan,
+    /// The weights being trained: `cfg.model`'s, or the resumed checkpoint's.
+    model: HfModel,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    log: MetricsLog,
+    state: TrainerState,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl<'a> Run<'a> {
+    /// Loads the weights (once: from the checkpoint when resuming, else from `cfg.model`),
+    /// and the optimizer state and metrics of a resumed run, or fresh ones.
+    fn start_or_resume(
+        cfg: &'a TrainConfig,
+        resume_dir: Option<PathBuf>,
+        examples: usize,
+        obs: &mut dyn Observer,
+    ) -> Result<Self, TrainError> {
+        let device = cfg.device()?;
+        let plan = Plan::new(cfg, examples);
+        let model = HfModel::load(resume_dir.as_deref().unwrap_or(&cfg.model), &device)?;
+        let opt_cfg = OptimizerConfig {
+            kind: cfg.optimizer,
+            weight_decay: cfg.weight_decay,
+            adam_beta1: cfg.adam_beta1,
+            adam_beta2: cfg.adam_beta2,
+            adam_epsilon: cfg.adam_epsilon,
+            ..OptimizerConfig::default()
+        };
+        let log = MetricsLog::new(&cfg.output_dir);
+        let (optimizer, state) = match &resume_dir {
+            Some(dir) => {
+                let state = checkpoint::read_state(dir)?;
+                if state.steps_per_epoch != plan.steps_per_epoch || state.seed != cfg.seed {
+                    return Err(TrainError::Checkpoint {
+                        dir: dir.clone(),
+                        message: format!(
+                            "the checkpoint was made with other data or seed (steps per epoch {} vs {}, seed {} vs {})",
+                            state.steps_per_epoch, plan.steps_per_epoch, state.seed, cfg.seed
+                        ),
+                    });
+                }
+                log.truncate_after(state.step)?;
+                obs.message(&format!("resuming from {} (step {})", dir.display(), state.step));
+                let state = TrainerState { total_steps: plan.total_steps, ..state };
+                (Optimizer::load(opt_cfg, &model.params, dir)?, state)
+            }
+            None => {
+                let _ = std::fs::remove_file(log.path());
+                let state = TrainerState {
+                    step: 0,
+                    total_steps: plan.total_steps,
+                    seed: cfg.seed,
+                    steps_per_epoch: plan.steps_per_epoch,
+                    num_tokens: 0,
+                    skipped_batches: 0,
+                    averager: MetricAverager::default(),
+                };
+                (Optimizer::new(opt_cfg, &model.params)?, state)
+            }
+        };
+        let schedule = Schedule::new(
+            cfg.lr_scheduler_type,
+            cfg.learning_rate,
+            cfg.warmup_steps,
+            cfg.warmup_ratio,
+            plan.total_steps,
+        );
+        Ok(Self { cfg, plan, model, optimizer, schedule, log, state, last_checkpoint: resume_dir })
+    }
+
+    /// Clips the step's gradients and applies the optimizer at the scheduled rate, unless
+    /// the loss or a gradient is not finite: then the run stops (naming the batch that
+    /// `describe` gives) or skips the batch, as `on_nonfinite` says.
+    fn update(
+        &mut self,
+        acc: &mut StepAccumulator,
+        describe: impl FnOnce() -> String,
+        obs: &mut dyn Observer,
+    ) -> Result<Update, TrainError> {
+        let step = self.state.step;
+        let loss = acc.metric("loss");
+        let finite = loss.is_finite() && grads::all_finite(&acc.grads)?;
+        let grad_norm = grads::clip_grad_norm(&mut acc.grads, self.cfg.max_grad_norm)?;
+        let lr = self.schedule.lr_at(step);
+        if finite && grad_norm.is_finite() {
+            self.optimizer.step(&self.model.params, &acc.grads, lr)?;
+            return Ok(Update { loss, grad_norm, lr });
+        }
+        let batch = describe();
+        match self.cfg.on_nonfinite {
+            NonFinitePolicy::Stop => Err(TrainError::NonFinite {
+                step: step + 1,
+                loss,
+                grad_norm,
+                batch,
+                last_checkpoint: self.last_checkpoint.clone(),
+            }),
+            NonFinitePolicy::Skip => {
+                obs.message(&format!("step {}: skipped batch {batch} with non-finite loss or gradient", step + 1));
+                self.state.skipped_batches += 1;
+                Ok(Update { loss, grad_norm, lr })
+            }
+        }
+    }
+
+    /// Counts the step, adds its metrics to the interval's means, and writes a log line
+    /// every `logging_steps` steps and at the last one.
+    fn log_step(&mut self, acc: &StepAccumulator, update: &Update) -> Result<(), TrainError> {
+        self.state.step += 1;
+        self.state.num_tokens += acc.num_tokens;
+        for (name, value) in acc.metrics() {
+            self.state.averager.add(&name, value, 1.0);
+        }
+        let step = self.state.step;
+        if !step.is_multiple_of(self.cfg.logging_steps) && step != self.plan.total_steps {
+            return Ok(());
+        }
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), step.into());
+        line.insert("epoch".into(), self.plan.epoch(step).into());
+        for (name, value) in self.state.averager.take() {
+            line.insert(name, value.into());
+        }
+        line.insert("grad_norm".into(), update.grad_norm.into());
+        line.insert("learning_rate".into(), update.lr.into());
+        line.insert("num_tokens".into(), self.state.num_tokens.into());
+        self.log.append(&serde_json::Value::Object(line))
+    }
+
+    /// Every `eval_steps` steps (when > 0) and after the last one.
+    fn eval_due(&self) -> bool {
+        let step = self.state.step;
+        (self.cfg.eval_steps > 0 && step.is_multiple_of(self.cfg.eval_steps)) || step == self.plan.total_steps
+    }
+
+    /// Held-out metrics of the current weights, as one `eval_` log line.
+    fn evaluate(&mut self, objective: &mut dyn Objective) -> Result<(), TrainError> {
+        // A graph-free network over the current weights (built now: a frozen network holds
+        // copies of its weights, laid out for inference).
+        let network = self.model.build(Mode::Infer, self.cfg.precision())?;
+        if let Some(mut line) = objective.evaluate(&network)? {
+            line.insert("step".into(), self.state.step.into());
+            line.insert("epoch".into(), self.plan.epoch(self.state.step).into());
+            self.log.append(&serde_json::Value::Object(line))?;
+        }
+        Ok(())
+    }
+
+    /// Every `save_steps` steps (when > 0), except after the last one (`final/` follows).
+    fn checkpoint_due(&self) -> bool {
+        let step = self.state.step;
+        self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps) && step < self.plan.total_steps
+    }
+
+    /// `checkpoint-<step>/`: the model folder, the optimizer state and the trainer state,
+    /// written to a temp folder and renamed into place.
+    fn checkpoint(&mut self) -> Result<(), TrainError> {
+        let dir = checkpoint::checkpoint_dir(&self.cfg.output_dir, self.state.step);
+        prefopt_fs::write_dir_atomic(&dir, |tmp| -> Result<(), TrainError> {
+            fill_model_dir(tmp, &self.model.raw_config, &self.model.params, Some(&self.cfg.model))?;
+            self.optimizer.save(tmp)?;
+            checkpoint::write_state(tmp, &self.state)
+        })?;
+        self.last_checkpoint = Some(dir);
+        Ok(())
+    }
+
+    /// `final/`: the trained weights as a Hugging Face folder with the source model's
+    /// tokenizer and generation files.
+    fn save_final(&self) -> Result<PathBuf, TrainError> {
+        let final_dir = self.cfg.output_dir.join("final");
+        save_model_dir(&final_dir, &self.model.raw_config, &self.model.params, Some(&self.cfg.model))?;
+        Ok(final_dir)
+    }
 }
 
 /// Runs `f` on contiguous shards of `items`, one per compute thread (rayon's current pool;
@@ -298,10 +415,10 @@ fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
         Some(path) => {
             let dir = PathBuf::from(path);
             if !dir.join(checkpoint::STATE_FILE).is_file() {
-                return Err(TrainError::Config(format!(
-                    "resume_from_checkpoint: {path} is not a complete checkpoint (no {})",
-                    checkpoint::STATE_FILE
-                )));
+                return Err(TrainError::Config {
+                    key: "resume_from_checkpoint",
+                    message: format!("{path} is not a complete checkpoint (no {})", checkpoint::STATE_FILE),
+                });
             }
             Ok(Some(dir))
         }
@@ -335,6 +452,25 @@ pub(crate) fn backward(loss: &Tensor, params: &Params) -> Result<Vec<Tensor>, Tr
     Ok(grads::collect(params, &loss.backward()?)?.0)
 }
 
+/// TRL's `logits/chosen` and `logits/rejected` inputs: sums of the mean logit over the
+/// vocabulary at each completion position, and the positions counted.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogitSums {
+    pub chosen: f64,
+    pub chosen_tokens: f64,
+    pub rejected: f64,
+    pub rejected_tokens: f64,
+}
+
+impl LogitSums {
+    fn add(&mut self, other: &LogitSums) {
+        self.chosen += other.chosen;
+        self.chosen_tokens += other.chosen_tokens;
+        self.rejected += other.rejected;
+        self.rejected_tokens += other.rejected_tokens;
+    }
+}
+
 /// Gradients and share-weighted metrics of one optimizer step.
 #[derive(Default)]
 pub struct StepAccumulator {
@@ -342,8 +478,7 @@ pub struct StepAccumulator {
     /// A second gradient, for objectives that combine two levels (SPO's dynamic solver).
     pub grads_aux: Vec<Tensor>,
     metrics: Vec<(String, f64)>,
-    /// Sums and token counts for TRL's `logits/chosen` and `logits/rejected`.
-    logits: [f64; 4],
+    logits: LogitSums,
     pub num_tokens: u64,
 }
 
@@ -367,9 +502,7 @@ impl StepAccumulator {
         for (name, value) in other.metrics {
             self.add_metric(&name, value, 1.0);
         }
-        for (mine, theirs) in self.logits.iter_mut().zip(other.logits) {
-            *mine += theirs;
-        }
+        self.logits.add(&other.logits);
         self.num_tokens += other.num_tokens;
         Ok(())
     }
@@ -378,21 +511,18 @@ impl StepAccumulator {
         self.metrics.iter().find(|(n, _)| n == name).map_or(f64::NAN, |(_, v)| *v)
     }
 
-    pub fn add_logits(&mut self, chosen_sum: f64, chosen_tokens: f64, rejected_sum: f64, rejected_tokens: f64) {
-        self.logits[0] += chosen_sum;
-        self.logits[1] += chosen_tokens;
-        self.logits[2] += rejected_sum;
-        self.logits[3] += rejected_tokens;
+    pub fn add_logits(&mut self, sums: &LogitSums) {
+        self.logits.add(sums);
     }
 
     /// All metrics of the step, TRL's `logits/*` included when any were added.
     pub fn metrics(&self) -> Vec<(String, f64)> {
         let mut all = self.metrics.clone();
-        if self.logits[1] > 0.0 {
-            all.push(("logits/chosen".into(), self.logits[0] / self.logits[1]));
+        if self.logits.chosen_tokens > 0.0 {
+            all.push(("logits/chosen".into(), self.logits.chosen / self.logits.chosen_tokens));
         }
-        if self.logits[3] > 0.0 {
-            all.push(("logits/rejected".into(), self.logits[2] / self.logits[3]));
+        if self.logits.rejected_tokens > 0.0 {
+            all.push(("logits/rejected".into(), self.logits.rejected / self.logits.rejected_tokens));
         }
         all
     }

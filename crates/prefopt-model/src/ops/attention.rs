@@ -353,72 +353,58 @@ impl CustomOp3 for Attention {
         let (kv, vv) = (kv_view(k_c.layout(), b_n, kv_n, d)?, kv_view(v_c.layout(), b_n, kv_n, d)?);
         let (kv, vv) = (View { offset: 0, ..kv }, View { offset: 0, ..vv });
         let s = kv.seq;
-        let (dq, dk, dv) = with_f32(q, "attention", |q| {
-            with_f32(&k_c, "attention", |k| {
-                with_f32(&v_c, "attention", |v| {
-                    with_f32(dy, "attention", |dy| {
-                        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
-                        let ptrs = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
-                        let saved = saved.as_deref();
-                        par_chunks(b_n * kv_n, 1, |start, end| {
-                            let (dq_p, dk_p, dv_p) = ptrs;
-                            let mut p_buf = if saved.is_some() { Vec::new() } else { vec![0f32; t * s] };
-                            let mut ds = vec![0f32; t * s];
-                            for task in start..end {
-                                let (b, g) = (task / kv_n, task % kv_n);
-                                // SAFETY: this task owns query heads g*rep.. of batch row b (their
-                                // columns of dq) and kv head g of batch row b (its columns of dk, dv).
-                                unsafe {
-                                    let (kg, vg) = (b * kv.b + g * kv.g, b * vv.b + g * vv.g);
-                                    for h in g * rep..(g + 1) * rep {
-                                        let p: &[f32] = match saved {
-                                            Some(all) => &all[(b * h_n + h) * t * s..(b * h_n + h + 1) * t * s],
-                                            None => {
-                                                self.probs_into(&mut p_buf, b, h, q, k, kv);
-                                                &p_buf
-                                            }
-                                        };
-                                        let qh = b * t * f + h * d;
-                                        for (i0, i1, n) in row_blocks(t, self.mask.past) {
-                                            let rows = i1 - i0;
-                                            let (p_blk, ds_blk) = (p.as_ptr().add(i0 * s), ds.as_mut_ptr().add(i0 * s));
-                                            let dy_blk = (dy.as_ptr().add(qh + i0 * f), f, 1);
-                                            // dP = dY V^T (rows x n: the keys these rows see).
-                                            let v_t = (v.as_ptr().add(vg), 1, vv.s);
-                                            matmul((rows, n, d), ds_blk, s, false, dy_blk, v_t, 1.0);
-                                            // dS = P * (dP - rowsum(P * dP)).
-                                            for r in 0..rows {
-                                                let pr = std::slice::from_raw_parts(p_blk.add(r * s), n);
-                                                let dr = std::slice::from_raw_parts_mut(ds_blk.add(r * s), n);
-                                                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                                                dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
-                                            }
-                                            // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
-                                            let p_t = (p_blk, 1, s);
-                                            matmul((n, d, rows), dv_p.get().add(vg), vv.s, true, p_t, dy_blk, 1.0);
-                                            let k_g = (k.as_ptr().add(kg), kv.s, 1);
-                                            let dq_blk = dq_p.get().add(qh + i0 * f);
-                                            matmul((rows, d, n), dq_blk, f, false, (ds_blk, s, 1), k_g, self.scale);
-                                            let q_blk = (q.as_ptr().add(qh + i0 * f), f, 1);
-                                            let ds_t = (ds_blk as *const f32, 1, s);
-                                            matmul(
-                                                (n, d, rows),
-                                                dk_p.get().add(kg),
-                                                kv.s,
-                                                true,
-                                                ds_t,
-                                                q_blk,
-                                                self.scale,
-                                            );
-                                        }
-                                    }
+        let (dq, dk, dv) = with_f32([q, &k_c, &v_c, dy], "attention", |[q, k, v, dy]| {
+            let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+            let ptrs = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+            let saved = saved.as_deref();
+            par_chunks(b_n * kv_n, 1, |start, end| {
+                let (dq_p, dk_p, dv_p) = ptrs;
+                let mut p_buf = if saved.is_some() { Vec::new() } else { vec![0f32; t * s] };
+                let mut ds = vec![0f32; t * s];
+                for task in start..end {
+                    let (b, g) = (task / kv_n, task % kv_n);
+                    // SAFETY: this task owns query heads g*rep.. of batch row b (their
+                    // columns of dq) and kv head g of batch row b (its columns of dk, dv).
+                    unsafe {
+                        let (kg, vg) = (b * kv.b + g * kv.g, b * vv.b + g * vv.g);
+                        for h in g * rep..(g + 1) * rep {
+                            let p: &[f32] = match saved {
+                                Some(all) => &all[(b * h_n + h) * t * s..(b * h_n + h + 1) * t * s],
+                                None => {
+                                    self.probs_into(&mut p_buf, b, h, q, k, kv);
+                                    &p_buf
                                 }
+                            };
+                            let qh = b * t * f + h * d;
+                            for (i0, i1, n) in row_blocks(t, self.mask.past) {
+                                let rows = i1 - i0;
+                                let (p_blk, ds_blk) = (p.as_ptr().add(i0 * s), ds.as_mut_ptr().add(i0 * s));
+                                let dy_blk = (dy.as_ptr().add(qh + i0 * f), f, 1);
+                                // dP = dY V^T (rows x n: the keys these rows see).
+                                let v_t = (v.as_ptr().add(vg), 1, vv.s);
+                                matmul((rows, n, d), ds_blk, s, false, dy_blk, v_t, 1.0);
+                                // dS = P * (dP - rowsum(P * dP)).
+                                for r in 0..rows {
+                                    let pr = std::slice::from_raw_parts(p_blk.add(r * s), n);
+                                    let dr = std::slice::from_raw_parts_mut(ds_blk.add(r * s), n);
+                                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                    dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
+                                }
+                                // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
+                                let p_t = (p_blk, 1, s);
+                                matmul((n, d, rows), dv_p.get().add(vg), vv.s, true, p_t, dy_blk, 1.0);
+                                let k_g = (k.as_ptr().add(kg), kv.s, 1);
+                                let dq_blk = dq_p.get().add(qh + i0 * f);
+                                matmul((rows, d, n), dq_blk, f, false, (ds_blk, s, 1), k_g, self.scale);
+                                let q_blk = (q.as_ptr().add(qh + i0 * f), f, 1);
+                                let ds_t = (ds_blk as *const f32, 1, s);
+                                matmul((n, d, rows), dk_p.get().add(kg), kv.s, true, ds_t, q_blk, self.scale);
                             }
-                        });
-                        Ok((dq, dk, dv))
-                    })
-                })
-            })
+                        }
+                    }
+                }
+            });
+            Ok((dq, dk, dv))
         })?;
         let dev = q.device();
         Ok((

@@ -90,30 +90,28 @@ impl CustomOp1 for TokenLogps {
 
     fn bwd(&self, x: &Tensor, _lp: &Tensor, dlp: &Tensor) -> Result<Option<Tensor>> {
         let v = x.dim(D::Minus1)?;
-        let dx = with_f32(x, "token-logps", |x| {
-            with_f32(dlp, "token-logps", |dlp| {
-                let mut dx = vec![0f32; x.len()];
-                let ptr = SharedMut(dx.as_mut_ptr());
-                par_chunks(self.targets.len(), 16, |start, end| {
-                    let mut scratch = Vec::with_capacity(v);
-                    for r in start..end {
-                        let y = self.targets[r];
-                        if y == NO_TARGET {
-                            continue;
-                        }
-                        let row = &x[r * v..(r + 1) * v];
-                        let (max, log_norm) = shift_and_log_norm(row, &mut scratch);
-                        // SAFETY: row r of dx belongs to this chunk alone.
-                        let out = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * v), v) };
-                        let g = dlp[r];
-                        out.iter_mut().zip(row).for_each(|(o, xv)| *o = xv - max - log_norm);
-                        exp_in_place(out);
-                        out.iter_mut().for_each(|o| *o *= -g);
-                        out[y as usize] += g;
+        let dx = with_f32([x, dlp], "token-logps", |[x, dlp]| {
+            let mut dx = vec![0f32; x.len()];
+            let ptr = SharedMut(dx.as_mut_ptr());
+            par_chunks(self.targets.len(), 16, |start, end| {
+                let mut scratch = Vec::with_capacity(v);
+                for r in start..end {
+                    let y = self.targets[r];
+                    if y == NO_TARGET {
+                        continue;
                     }
-                });
-                Ok(dx)
-            })
+                    let row = &x[r * v..(r + 1) * v];
+                    let (max, log_norm) = shift_and_log_norm(row, &mut scratch);
+                    // SAFETY: row r of dx belongs to this chunk alone.
+                    let out = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(r * v), v) };
+                    let g = dlp[r];
+                    out.iter_mut().zip(row).for_each(|(o, xv)| *o = xv - max - log_norm);
+                    exp_in_place(out);
+                    out.iter_mut().for_each(|o| *o *= -g);
+                    out[y as usize] += g;
+                }
+            });
+            Ok(dx)
         })?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }

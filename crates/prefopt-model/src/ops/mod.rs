@@ -49,12 +49,23 @@ fn storage_f32<'a>(storage: &'a CpuStorage, op: &'static str) -> Result<&'a [f32
     }
 }
 
-/// Runs `f` on the elements of `t` (made contiguous first; a no-op when it already is).
-fn with_f32<R>(t: &Tensor, op: &'static str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else { bail!("{op}: expected a CPU tensor") };
-    f(contiguous_f32(cpu, layout, op)?)
+/// Runs `f` on the f32 elements of each tensor of `ts`, in logical order (each made
+/// contiguous first; a no-op when it already is): the backward passes read their inputs and
+/// the incoming gradient this way, as plain slices.
+fn with_f32<const N: usize, R>(
+    ts: [&Tensor; N],
+    op: &'static str,
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
+    let contiguous: Vec<Tensor> = ts.iter().map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices: Vec<&[f32]> = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else { bail!("{op}: expected a CPU tensor") };
+        slices.push(contiguous_f32(cpu, layout, op)?);
+    }
+    let Ok(slices) = <[&[f32]; N]>::try_from(slices) else { bail!("{op}: {N} tensors expected") };
+    f(slices)
 }
 
 /// Threads for the fused kernels: candle's setting (RAYON_NUM_THREADS or all cores).

@@ -66,42 +66,38 @@ impl CustomOp2 for RmsNorm {
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let c = w.elem_count();
         let rows = x.elem_count() / c;
-        let (dx, dw) = with_f32(x, "rms-norm", |x| {
-            with_f32(w, "rms-norm", |w| {
-                with_f32(dy, "rms-norm", |dy| {
-                    let mut dx = vec![0f32; x.len()];
-                    let out = SharedMut(dx.as_mut_ptr());
-                    let partial_dw = std::sync::Mutex::new(Vec::new());
-                    par_chunks(rows, 64, |start, end| {
-                        // SAFETY: rows start..end of dx belong to this chunk alone.
-                        let dx = unsafe { std::slice::from_raw_parts_mut(out.get().add(start * c), (end - start) * c) };
-                        let mut dw = vec![0f32; c];
-                        let rows = x[start * c..end * c].chunks_exact(c).zip(dy[start * c..end * c].chunks_exact(c));
-                        for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(c)) {
-                            let r = inv_rms(xr, self.eps);
-                            let mut dot = 0f32; // sum of g * x^
-                            for (((xv, dyv), wv), dwv) in xr.iter().zip(dyr).zip(w).zip(dw.iter_mut()) {
-                                let xh = xv * r;
-                                dot += dyv * wv * xh;
-                                *dwv += dyv * xh;
-                            }
-                            let mean = dot / c as f32;
-                            for (((dxv, xv), dyv), wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                                *dxv = r * (dyv * wv - xv * r * mean);
-                            }
-                        }
-                        partial_dw.lock().expect("no panics while held").push((start, dw));
-                    });
-                    // Sum the chunks' partial weight gradients in row order (deterministic).
-                    let mut parts = partial_dw.into_inner().expect("no panics while held");
-                    parts.sort_by_key(|(start, _)| *start);
-                    let mut dw = vec![0f32; c];
-                    for (_, part) in parts {
-                        dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+        let (dx, dw) = with_f32([x, w, dy], "rms-norm", |[x, w, dy]| {
+            let mut dx = vec![0f32; x.len()];
+            let out = SharedMut(dx.as_mut_ptr());
+            let partial_dw = std::sync::Mutex::new(Vec::new());
+            par_chunks(rows, 64, |start, end| {
+                // SAFETY: rows start..end of dx belong to this chunk alone.
+                let dx = unsafe { std::slice::from_raw_parts_mut(out.get().add(start * c), (end - start) * c) };
+                let mut dw = vec![0f32; c];
+                let rows = x[start * c..end * c].chunks_exact(c).zip(dy[start * c..end * c].chunks_exact(c));
+                for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(c)) {
+                    let r = inv_rms(xr, self.eps);
+                    let mut dot = 0f32; // sum of g * x^
+                    for (((xv, dyv), wv), dwv) in xr.iter().zip(dyr).zip(w).zip(dw.iter_mut()) {
+                        let xh = xv * r;
+                        dot += dyv * wv * xh;
+                        *dwv += dyv * xh;
                     }
-                    Ok((dx, dw))
-                })
-            })
+                    let mean = dot / c as f32;
+                    for (((dxv, xv), dyv), wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
+                        *dxv = r * (dyv * wv - xv * r * mean);
+                    }
+                }
+                partial_dw.lock().expect("no panics while held").push((start, dw));
+            });
+            // Sum the chunks' partial weight gradients in row order (deterministic).
+            let mut parts = partial_dw.into_inner().expect("no panics while held");
+            parts.sort_by_key(|(start, _)| *start);
+            let mut dw = vec![0f32; c];
+            for (_, part) in parts {
+                dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+            }
+            Ok((dx, dw))
         })?;
         Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
     }

@@ -61,28 +61,26 @@ impl CustomOp1 for Rope {
         let half = d / 2;
         let mut y = vec![0f32; x.len()];
         let out = SharedMut(y.as_mut_ptr());
-        with_f32(&self.cos, "rope", |cos| {
-            with_f32(&self.sin, "rope", |sin| {
-                let sign = if self.inverse { -1f32 } else { 1f32 };
-                par_chunks(rows, 64, |start, end| {
-                    // SAFETY: rows start..end of y belong to this chunk alone.
-                    let y = unsafe { std::slice::from_raw_parts_mut(out.get().add(start * f), (end - start) * f) };
-                    for (r, (xr, yr)) in x[start * f..end * f].chunks_exact(f).zip(y.chunks_exact_mut(f)).enumerate() {
-                        let t = (start + r) % p;
-                        let (c, s) = (&cos[t * d..t * d + half], &sin[t * d..t * d + half]);
-                        for (xh, yh) in xr.chunks_exact(d).zip(yr.chunks_exact_mut(d)) {
-                            let (x1, x2) = xh.split_at(half);
-                            let (y1, y2) = yh.split_at_mut(half);
-                            for i in 0..half {
-                                let si = sign * s[i];
-                                y1[i] = x1[i] * c[i] - x2[i] * si;
-                                y2[i] = x2[i] * c[i] + x1[i] * si;
-                            }
+        with_f32([&self.cos, &self.sin], "rope", |[cos, sin]| {
+            let sign = if self.inverse { -1f32 } else { 1f32 };
+            par_chunks(rows, 64, |start, end| {
+                // SAFETY: rows start..end of y belong to this chunk alone.
+                let y = unsafe { std::slice::from_raw_parts_mut(out.get().add(start * f), (end - start) * f) };
+                for (r, (xr, yr)) in x[start * f..end * f].chunks_exact(f).zip(y.chunks_exact_mut(f)).enumerate() {
+                    let t = (start + r) % p;
+                    let (c, s) = (&cos[t * d..t * d + half], &sin[t * d..t * d + half]);
+                    for (xh, yh) in xr.chunks_exact(d).zip(yr.chunks_exact_mut(d)) {
+                        let (x1, x2) = xh.split_at(half);
+                        let (y1, y2) = yh.split_at_mut(half);
+                        for i in 0..half {
+                            let si = sign * s[i];
+                            y1[i] = x1[i] * c[i] - x2[i] * si;
+                            y2[i] = x2[i] * c[i] + x1[i] * si;
                         }
                     }
-                });
-                Ok(())
-            })
+                }
+            });
+            Ok(())
         })?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }

@@ -62,25 +62,21 @@ impl CustomOp2 for SwiGlu {
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dg, du) = with_f32(g, "swiglu", |g| {
-            with_f32(u, "swiglu", |u| {
-                with_f32(dy, "swiglu", |dy| {
-                    let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-                    let (dg_ptr, du_ptr) = (SharedMut(dg.as_mut_ptr()), SharedMut(du.as_mut_ptr()));
-                    for_each_piece(g, |lo, den| {
-                        // SAFETY: elements lo..lo+den.len() of dg and du belong to this piece alone.
-                        let dg = unsafe { std::slice::from_raw_parts_mut(dg_ptr.get().add(lo), den.len()) };
-                        let du = unsafe { std::slice::from_raw_parts_mut(du_ptr.get().add(lo), den.len()) };
-                        for (i, den) in den.iter().enumerate() {
-                            let (gv, uv, dyv) = (g[lo + i], u[lo + i], dy[lo + i]);
-                            let s = 1.0 / den;
-                            dg[i] = dyv * uv * s * (1.0 + gv * (1.0 - s));
-                            du[i] = dyv * gv * s;
-                        }
-                    });
-                    Ok((dg, du))
-                })
-            })
+        let (dg, du) = with_f32([g, u, dy], "swiglu", |[g, u, dy]| {
+            let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+            let (dg_ptr, du_ptr) = (SharedMut(dg.as_mut_ptr()), SharedMut(du.as_mut_ptr()));
+            for_each_piece(g, |lo, den| {
+                // SAFETY: elements lo..lo+den.len() of dg and du belong to this piece alone.
+                let dg = unsafe { std::slice::from_raw_parts_mut(dg_ptr.get().add(lo), den.len()) };
+                let du = unsafe { std::slice::from_raw_parts_mut(du_ptr.get().add(lo), den.len()) };
+                for (i, den) in den.iter().enumerate() {
+                    let (gv, uv, dyv) = (g[lo + i], u[lo + i], dy[lo + i]);
+                    let s = 1.0 / den;
+                    dg[i] = dyv * uv * s * (1.0 + gv * (1.0 - s));
+                    du[i] = dyv * gv * s;
+                }
+            });
+            Ok((dg, du))
         })?;
         Ok((Some(Tensor::from_vec(dg, g.shape(), g.device())?), Some(Tensor::from_vec(du, u.shape(), u.device())?)))
     }

@@ -26,10 +26,12 @@ pub struct ApoArgs {
     /// Override a key: `--set alpha=0.6 --set train.learning_rate=1e-6` (TOML values).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    #[command(flatten)]
+    device: super::DeviceOverride,
 }
 
 pub fn run(args: ApoArgs) -> Result<()> {
-    let cfg = ApoConfig::load(args.config.as_deref(), &args.overrides)?;
+    let cfg = ApoConfig::load(args.config.as_deref(), &args.device.with_overrides(&args.overrides))?;
     let mut progress = Progress::default();
     let manifest = run_apo(&cfg, &mut progress)?;
     progress.clear();

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-use prefopt_model::HfModel;
+use candle_core::Tensor;
+use prefopt_model::{HfModel, Mode, Precision};
 use rand::{Rng, SeedableRng};
+
+use super::DeviceArg;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -54,6 +56,8 @@ pub struct BenchArgs {
     /// dpo: bf16-rounded weights with f32 master weights (the `bf16` training key).
     #[arg(long)]
     bf16: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 pub fn run(mut args: BenchArgs) -> Result<()> {
@@ -64,7 +68,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         args.steps > Some(0) && args.batch > 0 && args.seq_len > 1 && args.new_tokens > 0 && args.prompt_len > 0,
         "--steps, --batch, --new-tokens, --prompt-len must be > 0 and --seq-len > 1"
     );
-    let device = Device::Cpu;
+    let device = args.device.device()?;
     let hf = HfModel::load(&args.model, &device)?;
     let cfg = hf.config.clone();
     let (b, t) = (args.batch, args.seq_len);
@@ -80,7 +84,8 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         return bench_generate(&args, &hf, &mut rng);
     }
     let trainable = args.mode == "fwd-bwd";
-    let model = hf.build(trainable)?;
+    let mode = if trainable { Mode::Train } else { Mode::Infer };
+    let model = hf.build(mode, Precision::F32)?;
     let step = || -> Result<()> {
         let logits = model.forward(&ids)?;
         if trainable {
@@ -120,70 +125,58 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One DPO training step as `prefopt train` runs it: reference log-probs (unless cached),
-/// policy forward and backward over chosen and rejected, sigmoid loss, AdamW update.
+/// One DPO training step as `prefopt train` runs it (the trainer's own objective and step:
+/// shards of pairs forward and backward at once, sigmoid loss, metrics, AdamW), plus, unless
+/// `--cached-ref`, the reference forward pass that PyTorch's step runs every time (sharded
+/// the same way).
 fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) -> Result<()> {
-    use prefopt_data::TokenizedSequence;
-    use prefopt_train::losses::{pair_loss, LossParams, LossType, PairLogps};
+    use prefopt_data::{TokenizedPair, TokenizedSequence};
+    use prefopt_train::dataset::PairDataset;
     use prefopt_train::optim::{Optimizer, OptimizerConfig};
-    use prefopt_train::{completion_logps, grads, SequenceBatch};
+    use prefopt_train::trainer::{accumulate_step, run_sharded};
+    use prefopt_train::{score_pairs, PreferenceObjective, TrainConfig};
 
-    let device = Device::Cpu;
     let (p, a, c) = (args.pairs, args.prompt_len, args.completion_len);
     let vocab_hi = hf.config.vocab_size.min(480) as u32;
     let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab_hi)).collect() };
-    let mut seqs = Vec::with_capacity(2 * p);
     let prompts: Vec<Vec<u32>> = (0..p).map(|_| random(a)).collect();
-    for prompt in prompts.iter().chain(prompts.iter()) {
-        let input_ids = [prompt.clone(), random(c)].concat();
-        seqs.push(TokenizedSequence { input_ids, completion_start: a });
-    }
-    // Sequence i is pair i's chosen completion, p + i its rejected one.
-    let batch_of = |pairs: &[usize]| -> candle_core::Result<SequenceBatch> {
-        let refs: Vec<&TokenizedSequence> =
-            pairs.iter().map(|&i| &seqs[i]).chain(pairs.iter().map(|&i| &seqs[p + i])).collect();
-        SequenceBatch::new(&refs, 0, &device)
+    let mut completion =
+        |prompt: &[u32]| TokenizedSequence { input_ids: [prompt, &random(c)].concat(), completion_start: a };
+    let chosen: Vec<TokenizedSequence> = prompts.iter().map(|x| completion(x)).collect();
+    let pairs: Vec<TokenizedPair> = prompts
+        .iter()
+        .zip(chosen)
+        .map(|(x, chosen)| TokenizedPair { prompt_ids: x.clone(), chosen, rejected: completion(x) })
+        .collect();
+    let data = PairDataset {
+        path: "<bench>".into(),
+        pairs: pairs.clone(),
+        sources: vec!["<bench>".into(); p],
+        dropped: 0,
+        rows: (0..p).collect(),
+        ref_logps: None,
+        win_probs: None,
     };
+    let cfg = TrainConfig { batch_size: p, bf16: args.bf16, ..TrainConfig::default() };
+    let reference = hf.build(Mode::Infer, cfg.precision())?;
     let all: Vec<usize> = (0..p).collect();
-    let policy_params = hf.params.deep_clone()?;
-    let policy = prefopt_model::Llama::new_with(&hf.config, &policy_params, true, args.bf16)?;
-    let reference = hf.build_with(false, args.bf16)?;
-    let cached: Vec<f32> = completion_logps(&reference, &batch_of(&all)?)?.logps.to_vec1()?;
-    let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
-    // As `prefopt train` runs a step: the pairs split into one shard per thread, each
-    // shard's forward and backward at once, gradients weighted by the shard's share.
-    let shard_grads = |shard: &[usize]| -> Result<(Vec<Tensor>, f64), prefopt_train::TrainError> {
-        let m = shard.len();
-        let batch = batch_of(shard)?;
-        let ref_lp = if args.cached_ref {
-            let picked: Vec<f32> =
-                shard.iter().map(|&i| cached[i]).chain(shard.iter().map(|&i| cached[p + i])).collect();
-            Tensor::from_vec(picked, 2 * m, &device)?
-        } else {
-            completion_logps(&reference, &batch)?.logps
-        };
-        let lp = completion_logps(&policy, &batch)?.logps;
-        let lens = Tensor::new(vec![c as f32; m], &device)?;
-        let x = PairLogps {
-            chosen: &lp.narrow(0, 0, m)?,
-            rejected: &lp.narrow(0, m, m)?,
-            ref_chosen: Some(&ref_lp.narrow(0, 0, m)?),
-            ref_rejected: Some(&ref_lp.narrow(0, m, m)?),
-            chosen_lens: &lens,
-            rejected_lens: &lens,
-            win_prob_chosen: None,
-            win_prob_rejected: None,
-        };
-        let loss = pair_loss(LossType::Sigmoid, &LossParams::default(), &x)?.mean_all()?;
-        let (g, _) = grads::collect(&policy_params, &loss.backward()?)?;
-        Ok((g, m as f64 / p as f64))
+    let reference_logps = || -> Result<Vec<(f32, f32)>, prefopt_train::TrainError> {
+        let shards = run_sharded(&all, |shard| {
+            let mine: Vec<&TokenizedPair> = shard.iter().map(|&i| &pairs[i]).collect();
+            Ok(score_pairs(&reference, &mine, mine.len(), 0, |_| {})?)
+        })?;
+        Ok(shards.concat())
     };
+    let mut objective = PreferenceObjective::new(&cfg, data, Some(reference_logps()?), 0);
+    let policy_params = hf.params.deep_clone()?;
+    let policy = prefopt_model::Llama::new(&hf.config, &policy_params, Mode::Train, cfg.precision())?;
+    let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
     let step = || -> Result<()> {
-        let mut g = Vec::new();
-        for (shard, share) in prefopt_train::trainer::run_sharded(&all, shard_grads)? {
-            grads::accumulate(&mut g, &shard, share)?;
+        if !args.cached_ref {
+            objective.set_reference(reference_logps()?);
         }
-        optimizer.step(&policy_params, &g, 1e-6)?;
+        let acc = accumulate_step(&mut objective, &policy, &policy_params, &all, cfg.batch_size)?;
+        optimizer.step(&policy_params, &acc.grads, 1e-6)?;
         Ok(())
     };
     let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
@@ -222,13 +215,13 @@ fn bench_generate(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8
     let (b, a, n) = (args.batch, args.prompt_len, args.new_tokens);
     let vocab_hi = hf.config.vocab_size.min(480) as u32;
     let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..a).map(|_| rng.gen_range(0..vocab_hi)).collect()).collect();
-    let model = hf.build(false)?;
-    let params = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, max_new_tokens: n, stop_ids: Vec::new() };
+    let model = hf.build(Mode::Infer, Precision::F32)?;
+    let params = SamplingParams { max_new_tokens: n, ..SamplingParams::default() };
     let mut call = 0u64;
     let step = || -> Result<()> {
         call += 1;
         let mut rngs: Vec<_> = (0..b as u64).map(|i| sample_rng(args.seed + call, i)).collect();
-        let out = generate(&model, &prompts, &params, &mut rngs, 0)?;
+        let out = generate(&model, &prompts, &params, &mut rngs)?;
         anyhow::ensure!(out.iter().all(|g| g.tokens.len() == n), "a sequence ended early");
         Ok(())
     };

@@ -28,9 +28,12 @@ pub struct DemoArgs {
     /// covers the task's text).
     #[arg(long)]
     base_model: Option<PathBuf>,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
+    args.device.device()?; // refuse an unusable device before any work
     let seeds = args.seeds.unwrap_or(if args.quick { 1 } else { 3 });
     anyhow::ensure!(seeds >= 1, "--seeds must be at least 1");
     let recipe = if args.quick { Recipe::quick(seeds) } else { Recipe::full(seeds) };
@@ -43,7 +46,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         }
     };
     let mut progress = DemoProgress::new();
-    let summary = run_demo(&recipe, &base, &args.out, &mut progress)?;
+    let summary = run_demo(&recipe, &base, &args.out, &args.device.device, &mut progress)?;
     progress.clear();
     plot_online(&summary, &args.out)?;
     plot_offline(&summary, &args.out)?;

@@ -1,14 +1,15 @@
 //! `prefopt generate`: sample completions of a prompt file with a KV cache, batched across
 //! prompts, and write them as JSONL with their sequence log-probs.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use prefopt_data::{parse_prompt, read_records, tokenize_prompt, HfTokenizer};
-use prefopt_model::{generate, sample_rng, HfModel, SamplingParams};
+use prefopt_loop::sampling::{sample_completions, sampling_params};
+use prefopt_model::{HfModel, Mode, Precision};
+
+use super::DeviceArg;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -46,6 +47,8 @@ pub struct GenerateArgs {
     /// Prompts per batch (each with its --num-samples samples).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// One output line, fields in this order.
@@ -81,10 +84,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             bail!("{flag} must be at least 1");
         }
     }
-    let device = Device::Cpu;
+    let device = args.device.device()?;
     let tokenizer = HfTokenizer::from_dir(&args.model)?;
     // Dropping the loaded folder right away frees the weights the model does not share.
-    let model = HfModel::load(&args.model, &device)?.build(false)?;
+    let model = HfModel::load(&args.model, &device)?.build(Mode::Infer, Precision::F32)?;
     let max_pos = model.config().max_position_embeddings;
 
     // Read and tokenize every prompt first, so a bad line fails the run before any compute.
@@ -108,64 +111,41 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         prompts.push(ids);
     }
-    let stop_ids = tokenizer.eos_token_ids();
-    if stop_ids.is_empty() {
+    let params = sampling_params(&tokenizer, args.temperature, args.top_p, args.top_k, args.max_new_tokens);
+    if params.stop_ids.is_empty() {
         eprintln!("note: the tokenizer has no EOS token; every completion runs to --max-new-tokens");
     }
-    let pad_id = tokenizer.pad_token_id().or(stop_ids.first().copied()).unwrap_or(0);
-    let params = SamplingParams {
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        max_new_tokens: args.max_new_tokens,
-        stop_ids,
-    };
 
-    // Batches of similar length waste less on padding; each sample's randomness is its own,
-    // so the order of work does not change the output.
     let k = args.num_samples;
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| prompts[i].len());
     let progress = crate::progress::bar((prompts.len() * k) as u64, "samples");
     let start = Instant::now();
-    let mut results = vec![None; prompts.len() * k];
-    for chunk in order.chunks(args.batch_size) {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let mut rngs: Vec<_> =
-            chunk.iter().flat_map(|&i| (0..k).map(move |j| sample_rng(args.seed, (i * k + j) as u64))).collect();
-        let out = generate(&model, &batch, &params, &mut rngs, pad_id)?;
-        for (pos, g) in out.into_iter().enumerate() {
-            results[chunk[pos / k] * k + pos % k] = Some(g);
-        }
-        progress.inc((chunk.len() * k) as u64);
-    }
+    let results = sample_completions(&model, &prompts, k, &params, args.seed, args.batch_size, &mut |done| {
+        progress.set_position((done * k) as u64)
+    })?;
     progress.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
 
-    let mut text = String::new();
+    let mut lines = Vec::with_capacity(prompts.len() * k);
     let mut new_tokens = 0;
-    for (s, g) in results.into_iter().enumerate() {
-        let (i, j) = (s / k, s % k);
-        let g = g.with_context(|| format!("internal error: sample {j} of prompt {i} was not generated"))?;
+    for (i, samples) in results.iter().enumerate() {
         let record = &records[i].value;
         let prompt = record.get("prompt").filter(|v| !v.is_null()).or(record.get("messages"));
-        let line = Line {
-            prompt_index: i,
-            sample: j,
-            prompt,
-            completion: tokenizer.decode(&g.tokens, true)?,
-            n_tokens: g.tokens.len(),
-            logprob: g.logprob,
-            finish_reason: if g.stopped { "stop" } else { "length" },
-        };
-        new_tokens += g.tokens.len();
-        text.push_str(&serde_json::to_string(&line)?);
-        text.push('\n');
+        for (j, g) in samples.iter().enumerate() {
+            lines.push(Line {
+                prompt_index: i,
+                sample: j,
+                prompt,
+                completion: tokenizer.decode(&g.tokens, true)?,
+                n_tokens: g.tokens.len(),
+                logprob: g.logprob,
+                finish_reason: if g.stopped { "stop" } else { "length" },
+            });
+            new_tokens += g.tokens.len();
+        }
     }
-    prefopt_model::fsio::write_atomic(&args.out, text.as_bytes())
+    prefopt_fs::write_jsonl(&args.out, &lines)
         .with_context(|| format!("writing completions to {}", args.out.display()))?;
-    let _ = writeln!(
-        std::io::stderr(),
+    eprintln!(
         "generated {} completions of {} prompts, {new_tokens} new tokens in {seconds:.1}s ({:.0} tokens/s) -> {}",
         prompts.len() * k,
         prompts.len(),

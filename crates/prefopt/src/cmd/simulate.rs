@@ -56,59 +56,15 @@ pub fn run(args: SimulateArgs) -> Result<()> {
         jsonl.push('\n');
         lines += 1;
     }
-    write_atomic(&out.join("results.jsonl"), jsonl.as_bytes())?;
+    prefopt_fs::write_atomic(&out.join("results.jsonl"), jsonl.as_bytes())?;
     let mut summary = serde_json::to_string_pretty(&sweep.summary)?;
     summary.push('\n');
-    write_atomic(&out.join("summary.json"), summary.as_bytes())?;
-    write_atomic(&out.join("config.toml"), config_text.as_bytes())?;
+    prefopt_fs::write_atomic(&out.join("summary.json"), summary.as_bytes())?;
+    prefopt_fs::write_atomic(&out.join("config.toml"), config_text.as_bytes())?;
     let plots = write_plots(&out, &config, &sweep)?;
 
     eprint!("{}", human_summary(&config, &sweep, &out, lines, &plots, sim_secs, start.elapsed().as_secs_f64()));
     Ok(())
-}
-
-/// Writes `bytes` to a temporary file next to `path`, then renames it over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().context("output path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let pos = q * (sorted.len() - 1) as f64;
-    let (i, f) = (pos.floor() as usize, pos.fract());
-    if i + 1 < sorted.len() {
-        sorted[i] * (1.0 - f) + sorted[i + 1] * f
-    } else {
-        sorted[i]
-    }
-}
-
-/// A line (`(t, mean)`) and its band (`(t, 25th percentile, 75th percentile)`).
-type LineWithBand = (Vec<(f64, f64)>, Vec<(f64, f64, f64)>);
-
-/// Mean and interquartile band over seeds of the gap at every iteration of a group.
-fn gap_band(sweep: &SweepOutput, n: Option<usize>, beta: f64, alpha: f64) -> LineWithBand {
-    let runs = sweep.group(n, beta, alpha);
-    let iters = runs[0].records.len();
-    let mut mean = Vec::with_capacity(iters);
-    let mut band = Vec::with_capacity(iters);
-    for t in 0..iters {
-        let mut v: Vec<f64> = runs.iter().map(|r| r.records[t].gap()).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        let m = v.iter().sum::<f64>() / v.len() as f64;
-        mean.push((t as f64, m));
-        band.push((t as f64, quantile(&v, 0.25), quantile(&v, 0.75)));
-    }
-    (mean, band)
-}
-
-fn final_gap_band(sweep: &SweepOutput, n: Option<usize>, beta: f64, alpha: f64) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = sweep.group(n, beta, alpha).iter().map(|r| r.records.last().unwrap().gap()).collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v.iter().sum::<f64>() / v.len() as f64, quantile(&v, 0.25), quantile(&v, 0.75))
 }
 
 fn sorted(mut v: Vec<f64>) -> Vec<f64> {
@@ -138,7 +94,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             .log_y(PLOT_FLOOR)
             .legend(Legend::LowerLeft);
             for &alpha in &alphas {
-                let (mean, _) = gap_band(sweep, None, beta, alpha);
+                let (mean, _) = sweep.gap_band(None, beta, alpha);
                 spec = spec.series(Series::new(format!("alpha = {alpha}"), mean));
             }
             let path = out.join(format!("exact_gap_vs_iteration_beta{beta}.png"));
@@ -183,7 +139,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
                 .log_y(PLOT_FLOOR)
                 .legend(Legend::LowerLeft);
                 for &alpha in &alphas {
-                    let (mean, band) = gap_band(sweep, Some(n), beta, alpha);
+                    let (mean, band) = sweep.gap_band(Some(n), beta, alpha);
                     spec = spec.series(Series::new(format!("alpha = {alpha}"), mean).with_band(band));
                 }
                 let path = out.join(format!("sampled_gap_vs_iteration_n{n}_beta{beta}.png"));
@@ -206,7 +162,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
         };
         for (name, n) in groups {
             let stats: Vec<(f64, (f64, f64, f64))> =
-                alphas.iter().map(|&a| (a, final_gap_band(sweep, n, beta, a))).collect();
+                alphas.iter().map(|&a| (a, sweep.final_gap_band(n, beta, a))).collect();
             let mean = stats.iter().map(|(a, s)| (*a, s.0)).collect();
             let band = stats.iter().map(|(a, s)| (*a, s.1, s.2)).collect();
             let mut s = Series::new(name, mean).with_markers();
@@ -230,8 +186,8 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             .log_y(PLOT_FLOOR)
             .legend(Legend::LowerLeft);
             for &n in &ns {
-                let base = final_gap_band(sweep, Some(n), beta, alphas[0]).0;
-                let pts = alphas.iter().map(|&a| (a, final_gap_band(sweep, Some(n), beta, a).0 / base)).collect();
+                let base = sweep.final_gap_band(Some(n), beta, alphas[0]).0;
+                let pts = alphas.iter().map(|&a| (a, sweep.final_gap_band(Some(n), beta, a).0 / base)).collect();
                 spec = spec.series(Series::new(format!("N = {n}"), pts).with_markers());
             }
             spec = spec

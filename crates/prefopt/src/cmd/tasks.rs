@@ -50,7 +50,7 @@ pub fn run(args: TasksArgs) -> Result<()> {
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    prefopt_model::fsio::write_atomic(&args.out, text.as_bytes())?;
+    prefopt_fs::write_atomic(&args.out, text.as_bytes())?;
     eprintln!("wrote {} {} lines of task `{}` -> {}", rows.len(), args.kind, args.task, args.out.display());
     Ok(())
 }

@@ -20,6 +20,8 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint in output_dir (fresh start if none).
     #[arg(long)]
     resume: bool,
+    #[command(flatten)]
+    device: super::DeviceOverride,
 }
 
 /// Which objective a run optimizes.
@@ -30,9 +32,10 @@ pub enum Kind {
 }
 
 pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
+    let overrides = args.device.with_overrides(&args.overrides);
     let mut cfg = match kind {
-        Kind::Preference => TrainConfig::load(args.config.as_deref(), &args.overrides)?,
-        Kind::Sft => TrainConfig::load_sft(args.config.as_deref(), &args.overrides)?,
+        Kind::Preference => TrainConfig::load(args.config.as_deref(), &overrides)?,
+        Kind::Sft => TrainConfig::load_sft(args.config.as_deref(), &overrides)?,
     };
     if args.resume && cfg.resume_from_checkpoint.is_none() {
         cfg.resume_from_checkpoint = Some("latest".into());

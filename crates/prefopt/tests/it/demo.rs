@@ -3,18 +3,10 @@
 //! and `prefopt init` / `prefopt tasks`, the commands that build the base model.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn prefopt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_prefopt"))
-}
-
-fn ok(output: Output) -> Output {
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    output
-}
+use crate::util::{ok, prefopt};
 
 fn num(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or_else(|| panic!("`{key}` is not a number in {v}"))

@@ -1,27 +1,14 @@
 //! `prefopt generate` end to end: the real binary on a fixture model with plain and
 //! conversational prompts: output shape, determinism, batching independence, bad inputs.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use crate::util::{failure, fixtures, run_prefopt, write};
 
 fn model() -> String {
     fixtures().join("models/qwen2-tied").to_str().unwrap().to_string()
-}
-
-fn prefopt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prefopt")).args(args).output().unwrap()
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 const PROMPTS: &str = r#"{"prompt": "Hello there"}
@@ -41,7 +28,7 @@ fn run(dir: &Path, prompts: &Path, out: &str, extra: &[&str]) -> String {
             .collect::<Vec<_>>();
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let result = prefopt(&args);
+    let result = run_prefopt(&args);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     std::fs::read_to_string(out).unwrap()
 }
@@ -127,11 +114,7 @@ fn greedy_decoding_ignores_the_seed() {
 
 /// Runs generate expecting failure; returns stderr.
 fn fails(args: &[&str]) -> String {
-    let out = prefopt(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "should fail: {args:?}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
+    failure(run_prefopt(args))
 }
 
 #[test]

@@ -1,18 +1,14 @@
-//! bf16 weights (`Llama::new_with(.., bf16_weights = true)`): the network equals an f32 one
+//! bf16 weights (`Precision::Bf16`): the network equals an f32 one
 //! over the weights rounded to bf16, frozen or trainable, and stays close to the f32 network.
 
-use std::path::{Path, PathBuf};
+use candle_core::{DType, Tensor, D};
+use prefopt_model::{HfModel, Llama, Mode, Params, Precision};
 
-use candle_core::{DType, Device, Tensor, D};
-use prefopt_model::{HfModel, Llama, Params};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name)
-}
+use crate::util::{device, fixture_model, fixtures, load};
 
 fn ids() -> Tensor {
     let ids: Vec<u32> = (0..2 * 24).map(|i| (i * 37 + 11) % 98).collect();
-    Tensor::from_vec(ids, (2, 24), &Device::Cpu).unwrap()
+    Tensor::from_vec(ids, (2, 24), &device()).unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -32,14 +28,17 @@ fn rounded_params(params: &Params) -> Params {
 #[test]
 fn bf16_weights_equal_an_f32_model_over_rounded_weights_frozen_or_trainable() {
     for name in ["llama-untied", "qwen2-tied"] {
-        let hf = HfModel::load(&fixture(name), &Device::Cpu).unwrap();
-        let want = Llama::new(&hf.config, &rounded_params(&hf.params), false).unwrap().forward(&ids()).unwrap();
-        let frozen = hf.build_with(false, true).unwrap().forward(&ids()).unwrap();
-        let trainable = hf.build_with(true, true).unwrap().forward(&ids()).unwrap();
+        let hf = load(name);
+        let want = Llama::new(&hf.config, &rounded_params(&hf.params), Mode::Infer, Precision::F32)
+            .unwrap()
+            .forward(&ids())
+            .unwrap();
+        let frozen = hf.build(Mode::Infer, Precision::Bf16).unwrap().forward(&ids()).unwrap();
+        let trainable = hf.build(Mode::Train, Precision::Bf16).unwrap().forward(&ids()).unwrap();
         assert!(max_abs_diff(&frozen, &want) < 1e-6, "{name}: frozen bf16 model");
         assert!(max_abs_diff(&trainable, &want) < 1e-5, "{name}: trainable bf16 model");
         // And the rounding is real: the f32 network differs.
-        let f32_logits = hf.build(false).unwrap().forward(&ids()).unwrap();
+        let f32_logits = hf.build(Mode::Infer, Precision::F32).unwrap().forward(&ids()).unwrap();
         assert!(max_abs_diff(&f32_logits, &want) > 1e-6, "{name}: bf16 rounding changed nothing");
     }
 }
@@ -52,13 +51,15 @@ fn bf16_weights_equal_an_f32_model_over_rounded_weights_frozen_or_trainable() {
 /// `llama-tied` is stored in bf16, so rounding changes nothing there.
 #[test]
 fn bf16_log_probs_stay_within_the_stated_tolerance_of_f32() {
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/base-model");
+    let base = fixtures().join("../assets/base-model");
     let names = ["llama-untied", "llama-tied", "qwen2-tied", "qwen2-untied", "mistral"];
     let targets = ids().narrow(1, 1, 23).unwrap().contiguous().unwrap().unsqueeze(2).unwrap();
-    for (name, dir, per_token) in names.map(|n| (n, fixture(n), 0.1)).into_iter().chain([("base-model", base, 0.5)]) {
-        let hf = HfModel::load(&dir, &Device::Cpu).unwrap();
+    for (name, dir, per_token) in
+        names.map(|n| (n, fixture_model(n), 0.1)).into_iter().chain([("base-model", base, 0.5)])
+    {
+        let hf = HfModel::load(&dir, &device()).unwrap();
         let lp = |bf16: bool| {
-            let logits = hf.build_with(false, bf16).unwrap().forward(&ids()).unwrap();
+            let logits = hf.build(Mode::Infer, Precision::from_bf16_flag(bf16)).unwrap().forward(&ids()).unwrap();
             let logits = logits.narrow(1, 0, 23).unwrap().contiguous().unwrap();
             candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().gather(&targets, D::Minus1).unwrap()
         };
@@ -74,9 +75,9 @@ fn bf16_log_probs_stay_within_the_stated_tolerance_of_f32() {
 /// The gradient reaches the f32 weights through the rounding (as the identity).
 #[test]
 fn gradients_reach_the_f32_weights_through_the_rounding() {
-    let hf = HfModel::load(&fixture("qwen2-tied"), &Device::Cpu).unwrap();
+    let hf = load("qwen2-tied");
     let loss = |bf16: bool| {
-        let logits = hf.build_with(true, bf16).unwrap().forward(&ids()).unwrap();
+        let logits = hf.build(Mode::Train, Precision::from_bf16_flag(bf16)).unwrap().forward(&ids()).unwrap();
         candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().mean_all().unwrap()
     };
     let (g16, g32) = (loss(true).backward().unwrap(), loss(false).backward().unwrap());

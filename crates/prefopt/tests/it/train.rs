@@ -1,17 +1,11 @@
 //! `prefopt train` end to end with the real binary: exact resume after SIGKILL, the
 //! reference log-prob cache, NaN handling, and bad input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn prefopt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_prefopt"))
-}
+use crate::util::{failure, fixtures, ok, prefopt, read};
 
 /// A small run on the qwen2 fixture; `extra` are further `--set` overrides.
 fn train_cmd(out: &Path, extra: &[&str]) -> Command {
@@ -30,22 +24,6 @@ fn train_cmd(out: &Path, extra: &[&str]) -> Command {
         cmd.args(["--set", s]);
     }
     cmd
-}
-
-fn ok(output: Output) -> Output {
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    output
-}
-
-fn failure(output: Output) -> String {
-    assert!(!output.status.success(), "expected failure; stderr: {}", String::from_utf8_lossy(&output.stderr));
-    let err = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]

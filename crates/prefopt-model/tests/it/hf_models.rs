@@ -3,18 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-use prefopt_model::{HfModel, ModelError};
+use candle_core::Tensor;
+use prefopt_model::{HfModel, Mode, ModelError, Precision};
+
+use crate::util::{cached_logits, device, fixtures, load};
 
 const MODELS: [&str; 5] = ["llama-untied", "llama-tied", "qwen2-tied", "qwen2-untied", "mistral"];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn load(name: &str) -> HfModel {
-    HfModel::load(&fixtures().join("models").join(name), &Device::Cpu).unwrap()
-}
 
 fn expected_logits(name: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
     let path = fixtures().join(format!("expected/{name}__logits.json"));
@@ -27,9 +21,9 @@ fn expected_logits(name: &str) -> (Vec<u32>, Vec<Vec<f32>>) {
 #[test]
 fn logits_match_transformers_for_every_fixture_architecture() {
     for name in MODELS {
-        let model = load(name).build(false).unwrap();
+        let model = load(name).build(Mode::Infer, Precision::F32).unwrap();
         let (ids, want) = expected_logits(name);
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &device()).unwrap().unsqueeze(0).unwrap();
         let got: Vec<Vec<f32>> = model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         let max_diff = got.iter().flatten().zip(want.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_diff < 1e-4, "{name}: max |logit diff| = {max_diff}");
@@ -40,9 +34,9 @@ fn logits_match_transformers_for_every_fixture_architecture() {
 fn every_parameter_receives_a_nonzero_gradient() {
     for name in ["llama-untied", "llama-tied", "qwen2-tied", "mistral"] {
         let hf = load(name);
-        let model = hf.build(true).unwrap();
+        let model = hf.build(Mode::Train, Precision::F32).unwrap();
         let (ids, _) = expected_logits(name);
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &device()).unwrap().unsqueeze(0).unwrap();
         // Any scalar that depends on every logit: the mean log-softmax of the next tokens.
         let logits = model.forward(&input).unwrap();
         let loss = candle_nn::ops::log_softmax(&logits, 2).unwrap().mean_all().unwrap();
@@ -59,21 +53,20 @@ fn every_parameter_receives_a_nonzero_gradient() {
 #[test]
 fn kv_cache_logits_equal_a_full_recompute() {
     for name in ["llama-tied", "qwen2-tied"] {
-        let model = load(name).build(false).unwrap();
+        let model = load(name).build(Mode::Infer, Precision::F32).unwrap();
         let (ids, _) = expected_logits(name);
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &device()).unwrap().unsqueeze(0).unwrap();
         let full: Vec<Vec<f32>> = model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         let mut cache = prefopt_model::KvCache::default();
         // A prompt chunk, then one token at a time.
-        let mut got: Vec<Vec<f32>> = model
-            .forward_cached(&input.narrow(1, 0, 5).unwrap(), &mut cache)
+        let mut got: Vec<Vec<f32>> = cached_logits(&model, &input.narrow(1, 0, 5).unwrap(), &[], &mut cache)
             .unwrap()
             .squeeze(0)
             .unwrap()
             .to_vec2()
             .unwrap();
         for p in 5..ids.len() {
-            let step = model.forward_cached(&input.narrow(1, p, 1).unwrap(), &mut cache).unwrap();
+            let step = cached_logits(&model, &input.narrow(1, p, 1).unwrap(), &[], &mut cache).unwrap();
             got.extend(step.squeeze(0).unwrap().to_vec2::<f32>().unwrap());
         }
         assert_eq!(cache.len(), ids.len());
@@ -94,7 +87,7 @@ fn save_then_load_gives_bit_identical_weights_and_copies_tokenizer_files() {
         {
             assert!(out.join(file).is_file(), "{name}: {file} not saved");
         }
-        let again = HfModel::load(&out, &Device::Cpu).unwrap();
+        let again = HfModel::load(&out, &device()).unwrap();
         assert_eq!(hf.params.len(), again.params.len());
         for (pname, var) in hf.params.iter() {
             let a: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
@@ -103,7 +96,7 @@ fn save_then_load_gives_bit_identical_weights_and_copies_tokenizer_files() {
         }
         // Saving over an existing folder replaces it whole.
         hf.save(&out).unwrap();
-        assert!(HfModel::load(&out, &Device::Cpu).is_ok());
+        assert!(HfModel::load(&out, &device()).is_ok());
     }
     // The tied checkpoint stays tied: no lm_head tensor is written.
     let saved = std::fs::read(tmp.path().join("llama-tied/model.safetensors")).unwrap();
@@ -124,7 +117,7 @@ fn scratch_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 fn load_err(dir: &Path) -> String {
-    match HfModel::load(dir, &Device::Cpu) {
+    match HfModel::load(dir, &device()) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -195,5 +188,5 @@ fn sharded_index_errors_name_the_shard() {
     edit_config(&dir, |c| c["num_hidden_layers"] = 3.into());
     let msg = load_err(&dir);
     assert!(msg.contains("model.layers.2") && msg.contains("missing"), "{msg}");
-    matches!(HfModel::load(&dir, &Device::Cpu), Err(ModelError::MissingTensor { .. }));
+    matches!(HfModel::load(&dir, &device()), Err(ModelError::MissingTensor { .. }));
 }

@@ -8,13 +8,7 @@ use candle_core::Device;
 use prefopt_loop::apo::{run_apo, ApoConfig, LoopObserver};
 use prefopt_model::HfModel;
 
-struct Silent;
-impl prefopt_train::Observer for Silent {}
-impl LoopObserver for Silent {}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use crate::util::{fixtures, Silent};
 
 /// A judge command that scores the i-th completion i (1-based): deterministic, never tied.
 const RANK_JUDGE: &str = r#"cmd:awk -F'","' '{printf "{\"scores\": ["; for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? "," : ""), i; print "]}"}'"#;
@@ -149,16 +143,11 @@ fn judge_failures_are_clear_errors_and_keep_finished_stages() {
 /// so the chosen sample ties one other (win probability 3/4) and the rejected loses to both (0).
 const TIED_JUDGE: &str = r#"cmd:awk -F'","' '{printf "{\"scores\": ["; for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? "," : ""), (i < 2 ? i : 2); print "]}"}'"#;
 
-/// (lp(chosen), lp(rejected)) of every row of a pairs file under `model`.
+/// (lp(chosen), lp(rejected)) of every row of a pairs file under `model`, tokenized as the
+/// loop's training does here.
 fn pair_logps(model: &Path, pairs: &Path) -> Vec<(f64, f64)> {
-    let tok = prefopt_data::HfTokenizer::from_dir(model).unwrap();
     let opts = prefopt_data::TokenizeOptions { max_length: Some(128), max_prompt_length: Some(512) };
-    let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &opts).unwrap();
-    assert_eq!(data.dropped, 0);
-    let hf = HfModel::load(model, &Device::Cpu).unwrap();
-    let pad = tok.pad_token_id().unwrap();
-    let lp = prefopt_train::reference::compute(&hf, false, &data, 8, pad, &Device::Cpu, |_| {}).unwrap();
-    lp.into_iter().map(|(w, l)| (w as f64, l as f64)).collect()
+    crate::util::pair_logps(model, pairs, &opts)
 }
 
 fn jsonl(path: &Path) -> Vec<serde_json::Value> {

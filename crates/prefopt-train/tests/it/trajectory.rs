@@ -2,8 +2,9 @@
 //! reference trajectory (fixtures/expected/train, made by scripts/make_train_fixtures.py),
 //! plus gradient accumulation equal to the large batch and SPO's claim on a small run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use prefopt_model::{Mode, Precision};
 use prefopt_train::config::LossTypes;
 use prefopt_train::losses::LossType;
 use prefopt_train::metrics::MetricsLog;
@@ -11,9 +12,7 @@ use prefopt_train::schedule::SchedulerKind;
 use prefopt_train::spo::SpoSolver;
 use prefopt_train::{train, Quiet, TrainConfig};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use crate::util::{device, device_name, fixtures};
 
 /// The trajectory fixtures' setup: whole dataset as one batch, AdamW lr 1e-3, constant LR,
 /// no clipping, no weight decay, no truncation.
@@ -31,6 +30,7 @@ fn parity_config(model: &str, out: &Path) -> TrainConfig {
         max_prompt_length: None,
         logging_steps: 1,
         save_steps: 0,
+        device: device_name(),
         ..TrainConfig::default()
     }
 }
@@ -93,7 +93,7 @@ fn dpo_family_trajectories_match_pytorch() {
 }
 
 fn final_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let hf = prefopt_model::HfModel::load(dir, &candle_core::Device::Cpu).unwrap();
+    let hf = prefopt_model::HfModel::load(dir, &device()).unwrap();
     hf.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())).collect()
 }
 
@@ -208,12 +208,12 @@ fn evaluation_uses_the_current_weights() {
     let eval = logged.iter().rev().find(|l| l.get("eval_logps/chosen").is_some()).expect("an eval line");
     let model = tmp.path().join("final");
     let tok = prefopt_data::HfTokenizer::from_dir(&model).unwrap();
-    let opts = prefopt_data::TokenizeOptions { max_length: Some(cfg.max_length), max_prompt_length: None };
+    let opts = cfg.tokenize_options();
     let data = prefopt_train::dataset::PairDataset::load(&cfg.train_data, &tok, &opts).unwrap();
-    let net = prefopt_model::HfModel::load(&model, &candle_core::Device::Cpu).unwrap().build(false).unwrap();
+    let net = prefopt_model::HfModel::load(&model, &device()).unwrap().build(Mode::Infer, Precision::F32).unwrap();
     let chosen: Vec<_> = data.pairs.iter().map(|p| &p.chosen).collect();
-    let pad = tok.pad_token_id().or(tok.eos_token_ids().first().copied()).unwrap_or(0);
-    let batch = prefopt_train::SequenceBatch::new(&chosen, pad, &candle_core::Device::Cpu).unwrap();
+    let pad = tok.padding_id();
+    let batch = prefopt_train::SequenceBatch::new(&chosen, pad, &device()).unwrap();
     let lp: Vec<f32> = prefopt_train::completion_logps(&net, &batch).unwrap().logps.to_vec1().unwrap();
     let want = lp.iter().map(|&v| v as f64).sum::<f64>() / lp.len() as f64;
     let got = eval["eval_logps/chosen"].as_f64().unwrap();

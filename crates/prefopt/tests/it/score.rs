@@ -1,24 +1,14 @@
 //! `prefopt score` end to end: the real binary on the committed fixtures, against the
 //! numbers `transformers` computed (fixtures/expected), and its bad-input errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
-
-fn prefopt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prefopt")).args(args).output().unwrap()
-}
-
-fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
+use crate::util::{failure, fixtures, read_jsonl, run_prefopt, write};
 
 fn score(model: &str, data: &Path, max_length: usize, out: &Path) -> Output {
     let model = fixtures().join("models").join(model);
-    prefopt(&[
+    run_prefopt(&[
         "score",
         "--model",
         model.to_str().unwrap(),
@@ -76,17 +66,8 @@ fn scores_match_transformers_for_every_model_dataset_and_budget() {
     assert!(checked >= 30, "only {checked} expected files compared");
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
 fn stderr_of(run: &Output) -> String {
-    assert!(!run.status.success(), "expected failure, stdout: {}", String::from_utf8_lossy(&run.stdout));
-    let err = String::from_utf8_lossy(&run.stderr).into_owned();
-    assert!(!err.contains("panicked"), "{err}");
-    err
+    failure(run.clone())
 }
 
 #[test]
@@ -135,7 +116,7 @@ fn a_model_folder_without_a_tokenizer_or_config_is_named() {
         std::fs::copy(fixtures().join("models/qwen2-tied").join(f), model.join(f)).unwrap();
     }
     let data = fixtures().join("data/plain.jsonl");
-    let run = prefopt(&[
+    let run = run_prefopt(&[
         "score",
         "--model",
         model.to_str().unwrap(),
@@ -146,7 +127,7 @@ fn a_model_folder_without_a_tokenizer_or_config_is_named() {
     ]);
     let err = stderr_of(&run);
     assert!(err.contains("tokenizer.json") && err.contains("model"), "{err}");
-    let run = prefopt(&[
+    let run = run_prefopt(&[
         "score",
         "--model",
         "/nonexistent/model",

@@ -43,19 +43,14 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-use prefopt_data::{HfTokenizer, TokenizeOptions};
-use prefopt_loop::apo::{run_apo, ApoConfig, BetaSchedule, Extrapolation, LoopObserver};
-use prefopt_model::HfModel;
+use prefopt_data::TokenizeOptions;
+use prefopt_loop::apo::{run_apo, ApoConfig, BetaSchedule, Extrapolation};
 use prefopt_sim::exact::exact_step;
 use prefopt_sim::policy::{extrapolate, normalized, LogPolicy};
 use prefopt_sim::{Loss, Problem};
-use prefopt_train::dataset::PairDataset;
 use prefopt_train::TrainConfig;
 
-struct Silent;
-impl prefopt_train::Observer for Silent {}
-impl LoopObserver for Silent {}
+use crate::util::{pair_logps, Silent};
 
 const TOLERANCE: f64 = 0.01;
 const ALPHA: f64 = 0.3;
@@ -67,7 +62,7 @@ const ITERATIONS: usize = 3;
 const TABLE_JUDGE: &str = r#"cmd:awk '{ s = $0; sub(/.*"completions":\[/, "", s); sub(/\].*$/, "", s); n = split(s, c, ","); out = ""; for (i = 1; i <= n; i++) { v = (c[i] == "\"1\"") ? 1 : ((c[i] == "\"2\"") ? 0 : 0.5); out = out (i > 1 ? "," : "") v }; print "{\"scores\": [" out "]}" }'"#;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/qwen2-tied")
+    crate::util::fixtures().join("models/qwen2-tied")
 }
 
 fn prompts() -> Vec<String> {
@@ -105,12 +100,8 @@ fn base_model(dir: &Path) -> PathBuf {
 
 /// `lp(1 | x) - lp(2 | x)` per prompt under `model` (sequence log-probs, EOS included).
 fn log_ratios(model: &Path, pairs: &Path) -> Vec<f64> {
-    let tok = HfTokenizer::from_dir(model).unwrap();
-    let data =
-        PairDataset::load(pairs, &tok, &TokenizeOptions { max_length: Some(32), max_prompt_length: None }).unwrap();
-    let hf = HfModel::load(model, &Device::Cpu).unwrap();
-    let lp = prefopt_train::reference::compute(&hf, false, &data, 8, 0, &Device::Cpu, |_| {}).unwrap();
-    lp.iter().map(|(w, l)| *w as f64 - *l as f64).collect()
+    let opts = TokenizeOptions { max_length: Some(32), max_prompt_length: None };
+    pair_logps(model, pairs, &opts).iter().map(|(w, l)| w - l).collect()
 }
 
 /// The simulator's trained log-ratios `log pi_hat_t(1) - log pi_hat_t(2)`, t = 1..=T.

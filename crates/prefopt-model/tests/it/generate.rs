@@ -3,18 +3,14 @@
 //! and greedy tokens against `transformers` (fixtures/expected/generate, made by
 //! scripts/make_generate_fixtures.py).
 
-use std::path::{Path, PathBuf};
-
-use candle_core::{Device, Tensor};
-use prefopt_model::{generate, sample_rng, Generated, HfModel, KvCache, Llama, SamplingParams};
+use candle_core::Tensor;
+use prefopt_model::{generate, sample_rng, Generated, KvCache, Llama, Mode, Precision, SamplingParams};
 use rand_chacha::ChaCha8Rng;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
-}
+use crate::util::{cached_logits, device, fixtures, network};
 
 fn model(name: &str) -> Llama {
-    HfModel::load(&fixtures().join("models").join(name), &Device::Cpu).unwrap().build(false).unwrap()
+    network(name, Mode::Infer)
 }
 
 /// Deterministic pseudo-random token ids below 480 (the fixture tokenizers' ordinary ids).
@@ -30,7 +26,7 @@ fn ids(len: usize, salt: u64) -> Vec<u32> {
 
 /// Logits (T, V) of one unpadded sequence, recomputed from scratch.
 fn full_logits(model: &Llama, seq: &[u32]) -> Vec<Vec<f32>> {
-    let input = Tensor::new(seq, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(seq, &device()).unwrap().unsqueeze(0).unwrap();
     model.forward(&input).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
 }
 
@@ -64,12 +60,12 @@ fn left_padded_batch_rows_equal_each_row_alone_in_prefill_and_cached_steps() {
         let padded: Vec<u32> =
             prompts.iter().flat_map(|p| std::iter::repeat_n(0, t - p.len()).chain(p.iter().copied())).collect();
         let mut cache = KvCache::default();
-        let input = Tensor::from_vec(padded, (prompts.len(), t), &Device::Cpu).unwrap();
-        let prefill: Vec<Vec<Vec<f32>>> = model.forward_padded(&input, &pads, &mut cache).unwrap().to_vec3().unwrap();
+        let input = Tensor::from_vec(padded, (prompts.len(), t), &device()).unwrap();
+        let prefill: Vec<Vec<Vec<f32>>> = cached_logits(&model, &input, &pads, &mut cache).unwrap().to_vec3().unwrap();
         let mut decoded: Vec<Vec<Vec<f32>>> = Vec::new(); // [step][row] -> (V,)
         for step in &steps {
-            let input = Tensor::new(step.as_slice(), &Device::Cpu).unwrap().unsqueeze(1).unwrap();
-            let out = model.forward_padded(&input, &pads, &mut cache).unwrap().squeeze(1).unwrap();
+            let input = Tensor::new(step.as_slice(), &device()).unwrap().unsqueeze(1).unwrap();
+            let out = cached_logits(&model, &input, &pads, &mut cache).unwrap().squeeze(1).unwrap();
             decoded.push(out.to_vec2().unwrap());
         }
         assert_eq!(cache.len(), t + steps.len());
@@ -87,15 +83,15 @@ fn left_padded_batch_rows_equal_each_row_alone_in_prefill_and_cached_steps() {
 }
 
 #[test]
-fn unpadded_forward_padded_is_forward_cached() {
+fn zero_padding_equals_no_padding() {
     let model = model("qwen2-tied");
     let seq = ids(9, 5);
-    let input = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(seq.as_slice(), &device()).unwrap().unsqueeze(0).unwrap();
     let (mut a, mut b) = (KvCache::default(), KvCache::default());
-    let x: Vec<f32> = model.forward_padded(&input, &[0], &mut a).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let y: Vec<f32> = model.forward_cached(&input, &mut b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let x: Vec<f32> = cached_logits(&model, &input, &[0], &mut a).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let y: Vec<f32> = cached_logits(&model, &input, &[], &mut b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(x, y);
-    let err = model.forward_padded(&input, &[0, 0], &mut a).unwrap_err().to_string();
+    let err = cached_logits(&model, &input, &[0, 0], &mut a).unwrap_err().to_string();
     assert!(err.contains("2 pad lengths for a batch of 1"), "{err}");
 }
 
@@ -125,9 +121,9 @@ fn cached_sampling_logprobs_equal_a_full_recompute() {
         let k = 3;
         for p in [
             params(1.0, 12),
-            SamplingParams { temperature: 0.7, top_k: 20, top_p: 0.8, max_new_tokens: 12, stop_ids: vec![] },
+            SamplingParams { temperature: 0.7, top_k: 20, top_p: 0.8, max_new_tokens: 12, ..Default::default() },
         ] {
-            let out = generate(&model, &prompts, &p, &mut rngs(3, prompts.len() * k), 0).unwrap();
+            let out = generate(&model, &prompts, &p, &mut rngs(3, prompts.len() * k)).unwrap();
             assert_eq!(out.len(), prompts.len() * k);
             for (s, g) in out.iter().enumerate() {
                 assert_eq!(g.tokens.len(), 12);
@@ -143,7 +139,7 @@ fn greedy_is_the_argmax_of_a_full_recompute_step_by_step() {
     for name in ["llama-tied", "qwen2-untied"] {
         let model = model(name);
         let prompts = vec![ids(5, 30), ids(1, 31), ids(9, 32)];
-        let out = generate(&model, &prompts, &params(0.0, 16), &mut rngs(0, 3), 0).unwrap();
+        let out = generate(&model, &prompts, &params(0.0, 16), &mut rngs(0, 3)).unwrap();
         for (i, g) in out.iter().enumerate() {
             assert_eq!(g.tokens.len(), 16);
             check_against_recompute(&model, &prompts[i], g, true, &format!("{name} prompt {i}"));
@@ -155,7 +151,7 @@ fn greedy_is_the_argmax_of_a_full_recompute_step_by_step() {
 fn same_seed_gives_identical_samples_and_another_seed_different_ones() {
     let model = model("qwen2-tied");
     let prompts = vec![ids(6, 40), ids(3, 41)];
-    let run = |seed| generate(&model, &prompts, &params(1.0, 20), &mut rngs(seed, 4), 0).unwrap();
+    let run = |seed| generate(&model, &prompts, &params(1.0, 20), &mut rngs(seed, 4)).unwrap();
     let a = run(11);
     assert_eq!(a, run(11));
     let b = run(12);
@@ -168,13 +164,13 @@ fn same_seed_gives_identical_samples_and_another_seed_different_ones() {
 fn a_sequence_ends_at_its_first_stop_token_and_the_others_go_on() {
     let model = model("llama-tied");
     let prompts = vec![ids(5, 50), ids(8, 51)];
-    let free = generate(&model, &prompts, &params(0.0, 10), &mut rngs(0, 2), 0).unwrap();
+    let free = generate(&model, &prompts, &params(0.0, 10), &mut rngs(0, 2)).unwrap();
     // Stop on prompt 0's fourth greedy token (where it first occurs), which prompt 1 does not produce.
     let stop = free[0].tokens[3];
     let first = free[0].tokens.iter().position(|&t| t == stop).unwrap();
     assert!(!free[1].tokens.contains(&stop), "pick other fixture prompts");
     let p = SamplingParams { stop_ids: vec![999, stop], ..params(0.0, 10) };
-    let out = generate(&model, &prompts, &p, &mut rngs(0, 2), 0).unwrap();
+    let out = generate(&model, &prompts, &p, &mut rngs(0, 2)).unwrap();
     assert!(out[0].stopped);
     assert_eq!(out[0].tokens, free[0].tokens[..=first].to_vec(), "nothing follows the stop token");
     assert!(!out[1].stopped);
@@ -182,7 +178,7 @@ fn a_sequence_ends_at_its_first_stop_token_and_the_others_go_on() {
     check_against_recompute(&model, &prompts[0], &out[0], true, "stopped sequence");
     // The greedy first token as the stop id: a one-token completion.
     let p = SamplingParams { stop_ids: vec![free[0].tokens[0]], ..params(0.0, 10) };
-    let out = generate(&model, &prompts[..1], &p, &mut rngs(0, 1), 0).unwrap();
+    let out = generate(&model, &prompts[..1], &p, &mut rngs(0, 1)).unwrap();
     assert_eq!(out[0].tokens, vec![free[0].tokens[0]]);
     assert!(out[0].stopped);
 }
@@ -193,10 +189,10 @@ fn samples_do_not_depend_on_what_else_is_in_the_batch() {
     let prompts = vec![ids(3, 60), ids(10, 61), ids(6, 62), ids(1, 63)];
     let k = 2;
     let p = SamplingParams { temperature: 0.9, top_p: 0.95, ..params(1.0, 15) };
-    let together = generate(&model, &prompts, &p, &mut rngs(5, prompts.len() * k), 0).unwrap();
+    let together = generate(&model, &prompts, &p, &mut rngs(5, prompts.len() * k)).unwrap();
     for (i, prompt) in prompts.iter().enumerate() {
         let mut own: Vec<ChaCha8Rng> = (0..k as u64).map(|j| sample_rng(5, i as u64 * k as u64 + j)).collect();
-        let alone = generate(&model, std::slice::from_ref(prompt), &p, &mut own, 0).unwrap();
+        let alone = generate(&model, std::slice::from_ref(prompt), &p, &mut own).unwrap();
         for j in 0..k {
             let (a, b) = (&alone[j], &together[i * k + j]);
             assert_eq!(a.tokens, b.tokens, "prompt {i} sample {j}");
@@ -212,15 +208,15 @@ fn samples_do_not_depend_on_what_else_is_in_the_batch() {
 fn the_context_limit_ends_a_sequence_and_a_full_prompt_is_an_error() {
     let model = model("qwen2-tied"); // max_position_embeddings 256
     let prompts = vec![ids(250, 70), ids(3, 71)];
-    let out = generate(&model, &prompts, &params(1.0, 10), &mut rngs(0, 2), 0).unwrap();
+    let out = generate(&model, &prompts, &params(1.0, 10), &mut rngs(0, 2)).unwrap();
     assert_eq!(out[0].tokens.len(), 6);
     assert!(!out[0].stopped);
     assert_eq!(out[1].tokens.len(), 10);
-    let err = generate(&model, &[ids(256, 72)], &params(1.0, 10), &mut rngs(0, 1), 0).unwrap_err().to_string();
+    let err = generate(&model, &[ids(256, 72)], &params(1.0, 10), &mut rngs(0, 1)).unwrap_err().to_string();
     assert!(err.contains("prompt 0 has 256 tokens") && err.contains("max_position_embeddings (256)"), "{err}");
-    let err = generate(&model, &[vec![]], &params(1.0, 10), &mut rngs(0, 1), 0).unwrap_err().to_string();
+    let err = generate(&model, &[vec![]], &params(1.0, 10), &mut rngs(0, 1)).unwrap_err().to_string();
     assert!(err.contains("prompt 0 has no tokens"), "{err}");
-    let err = generate(&model, &[ids(3, 1)], &params(1.0, 0), &mut rngs(0, 1), 0).unwrap_err().to_string();
+    let err = generate(&model, &[ids(3, 1)], &params(1.0, 0), &mut rngs(0, 1)).unwrap_err().to_string();
     assert!(err.contains("max_new_tokens"), "{err}");
 }
 
@@ -239,7 +235,7 @@ fn greedy_tokens_match_transformers_with_all_prompts_in_one_padded_batch() {
             ..params(0.0, get("max_new_tokens").as_u64().unwrap() as usize)
         };
         let model = model(name);
-        let out = generate(&model, &prompts, &p, &mut rngs(0, prompts.len()), 0).unwrap();
+        let out = generate(&model, &prompts, &p, &mut rngs(0, prompts.len())).unwrap();
         for (i, g) in out.iter().enumerate() {
             assert_eq!(g.tokens, tokens[i], "{name} prompt {i}: tokens differ from transformers");
             assert_eq!(g.stopped, stopped[i], "{name} prompt {i}");
@@ -290,14 +286,14 @@ fn top_k_and_top_p_keep_what_transformers_warpers_keep() {
 fn a_trainable_model_backpropagates_through_the_kv_cache() {
     // The cache concatenates (rather than writing in place) when keys carry gradients, so a
     // loss on a cached step reaches the earlier positions' key/value projections.
-    let hf = HfModel::load(&fixtures().join("models/llama-untied"), &Device::Cpu).unwrap();
-    let model = hf.build(true).unwrap();
+    let hf = crate::util::load("llama-untied");
+    let model = hf.build(Mode::Train, Precision::F32).unwrap();
     let seq = ids(10, 80);
-    let input = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(seq.as_slice(), &device()).unwrap().unsqueeze(0).unwrap();
     let full = model.forward(&input).unwrap().narrow(1, 9, 1).unwrap().sqr().unwrap().sum_all().unwrap();
     let mut cache = KvCache::default();
-    model.forward_cached(&input.narrow(1, 0, 9).unwrap(), &mut cache).unwrap();
-    let step = model.forward_cached(&input.narrow(1, 9, 1).unwrap(), &mut cache).unwrap();
+    cached_logits(&model, &input.narrow(1, 0, 9).unwrap(), &[], &mut cache).unwrap();
+    let step = cached_logits(&model, &input.narrow(1, 9, 1).unwrap(), &[], &mut cache).unwrap();
     let cached = step.sqr().unwrap().sum_all().unwrap();
     let (g_full, g_cached) = (full.backward().unwrap(), cached.backward().unwrap());
     for name in ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.v_proj.weight"] {

@@ -1,6 +1,8 @@
 //! Each fused op (`prefopt_model::ops`) against its plain-candle composition: the same
 //! values, and the same gradients for every input, through candle's own autograd.
 
+//! (The fused kernels run on the CPU: this module always tests there.)
+
 use candle_core::{Device, Tensor, Var};
 use prefopt_model::ops::{self, AttentionMask};
 use rand::{Rng, SeedableRng};

@@ -2,15 +2,9 @@
 //! built-in default).
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn prefopt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_prefopt")).args(args).output().expect("running prefopt")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use crate::util::{run_prefopt, stderr};
 
 /// A small sweep: 2 prompts x 3 responses, both modes, 2 alphas, 2 seeds.
 const TINY: &str = r#"
@@ -25,14 +19,14 @@ rewards = [[0.0, 0.5, 1.0], [1.0, 0.2, 0.0]]
 fn run_config(dir: &Path, text: &str, out: &str) -> Output {
     let cfg = dir.join(format!("{out}.toml"));
     std::fs::write(&cfg, text).unwrap();
-    prefopt(&["simulate", "--config", cfg.to_str().unwrap(), "--out", dir.join(out).to_str().unwrap()])
+    run_prefopt(&["simulate", "--config", cfg.to_str().unwrap(), "--out", dir.join(out).to_str().unwrap()])
 }
 
 #[test]
 fn default_run_writes_results_summary_and_plots() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sim");
-    let o = prefopt(&["simulate", "--out", out.to_str().unwrap()]);
+    let o = run_prefopt(&["simulate", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
@@ -137,7 +131,7 @@ preferences = [[[0.5, 0.9, 0.2], [0.1, 0.5, 0.7], [0.8, 0.3, 0.5]]]
 
 #[test]
 fn print_config_prints_the_builtin_default() {
-    let o = prefopt(&["simulate", "--print-config"]);
+    let o = run_prefopt(&["simulate", "--print-config"]);
     assert!(o.status.success());
     let text = String::from_utf8(o.stdout).unwrap();
     assert_eq!(text, prefopt_sim::DEFAULT_CONFIG_TOML);

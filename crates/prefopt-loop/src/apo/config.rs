@@ -1,0 +1,214 @@
+//! `prefopt apo`'s configuration: every key with its default, TOML with `--set` overrides,
+//! validated before anything runs.
+
+use std::path::{Path, PathBuf};
+
+use prefopt_data::HfTokenizer;
+use prefopt_model::SamplingParams;
+use prefopt_train::config::apply_overrides;
+use prefopt_train::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::sampling::sampling_params;
+use crate::LoopError;
+
+/// `beta`: one value for every iteration, or one per iteration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BetaSchedule {
+    One(f64),
+    PerIteration(Vec<f64>),
+}
+
+/// How the extrapolated policy `pi_t ∝ pi_hat_t (pi_hat_t / pi_hat_{t-1})^alpha` enters the
+/// next iteration. Both modes write the parameter-extrapolated weights to
+/// `iter-<t>/extrapolated/` and sample from them; they differ in the reference of the loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Extrapolation {
+    /// Weights `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`: the sampler,
+    /// the training start and the reference of the next iteration (the paper's experiments).
+    /// Exact only for log-linear policies.
+    Parameter,
+    /// The sampler and training start as with `parameter`, but the reference is the
+    /// policy-space step: `lp_ref(y) = (1+alpha) lp_{pi_hat_t}(y) - alpha lp_{pi_hat_{t-1}}(y)`,
+    /// computed from the two last trained models and written into `iter-<t+1>/pairs-ref.jsonl`
+    /// as TRL's `ref_chosen_logps`/`ref_rejected_logps` columns. It drops the prompt-only
+    /// normalizer `log Z'(x)`, which cancels only in losses that see the reference through
+    /// `rho_w - rho_l` with equal weights (`sigmoid`, cDPO, `robust`, `hinge`; methods.md
+    /// section 3). Iteration 1's reference is the base, as in both modes.
+    Logprob,
+}
+
+/// Every key of an APO run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApoConfig {
+    /// Base model folder (pi_0). Required.
+    pub model: PathBuf,
+    /// Training prompts: a JSONL/Parquet file (`prompt` or `messages`) or `task:<name>`.
+    pub prompts: String,
+    /// Prompts generated for `task:<name>` (default 256).
+    pub num_prompts: usize,
+    /// Oracle: a built-in task name, `rm:<folder>` or `cmd:<shell command>`. Required.
+    pub judge: String,
+    /// Longest one call of a `cmd:` judge may run (all prompts of a stage), in seconds;
+    /// then its whole process group is killed and the run stops (default 300).
+    pub judge_timeout_s: f64,
+    /// Iterations T (default 3, as the paper).
+    pub iterations: usize,
+    /// Prompts per iteration (default 64); iteration t takes the next fold of the shuffled
+    /// prompts, wrapping around when they run out.
+    pub prompts_per_iteration: usize,
+    /// Completions sampled per prompt, K (default 5, as the paper).
+    pub num_samples: usize,
+    /// Nesterov momentum alpha (default 0.3, the paper's); 0 is iterative DPO.
+    pub alpha: f64,
+    /// KL strength: a number or one per iteration (default 0.1).
+    pub beta: BetaSchedule,
+    /// `"parameter"` (default, the paper's) or `"logprob"` (exact reference, same sampler);
+    /// see [`Extrapolation`].
+    pub extrapolation: Extrapolation,
+    /// Held-out prompts: a file or `task:<name>` (default: the training task, other seed).
+    pub eval_prompts: Option<String>,
+    /// Held-out prompts generated for a task (default 64).
+    pub num_eval_prompts: usize,
+    /// Seeds prompt order, sampling and evaluation (default 0).
+    pub seed: u64,
+    /// Sampling (defaults 0.7 / 0.9, the paper's; top_k 0 = off; 64 new tokens).
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    /// Where iterations go. Required.
+    pub output_dir: PathBuf,
+    /// Where the tensors live: "cpu", "cuda" or "cuda:N" (default "cpu"); the inner training
+    /// runs on it too.
+    pub device: String,
+    /// Training keys of `prefopt train` for the inner step (not `model`, `ref_model`,
+    /// `train_data`, `output_dir`, `beta`: the loop sets those).
+    pub train: toml::Table,
+}
+
+impl Default for ApoConfig {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            prompts: String::new(),
+            num_prompts: 256,
+            judge: String::new(),
+            judge_timeout_s: 300.0,
+            iterations: 3,
+            prompts_per_iteration: 64,
+            num_samples: 5,
+            alpha: 0.3,
+            beta: BetaSchedule::One(0.1),
+            extrapolation: Extrapolation::Parameter,
+            eval_prompts: None,
+            num_eval_prompts: 64,
+            seed: 0,
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 0,
+            max_new_tokens: 64,
+            output_dir: PathBuf::new(),
+            device: "cpu".into(),
+            train: toml::Table::new(),
+        }
+    }
+}
+
+/// `[train]` keys the loop sets itself.
+const LOOP_SET_KEYS: [&str; 7] =
+    ["model", "ref_model", "train_data", "output_dir", "beta", "resume_from_checkpoint", "device"];
+
+impl ApoConfig {
+    /// Reads a TOML file with `key=value` overrides (`train.learning_rate=1e-6` reaches the
+    /// `[train]` table) and validates it; errors name the file and key.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, LoopError> {
+        let name = path.map_or("--set".to_string(), |p| p.display().to_string());
+        let err = |message: String| LoopError::Config { source_name: name.clone(), message };
+        let mut text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?,
+            None => String::new(),
+        };
+        if !overrides.is_empty() {
+            let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| err(e.to_string()))?;
+            apply_overrides(&mut table, overrides).map_err(&err)?;
+            text = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
+        }
+        let cfg: ApoConfig = toml::from_str(&text).map_err(|e: toml::de::Error| err(e.to_string()))?;
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for (key, empty) in [
+            ("model", self.model.as_os_str().is_empty()),
+            ("prompts", self.prompts.is_empty()),
+            ("judge", self.judge.is_empty()),
+            ("output_dir", self.output_dir.as_os_str().is_empty()),
+        ] {
+            if empty {
+                return Err(format!("missing required key `{key}`"));
+            }
+        }
+        if self.iterations == 0 || self.prompts_per_iteration == 0 || self.num_samples < 2 {
+            return Err("`iterations` and `prompts_per_iteration` must be at least 1, `num_samples` at least 2".into());
+        }
+        if !(self.judge_timeout_s > 0.0 && self.judge_timeout_s.is_finite()) {
+            return Err(format!(
+                "`judge_timeout_s` must be a positive number of seconds, got {}",
+                self.judge_timeout_s
+            ));
+        }
+        if !(0.0..1.0).contains(&self.alpha) {
+            return Err(format!("`alpha` must be in [0, 1), got {}", self.alpha));
+        }
+        if let BetaSchedule::PerIteration(b) = &self.beta {
+            if b.len() != self.iterations {
+                return Err(format!("`beta` lists {} values for {} iterations", b.len(), self.iterations));
+            }
+        }
+        if let Some(key) = self.train.keys().find(|k| LOOP_SET_KEYS.contains(&k.as_str())) {
+            return Err(format!("`train.{key}` is set by the loop itself; remove it"));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) || self.temperature < 0.0 {
+            return Err("`top_p` must be in (0, 1] and `temperature` >= 0".into());
+        }
+        Ok(())
+    }
+
+    /// beta of iteration t (1-based).
+    pub fn beta_at(&self, t: usize) -> f64 {
+        match &self.beta {
+            BetaSchedule::One(b) => *b,
+            BetaSchedule::PerIteration(b) => b[t - 1],
+        }
+    }
+
+    /// The sampler's settings, stopping at the tokenizer's EOS ids.
+    pub fn sampling(&self, tok: &HfTokenizer) -> SamplingParams {
+        sampling_params(tok, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+    }
+
+    /// The inner training config of iteration t: `[train]` keys, plus the loop's own.
+    pub(super) fn train_config(
+        &self,
+        t: usize,
+        start: &Path,
+        pairs: &Path,
+        out: &Path,
+    ) -> Result<TrainConfig, LoopError> {
+        let mut table = self.train.clone();
+        let path = |p: &Path| toml::Value::String(p.display().to_string());
+        table.insert("model".into(), path(start));
+        table.insert("ref_model".into(), path(start));
+        table.insert("train_data".into(), path(pairs));
+        table.insert("output_dir".into(), path(out));
+        table.insert("beta".into(), toml::Value::Float(self.beta_at(t)));
+        table.insert("resume_from_checkpoint".into(), toml::Value::String("latest".into()));
+        table.insert("device".into(), toml::Value::String(self.device.clone()));
+        TrainConfig::from_table(&table).map_err(|message| LoopError::Config { source_name: "[train]".into(), message })
+    }
+}

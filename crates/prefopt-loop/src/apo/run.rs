@@ -1,0 +1,427 @@
+//! `prefopt apo`'s run: the iterations as named stages (sample, judge and pair, reference,
+//! train, extrapolate, evaluate), each writing its output atomically and skipped when that
+//! output exists, so a killed run, rerun with the same command, continues from the last
+//! finished stage.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use prefopt_data::{parse_prompt, read_records, HfTokenizer};
+use prefopt_model::{save_model_dir, HfModel, Mode, Precision, SamplingParams};
+use prefopt_train::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+use super::config::{ApoConfig, Extrapolation};
+use crate::evaluate::{evaluate_model, BaseSamples, EvalMetrics};
+use crate::extrapolate::{extrapolate, extrapolate_logps};
+use crate::judge::{judge_from_spec_with, Judge, JudgeOptions, PromptItem};
+use crate::sampling::{sample_records, SampleRecord};
+use crate::{seeds, LoopError};
+
+/// What the loop reports as it goes (the CLI draws progress from it).
+pub trait LoopObserver: prefopt_train::Observer {
+    fn stage(&mut self, _iteration: usize, _stage: &str) {}
+    fn samples(&mut self, _done: usize, _total: usize) {}
+}
+
+/// One iteration's record in `manifest.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct IterationRecord {
+    pub iteration: usize,
+    pub alpha: f64,
+    pub beta: f64,
+    pub samples: PathBuf,
+    pub pairs: PathBuf,
+    pub trained: PathBuf,
+    pub extrapolated: PathBuf,
+    pub pair_count: usize,
+    pub skipped_prompts: usize,
+    /// `extrapolation = "logprob"`, from iteration 2: the pairs with the extrapolated
+    /// reference's log-probs, which training reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_pairs: Option<PathBuf>,
+    pub eval_trained: Option<EvalMetrics>,
+    pub eval_extrapolated: Option<EvalMetrics>,
+    /// Seconds per stage (sampling, judging, training, extrapolation, evaluation) in this
+    /// process; a resumed stage counts only the time of the run that finished it.
+    pub wall_s: std::collections::BTreeMap<String, f64>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub config: serde_json::Value,
+    pub base_eval: Option<EvalMetrics>,
+    pub iterations: Vec<IterationRecord>,
+}
+
+/// Runs (or resumes) the whole loop; returns the manifest.
+pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, LoopError> {
+    let mut run = LoopRun::open(cfg, obs)?;
+    for t in 1..=cfg.iterations {
+        let mut it = run.iteration(t)?;
+        run.sample(&mut it, obs)?;
+        run.judge_and_pair(&mut it, obs)?;
+        let train_cfg = run.reference(&mut it, obs)?;
+        run.train(&mut it, &train_cfg, obs)?;
+        run.extrapolate(&mut it, obs)?;
+        run.evaluate(&mut it, obs)?;
+    }
+    Ok(run.manifest)
+}
+
+/// Everything the stages share: the config, the manifest, the tokenizer, the judge, the
+/// prompts and the base model's held-out samples.
+struct LoopRun<'a> {
+    cfg: &'a ApoConfig,
+    device: Device,
+    manifest: Manifest,
+    manifest_path: PathBuf,
+    tok: HfTokenizer,
+    judge: Box<dyn Judge>,
+    sampling: SamplingParams,
+    train_prompts: Vec<PromptItem>,
+    eval_prompts: Vec<PromptItem>,
+    /// The shuffled prompt indices; iteration t takes the t-th fold.
+    order: Vec<usize>,
+    base: BaseSamples,
+}
+
+/// One iteration in progress: its record and its folder.
+struct Iteration {
+    t: usize,
+    dir: PathBuf,
+    record: IterationRecord,
+}
+
+impl<'a> LoopRun<'a> {
+    /// Opens (or reopens) `output_dir`: a manifest of another config there is an error;
+    /// then the judge, the prompts and the base model's held-out samples.
+    fn open(cfg: &'a ApoConfig, obs: &mut dyn LoopObserver) -> Result<Self, LoopError> {
+        let device = prefopt_model::parse_device(&cfg.device)?;
+        let out = &cfg.output_dir;
+        std::fs::create_dir_all(out).map_err(|e| LoopError::OutputDir { dir: out.clone(), message: e.to_string() })?;
+        let manifest_path = out.join("manifest.json");
+        let config = serde_json::to_value(cfg).map_err(|e| prefopt_fs::FsError::io(&manifest_path, e))?;
+        let mut manifest = if manifest_path.exists() {
+            let m: Manifest = prefopt_fs::read_json(&manifest_path)?;
+            if without_operational_keys(&m.config) != without_operational_keys(&config) {
+                return Err(LoopError::OutputDir {
+                    dir: out.clone(),
+                    message: "holds a run with another config; use another output_dir (or the same config to resume)"
+                        .into(),
+                });
+            }
+            obs.message(&format!("resuming the run in {}", out.display()));
+            Manifest { config, ..m }
+        } else {
+            Manifest { config, ..Manifest::default() }
+        };
+
+        let tok = HfTokenizer::from_dir(&cfg.model)?;
+        let judge_options = JudgeOptions { command_timeout: std::time::Duration::from_secs_f64(cfg.judge_timeout_s) };
+        let mut judge = judge_from_spec_with(&cfg.judge, &device, &judge_options)?;
+        let train_prompts = load_prompts(&cfg.prompts, cfg.num_prompts, cfg.seed)?;
+        if train_prompts.is_empty() {
+            return Err(LoopError::Prompts { spec: cfg.prompts.clone(), message: "no prompts".into() });
+        }
+        let eval_spec = cfg.eval_prompts.clone().unwrap_or_else(|| cfg.prompts.clone());
+        let eval_prompts = load_prompts(&eval_spec, cfg.num_eval_prompts, seeds::eval_prompts(cfg.seed))?;
+        let sampling = cfg.sampling(&tok);
+        // The base model's held-out samples: the baseline of every win rate and KL estimate.
+        let base = BaseSamples::load_or_make(
+            &out.join("eval-base.jsonl"),
+            &cfg.model,
+            &tok,
+            &eval_prompts,
+            &sampling,
+            cfg.seed,
+            judge.as_mut(),
+            &device,
+        )?;
+        if manifest.base_eval.is_none() {
+            manifest.base_eval = Some(base.metrics.clone());
+            prefopt_fs::write_json(&manifest_path, &manifest)?;
+        }
+        let order = fold_order(train_prompts.len(), cfg.seed);
+        Ok(Self {
+            cfg,
+            device,
+            manifest,
+            manifest_path,
+            tok,
+            judge,
+            sampling,
+            train_prompts,
+            eval_prompts,
+            order,
+            base,
+        })
+    }
+
+    /// Iteration t's record: from the manifest when an earlier run got that far, else new.
+    fn iteration(&self, t: usize) -> Result<Iteration, LoopError> {
+        let dir = self.cfg.output_dir.join(format!("iter-{t}"));
+        std::fs::create_dir_all(&dir).map_err(|e| prefopt_fs::FsError::io(&dir, e))?;
+        let record =
+            self.manifest.iterations.iter().find(|r| r.iteration == t).cloned().unwrap_or_else(|| IterationRecord {
+                iteration: t,
+                alpha: self.cfg.alpha,
+                beta: self.cfg.beta_at(t),
+                samples: dir.join("samples.jsonl"),
+                pairs: dir.join("pairs.jsonl"),
+                trained: dir.join("trained"),
+                extrapolated: dir.join("extrapolated"),
+                ..IterationRecord::default()
+            });
+        Ok(Iteration { t, dir, record })
+    }
+
+    /// `pi_{t-1}`: the sampler, training start and reference of iteration t (the base at t = 1).
+    fn sampler(&self, t: usize) -> PathBuf {
+        self.model_of(t - 1, "extrapolated")
+    }
+
+    /// `pi_hat_t` (the base at t = 0).
+    fn trained(&self, t: usize) -> PathBuf {
+        self.model_of(t, "trained")
+    }
+
+    fn model_of(&self, t: usize, which: &str) -> PathBuf {
+        if t == 0 {
+            self.cfg.model.clone()
+        } else {
+            self.cfg.output_dir.join(format!("iter-{t}/{which}"))
+        }
+    }
+
+    /// Runs one stage's work (reported to `obs`, timed into the record), then saves the
+    /// record in the manifest.
+    fn stage<T>(
+        &mut self,
+        it: &mut Iteration,
+        name: &str,
+        obs: &mut dyn LoopObserver,
+        work: impl FnOnce(&mut Self, &mut Iteration, &mut dyn LoopObserver) -> Result<T, LoopError>,
+    ) -> Result<T, LoopError> {
+        obs.stage(it.t, name);
+        let started = Instant::now();
+        let out = work(self, it, obs)?;
+        it.record.wall_s.insert(name.into(), started.elapsed().as_secs_f64());
+        self.save(&it.record)?;
+        Ok(out)
+    }
+
+    /// Puts `record` into the manifest and writes it.
+    fn save(&mut self, record: &IterationRecord) -> Result<(), LoopError> {
+        match self.manifest.iterations.iter_mut().find(|r| r.iteration == record.iteration) {
+            Some(r) => *r = record.clone(),
+            None => self.manifest.iterations.push(record.clone()),
+        }
+        Ok(prefopt_fs::write_json(&self.manifest_path, &self.manifest)?)
+    }
+
+    /// 1. K completions per prompt of this iteration's fold, from `pi_{t-1}`.
+    fn sample(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
+        if it.record.samples.exists() {
+            return Ok(());
+        }
+        self.stage(it, "sampling", obs, |run, it, obs| {
+            let (cfg, t) = (run.cfg, it.t);
+            let fold: Vec<&PromptItem> = (0..cfg.prompts_per_iteration)
+                .map(|i| &run.train_prompts[run.order[((t - 1) * cfg.prompts_per_iteration + i) % run.order.len()]])
+                .collect();
+            let net = HfModel::load(&run.sampler(t), &run.device)?.build(Mode::Infer, Precision::F32)?;
+            let seed = seeds::iteration_samples(cfg.seed, t);
+            let records = sample_records(&net, &run.tok, &fold, cfg.num_samples, &run.sampling, seed, &mut |d, n| {
+                obs.samples(d, n)
+            })?;
+            Ok(prefopt_fs::write_jsonl(&it.record.samples, &records)?)
+        })
+    }
+
+    /// 2. Judge the samples and pair best vs worst (prompts whose samples all tie are skipped).
+    fn judge_and_pair(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
+        if it.record.pairs.exists() {
+            if it.record.pair_count == 0 {
+                it.record.pair_count = prefopt_fs::read_jsonl::<serde_json::Value>(&it.record.pairs)?.len();
+                self.save(&it.record)?;
+            }
+            return Ok(());
+        }
+        self.stage(it, "judging", obs, |run, it, _| {
+            let samples: Vec<SampleRecord> = prefopt_fs::read_jsonl(&it.record.samples)?;
+            let (pairs, skipped) =
+                crate::pairing::judge_and_pair(run.judge.as_mut(), &samples, &it.record.samples, run.cfg.num_samples)?;
+            if pairs.is_empty() {
+                return Err(LoopError::Verdicts {
+                    judge: run.cfg.judge.clone(),
+                    message: format!("tied every prompt's samples in iteration {}; nothing to train on", it.t),
+                });
+            }
+            prefopt_fs::write_jsonl(&it.record.pairs, &pairs)?;
+            it.record.pair_count = pairs.len();
+            it.record.skipped_prompts = skipped;
+            Ok(())
+        })
+    }
+
+    /// Stage 3, the inner training config: with `extrapolation = "logprob"` (t >= 2, a loss
+    /// with a reference) the pairs get the policy-space reference
+    /// `pi_{t-1} ∝ pi_hat_{t-1} (pi_hat_{t-1} / pi_hat_{t-2})^alpha` as reference log-prob
+    /// columns.
+    fn reference(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<TrainConfig, LoopError> {
+        let (cfg, t) = (self.cfg, it.t);
+        let mut train_cfg = cfg.train_config(t, &self.sampler(t), &it.record.pairs, &it.dir.join("train"))?;
+        let exact_reference = cfg.extrapolation == Extrapolation::Logprob && t >= 2 && train_cfg.needs_reference();
+        if !exact_reference {
+            return Ok(train_cfg);
+        }
+        let with_reference = it.dir.join("pairs-ref.jsonl");
+        train_cfg.train_data = with_reference.clone();
+        it.record.reference_pairs = Some(with_reference.clone());
+        if !it.record.trained.exists() && !with_reference.exists() {
+            self.stage(it, "reference", obs, |run, it, _| {
+                let (newer, older) = (run.trained(t - 1), run.trained(t - 2));
+                write_extrapolated_reference(&train_cfg, &it.record.pairs, &newer, &older, cfg.alpha, &with_reference)
+            })?;
+        }
+        Ok(train_cfg)
+    }
+
+    /// 4. Train `pi_hat_t` from `pi_{t-1}`'s weights with reference `pi_{t-1}`.
+    fn train(
+        &mut self,
+        it: &mut Iteration,
+        train_cfg: &TrainConfig,
+        obs: &mut dyn LoopObserver,
+    ) -> Result<(), LoopError> {
+        if it.record.trained.exists() {
+            return Ok(());
+        }
+        self.stage(it, "training", obs, |_, it, obs| {
+            let summary = prefopt_train::train(train_cfg, obs)?;
+            std::fs::rename(&summary.final_dir, &it.record.trained)
+                .map_err(|e| prefopt_fs::FsError::io(&it.record.trained, e))?;
+            Ok(())
+        })
+    }
+
+    /// 5. Extrapolate: `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`.
+    fn extrapolate(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
+        if it.record.extrapolated.exists() {
+            return Ok(());
+        }
+        self.stage(it, "extrapolation", obs, |run, it, _| {
+            let trained = HfModel::load(&it.record.trained, &run.device)?;
+            let older = HfModel::load(&run.trained(it.t - 1), &run.device)?;
+            let params = extrapolate(&trained.params, &older.params, run.cfg.alpha)?;
+            save_model_dir(&it.record.extrapolated, &trained.raw_config, &params, Some(&it.record.trained))?;
+            Ok(())
+        })
+    }
+
+    /// 6. Evaluate `pi_hat_t` and `pi_t` on the held-out prompts.
+    fn evaluate(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
+        if it.record.eval_trained.is_some() && it.record.eval_extrapolated.is_some() {
+            return Ok(());
+        }
+        self.stage(it, "evaluation", obs, |run, it, _| {
+            let seed = seeds::loop_evaluation(run.cfg.seed);
+            let mut evaluate = |dir: &Path| {
+                evaluate_model(
+                    dir,
+                    &run.tok,
+                    &run.eval_prompts,
+                    &run.sampling,
+                    seed,
+                    run.judge.as_mut(),
+                    &run.base,
+                    &run.device,
+                )
+            };
+            let trained = evaluate(&it.record.trained)?;
+            // At alpha 0 the extrapolated weights are the trained ones, byte for byte (tested),
+            // and the evaluation is seeded, so its numbers are the same: skip the second pass.
+            let extrapolated = if run.cfg.alpha == 0.0 { trained.clone() } else { evaluate(&it.record.extrapolated)? };
+            let lines: Vec<serde_json::Value> = [("trained", &trained), ("extrapolated", &extrapolated)]
+                .iter()
+                .map(|(which, m)| {
+                    let mut v = serde_json::to_value(m).unwrap_or_default();
+                    v["iteration"] = it.t.into();
+                    v["model"] = (*which).into();
+                    v
+                })
+                .collect();
+            prefopt_fs::write_jsonl(&it.dir.join("metrics.jsonl"), &lines)?;
+            it.record.eval_trained = Some(trained);
+            it.record.eval_extrapolated = Some(extrapolated);
+            Ok(())
+        })
+    }
+}
+
+/// `extrapolation = "logprob"`: writes `pairs` to `out` with the columns `ref_chosen_logps`
+/// and `ref_rejected_logps` = `(1 + alpha) lp_newer - alpha lp_older`, tokenized as `train`
+/// will tokenize them (rows it drops by truncation get no columns; it drops them again).
+fn write_extrapolated_reference(
+    train: &TrainConfig,
+    pairs: &Path,
+    newer: &Path,
+    older: &Path,
+    alpha: f64,
+    out: &Path,
+) -> Result<(), LoopError> {
+    let device = train.device()?;
+    let tok = HfTokenizer::from_dir(&train.model)?;
+    // The judge's pairs carry no reference columns; these are computed from scratch.
+    let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &train.tokenize_options())?;
+    let logps = |dir: &Path| -> Result<Vec<(f32, f32)>, LoopError> {
+        let net = HfModel::load(dir, &device)?.build(Mode::Infer, train.precision())?;
+        Ok(prefopt_train::reference::compute(&net, &data, train.batch_size, tok.padding_id(), |_| {})?)
+    };
+    let combined = extrapolate_logps(&logps(newer)?, &logps(older)?, alpha);
+    let mut rows: Vec<serde_json::Value> = prefopt_fs::read_jsonl(pairs)?;
+    for (&row, (w, l)) in data.rows.iter().zip(combined) {
+        rows[row]["ref_chosen_logps"] = w.into();
+        rows[row]["ref_rejected_logps"] = l.into();
+    }
+    Ok(prefopt_fs::write_jsonl(out, &rows)?)
+}
+
+/// Keys that change how a run is carried out but not its results: a resumed run may change
+/// them (e.g. raise `judge_timeout_s` after a judge timed out, or move to a GPU).
+const OPERATIONAL_KEYS: [&str; 2] = ["judge_timeout_s", "device"];
+
+fn without_operational_keys(config: &serde_json::Value) -> serde_json::Value {
+    let mut config = config.clone();
+    if let Some(map) = config.as_object_mut() {
+        for key in OPERATIONAL_KEYS {
+            map.remove(key);
+        }
+    }
+    config
+}
+
+/// Prompts from `task:<name>` (generated from `seed`) or a JSONL/Parquet file.
+pub fn load_prompts(spec: &str, count: usize, seed: u64) -> Result<Vec<PromptItem>, LoopError> {
+    let bad = |message: String| LoopError::Prompts { spec: spec.to_string(), message };
+    if let Some(name) = spec.strip_prefix("task:") {
+        let task = crate::tasks::task_by_name(name).map_err(|e| bad(e.to_string()))?;
+        return Ok(task.prompts(count, seed));
+    }
+    let records = read_records(Path::new(spec))?;
+    if records.is_empty() {
+        return Err(bad("no prompts".into()));
+    }
+    records.iter().map(|r| Ok(PromptItem { text: parse_prompt(r)?, meta: serde_json::Value::Null })).collect()
+}
+
+/// A seeded shuffle of prompt indices; iteration t takes the t-th fold of it.
+fn fold_order(n: usize, seed: u64) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    order
+}

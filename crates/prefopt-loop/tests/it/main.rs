@@ -1,0 +1,6 @@
+//! prefopt-loop's integration tests, one binary with a module per area and shared helpers in
+//! `util`.
+
+mod apo_loop;
+mod tabular_limit;
+mod util;

@@ -1,0 +1,6 @@
+//! prefopt-train's integration tests, one binary with a module per area and shared helpers in
+//! `util`. `PREFOPT_TEST_DEVICE=cuda` runs the training trajectories on a GPU (a build with
+//! the `cuda` feature); the default is the CPU.
+
+mod trajectory;
+mod util;

@@ -1,0 +1,10 @@
+//! The `prefopt` binary end to end, one test binary (one link step) with a module per
+//! command and shared helpers in `util`.
+
+mod demo;
+mod device;
+mod generate;
+mod score;
+mod simulate;
+mod train;
+mod util;
