@@ -488,6 +488,20 @@ impl Llama {
         Ok(self.norm.forward(&x)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
+    /// `log softmax(logits)[target]` of hidden-state rows h (R, C) through the LM head, one
+    /// target per row, as one fused op that never holds the (R, V) logits (`ops::token_logps`);
+    /// (R,), f32, differentiable in h and the LM head.
+    pub fn token_logps(&self, h: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        Ok(ops::token_logps(h, &rounded(&self.lm_head_t, self.round)?, targets)?)
+    }
+
+    /// The mean logit over the vocabulary of each row of h (R, C), without the logits:
+    /// `h . mean_v(W^T[:, v])`, detached (TRL's `logits/chosen` metric).
+    pub fn mean_logits(&self, h: &Tensor) -> Result<Tensor> {
+        let w_mean = self.lm_head_t.detach().mean_keepdim(1)?; // (C, 1)
+        Ok(h.detach().matmul(&w_mean)?.squeeze(1)?)
+    }
+
     fn project(&self, h: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, c) = h.dims3()?;
         h.reshape((b * t, c))?.matmul(&rounded(&self.lm_head_t, self.round)?)?.reshape((b, t, self.cfg.vocab_size))

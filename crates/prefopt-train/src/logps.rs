@@ -1,9 +1,9 @@
 //! Sequence log-probabilities of completions (methods.md section 1):
 //! `lp(y) = sum_t log pi(y_t | x, y_<t)` over completion tokens only, in f32.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use prefopt_data::{TokenizedPair, TokenizedSequence};
-use prefopt_model::ops::token_logps;
+use prefopt_model::ops::segment_sum;
 use prefopt_model::Llama;
 
 /// Right-padded token sequences with the completion positions marked.
@@ -57,15 +57,17 @@ pub struct CompletionLogps {
 }
 
 /// Runs `model` on the batch and sums log-probs over completion tokens. The LM head and the
-/// log-softmax (always f32, the fused `token_logps` op) run only at the positions that predict
-/// a completion token: prompt and padding positions cost nothing and pass no gradient.
+/// log-softmax (one fused op, f32 with f64 accumulation, that never holds the logits) run
+/// only at the positions that predict a completion token: prompt and padding positions cost
+/// nothing and pass no gradient. A sequence's sum accumulates in f64 (`ops::segment_sum`),
+/// so it does not depend on what else is in the batch.
 pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::Result<CompletionLogps> {
     let h = model.hidden_states(&batch.input_ids, &[], None)?; // (B, T, C)
     let (b, t, c) = h.dims3()?;
     let ids: Vec<Vec<u32>> = batch.targets.to_vec2()?;
     let mask: Vec<Vec<f32>> = batch.completion_mask.to_vec2()?;
     // Rows of (B*T, C) that predict a completion token, their targets, and which sequence
-    // each belongs to (a (B, R) 0/1 matrix that sums rows into sequences).
+    // each belongs to.
     let (mut rows, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
     for (i, (ids, mask)) in ids.iter().zip(&mask).enumerate() {
         for (p, (&id, &m)) in ids.iter().zip(mask).enumerate() {
@@ -81,18 +83,10 @@ pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::
         let zeros = Tensor::zeros(b, DType::F32, device)?;
         return Ok(CompletionLogps { logps: zeros.clone(), logit_sums: zeros });
     }
-    let r = rows.len();
     let picked = h.reshape((b * t, c))?.index_select(&Tensor::new(rows, device)?, 0)?; // (R, C)
-    let logits = model.logits(&picked.unsqueeze(0)?)?.squeeze(0)?.to_dtype(DType::F32)?; // (R, V)
-    let mut seg = vec![0f32; b * r];
-    for (j, &i) in owner.iter().enumerate() {
-        seg[i * r + j] = 1.0;
-    }
-    let seg = Tensor::from_vec(seg, (b, r), device)?;
-    let per_sequence = |x: &Tensor| -> candle_core::Result<Tensor> { seg.matmul(&x.unsqueeze(1)?)?.squeeze(1) };
-    let logps = per_sequence(&token_logps(&logits, &targets)?)?; // (B,)
-                                                                 // A metric only: computed on detached logits so it adds nothing to the graph.
-    let logit_sums = per_sequence(&logits.detach().mean(D::Minus1)?)?;
+    let logps = segment_sum(&model.token_logps(&picked, &targets)?, &owner, b)?; // (B,)
+                                                                                 // A metric only: detached, so it adds nothing to the graph.
+    let logit_sums = segment_sum(&model.mean_logits(&picked)?, &owner, b)?;
     Ok(CompletionLogps { logps, logit_sums })
 }
 

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 use super::fast_exp::exp_in_place;
-use super::{contiguous_f32, fused, par_chunks, storage_f32, with_f32, SharedMut};
+use super::{contiguous_f32, dot_f64, fused, matmul_serial, par_chunks, storage_f32, sum_f64, with_f32, SharedMut};
 
 /// Which keys each query may attend to. Query i of the T new positions sits at slot
 /// `past + i` of the S = past + T keys; it attends to slots `0..=past + i` (causal), except
@@ -192,44 +192,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// dst (m x n, row stride dst_rs, unit column stride) = [dst +] alpha * lhs (m x k) rhs (k x n),
-/// lhs and rhs given by pointer, row stride and column stride. Single-threaded: callers
-/// parallelize over heads.
-///
-/// SAFETY: the pointers must address matrices of those sizes and strides.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
-    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
-    alpha: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        1.0,
-        alpha,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
 impl Attention {
     /// P = softmax(scale Q_bh K_g^T + mask) into `p` (T x S, row-major).
     ///
@@ -253,7 +215,15 @@ impl Attention {
             // the keys it may see (the rest of each row is zeroed below).
             for (i0, i1, n) in row_blocks(t, self.mask.past) {
                 let (rows, q_rows) = (i1 - i0, q_bh.add(i0 * f));
-                matmul((rows, n, d), p.as_mut_ptr().add(i0 * s), s, false, (q_rows, f, 1), (k_g, 1, kv.s), self.scale);
+                matmul_serial(
+                    (rows, n, d),
+                    p.as_mut_ptr().add(i0 * s),
+                    s,
+                    false,
+                    (q_rows, f, 1),
+                    (k_g, 1, kv.s),
+                    self.scale,
+                );
             }
         }
         for i in 0..t {
@@ -262,7 +232,7 @@ impl Attention {
             let max = row[lo..=hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
             row[lo..=hi].iter_mut().for_each(|x| *x -= max);
             exp_in_place(&mut row[lo..=hi]);
-            let sum: f32 = row[lo..=hi].iter().sum();
+            let sum = sum_f64(&row[lo..=hi]) as f32;
             row[..lo].fill(0.0);
             row[hi + 1..].fill(0.0);
             row[lo..=hi].iter_mut().for_each(|x| *x /= sum);
@@ -324,7 +294,7 @@ impl CustomOp3 for Attention {
                         } else {
                             for (i0, i1, n) in row_blocks(t, self.mask.past) {
                                 let p_rows = (p.as_ptr().add(i0 * s), s, 1);
-                                matmul((i1 - i0, d, n), y_bh.add(i0 * f), f, false, p_rows, (v_g, vv.s, 1), 1.0);
+                                matmul_serial((i1 - i0, d, n), y_bh.add(i0 * f), f, false, p_rows, (v_g, vv.s, 1), 1.0);
                             }
                         }
                     }
@@ -382,23 +352,23 @@ impl CustomOp3 for Attention {
                                 let dy_blk = (dy.as_ptr().add(qh + i0 * f), f, 1);
                                 // dP = dY V^T (rows x n: the keys these rows see).
                                 let v_t = (v.as_ptr().add(vg), 1, vv.s);
-                                matmul((rows, n, d), ds_blk, s, false, dy_blk, v_t, 1.0);
+                                matmul_serial((rows, n, d), ds_blk, s, false, dy_blk, v_t, 1.0);
                                 // dS = P * (dP - rowsum(P * dP)).
                                 for r in 0..rows {
                                     let pr = std::slice::from_raw_parts(p_blk.add(r * s), n);
                                     let dr = std::slice::from_raw_parts_mut(ds_blk.add(r * s), n);
-                                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                    let dot = dot_f64(pr, dr) as f32;
                                     dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
                                 }
                                 // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
                                 let p_t = (p_blk, 1, s);
-                                matmul((n, d, rows), dv_p.get().add(vg), vv.s, true, p_t, dy_blk, 1.0);
+                                matmul_serial((n, d, rows), dv_p.get().add(vg), vv.s, true, p_t, dy_blk, 1.0);
                                 let k_g = (k.as_ptr().add(kg), kv.s, 1);
                                 let dq_blk = dq_p.get().add(qh + i0 * f);
-                                matmul((rows, d, n), dq_blk, f, false, (ds_blk, s, 1), k_g, self.scale);
+                                matmul_serial((rows, d, n), dq_blk, f, false, (ds_blk, s, 1), k_g, self.scale);
                                 let q_blk = (q.as_ptr().add(qh + i0 * f), f, 1);
                                 let ds_t = (ds_blk as *const f32, 1, s);
-                                matmul((n, d, rows), dk_p.get().add(kg), kv.s, true, ds_t, q_blk, self.scale);
+                                matmul_serial((n, d, rows), dk_p.get().add(kg), kv.s, true, ds_t, q_blk, self.scale);
                             }
                         }
                     }

@@ -4,8 +4,10 @@
 //! allocates a zero gradient, adds into it and materializes broadcasts, transposes and
 //! concatenations. For a small Llama that bookkeeping, not the matmuls, dominated a training
 //! step (7x slower backward than PyTorch). Each op here does one layer-level piece of work
-//! (RMSNorm, rotary embedding, causal attention, SwiGLU, log-softmax + gather) in one forward
-//! node and computes its input gradients directly in `bwd`.
+//! (RMSNorm, rotary embedding, causal attention, SwiGLU, the LM head with log-softmax and
+//! gather, per-sequence sums) in one forward node and computes its input gradients directly
+//! in `bwd`. Every long reduction (a softmax row over the vocabulary or the keys, a mean
+//! square over the hidden size, a sequence's sum of token log-probs) accumulates in f64.
 //!
 //! Every op has a plain-candle composition of the same function (`*_reference`), which is
 //! what runs on other devices and dtypes, and which the tests compare values and gradients
@@ -13,16 +15,18 @@
 
 mod attention;
 mod fast_exp;
-mod log_softmax_gather;
 mod rms_norm;
 mod rope;
+mod segment_sum;
 mod swiglu;
+mod token_logps;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionMask};
-pub use log_softmax_gather::{token_logps, token_logps_reference, NO_TARGET};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};
+pub use segment_sum::{segment_sum, segment_sum_reference};
 pub use swiglu::{swiglu, swiglu_reference};
+pub use token_logps::{token_logps, token_logps_reference};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
@@ -66,6 +70,89 @@ fn with_f32<const N: usize, R>(
     }
     let Ok(slices) = <[&[f32]; N]>::try_from(slices) else { bail!("{op}: {N} tensors expected") };
     f(slices)
+}
+
+/// dst (m x n, row stride dst_rs, unit column stride) = [dst +] alpha * lhs (m x k) rhs (k x n),
+/// lhs and rhs given by pointer, row stride and column stride, through the `gemm` crate
+/// candle's CPU matmul uses; `parallelism` splits the work over threads.
+///
+/// SAFETY: the pointers must address matrices of those sizes and strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    alpha: f32,
+    parallelism: gemm::Parallelism,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        alpha,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
+/// [`matmul`] on the calling thread alone (callers that parallelize over heads or rows).
+///
+/// SAFETY: as [`matmul`].
+unsafe fn matmul_serial(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    alpha: f32,
+) {
+    matmul(dims, dst, dst_rs, accumulate, lhs, rhs, alpha, gemm::Parallelism::None)
+}
+
+/// `sum(xs)` accumulated in f64 over eight lanes: exact enough for any row of f32 terms
+/// (a sequential f32 sum of a 50k-entry softmax row loses every term below half an ulp of
+/// the running total, which biased the log-sum-exp by 1e-4 nats per token on a real model;
+/// BENCHMARKS.md), and the lanes keep it vectorized.
+fn sum_f64(xs: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|&x| x as f64).sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `sum(a * b)` accumulated in f64 over eight lanes (see [`sum_f64`]).
+fn dot_f64(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| x as f64 * y as f64).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] as f64 * y[i] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Threads for the fused kernels: candle's setting (RAYON_NUM_THREADS or all cores).

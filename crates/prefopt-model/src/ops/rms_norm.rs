@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
 
-use super::{contiguous_f32, fused, par_chunks, with_f32, SharedMut};
+use super::{contiguous_f32, dot_f64, fused, par_chunks, with_f32, SharedMut};
 
 /// RMSNorm of `x` (..., C) with weight `w` (C,), computed in f32.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
@@ -33,9 +33,11 @@ struct RmsNorm {
     eps: f64,
 }
 
+/// `1/sqrt(mean(x^2) + eps)`, the mean of squares accumulated in f64 (a long f32 sum loses
+/// the small squares beside a real model's outlier dimensions).
 fn inv_rms(row: &[f32], eps: f64) -> f32 {
-    let sum_sq: f32 = row.iter().map(|v| v * v).sum();
-    1.0 / (sum_sq / row.len() as f32 + eps as f32).sqrt()
+    let mean_sq = dot_f64(row, row) / row.len() as f64;
+    (1.0 / (mean_sq + eps).sqrt()) as f32
 }
 
 impl CustomOp2 for RmsNorm {
@@ -74,18 +76,18 @@ impl CustomOp2 for RmsNorm {
                 // SAFETY: rows start..end of dx belong to this chunk alone.
                 let dx = unsafe { std::slice::from_raw_parts_mut(out.get().add(start * c), (end - start) * c) };
                 let mut dw = vec![0f32; c];
+                let mut g = vec![0f32; c]; // dy * w of one row
                 let rows = x[start * c..end * c].chunks_exact(c).zip(dy[start * c..end * c].chunks_exact(c));
                 for ((xr, dyr), dxr) in rows.zip(dx.chunks_exact_mut(c)) {
                     let r = inv_rms(xr, self.eps);
-                    let mut dot = 0f32; // sum of g * x^
-                    for (((xv, dyv), wv), dwv) in xr.iter().zip(dyr).zip(w).zip(dw.iter_mut()) {
-                        let xh = xv * r;
-                        dot += dyv * wv * xh;
-                        *dwv += dyv * xh;
+                    for ((((gv, xv), dyv), wv), dwv) in g.iter_mut().zip(xr).zip(dyr).zip(w).zip(dw.iter_mut()) {
+                        *gv = dyv * wv;
+                        *dwv += dyv * (xv * r);
                     }
-                    let mean = dot / c as f32;
-                    for (((dxv, xv), dyv), wv) in dxr.iter_mut().zip(xr).zip(dyr).zip(w) {
-                        *dxv = r * (dyv * wv - xv * r * mean);
+                    // mean(g * x^) = r * mean(g * x), accumulated in f64.
+                    let mean = (r as f64 * dot_f64(&g, xr) / c as f64) as f32;
+                    for ((dxv, xv), gv) in dxr.iter_mut().zip(xr).zip(&g) {
+                        *dxv = r * (gv - xv * r * mean);
                     }
                 }
                 partial_dw.lock().expect("no panics while held").push((start, dw));

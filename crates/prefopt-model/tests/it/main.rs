@@ -6,4 +6,5 @@ mod bf16;
 mod generate;
 mod hf_models;
 mod ops;
+mod precision;
 mod util;

@@ -85,14 +85,50 @@ fn swiglu_matches_the_composition_values_and_gradients() {
 }
 
 #[test]
-fn token_logps_match_the_composition_and_skip_positions_without_target() {
-    let (rows, v) = (12, 40);
-    let targets: Vec<u32> = (0..rows as u32).map(|i| if i % 3 == 0 { ops::NO_TARGET } else { (i * 7) % 40 }).collect();
+fn token_logps_match_the_composition_for_contiguous_and_transposed_heads() {
+    let (rows, c, v) = (13, 16, 40);
+    let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7) % v as u32).collect();
+    // The LM head as a contiguous (C, V) matrix, and as the transposed view of a (V, C)
+    // embedding (a tied model's), both with gradients.
     check(
         "token_logps",
-        &[random(&[3, 4, v], 6)],
-        |x| ops::token_logps(&x[0], &targets).unwrap(),
-        |x| ops::token_logps_reference(&x[0], &targets).unwrap(),
+        &[random(&[rows, c], 6), random(&[c, v], 7)],
+        |x| ops::token_logps(&x[0], &x[1], &targets).unwrap(),
+        |x| ops::token_logps_reference(&x[0], &x[1], &targets).unwrap(),
+    );
+    check(
+        "token_logps (tied)",
+        &[random(&[rows, c], 6), random(&[v, c], 8)],
+        |x| ops::token_logps(&x[0], &x[1].t().unwrap(), &targets).unwrap(),
+        |x| ops::token_logps_reference(&x[0], &x[1].t().unwrap(), &targets).unwrap(),
+    );
+}
+
+#[test]
+fn token_logps_over_several_chunks_equal_one_chunk() {
+    // 2^24 logits per chunk: a vocabulary of 2^18 puts 64 rows in a chunk, so 150 rows take
+    // three chunks; the result must not depend on where the chunks split.
+    let (rows, c, v) = (150, 4, 1 << 18);
+    let targets: Vec<u32> = (0..rows as u32).map(|i| (i * 7919) % v as u32).collect();
+    let h = random(&[rows, c], 9);
+    let w = random(&[c, v], 10);
+    let fused: Vec<f32> = ops::token_logps(&h, &w, &targets).unwrap().to_vec1().unwrap();
+    let one: Vec<f32> = (0..rows)
+        .map(|r| {
+            ops::token_logps(&h.narrow(0, r, 1).unwrap(), &w, &targets[r..r + 1]).unwrap().to_vec1::<f32>().unwrap()[0]
+        })
+        .collect();
+    assert_eq!(fused, one);
+}
+
+#[test]
+fn segment_sums_match_the_composition_values_and_gradients() {
+    let owner = [0, 0, 2, 2, 2, 1, 0, 3, 3];
+    check(
+        "segment_sum",
+        &[random(&[owner.len()], 11)],
+        |x| ops::segment_sum(&x[0], &owner, 5).unwrap(),
+        |x| ops::segment_sum_reference(&x[0], &owner, 5).unwrap(),
     );
 }
 
