@@ -124,6 +124,8 @@ def main() -> int:
     ap.add_argument("--steps", "-S", type=int, default=None, help="timed steps (default 10; generate 3)")
     ap.add_argument("--warmup", "-W", type=int, default=None, help="warm-up steps (default 2; generate 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="dpo: model.gradient_checkpointing_enable() (recompute each layer in backward)")
     args = ap.parse_args()
 
     if args.threads is not None:
@@ -175,6 +177,8 @@ def main() -> int:
         for p in ref.parameters():
             p.requires_grad_(False)
         model.train()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         beta = 0.1
         targets = ids[:, A:]  # completion tokens, predicted from positions A-1 .. T-2
@@ -195,7 +199,8 @@ def main() -> int:
 
         tokens = 2 * P * T
         flops = 4 * 2 * P * forward_flops(n, layers, d, T)
-        info.update(pairs=P, prompt_len=A, completion_len=C, seq_len=T, sequences=2 * P, beta=beta, optimizer="AdamW")
+        info.update(pairs=P, prompt_len=A, completion_len=C, seq_len=T, sequences=2 * P, beta=beta, optimizer="AdamW",
+                    gradient_checkpointing=args.gradient_checkpointing)
     else:  # generate
         B, A, N = args.batch, args.prompt_len, args.new_tokens
         model.eval()

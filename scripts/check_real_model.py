@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -281,47 +282,55 @@ def check_dpo(binary, model_dir, tok, work) -> dict:
         f"max_prompt_length = 1024\n"
     )
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     prefopt(binary, "train", "--config", str(config))
     got = [l for l in read_jsonl(out / "metrics.jsonl") if "loss" in l]
 
-    # Plain torch: the same pairs, one forward per sequence, AdamW (torch defaults as prefopt's).
+    # Plain torch: the same pairs, one forward per sequence, AdamW (torch defaults as prefopt's),
+    # in float32 and in float64 (the reference both are measured against).
     toks = [tokenize_example(tok, ex) for ex in rows]
-    policy, ref = load(model_dir, torch.float32), load(model_dir, torch.float32)
-    policy.train()
-    params = [p for p in policy.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
 
-    def logps(model):
-        lw, ll = [], []
-        for t in toks:
-            for ids, start, acc in ((t["chosen_ids"], t["a"], lw), (t["rejected_ids"], t["b"], ll)):
-                logits = model(torch.tensor([ids])).logits[0]
-                lp = torch.log_softmax(logits, dim=-1)[start - 1 : len(ids) - 1]
-                acc.append(lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).sum())
-        return torch.stack(lw), torch.stack(ll)
+    def torch_run(dtype):
+        policy, ref = load(model_dir, dtype), load(model_dir, dtype)
+        policy.train()
+        params = [p for p in policy.parameters()]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
 
-    with torch.no_grad():
-        rw, rl = logps(ref)
-    steps = []
-    for step in range(3):
-        opt.zero_grad(set_to_none=True)
-        lw, ll = logps(policy)
-        h = (lw - rw) - (ll - rl)
-        loss = -torch.nn.functional.logsigmoid(0.1 * h).mean()
-        loss.backward()
-        norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
-        steps.append({"loss": float(loss), "grad_norm": norm})
-        opt.step()
+        def logps(model):
+            lw, ll = [], []
+            for t in toks:
+                for ids, start, acc in ((t["chosen_ids"], t["a"], lw), (t["rejected_ids"], t["b"], ll)):
+                    logits = model(torch.tensor([ids])).logits[0]
+                    lp = torch.log_softmax(logits, dim=-1)[start - 1 : len(ids) - 1]
+                    acc.append(lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).sum())
+            return torch.stack(lw), torch.stack(ll)
+
+        with torch.no_grad():
+            rw, rl = logps(ref)
+        steps = []
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            lw, ll = logps(policy)
+            h = (lw - rw) - (ll - rl)
+            loss = -torch.nn.functional.logsigmoid(0.1 * h).mean()
+            loss.backward()
+            norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None))
+            steps.append({"loss": float(loss.detach()), "grad_norm": norm})
+            opt.step()
+        return steps
+
+    f32, f64 = torch_run(torch.float32), torch_run(torch.float64)
     rows_out = []
-    for g, w in zip(got, steps):
+    for g, w, x in zip(got, f32, f64):
+        rel = lambda a, b: abs(a - b) / abs(b)
         rows_out.append({
             "step": g["step"],
-            "loss": g["loss"], "torch_loss": w["loss"], "loss_diff": abs(g["loss"] - w["loss"]),
-            "grad_norm": g["grad_norm"], "torch_grad_norm": w["grad_norm"],
-            "grad_norm_rel_diff": abs(g["grad_norm"] - w["grad_norm"]) / w["grad_norm"],
+            "loss": g["loss"], "torch_loss": w["loss"], "torch_f64_loss": x["loss"],
+            "loss_diff": abs(g["loss"] - w["loss"]),
+            "grad_norm": g["grad_norm"], "torch_grad_norm": w["grad_norm"], "torch_f64_grad_norm": x["grad_norm"],
+            "grad_norm_rel_diff": rel(g["grad_norm"], w["grad_norm"]),
+            "prefopt_grad_norm_vs_f64": rel(g["grad_norm"], x["grad_norm"]),
+            "torch_f32_grad_norm_vs_f64": rel(w["grad_norm"], x["grad_norm"]),
         })
     return {"pairs": len(rows), "learning_rate": lr, "steps": rows_out, "final_dir": str(out / "final")}
 
@@ -352,12 +361,16 @@ def markdown(results: dict) -> str:
     lines.append("")
     lines.append(f"Greedy generation: {g['identical']} of {g['prompts']} prompts token for token identical (40 new tokens).")
     lines.append("")
-    lines.append("| DPO step | loss | torch loss | difference | grad norm | torch grad norm | relative difference |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append(
+        "| DPO step | loss | torch-f32 loss | torch-f64 loss | grad norm | torch-f32 | torch-f64 "
+        "| prefopt vs f64 (rel.) | torch-f32 vs f64 (rel.) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for s in results["dpo"]["steps"]:
         lines.append(
-            f"| {s['step']} | {s['loss']:.6f} | {s['torch_loss']:.6f} | {s['loss_diff']:.1e} | "
-            f"{s['grad_norm']:.4f} | {s['torch_grad_norm']:.4f} | {s['grad_norm_rel_diff']:.1e} |"
+            f"| {s['step']} | {s['loss']:.6f} | {s['torch_loss']:.6f} | {s['torch_f64_loss']:.6f} | "
+            f"{s['grad_norm']:.4f} | {s['torch_grad_norm']:.4f} | {s['torch_f64_grad_norm']:.4f} | "
+            f"{s['prefopt_grad_norm_vs_f64']:.1e} | {s['torch_f32_grad_norm_vs_f64']:.1e} |"
         )
     lines.append("")
     lines.append(

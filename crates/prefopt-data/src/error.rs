@@ -14,6 +14,16 @@ pub enum Location {
     Index(usize),
 }
 
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Line(n) => write!(f, "line {n}"),
+            Location::Row(n) => write!(f, "row {n}"),
+            Location::Index(n) => write!(f, "record {n}"),
+        }
+    }
+}
+
 /// The file and the position in it that a [`crate::Record`] was read from.
 ///
 /// Displays as `data/train.jsonl:7`, `data/train.parquet: row 3` or
@@ -135,6 +145,40 @@ pub enum DataError {
         message: String,
     },
 
+    /// A conversation's tokens do not start with its prompt's tokens although its text
+    /// does (a BPE merge across the prompt's end); `prompt_boundary = "common_prefix"`
+    /// accepts such rows.
+    #[error("{at}: field `{field}`: {message}")]
+    PromptBoundary {
+        /// Where the record is.
+        at: RecordSource,
+        /// `chosen`, `rejected` or `completion`.
+        field: String,
+        /// Where the tokens diverge.
+        message: String,
+    },
+
+    /// Several rows of one file have [`DataError::PromptBoundary`] mismatches, all reported at
+    /// once (a real dataset can hold hundreds).
+    #[error(
+        "{}: {count} rows tokenize across the prompt's end ({}{}); the first: {first}. Set \
+         prompt_boundary = \"common_prefix\" to start their completions at the longest shared \
+         token prefix (TRL's rule)",
+        path.display(),
+        rows.iter().map(|r| r.location.to_string()).collect::<Vec<_>>().join(", "),
+        if *count > rows.len() { ", ..." } else { "" }
+    )]
+    PromptBoundaries {
+        /// The data file.
+        path: PathBuf,
+        /// Rows with a mismatch.
+        count: usize,
+        /// The first few of them.
+        rows: Vec<RecordSource>,
+        /// The first row's error.
+        first: Box<DataError>,
+    },
+
     /// An error from the tokenizer or the chat template while processing one record.
     #[error("{at}: {inner}")]
     InRecord {
@@ -172,6 +216,7 @@ impl DataError {
             DataError::Record { .. }
             | DataError::MissingField { .. }
             | DataError::Field { .. }
+            | DataError::PromptBoundary { .. }
             | DataError::InRecord { .. } => self,
             other => DataError::InRecord { at: at.clone(), inner: Box::new(other) },
         }

@@ -14,7 +14,7 @@
 //! use prefopt_data::*;
 //! # fn main() -> Result<(), DataError> {
 //! let tok = HfTokenizer::from_dir(std::path::Path::new("models/qwen"))?;
-//! let opts = TokenizeOptions { max_length: Some(1024), max_prompt_length: None };
+//! let opts = TokenizeOptions { max_length: Some(1024), ..TokenizeOptions::default() };
 //! for record in read_records(std::path::Path::new("data/train.jsonl"))? {
 //!     let example = parse_preference(&record)?;
 //!     match tokenize_pair(&tok, &example, &opts)? {
@@ -41,8 +41,8 @@ pub use error::{DataError, Location, RecordSource};
 pub use preference::{parse_preference, PreferenceExample};
 pub use records::{read_records, Record};
 pub use sequence::{
-    tokenize_pair, tokenize_prompt, tokenize_sft, PairOutcome, SeqOutcome, TokenizeOptions, TokenizedPair,
-    TokenizedSequence,
+    tokenize_pair, tokenize_prompt, tokenize_records, tokenize_sft, PairOutcome, PromptBoundary, SeqOutcome,
+    TokenizeOptions, TokenizedPair, TokenizedSequence,
 };
 pub use sft::{parse_prompt, parse_sft, SftExample};
 pub use text::Text;

@@ -13,19 +13,39 @@
 //!   keeps the START of the sequence, cutting the completion; a pair whose prompt alone
 //!   has `max_length` tokens or more is dropped.
 
+use std::path::Path;
+
 use crate::error::{DataError, RecordSource};
 use crate::preference::PreferenceExample;
+use crate::records::Record;
 use crate::sft::SftExample;
 use crate::text::Text;
 use crate::tokenizer::{HfTokenizer, Message};
 
-/// Length limits, in tokens, as in TRL's `DPOConfig`.
+/// Length limits, in tokens, as in TRL's `DPOConfig`, and the prompt-boundary rule.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenizeOptions {
     /// Total budget per sequence (prompt + completion); keeps the start.
     pub max_length: Option<usize>,
     /// Budget for the prompt part; keeps the end.
     pub max_prompt_length: Option<usize>,
+    /// What to do when a conversation's tokens do not start with its prompt's.
+    pub prompt_boundary: PromptBoundary,
+}
+
+/// A conversation whose rendering starts with the prompt's rendering, but whose tokens do
+/// not start with the prompt's tokens: a byte-level BPE merged the prompt's last characters
+/// with the completion's first (a completion that starts with a newline or spaces, after a
+/// template that ends with one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptBoundary {
+    /// Refuse the row: the completion's first token would also hold part of the prompt.
+    #[default]
+    Error,
+    /// TRL's rule: the completion starts at the longest shared prefix of the two
+    /// tokenizations (the merged token counts as completion).
+    CommonPrefix,
 }
 
 /// One token sequence = prompt + completion; completion tokens are
@@ -36,6 +56,16 @@ pub struct TokenizedSequence {
     pub input_ids: Vec<u32>,
     /// Index of the first completion token.
     pub completion_start: usize,
+    /// The completion starts inside the rendered prompt (`PromptBoundary::CommonPrefix`
+    /// moved the boundary to the shared token prefix).
+    pub boundary_moved: bool,
+}
+
+impl TokenizedSequence {
+    /// Prompt and completion tokens with the completion starting at `completion_start`.
+    pub fn new(input_ids: Vec<u32>, completion_start: usize) -> Self {
+        Self { input_ids, completion_start, boundary_moved: false }
+    }
 }
 
 impl TokenizedSequence {
@@ -122,6 +152,7 @@ fn sequence(
     completion: &Text,
     field: &str,
     at: &RecordSource,
+    boundary: PromptBoundary,
 ) -> Result<TokenizedSequence, DataError> {
     let seq = match (prompt, completion) {
         (PromptPart::Plain { text, ids }, Text::Plain(completion)) => {
@@ -137,16 +168,20 @@ fn sequence(
             // TRL's add_eos: a completion that already ends with EOS keeps a single one.
             let eos = if completion.ends_with(eos) { "" } else { eos };
             let full = tok.encode(&format!("{text}{completion}{eos}"), true).map_err(|e| e.in_record(at))?;
-            TokenizedSequence { completion_start: common_prefix_len(ids, &full), input_ids: full }
+            TokenizedSequence::new(full.clone(), common_prefix_len(ids, &full))
         }
         (PromptPart::Chat { messages, text, ids }, Text::Conversation(completion)) => {
             let all: Vec<Message> = messages.iter().chain(completion).cloned().collect();
             let full_text = tok.apply_chat_template(&all, false).map_err(|e| e.in_record(at))?;
             let full = tok.encode(&full_text, false).map_err(|e| e.in_record(at))?;
-            if !full.starts_with(ids) {
+            if full.starts_with(ids) {
+                TokenizedSequence::new(full, ids.len())
+            } else if boundary == PromptBoundary::CommonPrefix && full_text.starts_with(text.as_str()) {
+                let start = common_prefix_len(ids, &full);
+                TokenizedSequence { input_ids: full, completion_start: start, boundary_moved: true }
+            } else {
                 return Err(prefix_mismatch(tok, text, &full_text, ids, &full, field, at));
             }
-            TokenizedSequence { completion_start: ids.len(), input_ids: full }
         }
         (p, c) => {
             let p_kind = match p {
@@ -209,16 +244,16 @@ fn prefix_mismatch(
         let text = tok.decode(window, false).unwrap_or_default();
         format!("{text:?} {window:?}")
     };
-    DataError::field(
-        at,
-        field,
-        format!(
+    DataError::PromptBoundary {
+        at: at.clone(),
+        field: field.to_string(),
+        message: format!(
             "{head}: the texts agree but the tokens diverge at token {i} (the tokenizer merges \
              across the prompt's end): the prompt continues with {}, the conversation with {}",
             show(prompt_ids),
             show(full_ids)
         ),
-    )
+    }
 }
 
 /// Keeps the last `max` prompt tokens of a sequence.
@@ -241,6 +276,42 @@ fn dropped(prompt_len: usize, max_length: usize) -> String {
     format!("prompt has {prompt_len} tokens, max_length is {max_length}")
 }
 
+/// How many rows a [`DataError::PromptBoundaries`] lists by location.
+const BOUNDARY_ROWS_SHOWN: usize = 5;
+
+/// Tokenizes every record of `path` with `tokenize_one`, in order. A prompt-boundary mismatch
+/// ([`DataError::PromptBoundary`]) does not stop the pass: all of them are collected and
+/// reported as one [`DataError::PromptBoundaries`], so a large file shows how many rows and
+/// where; any other error stops at once.
+pub fn tokenize_records<T>(
+    path: &Path,
+    records: &[Record],
+    mut tokenize_one: impl FnMut(&Record) -> Result<T, DataError>,
+) -> Result<Vec<T>, DataError> {
+    let mut out = Vec::with_capacity(records.len());
+    let (mut count, mut rows, mut first) = (0, Vec::new(), None);
+    for record in records {
+        match tokenize_one(record) {
+            Ok(t) => out.push(t),
+            Err(e @ DataError::PromptBoundary { .. }) => {
+                count += 1;
+                if rows.len() < BOUNDARY_ROWS_SHOWN {
+                    rows.push(record.source.clone());
+                }
+                first.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    match first {
+        None => Ok(out),
+        Some(first) if count == 1 => Err(first),
+        Some(first) => {
+            Err(DataError::PromptBoundaries { path: path.to_path_buf(), count, rows, first: Box::new(first) })
+        }
+    }
+}
+
 /// Tokenizes a preference pair (see the module doc for the rules) and truncates it.
 /// Errors name the example's file and line.
 pub fn tokenize_pair(
@@ -250,8 +321,8 @@ pub fn tokenize_pair(
 ) -> Result<PairOutcome, DataError> {
     let at = &ex.source;
     let prompt = prompt_part(tok, &ex.prompt).map_err(|e| e.in_record(at))?;
-    let mut chosen = sequence(tok, &prompt, &ex.chosen, "chosen", at)?;
-    let mut rejected = sequence(tok, &prompt, &ex.rejected, "rejected", at)?;
+    let mut chosen = sequence(tok, &prompt, &ex.chosen, "chosen", at, opts.prompt_boundary)?;
+    let mut rejected = sequence(tok, &prompt, &ex.rejected, "rejected", at, opts.prompt_boundary)?;
     let mut prompt_ids = prompt.ids().to_vec();
 
     if let Some(max) = opts.max_prompt_length {
@@ -274,7 +345,7 @@ pub fn tokenize_pair(
 pub fn tokenize_sft(tok: &HfTokenizer, ex: &SftExample, opts: &TokenizeOptions) -> Result<SeqOutcome, DataError> {
     let at = &ex.source;
     let prompt = prompt_part(tok, &ex.prompt).map_err(|e| e.in_record(at))?;
-    let mut seq = sequence(tok, &prompt, &ex.completion, "completion", at)?;
+    let mut seq = sequence(tok, &prompt, &ex.completion, "completion", at, opts.prompt_boundary)?;
     let prompt_len = prompt.ids().len();
     if let Some(max) = opts.max_prompt_length {
         truncate_prompt_keep_end(&mut seq, max);

@@ -159,7 +159,7 @@ fn sequence_logps(
         let prompt_ids = tokenize_prompt(tok, &p.text)?;
         let completion_start = prompt_ids.len();
         let input_ids = [prompt_ids, s.tokens[0].clone()].concat();
-        seqs.push(TokenizedSequence { input_ids, completion_start });
+        seqs.push(TokenizedSequence::new(input_ids, completion_start));
     }
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(16) {

@@ -22,5 +22,5 @@ pub use error::{ModelError, Result};
 pub use generate::{generate, sample_rng, Generated, SamplingParams};
 pub use hf::{fill_model_dir, save_model_dir, HfModel};
 pub use init::init_params;
-pub use llama::{parameter_shapes, KvCache, Llama, Mode, Precision};
+pub use llama::{parameter_shapes, Checkpoints, KvCache, Llama, Mode, Precision};
 pub use params::Params;

@@ -17,7 +17,8 @@
 //!
 //! Shapes: B batch, T time, C hidden, H query heads, KV key/value heads, D head dim, V vocab.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Module, Tensor, Var};
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
@@ -122,6 +123,13 @@ fn transposed(w: Tensor, trainable: bool) -> candle_core::Result<Tensor> {
     }
 }
 
+impl Linear {
+    /// The same layer over detached views of its tensors: it records no graph.
+    fn detached(&self) -> Self {
+        Linear { weight_t: self.weight_t.detach(), bias: self.bias.as_ref().map(Tensor::detach), round: self.round }
+    }
+}
+
 impl Module for Linear {
     /// x (rows, in) -> (rows, out).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -138,6 +146,12 @@ struct RmsNorm {
     weight: Tensor,
     eps: f64,
     round: bool, // as Linear's
+}
+
+impl RmsNorm {
+    fn detached(&self) -> Self {
+        RmsNorm { weight: self.weight.detach(), eps: self.eps, round: self.round }
+    }
 }
 
 impl Module for RmsNorm {
@@ -339,6 +353,64 @@ struct Block {
     mlp: Mlp,
 }
 
+impl Block {
+    /// The residual block on x (B*T, C): `x + attn(norm(x))`, then `+ mlp(norm(.))`.
+    fn forward(
+        &self,
+        x: Tensor,
+        batch: usize,
+        rope: (&Tensor, &Tensor),
+        mask: &AttentionMask,
+        cache: Option<&mut Option<LayerKv>>,
+    ) -> candle_core::Result<Tensor> {
+        let a = self.attn.forward(&self.attn_norm.forward(&x)?, batch, rope, mask, cache)?;
+        let x = (x + a)?;
+        &x + self.mlp.forward(&self.mlp_norm.forward(&x)?)?
+    }
+
+    /// The same block over detached views of its weights: it records no graph.
+    fn detached(&self) -> Self {
+        let a = &self.attn;
+        Block {
+            attn_norm: self.attn_norm.detached(),
+            attn: Attention {
+                q: a.q.detached(),
+                k: a.k.detached(),
+                v: a.v.detached(),
+                o: a.o.detached(),
+                heads: a.heads,
+                kv_heads: a.kv_heads,
+            },
+            mlp_norm: self.mlp_norm.detached(),
+            mlp: Mlp { gate: self.mlp.gate.detached(), up: self.mlp.up.detached(), down: self.mlp.down.detached() },
+        }
+    }
+}
+
+/// What gradient checkpointing keeps of a forward pass: each decoder block's input (B*T, C),
+/// detached, and the leaf the returned hidden states' graph starts at. See
+/// [`Llama::hidden_states_checkpointed`].
+pub struct Checkpoints {
+    input_ids: Tensor,
+    batch: usize,
+    /// x_i, the input of block i (x_0 the embeddings), without a graph.
+    inputs: Vec<Tensor>,
+    /// The last block's output as a variable: the final norm and everything after it build
+    /// their graph from here.
+    last: Var,
+}
+
+/// The gradients of `sum(y * g)`: a backward pass from `y` seeded with `g`. candle also
+/// stores a gradient for the constant `g` itself (a Mul's second operand), and that one
+/// references `y`'s graph; it is dropped here, or it would keep every recomputed block's
+/// activations alive until the end of the backward pass.
+fn backward_from(y: &Tensor, g: &Tensor) -> candle_core::Result<GradStore> {
+    let seed = g.detach();
+    let mut store = (y * &seed)?.sum_all()?.backward()?;
+    store.remove(&seed);
+    Ok(store)
+}
+
 /// A Llama-family causal language model.
 pub struct Llama {
     cfg: LlamaConfig,
@@ -481,11 +553,62 @@ impl Llama {
         }
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let a = block.attn.forward(&block.attn_norm.forward(&x)?, b, (&cos, &sin), &mask, slot)?;
-            x = (x + a)?;
-            x = (&x + block.mlp.forward(&block.mlp_norm.forward(&x)?)?)?;
+            x = block.forward(x, b, (&cos, &sin), &mask, slot)?;
         }
         Ok(self.norm.forward(&x)?.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Final-norm hidden states (B, T, C) of a batch without padding or cache, computed for
+    /// gradient checkpointing (TRL's `gradient_checkpointing`): every decoder block runs
+    /// without a graph and only its input is kept, so a backward pass needs one block's
+    /// activations at a time instead of all of them. The returned states' graph starts at the
+    /// last block's output; after `loss.backward()` over a loss of them,
+    /// [`Llama::backward_checkpointed`] carries the gradients through the blocks.
+    pub fn hidden_states_checkpointed(&self, input_ids: &Tensor) -> Result<(Tensor, Checkpoints)> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            return Err(ModelError::SequenceTooLong { positions: t, max: self.cfg.max_position_embeddings });
+        }
+        let (cos, sin) = self.rope.tables(0, t, input_ids.device())?;
+        let mask = AttentionMask::default();
+        let embed = rounded(&self.embed.detach(), self.round)?;
+        let mut x = embed.index_select(&input_ids.flatten_all()?, 0)?; // (B*T, C)
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            inputs.push(x.clone());
+            x = block.detached().forward(x, b, (&cos, &sin), &mask, None)?;
+        }
+        let last = Var::from_tensor(&x)?;
+        let h = self.norm.forward(last.as_tensor())?.reshape((b, t, self.cfg.hidden_size))?;
+        Ok((h, Checkpoints { input_ids: input_ids.clone(), batch: b, inputs, last }))
+    }
+
+    /// The gradients of a loss over [`Llama::hidden_states_checkpointed`]'s states: `grads`
+    /// is `loss.backward()`'s store (gradients of the final norm, the LM head and the last
+    /// block's output); each block is recomputed from its kept input, last first, with a graph,
+    /// and backpropagated; then the embedding. Returns the store with every parameter's
+    /// gradient, as `loss.backward()` would without checkpointing. Can be called more than
+    /// once per forward pass (each call recomputes).
+    pub fn backward_checkpointed(&self, ckpt: &Checkpoints, mut grads: GradStore) -> Result<GradStore> {
+        let device = ckpt.input_ids.device();
+        let t = ckpt.input_ids.dim(1)?;
+        let (cos, sin) = self.rope.tables(0, t, device)?;
+        let mask = AttentionMask::default();
+        let Some(mut g) = grads.remove(ckpt.last.as_tensor()) else {
+            return Ok(grads); // the loss does not reach the blocks
+        };
+        for (block, x) in self.blocks.iter().zip(&ckpt.inputs).rev() {
+            let x = Var::from_tensor(x)?;
+            let y = block.forward(x.as_tensor().clone(), ckpt.batch, (&cos, &sin), &mask, None)?;
+            let mut store = backward_from(&y, &g)?;
+            g = store.remove(x.as_tensor()).ok_or_else(|| {
+                candle_core::Error::Msg("gradient checkpointing: no gradient reached a block's input".into())
+            })?;
+            grads.extend(store)?;
+        }
+        let x0 = rounded(&self.embed, self.round)?.index_select(&ckpt.input_ids.flatten_all()?, 0)?;
+        grads.extend(backward_from(&x0, &g)?)?;
+        Ok(grads)
     }
 
     /// `log softmax(logits)[target]` of hidden-state rows h (R, C) through the LM head, one

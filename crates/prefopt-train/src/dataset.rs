@@ -14,7 +14,8 @@
 use std::path::{Path, PathBuf};
 
 use prefopt_data::{
-    parse_preference, read_records, tokenize_pair, HfTokenizer, PairOutcome, Record, TokenizeOptions, TokenizedPair,
+    parse_preference, read_records, tokenize_pair, tokenize_records, HfTokenizer, PairOutcome, Record, TokenizeOptions,
+    TokenizedPair,
 };
 
 use crate::TrainError;
@@ -34,6 +35,9 @@ pub struct PairDataset {
     pub ref_logps: Option<Vec<(f32, f32)>>,
     /// Per kept pair, (win_prob_chosen, win_prob_rejected) when the file has the columns.
     pub win_probs: Option<Vec<(f32, f32)>>,
+    /// Kept pairs whose chosen or rejected completion starts at the shared token prefix
+    /// (`prompt_boundary = "common_prefix"`).
+    pub boundary_moved: usize,
 }
 
 /// The optional reference log-prob columns (TRL's names).
@@ -49,13 +53,14 @@ impl PairDataset {
         if records.is_empty() {
             return Err(TrainError::EmptyData { path: path.to_path_buf() });
         }
+        let outcomes = tokenize_records(path, &records, |r| tokenize_pair(tok, &parse_preference(r)?, opts))?;
         let mut pairs = Vec::new();
         let mut kept = Vec::new();
         let mut rows = Vec::new();
         let mut dropped = 0;
         let mut first_reason = None;
-        for (row, record) in records.iter().enumerate() {
-            match tokenize_pair(tok, &parse_preference(record)?, opts)? {
+        for (row, (record, outcome)) in records.iter().zip(outcomes).enumerate() {
+            match outcome {
                 PairOutcome::Kept(pair) => {
                     pairs.push(pair);
                     kept.push(record);
@@ -77,7 +82,8 @@ impl PairDataset {
         let ref_logps = read_columns(&kept, REF_COLUMNS, None)?;
         let win_probs = read_columns(&kept, WIN_PROB_COLUMNS, Some((0.0, 1.0)))?;
         let sources = kept.iter().map(|r| r.source.to_string()).collect();
-        Ok(Self { path: path.to_path_buf(), pairs, sources, dropped, rows, ref_logps, win_probs })
+        let boundary_moved = pairs.iter().filter(|p| p.chosen.boundary_moved || p.rejected.boundary_moved).count();
+        Ok(Self { path: path.to_path_buf(), pairs, sources, dropped, rows, ref_logps, win_probs, boundary_moved })
     }
 
     pub fn len(&self) -> usize {
@@ -134,7 +140,7 @@ mod tests {
         let tok =
             HfTokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/qwen2-tied"))
                 .unwrap();
-        PairDataset::load(&path, &tok, &TokenizeOptions { max_length: Some(64), max_prompt_length: None })
+        PairDataset::load(&path, &tok, &TokenizeOptions { max_length: Some(64), ..TokenizeOptions::default() })
     }
 
     const PAIR: &str = r#""prompt": "Q?", "chosen": "1", "rejected": "2""#;

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use prefopt_data::{TokenizedPair, TokenizedSequence};
 use prefopt_model::ops::segment_sum;
-use prefopt_model::Llama;
+use prefopt_model::{Checkpoints, Llama};
 
 /// Right-padded token sequences with the completion positions marked.
 pub struct SequenceBatch {
@@ -54,6 +54,19 @@ pub struct CompletionLogps {
     /// (B,) sum over completion positions of the mean logit over the vocabulary
     /// (for TRL's `logits/chosen` metric: divide the batch sum by the token count).
     pub logit_sums: Tensor,
+    /// With gradient checkpointing, what the backward pass recomputes the blocks from
+    /// (pass it to `trainer::backward`).
+    pub checkpoints: Option<Checkpoints>,
+}
+
+/// Whether a forward pass for training keeps every activation or only the blocks' inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Checkpointing {
+    /// Keep every activation for the backward pass (fastest).
+    Off,
+    /// Keep each decoder block's input and recompute the block in the backward pass
+    /// (TRL's `gradient_checkpointing`: about a third more compute, far less memory).
+    On,
 }
 
 /// Runs `model` on the batch and sums log-probs over completion tokens. The LM head and the
@@ -62,7 +75,22 @@ pub struct CompletionLogps {
 /// nothing and pass no gradient. A sequence's sum accumulates in f64 (`ops::segment_sum`),
 /// so it does not depend on what else is in the batch.
 pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::Result<CompletionLogps> {
-    let h = model.hidden_states(&batch.input_ids, &[], None)?; // (B, T, C)
+    completion_logps_with(model, batch, Checkpointing::Off)
+}
+
+/// [`completion_logps`], with or without gradient checkpointing.
+pub fn completion_logps_with(
+    model: &Llama,
+    batch: &SequenceBatch,
+    checkpointing: Checkpointing,
+) -> prefopt_model::Result<CompletionLogps> {
+    let (h, checkpoints) = match checkpointing {
+        Checkpointing::Off => (model.hidden_states(&batch.input_ids, &[], None)?, None),
+        Checkpointing::On => {
+            let (h, c) = model.hidden_states_checkpointed(&batch.input_ids)?;
+            (h, Some(c))
+        }
+    }; // (B, T, C)
     let (b, t, c) = h.dims3()?;
     let ids: Vec<Vec<u32>> = batch.targets.to_vec2()?;
     let mask: Vec<Vec<f32>> = batch.completion_mask.to_vec2()?;
@@ -81,13 +109,13 @@ pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::
     let device = h.device();
     if rows.is_empty() {
         let zeros = Tensor::zeros(b, DType::F32, device)?;
-        return Ok(CompletionLogps { logps: zeros.clone(), logit_sums: zeros });
+        return Ok(CompletionLogps { logps: zeros.clone(), logit_sums: zeros, checkpoints });
     }
     let picked = h.reshape((b * t, c))?.index_select(&Tensor::new(rows, device)?, 0)?; // (R, C)
     let logps = segment_sum(&model.token_logps(&picked, &targets)?, &owner, b)?; // (B,)
                                                                                  // A metric only: detached, so it adds nothing to the graph.
     let logit_sums = segment_sum(&model.mean_logits(&picked)?, &owner, b)?;
-    Ok(CompletionLogps { logps, logit_sums })
+    Ok(CompletionLogps { logps, logit_sums, checkpoints })
 }
 
 /// Summed completion log-probs `(lp(chosen), lp(rejected))` of each pair under `model`, in

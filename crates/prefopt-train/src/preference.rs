@@ -3,10 +3,11 @@
 
 use candle_core::{Device, Tensor};
 use prefopt_data::HfTokenizer;
-use prefopt_model::{HfModel, Llama, Mode, Params};
+use prefopt_model::{Checkpoints, HfModel, Llama, Mode, Params};
 
 use crate::config::TrainConfig;
 use crate::dataset::PairDataset;
+use crate::logps::Checkpointing;
 use crate::losses::{combined_loss, reward_metrics, LossParams, LossType, PairLogps};
 use crate::reference::{self, RefLogps};
 use crate::spo::{self, SpoSolver};
@@ -32,6 +33,8 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, 
             cfg.max_length
         ));
     }
+    report_boundary_moved(&train_data.path, train_data.boundary_moved, obs);
+    let boundary_moved = train_data.boundary_moved;
     let pad_id = tok.padding_id();
 
     // Losses: check every parameter before any compute.
@@ -74,7 +77,19 @@ pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, 
     objective.ref_eval = ref_eval;
     let mut summary = run_loop(cfg, resume_dir, &mut objective, obs)?;
     summary.reference_forward_passes = reference_forward_passes;
+    summary.boundary_moved = boundary_moved;
     Ok(summary)
+}
+
+/// Says how many examples of `path` start their completion at the shared token prefix.
+pub(crate) fn report_boundary_moved(path: &std::path::Path, moved: usize, obs: &mut dyn Observer) {
+    if moved > 0 {
+        obs.message(&format!(
+            "{}: {moved} examples tokenize across the prompt's end; their completions start at the \
+             shared token prefix (prompt_boundary = \"common_prefix\")",
+            path.display()
+        ));
+    }
 }
 
 /// The loss knobs of a config.
@@ -101,6 +116,7 @@ pub struct PreferenceObjective {
     spo: Option<(SpoSolver, f64, f64)>,
     batch_size: usize,
     pad_id: u32,
+    checkpointing: Checkpointing,
 }
 
 impl PreferenceObjective {
@@ -117,6 +133,7 @@ impl PreferenceObjective {
             spo: (cfg.spo_lambda > 0.0).then_some((cfg.spo_solver, cfg.spo_lambda, cfg.spo_eta)),
             batch_size: cfg.batch_size,
             pad_id,
+            checkpointing: cfg.checkpointing(),
         }
     }
 
@@ -149,11 +166,12 @@ impl Objective for PreferenceObjective {
     ) -> Result<StepAccumulator, TrainError> {
         let mut acc = StepAccumulator::default();
         let share = micro.len() as f64 / step.len() as f64;
-        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id)?;
+        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, self.checkpointing)?;
         let x = fwd.pair_logps();
         let po = combined_loss(&self.terms, &self.params, &x)?;
+        let ckpt = fwd.checkpoints.as_ref();
         let (objective, g) = match self.spo {
-            None => (scalar(&po)?, backward(&po, params)?),
+            None => (scalar(&po)?, backward(&po, share, params, policy, ckpt)?),
             Some((solver, lambda, _)) => {
                 let ref_chosen = x.ref_chosen.ok_or_else(|| TrainError::Config {
                     key: "spo_lambda",
@@ -164,17 +182,17 @@ impl Objective for PreferenceObjective {
                 match solver {
                     SpoSolver::Penalty => {
                         let total = spo::penalty_loss(&po, &q, lambda)?;
-                        (scalar(&total)?, backward(&total, params)?)
+                        (scalar(&total)?, backward(&total, share, params, policy, ckpt)?)
                     }
                     SpoSolver::Dynamic => {
                         // The two levels' gradients apart; combined once the step is whole.
-                        grads::accumulate(&mut acc.grads_aux, &backward(&q, params)?, share)?;
-                        (scalar(&po)?, backward(&po, params)?)
+                        grads::accumulate(&mut acc.grads_aux, &backward(&q, share, params, policy, ckpt)?, 1.0)?;
+                        (scalar(&po)?, backward(&po, share, params, policy, ckpt)?)
                     }
                 }
             }
         };
-        grads::accumulate(&mut acc.grads, &g, share)?;
+        grads::accumulate(&mut acc.grads, &g, 1.0)?;
         acc.add_metric("loss", objective, share);
         add_batch_metrics(&mut acc, self.params.beta, &fwd, share)?;
         acc.num_tokens += fwd.num_tokens as u64;
@@ -196,7 +214,7 @@ impl Objective for PreferenceObjective {
         let all: Vec<usize> = (0..data.len()).collect();
         for micro in all.chunks(self.batch_size) {
             let share = micro.len() as f64 / data.len() as f64;
-            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id)?;
+            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id, Checkpointing::Off)?;
             let x = fwd.pair_logps();
             acc.add_metric("loss", scalar(&combined_loss(&self.terms, &self.params, &x)?)?, share);
             if let (Some(_), Some(ref_chosen)) = (self.spo, x.ref_chosen) {
@@ -278,6 +296,7 @@ struct PairForward {
     rejected_lens: Tensor,
     logits: LogitSums,
     num_tokens: usize,
+    checkpoints: Option<Checkpoints>,
 }
 
 impl PairForward {
@@ -302,13 +321,14 @@ fn forward_pairs(
     refs: Option<&RefLogps>,
     idx: &[usize],
     pad_id: u32,
+    checkpointing: Checkpointing,
 ) -> Result<PairForward, TrainError> {
     let device = model.device();
     let m = idx.len();
     let seqs: Vec<_> =
         idx.iter().map(|&i| &data.pairs[i].chosen).chain(idx.iter().map(|&i| &data.pairs[i].rejected)).collect();
     let batch = logps::SequenceBatch::new(&seqs, pad_id, device)?;
-    let out = logps::completion_logps(model, &batch)?;
+    let out = logps::completion_logps_with(model, &batch, checkpointing)?;
     let lens: Vec<f32> = batch.completion_lens.iter().map(|&l| l as f32).collect();
     let logit_sums: Vec<f32> = out.logit_sums.to_vec1()?;
     let columns = |r: &Vec<(f32, f32)>| -> Result<(Tensor, Tensor), TrainError> {
@@ -336,5 +356,6 @@ fn forward_pairs(
             rejected_tokens: lens[m..].iter().map(|&v| v as f64).sum(),
         },
         num_tokens: batch.num_tokens,
+        checkpoints: out.checkpoints,
     })
 }

@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use prefopt_data::{
-    parse_sft, read_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions, TokenizedSequence,
+    parse_sft, read_records, tokenize_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions,
+    TokenizedSequence,
 };
-use prefopt_model::{Llama, Params};
+use prefopt_model::{Checkpoints, Llama, Params};
 
 use crate::config::TrainConfig;
+use crate::logps::Checkpointing;
 use crate::trainer::{
     backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary,
 };
@@ -21,6 +23,9 @@ pub struct SeqDataset {
     pub seqs: Vec<TokenizedSequence>,
     pub sources: Vec<String>,
     pub dropped: usize,
+    /// Kept examples whose completion starts at the shared token prefix
+    /// (`prompt_boundary = "common_prefix"`).
+    pub boundary_moved: usize,
 }
 
 impl SeqDataset {
@@ -30,9 +35,10 @@ impl SeqDataset {
         if records.is_empty() {
             return Err(TrainError::EmptyData { path: path.to_path_buf() });
         }
+        let outcomes = tokenize_records(path, &records, |r| tokenize_sft(tok, &parse_sft(r)?, opts))?;
         let (mut seqs, mut sources, mut dropped, mut first_reason) = (Vec::new(), Vec::new(), 0, None);
-        for record in &records {
-            match tokenize_sft(tok, &parse_sft(record)?, opts)? {
+        for (record, outcome) in records.iter().zip(outcomes) {
+            match outcome {
                 SeqOutcome::Kept(seq) => {
                     seqs.push(seq);
                     sources.push(record.source.to_string());
@@ -50,7 +56,8 @@ impl SeqDataset {
                 example: first_reason.unwrap_or_default(),
             });
         }
-        Ok(Self { path: path.to_path_buf(), seqs, sources, dropped })
+        let boundary_moved = seqs.iter().filter(|s: &&TokenizedSequence| s.boundary_moved).count();
+        Ok(Self { path: path.to_path_buf(), seqs, sources, dropped, boundary_moved })
     }
 }
 
@@ -70,8 +77,18 @@ pub fn train_sft(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSumma
             cfg.max_length
         ));
     }
-    let mut objective = SftObjective { train, eval, batch_size: cfg.batch_size, pad_id: tok.padding_id() };
-    run_loop(cfg, resume_dir, &mut objective, obs)
+    crate::preference::report_boundary_moved(&train.path, train.boundary_moved, obs);
+    let boundary_moved = train.boundary_moved;
+    let mut objective = SftObjective {
+        train,
+        eval,
+        batch_size: cfg.batch_size,
+        pad_id: tok.padding_id(),
+        checkpointing: cfg.checkpointing(),
+    };
+    let mut summary = run_loop(cfg, resume_dir, &mut objective, obs)?;
+    summary.boundary_moved = boundary_moved;
+    Ok(summary)
 }
 
 struct SftObjective {
@@ -79,16 +96,35 @@ struct SftObjective {
     eval: Option<SeqDataset>,
     batch_size: usize,
     pad_id: u32,
+    checkpointing: Checkpointing,
+}
+
+/// One micro-batch's summed completion log-probs, their token counts, and the checkpoints of
+/// a checkpointed forward pass.
+struct SeqForward {
+    logp: Tensor,
+    completion_tokens: f64,
+    num_tokens: usize,
+    checkpoints: Option<Checkpoints>,
 }
 
 impl SftObjective {
-    /// Summed completion log-probs of `idx` and their token count.
-    fn forward(&self, model: &Llama, data: &SeqDataset, idx: &[usize]) -> Result<(Tensor, f64, usize), TrainError> {
+    fn forward(
+        &self,
+        model: &Llama,
+        data: &SeqDataset,
+        idx: &[usize],
+        checkpointing: Checkpointing,
+    ) -> Result<SeqForward, TrainError> {
         let seqs: Vec<&TokenizedSequence> = idx.iter().map(|&i| &data.seqs[i]).collect();
         let batch = logps::SequenceBatch::new(&seqs, self.pad_id, model.device())?;
-        let lp = logps::completion_logps(model, &batch)?.logps.sum_all()?;
-        let tokens = batch.completion_lens.iter().sum::<usize>() as f64;
-        Ok((lp, tokens, batch.num_tokens))
+        let out = logps::completion_logps_with(model, &batch, checkpointing)?;
+        Ok(SeqForward {
+            logp: out.logps.sum_all()?,
+            completion_tokens: batch.completion_lens.iter().sum::<usize>() as f64,
+            num_tokens: batch.num_tokens,
+            checkpoints: out.checkpoints,
+        })
     }
 }
 
@@ -115,12 +151,13 @@ impl Objective for SftObjective {
         let mut acc = StepAccumulator::default();
         // Token-mean over the whole step: each micro-batch weighs by its share of the tokens.
         let step_tokens: usize = step.iter().map(|&i| self.train.seqs[i].completion_len()).sum();
-        let (lp, tokens, num_tokens) = self.forward(policy, &self.train, micro)?;
-        let loss = (lp.neg()? / tokens.max(1.0))?;
+        let fwd = self.forward(policy, &self.train, micro, self.checkpointing)?;
+        let tokens = fwd.completion_tokens;
+        let loss = (fwd.logp.neg()? / tokens.max(1.0))?;
         let share = tokens / step_tokens.max(1) as f64;
-        grads::accumulate(&mut acc.grads, &backward(&loss, params)?, share)?;
+        grads::accumulate(&mut acc.grads, &backward(&loss, share, params, policy, fwd.checkpoints.as_ref())?, 1.0)?;
         acc.add_metric("loss", scalar(&loss)?, share);
-        acc.num_tokens += num_tokens as u64;
+        acc.num_tokens += fwd.num_tokens as u64;
         Ok(acc)
     }
 
@@ -129,9 +166,9 @@ impl Objective for SftObjective {
         let (mut nll, mut tokens) = (0.0, 0.0);
         let all: Vec<usize> = (0..data.seqs.len()).collect();
         for micro in all.chunks(self.batch_size) {
-            let (lp, t, _) = self.forward(model, data, micro)?;
-            nll -= scalar(&lp)?;
-            tokens += t;
+            let fwd = self.forward(model, data, micro, Checkpointing::Off)?;
+            nll -= scalar(&fwd.logp)?;
+            tokens += fwd.completion_tokens;
         }
         let mut line = serde_json::Map::new();
         line.insert("eval_loss".into(), (nll / tokens.max(1.0)).into());

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use prefopt_model::{fill_model_dir, save_model_dir, HfModel, Llama, Mode, Params};
+use prefopt_model::{fill_model_dir, save_model_dir, Checkpoints, HfModel, Llama, Mode, Params};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -54,6 +54,9 @@ pub struct TrainSummary {
     pub steps: usize,
     pub skipped_batches: usize,
     pub dropped_train: usize,
+    /// Training examples whose completion starts at the shared token prefix
+    /// (`prompt_boundary = "common_prefix"`).
+    pub boundary_moved: usize,
     pub reference_forward_passes: bool,
 }
 
@@ -141,6 +144,7 @@ pub fn run_loop(
         steps: run.state.step,
         skipped_batches: run.state.skipped_batches,
         dropped_train: objective.dropped(),
+        boundary_moved: 0,
         reference_forward_passes: false,
     })
 }
@@ -447,9 +451,23 @@ pub(crate) fn scalar(t: &Tensor) -> Result<f64, TrainError> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// Backward of `loss`, gradients in parameter order.
-pub(crate) fn backward(loss: &Tensor, params: &Params) -> Result<Vec<Tensor>, TrainError> {
-    Ok(grads::collect(params, &loss.backward()?)?.0)
+/// Gradients of `share * loss` in parameter order (a micro-batch's or shard's weight in the
+/// step goes in before the backward pass, as PyTorch scales a loss for accumulation, so no
+/// scaled copy of the gradients is made); with the `checkpoints` of a checkpointed forward
+/// pass of `policy`, through its recomputed blocks.
+pub(crate) fn backward(
+    loss: &Tensor,
+    share: f64,
+    params: &Params,
+    policy: &Llama,
+    checkpoints: Option<&Checkpoints>,
+) -> Result<Vec<Tensor>, TrainError> {
+    let scaled = if share == 1.0 { loss.clone() } else { loss.affine(share, 0.0)? };
+    let mut store = scaled.backward()?;
+    if let Some(c) = checkpoints {
+        store = policy.backward_checkpointed(c, store)?;
+    }
+    Ok(grads::collect(params, &store)?.0)
 }
 
 /// TRL's `logits/chosen` and `logits/rejected` inputs: sums of the mean logit over the

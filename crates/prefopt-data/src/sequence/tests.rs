@@ -105,7 +105,7 @@ fn kept(outcome: PairOutcome) -> TokenizedPair {
 }
 
 fn opts(max_length: Option<usize>, max_prompt_length: Option<usize>) -> TokenizeOptions {
-    TokenizeOptions { max_length, max_prompt_length }
+    TokenizeOptions { max_length, max_prompt_length, ..TokenizeOptions::default() }
 }
 
 #[test]
@@ -240,6 +240,62 @@ fn template_whose_prompt_is_not_a_prefix_is_an_error_showing_where() {
     let e = pair(&tok, value, opts(None, None)).unwrap_err().to_string();
     assert!(e.contains("tokens diverge at token 0"), "{e}");
     assert!(e.contains("\"hi\" [7]") && e.contains("\"hithere\" [9]"), "{e}");
+}
+
+#[test]
+fn common_prefix_starts_a_merged_completion_at_the_shared_tokens_and_marks_it() {
+    // "hi" + "there" renders "hithere", one token: the prompt's tokens [hi] are no prefix of
+    // the conversation's [hithere].
+    let (_f, tok) = tok_with_template("{% for m in messages %}{{ m.content }}{% endfor %}");
+    let value = json!({
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "there"}],
+        "rejected": [{"role": "assistant", "content": " b"}]});
+    let lenient = TokenizeOptions { prompt_boundary: PromptBoundary::CommonPrefix, ..opts(None, None) };
+    let PairOutcome::Kept(p) = pair(&tok, value.clone(), lenient).unwrap() else { panic!("dropped") };
+    assert_eq!(
+        (p.chosen.input_ids.clone(), p.chosen.completion_start, p.chosen.boundary_moved),
+        (vec![HITHERE], 0, true)
+    );
+    assert_eq!((p.rejected.completion_start, p.rejected.boundary_moved), (1, false));
+    assert!(matches!(pair(&tok, value, opts(None, None)), Err(DataError::PromptBoundary { .. })));
+    // A template whose texts differ stays an error under either rule.
+    let (_f, tok) = tok_with_template(
+        "{% for m in messages %}{{ m.content }}{% endfor %}{% if add_generation_prompt %} think{% endif %}",
+    );
+    let value = json!({"prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]});
+    let e = pair(&tok, value, lenient).unwrap_err().to_string();
+    assert!(e.contains("the texts differ"), "{e}");
+}
+
+#[test]
+fn every_row_that_merges_across_the_prompt_is_reported_in_one_pass() {
+    let (_f, tok) = tok_with_template("{% for m in messages %}{{ m.content }}{% endfor %}");
+    let row = |chosen: &str| {
+        json!({
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": " b"}]})
+    };
+    let records: Vec<Record> = ["there", " a", "there", " c", "there"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Record { value: row(c), source: RecordSource::line("data/train.jsonl", i + 1) })
+        .collect();
+    let tokenize = |o: TokenizeOptions| {
+        tokenize_records(Path::new("data/train.jsonl"), &records, |r| tokenize_pair(&tok, &parse_preference(r)?, &o))
+    };
+    let e = tokenize(opts(None, None)).unwrap_err().to_string();
+    assert!(
+        e.starts_with("data/train.jsonl: 3 rows tokenize across the prompt's end (line 1, line 3, line 5); the first: data/train.jsonl:1: field `chosen`"),
+        "{e}"
+    );
+    assert!(e.contains("prompt_boundary = \"common_prefix\""), "{e}");
+    let lenient = TokenizeOptions { prompt_boundary: PromptBoundary::CommonPrefix, ..opts(None, None) };
+    let kept = tokenize(lenient).unwrap();
+    let moved = kept.iter().filter(|o| matches!(o, PairOutcome::Kept(p) if p.chosen.boundary_moved)).count();
+    assert_eq!((kept.len(), moved), (5, 3));
 }
 
 #[test]

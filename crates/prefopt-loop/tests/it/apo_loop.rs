@@ -146,7 +146,8 @@ const TIED_JUDGE: &str = r#"cmd:awk -F'","' '{printf "{\"scores\": ["; for (i = 
 /// (lp(chosen), lp(rejected)) of every row of a pairs file under `model`, tokenized as the
 /// loop's training does here.
 fn pair_logps(model: &Path, pairs: &Path) -> Vec<(f64, f64)> {
-    let opts = prefopt_data::TokenizeOptions { max_length: Some(128), max_prompt_length: Some(512) };
+    let opts =
+        prefopt_data::TokenizeOptions { max_length: Some(128), max_prompt_length: Some(512), ..Default::default() };
     crate::util::pair_logps(model, pairs, &opts)
 }
 

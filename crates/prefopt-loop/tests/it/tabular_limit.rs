@@ -100,7 +100,7 @@ fn base_model(dir: &Path) -> PathBuf {
 
 /// `lp(1 | x) - lp(2 | x)` per prompt under `model` (sequence log-probs, EOS included).
 fn log_ratios(model: &Path, pairs: &Path) -> Vec<f64> {
-    let opts = TokenizeOptions { max_length: Some(32), max_prompt_length: None };
+    let opts = TokenizeOptions { max_length: Some(32), ..TokenizeOptions::default() };
     pair_logps(model, pairs, &opts).iter().map(|(w, l)| w - l).collect()
 }
 

@@ -50,6 +50,40 @@ fn every_parameter_receives_a_nonzero_gradient() {
     }
 }
 
+/// Gradient checkpointing recomputes each block in the backward pass: every parameter's
+/// gradient equals the plain backward's, for a loss through the fused LM-head log-prob op.
+#[test]
+fn checkpointed_gradients_equal_the_plain_backward() {
+    for name in ["llama-untied", "llama-tied", "qwen2-tied", "mistral"] {
+        let hf = load(name);
+        let (ids, _) = expected_logits(name);
+        let input = Tensor::new(&ids[..ids.len() - 1], &device()).unwrap().unsqueeze(0).unwrap();
+        let targets: Vec<u32> = ids[1..].to_vec();
+        for precision in [Precision::F32, Precision::Bf16] {
+            let model = hf.build(Mode::Train, precision).unwrap();
+            let loss_of = |h: &Tensor| {
+                let h = h.squeeze(0).unwrap();
+                model.token_logps(&h, &targets).unwrap().sqr().unwrap().sum_all().unwrap()
+            };
+            let plain = loss_of(&model.hidden_states(&input, &[], None).unwrap()).backward().unwrap();
+            let (h, ckpt) = model.hidden_states_checkpointed(&input).unwrap();
+            let checkpointed = model.backward_checkpointed(&ckpt, loss_of(&h).backward().unwrap()).unwrap();
+            for (pname, var) in hf.params.iter() {
+                let a = plain.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
+                let b = checkpointed
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no checkpointed gradient for {pname}"));
+                let scale: f32 = a.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                let diff: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(
+                    diff <= 1e-6 * scale.max(1e-12),
+                    "{name} {precision:?}: {pname} differs by {diff} (scale {scale})"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn kv_cache_logits_equal_a_full_recompute() {
     for name in ["llama-tied", "qwen2-tied"] {

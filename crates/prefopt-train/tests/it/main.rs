@@ -2,5 +2,6 @@
 //! `util`. `PREFOPT_TEST_DEVICE=cuda` runs the training trajectories on a GPU (a build with
 //! the `cuda` feature); the default is the CPU.
 
+mod deep;
 mod trajectory;
 mod util;

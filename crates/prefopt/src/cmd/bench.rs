@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// dpo: bf16-rounded weights with f32 master weights (the `bf16` training key).
     #[arg(long)]
     bf16: bool,
+    /// dpo: recompute each decoder block in the backward pass (the `gradient_checkpointing`
+    /// training key).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -78,7 +82,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let ids = Tensor::from_vec(ids, (b, t), &device)?;
 
     if args.mode == "dpo" {
-        return bench_dpo(&args, &hf, &mut rng);
+        return bench_dpo(&args, hf, &mut rng);
     }
     if generating {
         return bench_generate(&args, &hf, &mut rng);
@@ -129,7 +133,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
 /// shards of pairs forward and backward at once, sigmoid loss, metrics, AdamW), plus, unless
 /// `--cached-ref`, the reference forward pass that PyTorch's step runs every time (sharded
 /// the same way).
-fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) -> Result<()> {
+fn bench_dpo(args: &BenchArgs, hf: HfModel, rng: &mut rand_chacha::ChaCha8Rng) -> Result<()> {
     use prefopt_data::{TokenizedPair, TokenizedSequence};
     use prefopt_train::dataset::PairDataset;
     use prefopt_train::optim::{Optimizer, OptimizerConfig};
@@ -140,8 +144,7 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
     let vocab_hi = hf.config.vocab_size.min(480) as u32;
     let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab_hi)).collect() };
     let prompts: Vec<Vec<u32>> = (0..p).map(|_| random(a)).collect();
-    let mut completion =
-        |prompt: &[u32]| TokenizedSequence { input_ids: [prompt, &random(c)].concat(), completion_start: a };
+    let mut completion = |prompt: &[u32]| TokenizedSequence::new([prompt, &random(c)].concat(), a);
     let chosen: Vec<TokenizedSequence> = prompts.iter().map(|x| completion(x)).collect();
     let pairs: Vec<TokenizedPair> = prompts
         .iter()
@@ -156,9 +159,17 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         rows: (0..p).collect(),
         ref_logps: None,
         win_probs: None,
+        boundary_moved: 0,
     };
-    let cfg = TrainConfig { batch_size: p, bf16: args.bf16, ..TrainConfig::default() };
-    let reference = hf.build(Mode::Infer, cfg.precision())?;
+    let cfg = TrainConfig {
+        batch_size: p,
+        bf16: args.bf16,
+        gradient_checkpointing: args.gradient_checkpointing,
+        ..TrainConfig::default()
+    };
+    // The reference over its own copy of the weights (the policy trains `hf.params` in place),
+    // as PyTorch's step holds a policy and a reference model.
+    let reference = prefopt_model::Llama::new(&hf.config, &hf.params.deep_clone()?, Mode::Infer, cfg.precision())?;
     let all: Vec<usize> = (0..p).collect();
     let reference_logps = || -> Result<Vec<(f32, f32)>, prefopt_train::TrainError> {
         let shards = run_sharded(&all, |shard| {
@@ -168,7 +179,8 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         Ok(shards.concat())
     };
     let mut objective = PreferenceObjective::new(&cfg, data, Some(reference_logps()?), 0);
-    let policy_params = hf.params.deep_clone()?;
+    let flops_per_sequence = forward_flops(&hf, a + c);
+    let policy_params = hf.params;
     let policy = prefopt_model::Llama::new(&hf.config, &policy_params, Mode::Train, cfg.precision())?;
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
     let step = || -> Result<()> {
@@ -182,7 +194,7 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
     let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
     let t = a + c;
     let passes = if args.cached_ref { 3.0 } else { 4.0 }; // policy fwd+bwd = 3, reference fwd = 1
-    let flops = passes * (2 * p) as f64 * forward_flops(hf, t);
+    let flops = passes * (2 * p) as f64 * flops_per_sequence;
     let line = serde_json::json!({
         "impl": "prefopt",
         "mode": "dpo",
@@ -197,6 +209,7 @@ fn bench_dpo(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8Rng) 
         "seq_len": t,
         "cached_ref": args.cached_ref,
         "bf16": args.bf16,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "median_step_s": median,
         "min_step_s": min,
         "steps": args.steps.unwrap_or(1),

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use prefopt_data::{parse_preference, read_records, tokenize_pair, HfTokenizer, PairOutcome, TokenizeOptions};
+use prefopt_data::{
+    parse_preference, read_records, tokenize_pair, tokenize_records, HfTokenizer, PairOutcome, PromptBoundary,
+    TokenizeOptions,
+};
 use prefopt_model::{HfModel, Mode, Precision};
 use prefopt_train::score_pairs;
 
@@ -27,8 +30,20 @@ pub struct ScoreArgs {
     /// Pairs per forward pass.
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// A conversation whose tokens do not start with its prompt's (a byte-level BPE merge
+    /// across the prompt's end): `error` lists every such row; `common-prefix` starts the
+    /// completion at the shared token prefix (TRL's rule) and counts them.
+    #[arg(long, value_enum, default_value = "error")]
+    prompt_boundary: Boundary,
     #[command(flatten)]
     device: DeviceArg,
+}
+
+/// `--prompt-boundary`'s values.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Boundary {
+    Error,
+    CommonPrefix,
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
@@ -38,13 +53,17 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let model = HfModel::load(&args.model, &device)?.build(Mode::Infer, Precision::F32)?;
     let records = read_records(&args.data)?;
     anyhow::ensure!(!records.is_empty(), "{}: no examples to score", args.data.display());
-    let opts = TokenizeOptions { max_length: Some(args.max_length), max_prompt_length: None };
+    let opts = TokenizeOptions {
+        max_length: Some(args.max_length),
+        max_prompt_length: None,
+        prompt_boundary: match args.prompt_boundary {
+            Boundary::Error => PromptBoundary::Error,
+            Boundary::CommonPrefix => PromptBoundary::CommonPrefix,
+        },
+    };
 
     // Tokenize everything first, so a bad example fails the run before any compute.
-    let mut outcomes = Vec::with_capacity(records.len());
-    for record in &records {
-        outcomes.push(tokenize_pair(&tokenizer, &parse_preference(record)?, &opts)?);
-    }
+    let outcomes = tokenize_records(&args.data, &records, |r| tokenize_pair(&tokenizer, &parse_preference(r)?, &opts))?;
     let kept: Vec<&prefopt_data::TokenizedPair> = outcomes
         .iter()
         .filter_map(|o| match o {
@@ -77,8 +96,11 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     }
     prefopt_fs::write_jsonl(&args.out, &lines).with_context(|| format!("writing scores to {}", args.out.display()))?;
     let dropped = records.len() - kept.len();
+    let moved = kept.iter().filter(|p| p.chosen.boundary_moved || p.rejected.boundary_moved).count();
+    let moved =
+        if moved > 0 { format!(", {moved} with the completion at the shared token prefix") } else { String::new() };
     eprintln!(
-        "scored {} of {} examples ({dropped} dropped by max_length {}) -> {}",
+        "scored {} of {} examples ({dropped} dropped by max_length {}{moved}) -> {}",
         kept.len(),
         records.len(),
         args.max_length,

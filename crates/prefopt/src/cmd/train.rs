@@ -46,14 +46,20 @@ pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
         Kind::Sft => train_sft(&cfg, &mut progress)?,
     };
     let plots = plot_training_curves(&summary.metrics_path, &cfg.output_dir)?;
+    let mut notes = Vec::new();
+    if summary.skipped_batches > 0 {
+        notes.push(format!("{} batches skipped as non-finite", summary.skipped_batches));
+    }
+    if summary.dropped_train > 0 {
+        notes.push(format!("{} examples dropped by max_length", summary.dropped_train));
+    }
+    if summary.boundary_moved > 0 {
+        notes.push(format!("{} completions started at the shared token prefix", summary.boundary_moved));
+    }
     eprintln!(
         "trained {} steps{} -> {} (metrics: {}, plots: {})",
         summary.steps,
-        if summary.skipped_batches > 0 {
-            format!(" ({} batches skipped as non-finite)", summary.skipped_batches)
-        } else {
-            String::new()
-        },
+        if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) },
         summary.final_dir.display(),
         summary.metrics_path.display(),
         plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")

@@ -97,13 +97,30 @@ fn a_conversation_whose_prompt_is_not_a_prefix_is_an_error() {
         &std::fs::read_to_string(fixtures().join("expected/qwen2-tied__chat_bad_prefix.json")).unwrap(),
     )
     .unwrap();
-    let run = score("qwen2-tied", &fixtures().join("data/chat_bad_prefix.jsonl"), 1000, &out);
-    if expected.to_string().contains("error") {
-        let err = stderr_of(&run);
-        assert!(err.contains("chat_bad_prefix.jsonl:1") && err.contains("prefix"), "{err}");
-    } else {
-        assert!(run.status.success());
-    }
+    let data = fixtures().join("data/chat_bad_prefix.jsonl");
+    let run = score("qwen2-tied", &data, 1000, &out);
+    assert!(expected.to_string().contains("error"), "the fixture is meant to merge across the prompt's end");
+    let err = stderr_of(&run);
+    assert!(err.contains("chat_bad_prefix.jsonl:1") && err.contains("prefix"), "{err}");
+
+    // TRL's rule as an option: the completion starts at the shared token prefix (25 of the
+    // 26 prompt tokens, as transformers' tokenization shows), and the run says so.
+    let model = fixtures().join("models/qwen2-tied");
+    let run = crate::util::ok(run_prefopt(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--prompt-boundary",
+        "common-prefix",
+    ]));
+    let line = &read_jsonl(&out)[0];
+    let chosen_ids = expected["chosen_ids"].as_array().unwrap().len() as u64;
+    assert_eq!(line["n_tokens_chosen"].as_u64(), Some(chosen_ids - 25), "{line}");
+    assert!(crate::util::stderr(&run).contains("1 with the completion at the shared token prefix"));
 }
 
 #[test]

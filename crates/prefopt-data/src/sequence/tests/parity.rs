@@ -60,7 +60,7 @@ fn tokenization_matches_the_python_reference_on_every_fixture() {
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        let opts = TokenizeOptions { max_length: *max_length, max_prompt_length: None };
+        let opts = TokenizeOptions { max_length: *max_length, max_prompt_length: None, ..TokenizeOptions::default() };
         for ext in ["jsonl", "parquet"] {
             let data = root.join("data").join(format!("{dataset}.{ext}"));
             if !data.exists() {
