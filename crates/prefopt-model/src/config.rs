@@ -57,6 +57,12 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// transformers builds the input embedding with `padding_idx = pad_token_id`: that row
+    /// gets no gradient from the lookup (the tied LM head still trains it). prefopt does the
+    /// same, so training matches transformers/TRL where the pad id occurs in the data (often
+    /// the EOS id, as in SmolLM2).
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
     #[serde(default)]
     pub bos_token_id: Option<serde_json::Value>,
     #[serde(default)]

@@ -547,7 +547,7 @@ impl Llama {
         };
         let pad_lens = if pad_lens.iter().all(|&p| p == 0) { Vec::new() } else { pad_lens.to_vec() };
         let mask = AttentionMask { past, pad_lens };
-        let mut x = rounded(&self.embed, self.round)?.index_select(&input_ids.flatten_all()?, 0)?; // (B*T, C)
+        let mut x = self.embed_tokens(input_ids)?; // (B*T, C)
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.blocks.len(), || None);
         }
@@ -606,7 +606,7 @@ impl Llama {
             })?;
             grads.extend(store)?;
         }
-        let x0 = rounded(&self.embed, self.round)?.index_select(&ckpt.input_ids.flatten_all()?, 0)?;
+        let x0 = self.embed_tokens(&ckpt.input_ids)?;
         grads.extend(backward_from(&x0, &g)?)?;
         Ok(grads)
     }
@@ -623,6 +623,23 @@ impl Llama {
     pub fn mean_logits(&self, h: &Tensor) -> Result<Tensor> {
         let w_mean = self.lm_head_t.detach().mean_keepdim(1)?; // (C, 1)
         Ok(h.detach().matmul(&w_mean)?.squeeze(1)?)
+    }
+
+    /// The input embedding of ids (B, T): rows (B*T, C). As transformers' `nn.Embedding` with
+    /// `padding_idx = pad_token_id`, positions holding the pad id pass no gradient to the
+    /// embedding (their values are unchanged: `x m + detach(x) (1 - m)` is x exactly).
+    fn embed_tokens(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        let ids = input_ids.flatten_all()?;
+        let x = rounded(&self.embed, self.round)?.index_select(&ids, 0)?;
+        let Some(pad) = self.cfg.pad_token_id.filter(|_| x.track_op()) else { return Ok(x) };
+        let ids_host: Vec<u32> = ids.to_vec1()?;
+        if !ids_host.contains(&pad) {
+            return Ok(x);
+        }
+        let keep: Vec<f32> = ids_host.iter().map(|&i| if i == pad { 0.0 } else { 1.0 }).collect();
+        let keep = Tensor::from_vec(keep, (ids_host.len(), 1), x.device())?;
+        let frozen = x.detach().broadcast_mul(&keep.affine(-1.0, 1.0)?)?;
+        x.broadcast_mul(&keep)? + frozen
     }
 
     fn project(&self, h: &Tensor) -> candle_core::Result<Tensor> {

@@ -164,6 +164,30 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(path, serde_json::to_string(&json).unwrap()).unwrap();
 }
 
+/// transformers' input embedding has `padding_idx = pad_token_id`: the pad id's row gets no
+/// gradient from the lookup, also where the pad id occurs in the data (SmolLM2's pad id is
+/// its EOS). The other rows still do, and the values are unchanged.
+#[test]
+fn the_pad_tokens_embedding_row_gets_no_lookup_gradient_as_in_transformers() {
+    let (_tmp, dir) = scratch_copy("llama-untied");
+    let (ids, _) = expected_logits("llama-untied");
+    let (pad, other) = (ids[3], ids[4]);
+    let before = HfModel::load(&dir, &device()).unwrap().build(Mode::Infer, Precision::F32).unwrap();
+    edit_config(&dir, |c| c["pad_token_id"] = pad.into());
+    let hf = HfModel::load(&dir, &device()).unwrap();
+    let model = hf.build(Mode::Train, Precision::F32).unwrap();
+    let input = Tensor::new(ids.as_slice(), &device()).unwrap().unsqueeze(0).unwrap();
+    let logits = model.forward(&input).unwrap();
+    let same: f32 =
+        (&logits - before.forward(&input).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert_eq!(same, 0.0, "the pad rule changed a value");
+    let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let embed = grads.get(hf.params.get("model.embed_tokens.weight").unwrap().as_tensor()).unwrap();
+    let row = |i: u32| -> f32 { embed.get(i as usize).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap() };
+    assert_eq!(row(pad), 0.0);
+    assert!(row(other) > 0.0);
+}
+
 #[test]
 fn missing_or_malformed_config_names_the_file() {
     let (_tmp, dir) = scratch_copy("qwen2-tied");
