@@ -48,15 +48,34 @@ impl HfModel {
     }
 }
 
-/// Files a save never copies from the source folder: we write our own weights and config.
+/// Files a save never copies from the source folder: we write our own weights and config
+/// (and a source that is an adapter stack or adapter keeps its own description).
 fn is_weight_or_config(name: &str) -> bool {
     name == "config.json"
+        || name == crate::stack::ADAPTER_STACK
+        || name == crate::lora::ADAPTER_CONFIG
         || name.ends_with(".safetensors")
         || name == "model.safetensors.index.json"
         || name.ends_with(".bin")
         || name.ends_with(".pt")
         || name.ends_with(".pth")
         || name.starts_with('.')
+}
+
+/// Copies the tokenizer files of the model folder `source` (tokenizer*, special tokens map,
+/// chat template) into `dir`: what an adapter folder or a stack folder needs beside its own
+/// files to be self-describing, as TRL's trainer saves them beside an adapter.
+pub fn copy_tokenizer_files(source: &Path, dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(source).map_err(|e| io_error(source, e))? {
+        let entry = entry.map_err(|e| io_error(source, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let tokenizer_file =
+            name.starts_with("tokenizer") || name == "special_tokens_map.json" || name.ends_with(".jinja");
+        if entry.path().is_file() && tokenizer_file {
+            std::fs::copy(entry.path(), dir.join(&name)).map_err(|e| io_error(entry.path(), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes a loadable Hugging Face folder at `out` (atomically replacing an older one).

@@ -20,8 +20,12 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, Var};
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
+use crate::lora::{LoraAdapter, LINEAR_MODULES};
 use crate::ops::{self, AttentionMask};
 use crate::params::Params;
 
@@ -71,6 +75,35 @@ pub enum Mode {
     /// Detached copies that record no graph, laid out for fast inference (scoring, sampling,
     /// reference models).
     Infer,
+    /// Detached views of the parameters, no copy and no graph: a frozen base under trainable
+    /// adapters, or a network that must not double a large model's memory.
+    Frozen,
+}
+
+/// A LoRA adapter applied to a network: its weight in the sum of adapters (1 for a plain
+/// adapter; APO's extrapolation coefficients in the online loop) and whether its matrices
+/// are trained.
+#[derive(Clone, Copy)]
+pub struct AdapterUse<'a> {
+    pub adapter: &'a LoraAdapter,
+    pub coefficient: f64,
+    pub trainable: bool,
+}
+
+/// The dropout masks of a training forward pass: row b of the batch is sequence
+/// `sequences[b]` (a stable id, e.g. the example's index), and its masks are a pure function
+/// of (`seed`, that id, the layer): the same for any batching or thread count, and the same
+/// again when a checkpointed block is recomputed.
+#[derive(Clone, Debug)]
+pub struct Dropout {
+    pub seed: u64,
+    pub sequences: Vec<u64>,
+}
+
+/// Per-call state of a forward pass.
+#[derive(Clone, Debug, Default)]
+struct Ctx {
+    dropout: Option<std::sync::Arc<Dropout>>,
 }
 
 /// The precision the network computes its weights in.
@@ -93,13 +126,62 @@ impl Precision {
     }
 }
 
-/// `y = x W^T + b` over the last dimension.
+/// `y = x W^T + b` over the last dimension, plus any LoRA terms.
 struct Linear {
     weight_t: Tensor,     // (in, out): W^T, see `transposed`
     bias: Option<Tensor>, // (out,)
     /// Round the weights to bf16 on every forward pass (trainable bf16 models, whose
     /// weights change between passes).
     round: bool,
+    lora: Vec<LoraTerm>,
+}
+
+/// One adapter's low-rank term of a linear layer: `+ scale * (dropout(x) A^T) B^T`.
+#[derive(Clone)]
+struct LoraTerm {
+    a_t: Tensor, // (in, r)
+    b_t: Tensor, // (r, out)
+    /// The adapter's `lora_alpha / r` times its coefficient.
+    scale: f64,
+    /// Dropout probability on the term's input (training forward passes only).
+    dropout: f64,
+    /// The ChaCha stream of this term's dropout masks (by layer and module).
+    stream: u64,
+}
+
+impl LoraTerm {
+    /// The term for the fused layer ([`ops::lora_linear`]), with its dropout mask for x when
+    /// this forward pass draws one.
+    fn low_rank(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<ops::LowRank> {
+        let mask = match &ctx.dropout {
+            Some(d) if self.dropout > 0.0 => Some(self.mask(d, x.dims2()?, x.device())?),
+            _ => None,
+        };
+        Ok(ops::LowRank { a_t: self.a_t.clone(), b_t: self.b_t.clone(), scale: self.scale, mask })
+    }
+
+    /// The inverted-dropout mask (rows, in) of x: 0 with probability `dropout`, else
+    /// 1/(1 - dropout), drawn per sequence of the batch (see [`Dropout`]).
+    fn mask(&self, d: &Dropout, (rows, cols): (usize, usize), device: &Device) -> candle_core::Result<Tensor> {
+        let keep = 1.0 - self.dropout;
+        let per_sequence = rows / d.sequences.len().max(1);
+        let mut mask = Vec::with_capacity(rows * cols);
+        for &sequence in &d.sequences {
+            let mut rng = ChaCha8Rng::seed_from_u64(d.seed ^ sequence.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            rng.set_stream(self.stream);
+            mask.extend(
+                (0..per_sequence * cols).map(|_| if rng.gen::<f64>() < keep { (1.0 / keep) as f32 } else { 0.0 }),
+            );
+        }
+        if mask.len() != rows * cols {
+            candle_core::bail!("dropout: {} sequences for {rows} rows", d.sequences.len());
+        }
+        Tensor::from_vec(mask, (rows, cols), device)
+    }
+
+    fn detached(&self) -> Self {
+        LoraTerm { a_t: self.a_t.detach(), b_t: self.b_t.detach(), ..self.clone() }
+    }
 }
 
 /// `w` as the forward pass uses it: rounded to bf16 (and back to f32) when `round`. The
@@ -112,11 +194,12 @@ fn rounded(w: &Tensor, round: bool) -> candle_core::Result<Tensor> {
     }
 }
 
-/// W^T for a matmul. For a trainable model, a view of W, so gradients reach it; otherwise
-/// a contiguous copy, which the CPU matmul multiplies 1.5-2x faster at small batch sizes
-/// (sampling's decode steps), at the cost of a copy of the weights.
-fn transposed(w: Tensor, trainable: bool) -> candle_core::Result<Tensor> {
-    if trainable {
+/// W^T for a matmul. A view of W (`view`: a trainable model, so gradients reach it, or a
+/// frozen one that must not copy); otherwise a contiguous copy, which the CPU matmul
+/// multiplies 1.5-2x faster at small batch sizes (sampling's decode steps), at the cost of a
+/// copy of the weights.
+fn transposed(w: Tensor, view: bool) -> candle_core::Result<Tensor> {
+    if view {
         w.t()
     } else {
         w.t()?.contiguous()
@@ -126,18 +209,28 @@ fn transposed(w: Tensor, trainable: bool) -> candle_core::Result<Tensor> {
 impl Linear {
     /// The same layer over detached views of its tensors: it records no graph.
     fn detached(&self) -> Self {
-        Linear { weight_t: self.weight_t.detach(), bias: self.bias.as_ref().map(Tensor::detach), round: self.round }
-    }
-}
-
-impl Module for Linear {
-    /// x (rows, in) -> (rows, out).
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&rounded(&self.weight_t, self.round)?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&rounded(b, self.round)?),
-            None => Ok(y),
+        Linear {
+            weight_t: self.weight_t.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            round: self.round,
+            lora: self.lora.iter().map(LoraTerm::detached).collect(),
         }
+    }
+
+    /// x (rows, in) -> (rows, out).
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let weight_t = rounded(&self.weight_t, self.round)?;
+        let mut y = if self.lora.is_empty() {
+            x.matmul(&weight_t)?
+        } else {
+            let terms: Vec<ops::LowRank> =
+                self.lora.iter().map(|t| t.low_rank(x, ctx)).collect::<candle_core::Result<_>>()?;
+            ops::lora_linear(x, &weight_t, &terms)?
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&rounded(b, self.round)?)?;
+        }
+        Ok(y)
     }
 }
 
@@ -316,10 +409,11 @@ impl Attention {
         (cos, sin): (&Tensor, &Tensor),
         mask: &AttentionMask,
         cache: Option<&mut Option<LayerKv>>,
+        ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
-        let q = ops::rope(&self.q.forward(x)?, cos, sin)?; // (B*T, H*D)
-        let k = ops::rope(&self.k.forward(x)?, cos, sin)?; // (B*T, KV*D)
-        let v = self.v.forward(x)?; // (B*T, KV*D)
+        let q = ops::rope(&self.q.forward(x, ctx)?, cos, sin)?; // (B*T, H*D)
+        let k = ops::rope(&self.k.forward(x, ctx)?, cos, sin)?; // (B*T, KV*D)
+        let v = self.v.forward(x, ctx)?; // (B*T, KV*D)
         let (k, v) = match cache {
             Some(slot) => {
                 let t = x.dim(0)? / batch;
@@ -329,7 +423,7 @@ impl Attention {
             None => (k, v),
         };
         let y = ops::causal_attention(&q, &k, &v, batch, self.heads, self.kv_heads, mask)?; // (B*T, H*D)
-        self.o.forward(&y)
+        self.o.forward(&y, ctx)
     }
 }
 
@@ -339,10 +433,10 @@ struct Mlp {
     down: Linear,
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let h = ops::swiglu(&self.gate.forward(x)?, &self.up.forward(x)?)?; // (B*T, F)
-        self.down.forward(&h)
+impl Mlp {
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> candle_core::Result<Tensor> {
+        let h = ops::swiglu(&self.gate.forward(x, ctx)?, &self.up.forward(x, ctx)?)?; // (B*T, F)
+        self.down.forward(&h, ctx)
     }
 }
 
@@ -362,10 +456,11 @@ impl Block {
         rope: (&Tensor, &Tensor),
         mask: &AttentionMask,
         cache: Option<&mut Option<LayerKv>>,
+        ctx: &Ctx,
     ) -> candle_core::Result<Tensor> {
-        let a = self.attn.forward(&self.attn_norm.forward(&x)?, batch, rope, mask, cache)?;
+        let a = self.attn.forward(&self.attn_norm.forward(&x)?, batch, rope, mask, cache, ctx)?;
         let x = (x + a)?;
-        &x + self.mlp.forward(&self.mlp_norm.forward(&x)?)?
+        &x + self.mlp.forward(&self.mlp_norm.forward(&x)?, ctx)?
     }
 
     /// The same block over detached views of its weights: it records no graph.
@@ -389,10 +484,11 @@ impl Block {
 
 /// What gradient checkpointing keeps of a forward pass: each decoder block's input (B*T, C),
 /// detached, and the leaf the returned hidden states' graph starts at. See
-/// [`Llama::hidden_states_checkpointed`].
+/// [`Llama::hidden_states_for_training`].
 pub struct Checkpoints {
     input_ids: Tensor,
     batch: usize,
+    ctx: Ctx,
     /// x_i, the input of block i (x_0 the embeddings), without a graph.
     inputs: Vec<Tensor>,
     /// The last block's output as a variable: the final norm and everything after it build
@@ -429,6 +525,19 @@ impl Llama {
     /// (`Mode::Infer`) network rounds bf16 weights once here, a trainable one on every forward
     /// pass, since the optimizer changes the f32 weights between passes.
     pub fn new(cfg: &LlamaConfig, params: &Params, mode: Mode, precision: Precision) -> Result<Self> {
+        Self::with_adapters(cfg, params, mode, precision, &[])
+    }
+
+    /// [`Llama::new`] with LoRA adapters on top of the base `params`: each adapted linear
+    /// layer adds `coefficient * scale * (x A^T) B^T` per adapter (the adapters stay in f32;
+    /// a trainable one's matrices are its variables, a frozen one's detached).
+    pub fn with_adapters(
+        cfg: &LlamaConfig,
+        params: &Params,
+        mode: Mode,
+        precision: Precision,
+        adapters: &[AdapterUse],
+    ) -> Result<Self> {
         let trainable = mode == Mode::Train;
         let bf16_weights = precision == Precision::Bf16;
         let round = bf16_weights && trainable;
@@ -438,11 +547,44 @@ impl Llama {
                 .ok_or_else(|| ModelError::MissingTensor { path: "parameters".into(), name: name.to_string() })?;
             Ok(if trainable { var.as_tensor().clone() } else { rounded(&var.as_detached_tensor(), bf16_weights)? })
         };
-        let linear = |name: &str, bias: bool| -> Result<Linear> {
+        // Infer lays linear weights out for inference (a transposed copy); Train and Frozen
+        // keep views of the parameters.
+        let view = mode != Mode::Infer;
+        let lora_terms = |layer: usize, module: &str| -> Result<Vec<LoraTerm>> {
+            let mut terms = Vec::new();
+            for use_ in adapters {
+                let Some(m) =
+                    use_.adapter.modules.iter().find(|m| m.layer == layer && LINEAR_MODULES[m.module] == module)
+                else {
+                    continue;
+                };
+                let var = |n: String| -> Result<Tensor> {
+                    let v = use_
+                        .adapter
+                        .params
+                        .get(&n)
+                        .ok_or(ModelError::MissingTensor { path: "adapter".into(), name: n })?;
+                    Ok(if use_.trainable { v.as_tensor().clone() } else { v.as_detached_tensor() })
+                };
+                terms.push(LoraTerm {
+                    a_t: var(m.a_name())?.t()?,
+                    b_t: var(m.b_name())?.t()?,
+                    scale: use_.coefficient * use_.adapter.config.scale(),
+                    dropout: if use_.trainable { use_.adapter.config.dropout } else { 0.0 },
+                    // By module alone: the trainable adapter draws the same masks wherever it
+                    // sits in a stack (frozen adapters draw none).
+                    stream: (layer * LINEAR_MODULES.len() + m.module) as u64,
+                });
+            }
+            Ok(terms)
+        };
+        let linear = |layer: usize, name: &str, bias: bool| -> Result<Linear> {
+            let module = name.rsplit('.').next().unwrap_or(name);
             Ok(Linear {
-                weight_t: transposed(get(&format!("{name}.weight"))?, trainable)?,
+                weight_t: transposed(get(&format!("{name}.weight"))?, view)?,
                 bias: if bias { Some(get(&format!("{name}.bias"))?) } else { None },
                 round,
+                lora: lora_terms(layer, module)?,
             })
         };
         let norm = |name: &str| -> Result<RmsNorm> {
@@ -454,24 +596,24 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: norm(&format!("{p}.input_layernorm"))?,
                 attn: Attention {
-                    q: linear(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias())?,
-                    k: linear(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias())?,
-                    v: linear(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias())?,
-                    o: linear(&format!("{p}.self_attn.o_proj"), cfg.o_bias())?,
+                    q: linear(i, &format!("{p}.self_attn.q_proj"), cfg.qkv_bias())?,
+                    k: linear(i, &format!("{p}.self_attn.k_proj"), cfg.qkv_bias())?,
+                    v: linear(i, &format!("{p}.self_attn.v_proj"), cfg.qkv_bias())?,
+                    o: linear(i, &format!("{p}.self_attn.o_proj"), cfg.o_bias())?,
                     heads: cfg.num_attention_heads,
                     kv_heads: cfg.num_kv_heads(),
                 },
                 mlp_norm: norm(&format!("{p}.post_attention_layernorm"))?,
                 mlp: Mlp {
-                    gate: linear(&format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
-                    up: linear(&format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
-                    down: linear(&format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+                    gate: linear(i, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                    up: linear(i, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                    down: linear(i, &format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
                 },
             });
         }
         let embed = get("model.embed_tokens.weight")?;
         let lm_head = if cfg.tie_word_embeddings { embed.clone() } else { get("lm_head.weight")? };
-        let lm_head_t = transposed(lm_head, trainable)?;
+        let lm_head_t = transposed(lm_head, view)?;
         Ok(Self {
             cfg: cfg.clone(),
             embed,
@@ -519,7 +661,7 @@ impl Llama {
         if !pad_lens.is_empty() && pad_lens.len() != b {
             return Err(candle_core::Error::Msg(format!("{} pad lengths for a batch of {b}", pad_lens.len())).into());
         }
-        self.run(input_ids, pad_lens, cache)
+        self.run(input_ids, pad_lens, cache, &Ctx::default())
     }
 
     /// Logits (B, T, V) from final-norm hidden states (B, T, C): the LM head alone, so a
@@ -529,7 +671,13 @@ impl Llama {
     }
 
     /// The network; `pad_lens` empty or all zero means no padding.
-    fn run(&self, input_ids: &Tensor, pad_lens: &[usize], mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn run(
+        &self,
+        input_ids: &Tensor,
+        pad_lens: &[usize],
+        mut cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let longest = past + t - pad_lens.iter().copied().min().unwrap_or(0).min(past + t);
@@ -553,18 +701,35 @@ impl Llama {
         }
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(x, b, (&cos, &sin), &mask, slot)?;
+            x = block.forward(x, b, (&cos, &sin), &mask, slot, ctx)?;
         }
         Ok(self.norm.forward(&x)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
-    /// Final-norm hidden states (B, T, C) of a batch without padding or cache, computed for
-    /// gradient checkpointing (TRL's `gradient_checkpointing`): every decoder block runs
-    /// without a graph and only its input is kept, so a backward pass needs one block's
-    /// activations at a time instead of all of them. The returned states' graph starts at the
-    /// last block's output; after `loss.backward()` over a loss of them,
+    /// Final-norm hidden states (B, T, C) of a training batch (no padding, no cache), with a
+    /// graph for the backward pass. `dropout` gives the trainable adapters' dropout masks
+    /// (none without adapters or with `lora_dropout = 0`). With `checkpointing` (TRL's
+    /// `gradient_checkpointing`)
+    /// every decoder block runs without a graph and only its input is kept, so a backward
+    /// pass needs one block's activations at a time instead of all of them: the returned
+    /// states' graph then starts at the last block's output, and after `loss.backward()`
     /// [`Llama::backward_checkpointed`] carries the gradients through the blocks.
-    pub fn hidden_states_checkpointed(&self, input_ids: &Tensor) -> Result<(Tensor, Checkpoints)> {
+    pub fn hidden_states_for_training(
+        &self,
+        input_ids: &Tensor,
+        checkpointing: bool,
+        dropout: Option<Dropout>,
+    ) -> Result<(Tensor, Option<Checkpoints>)> {
+        let ctx = Ctx { dropout: dropout.map(std::sync::Arc::new) };
+        if !checkpointing {
+            return Ok((self.run(input_ids, &[], None, &ctx)?, None));
+        }
+        let (h, c) = self.hidden_states_checkpointed(input_ids, ctx)?;
+        Ok((h, Some(c)))
+    }
+
+    /// [`Llama::hidden_states_for_training`] with checkpointing.
+    fn hidden_states_checkpointed(&self, input_ids: &Tensor, ctx: Ctx) -> Result<(Tensor, Checkpoints)> {
         let (b, t) = input_ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             return Err(ModelError::SequenceTooLong { positions: t, max: self.cfg.max_position_embeddings });
@@ -576,14 +741,15 @@ impl Llama {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             inputs.push(x.clone());
-            x = block.detached().forward(x, b, (&cos, &sin), &mask, None)?;
+            x = block.detached().forward(x, b, (&cos, &sin), &mask, None, &ctx)?;
         }
         let last = Var::from_tensor(&x)?;
         let h = self.norm.forward(last.as_tensor())?.reshape((b, t, self.cfg.hidden_size))?;
-        Ok((h, Checkpoints { input_ids: input_ids.clone(), batch: b, inputs, last }))
+        Ok((h, Checkpoints { input_ids: input_ids.clone(), batch: b, ctx, inputs, last }))
     }
 
-    /// The gradients of a loss over [`Llama::hidden_states_checkpointed`]'s states: `grads`
+    /// The gradients of a loss over checkpointed hidden states
+    /// ([`Llama::hidden_states_for_training`]): `grads`
     /// is `loss.backward()`'s store (gradients of the final norm, the LM head and the last
     /// block's output); each block is recomputed from its kept input, last first, with a graph,
     /// and backpropagated; then the embedding. Returns the store with every parameter's
@@ -599,7 +765,7 @@ impl Llama {
         };
         for (block, x) in self.blocks.iter().zip(&ckpt.inputs).rev() {
             let x = Var::from_tensor(x)?;
-            let y = block.forward(x.as_tensor().clone(), ckpt.batch, (&cos, &sin), &mask, None)?;
+            let y = block.forward(x.as_tensor().clone(), ckpt.batch, (&cos, &sin), &mask, None, &ckpt.ctx)?;
             let mut store = backward_from(&y, &g)?;
             g = store.remove(x.as_tensor()).ok_or_else(|| {
                 candle_core::Error::Msg("gradient checkpointing: no gradient reached a block's input".into())

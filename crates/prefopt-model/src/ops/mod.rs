@@ -5,7 +5,7 @@
 //! concatenations. For a small Llama that bookkeeping, not the matmuls, dominated a training
 //! step (7x slower backward than PyTorch). Each op here does one layer-level piece of work
 //! (RMSNorm, rotary embedding, causal attention, SwiGLU, the LM head with log-softmax and
-//! gather, per-sequence sums) in one forward node and computes its input gradients directly
+//! gather, per-sequence sums, a frozen linear layer with LoRA terms) in one forward node and computes its input gradients directly
 //! in `bwd`. Every long reduction (a softmax row over the vocabulary or the keys, a mean
 //! square over the hidden size, a sequence's sum of token log-probs) accumulates in f64.
 //!
@@ -15,6 +15,7 @@
 
 mod attention;
 mod fast_exp;
+mod lora_linear;
 mod rms_norm;
 mod rope;
 mod segment_sum;
@@ -22,6 +23,7 @@ mod swiglu;
 mod token_logps;
 
 pub use attention::{causal_attention, causal_attention_reference, AttentionMask};
+pub use lora_linear::{lora_linear, lora_linear_reference, LowRank};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};
 pub use segment_sum::{segment_sum, segment_sum_reference};

@@ -5,6 +5,7 @@
 mod bf16;
 mod generate;
 mod hf_models;
+mod lora;
 mod ops;
 mod precision;
 mod util;

@@ -186,3 +186,49 @@ fn attention_reads_a_strided_cache_view_like_a_contiguous_one() {
         assert!(diff < TOL, "strided cache view, {t_new} new positions: differs by {diff}");
     }
 }
+
+#[test]
+fn lora_linear_matches_the_composition_with_frozen_and_trainable_terms_and_dropout() {
+    let (rows, inp, out) = (23, 16, 12);
+    // The base weight and two frozen terms as constants (transposed views, as the model
+    // passes them); the trainable term's A^T and B^T are inputs, also as transposed views.
+    let weight_t = random(&[out, inp], 11).t().unwrap();
+    let frozen = |seed: u64, r: usize, scale: f64| ops::LowRank {
+        a_t: random(&[r, inp], seed).t().unwrap(),
+        b_t: random(&[out, r], seed + 1).t().unwrap(),
+        scale,
+        mask: None,
+    };
+    let frozen = [frozen(12, 3, 0.7), frozen(14, 2, -0.2)];
+    let mask = Tensor::from_vec(
+        (0..rows * inp).map(|i| if (i * 7919) % 5 == 0 { 0.0 } else { 1.25 }).collect::<Vec<f32>>(),
+        (rows, inp),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for with_mask in [false, true] {
+        let terms = |t: &[Tensor]| {
+            let mut all = frozen.to_vec();
+            all.push(ops::LowRank {
+                a_t: t[1].t().unwrap(),
+                b_t: t[2].t().unwrap(),
+                scale: 2.0,
+                mask: with_mask.then(|| mask.clone()),
+            });
+            all
+        };
+        check(
+            &format!("lora_linear mask={with_mask}"),
+            &[random(&[rows, inp], 16), random(&[4, inp], 17), random(&[out, 4], 18)],
+            |t| ops::lora_linear(&t[0], &weight_t, &terms(t)).unwrap(),
+            |t| ops::lora_linear_reference(&t[0], &weight_t, &terms(t)).unwrap(),
+        );
+    }
+    // Frozen terms only: the input's gradient alone.
+    check(
+        "lora_linear frozen",
+        &[random(&[rows, inp], 19)],
+        |t| ops::lora_linear(&t[0], &weight_t, &frozen).unwrap(),
+        |t| ops::lora_linear_reference(&t[0], &weight_t, &frozen).unwrap(),
+    );
+}
