@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use prefopt_data::{PromptBoundary, TokenizeOptions};
-use prefopt_model::Precision;
+use prefopt_model::lora::DEFAULT_TARGETS;
+use prefopt_model::{LoraConfig, Precision, TargetModules};
 use serde::{Deserialize, Serialize};
 
 use crate::logps::Checkpointing;
@@ -13,6 +14,7 @@ use crate::losses::LossType;
 use crate::optim::OptimizerKind;
 use crate::schedule::SchedulerKind;
 use crate::spo::SpoSolver;
+use crate::TrainError;
 
 /// What to do when a batch gives a NaN or infinite loss or gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +138,25 @@ pub struct TrainConfig {
     /// the backward pass (TRL's key): far less memory for about a third more compute; the
     /// same loss and gradients. Default false.
     pub gradient_checkpointing: bool,
+    /// Train a LoRA adapter on the frozen model instead of every weight (TRL's `use_peft`);
+    /// the reference is the base (with the starting adapter, when continuing one), with no
+    /// second copy of the weights. Default false.
+    pub use_peft: bool,
+    /// LoRA rank. Default 16 (TRL's `ModelConfig`).
+    pub lora_r: Option<usize>,
+    /// LoRA alpha: the update is scaled by lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA).
+    /// Default 32.
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the adapter's input while training. Default 0.05.
+    pub lora_dropout: Option<f64>,
+    /// Module names (`q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+    /// `down_proj`) or "all-linear". Default PEFT's for the Llama family: q_proj, v_proj.
+    pub lora_target_modules: Option<TargetModules>,
+    /// rsLoRA: scale by lora_alpha / sqrt(r). Default false.
+    pub use_rslora: Option<bool>,
+    /// A PEFT adapter folder to continue training (implies use_peft). Its adapter_config.json
+    /// gives r, alpha, dropout, targets and rsLoRA; any of those keys set here must agree.
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -183,12 +204,19 @@ impl Default for TrainConfig {
             bf16: false,
             device: "cpu".into(),
             gradient_checkpointing: false,
+            use_peft: false,
+            lora_r: None,
+            lora_alpha: None,
+            lora_dropout: None,
+            lora_target_modules: None,
+            use_rslora: None,
+            adapter: None,
         }
     }
 }
 
 /// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
-pub const SFT_KEYS: [&str; 31] = [
+pub const SFT_KEYS: [&str; 38] = [
     "model",
     "train_data",
     "eval_data",
@@ -220,6 +248,13 @@ pub const SFT_KEYS: [&str; 31] = [
     "bf16",
     "device",
     "gradient_checkpointing",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "adapter",
 ];
 
 /// One `--set key=value` override: the trimmed key and the value read as TOML (`1e-3`,
@@ -364,6 +399,27 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return Err(format!("`warmup_ratio` must be in [0, 1], got {}", self.warmup_ratio));
         }
+        if !self.uses_lora() {
+            let set = [
+                ("lora_r", self.lora_r.is_some()),
+                ("lora_alpha", self.lora_alpha.is_some()),
+                ("lora_dropout", self.lora_dropout.is_some()),
+                ("use_rslora", self.use_rslora.is_some()),
+                ("lora_target_modules", self.lora_target_modules.is_some()),
+            ];
+            if let Some((key, _)) = set.iter().find(|(_, is_set)| *is_set) {
+                return Err(format!(
+                    "`{key}` is set but `use_peft` is false and no `adapter` is given: set `use_peft = true` to train a \
+                     LoRA adapter, or remove the key"
+                ));
+            }
+        }
+        if self.uses_lora() && self.ref_model.is_some() {
+            return Err("`ref_model` with LoRA (`use_peft` or `adapter`): the reference is the base model with the \
+                        starting adapter (none for a fresh one), so there is no reference model to give; remove \
+                        `ref_model`"
+                .into());
+        }
         Ok(())
     }
 
@@ -405,6 +461,60 @@ impl TrainConfig {
         } else {
             Checkpointing::Off
         }
+    }
+
+    /// Whether the run trains a LoRA adapter (`use_peft`, or an `adapter` to continue).
+    pub fn uses_lora(&self) -> bool {
+        self.use_peft || self.adapter.is_some()
+    }
+
+    /// The LoRA config of a fresh adapter from the `lora_*` keys and TRL's defaults.
+    pub fn fresh_lora_config(&self) -> Result<LoraConfig, TrainError> {
+        let targets = match &self.lora_target_modules {
+            Some(t) => t.resolve().map_err(|m| TrainError::Config { key: "lora_target_modules", message: m })?,
+            None => DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+        };
+        let config = LoraConfig {
+            r: self.lora_r.unwrap_or(16),
+            alpha: self.lora_alpha.unwrap_or(32.0),
+            targets,
+            use_rslora: self.use_rslora.unwrap_or(false),
+            dropout: self.lora_dropout.unwrap_or(0.05),
+        };
+        config.validate().map_err(|(key, message)| TrainError::Config { key, message })?;
+        Ok(config)
+    }
+
+    /// Checks that the `lora_*` keys set in this config agree with a loaded adapter's own
+    /// config; the error names the key and both values.
+    pub fn check_adapter_agrees(&self, adapter: &LoraConfig) -> Result<(), TrainError> {
+        let differ = |key: &'static str, set: String, theirs: String| {
+            Err(TrainError::Config {
+                key,
+                message: format!(
+                    "is {set} but the adapter being continued has {theirs}; remove the key or make them agree"
+                ),
+            })
+        };
+        if let Some(r) = self.lora_r.filter(|&r| r != adapter.r) {
+            return differ("lora_r", r.to_string(), adapter.r.to_string());
+        }
+        if let Some(a) = self.lora_alpha.filter(|&a| a != adapter.alpha) {
+            return differ("lora_alpha", a.to_string(), adapter.alpha.to_string());
+        }
+        if let Some(d) = self.lora_dropout.filter(|&d| d != adapter.dropout) {
+            return differ("lora_dropout", d.to_string(), adapter.dropout.to_string());
+        }
+        if let Some(rs) = self.use_rslora.filter(|&rs| rs != adapter.use_rslora) {
+            return differ("use_rslora", rs.to_string(), adapter.use_rslora.to_string());
+        }
+        if let Some(t) = &self.lora_target_modules {
+            let mine = t.resolve().map_err(|m| TrainError::Config { key: "lora_target_modules", message: m })?;
+            if mine != adapter.targets {
+                return differ("lora_target_modules", format!("{mine:?}"), format!("{:?}", adapter.targets));
+            }
+        }
+        Ok(())
     }
 
     /// The `bf16` key as the network's precision.

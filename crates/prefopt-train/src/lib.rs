@@ -19,6 +19,7 @@ pub mod schedule;
 pub mod sft;
 pub mod spo;
 pub mod trainer;
+pub mod weights;
 
 use std::path::PathBuf;
 
@@ -61,6 +62,7 @@ pub enum TrainError {
     NonFinite { step: usize, loss: f64, grad_norm: f64, batch: String, last_checkpoint: Option<PathBuf> },
     #[error(transparent)]
     Fs(#[from] prefopt_fs::FsError),
+
     // Boxed: these are large, and every fallible function returns a TrainError.
     #[error(transparent)]
     Model(Box<prefopt_model::ModelError>),

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use prefopt_data::{TokenizedPair, TokenizedSequence};
 use prefopt_model::ops::segment_sum;
-use prefopt_model::{Checkpoints, Llama};
+use prefopt_model::{Checkpoints, Dropout, Llama};
 
 /// Right-padded token sequences with the completion positions marked.
 pub struct SequenceBatch {
@@ -75,22 +75,30 @@ pub enum Checkpointing {
 /// nothing and pass no gradient. A sequence's sum accumulates in f64 (`ops::segment_sum`),
 /// so it does not depend on what else is in the batch.
 pub fn completion_logps(model: &Llama, batch: &SequenceBatch) -> prefopt_model::Result<CompletionLogps> {
-    completion_logps_with(model, batch, Checkpointing::Off)
+    let h = model.hidden_states(&batch.input_ids, &[], None)?;
+    logps_from_hidden(model, batch, h, None)
 }
 
-/// [`completion_logps`], with or without gradient checkpointing.
-pub fn completion_logps_with(
+/// [`completion_logps`] for a training step: with or without gradient checkpointing, and
+/// with the trainable adapters' dropout masks (`dropout`; `None` when there are none).
+pub fn completion_logps_for_training(
     model: &Llama,
     batch: &SequenceBatch,
     checkpointing: Checkpointing,
+    dropout: Option<Dropout>,
 ) -> prefopt_model::Result<CompletionLogps> {
-    let (h, checkpoints) = match checkpointing {
-        Checkpointing::Off => (model.hidden_states(&batch.input_ids, &[], None)?, None),
-        Checkpointing::On => {
-            let (h, c) = model.hidden_states_checkpointed(&batch.input_ids)?;
-            (h, Some(c))
-        }
-    }; // (B, T, C)
+    let (h, checkpoints) =
+        model.hidden_states_for_training(&batch.input_ids, checkpointing == Checkpointing::On, dropout)?;
+    logps_from_hidden(model, batch, h, checkpoints)
+}
+
+/// The LM head, log-softmax and per-sequence sums over final-norm hidden states (B, T, C).
+fn logps_from_hidden(
+    model: &Llama,
+    batch: &SequenceBatch,
+    h: Tensor,
+    checkpoints: Option<Checkpoints>,
+) -> prefopt_model::Result<CompletionLogps> {
     let (b, t, c) = h.dims3()?;
     let ids: Vec<Vec<u32>> = batch.targets.to_vec2()?;
     let mask: Vec<Vec<f32>> = batch.completion_mask.to_vec2()?;

@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor};
 use prefopt_data::HfTokenizer;
-use prefopt_model::{Checkpoints, HfModel, Llama, Mode, Params};
+use prefopt_model::{Checkpoints, Dropout, Llama, Params};
 
 use crate::config::TrainConfig;
 use crate::dataset::PairDataset;
@@ -163,10 +163,12 @@ impl Objective for PreferenceObjective {
         params: &Params,
         step: &[usize],
         micro: &[usize],
+        dropout_seed: u64,
     ) -> Result<StepAccumulator, TrainError> {
         let mut acc = StepAccumulator::default();
         let share = micro.len() as f64 / step.len() as f64;
-        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, self.checkpointing)?;
+        let training = Some((self.checkpointing, dropout_seed));
+        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, training)?;
         let x = fwd.pair_logps();
         let po = combined_loss(&self.terms, &self.params, &x)?;
         let ckpt = fwd.checkpoints.as_ref();
@@ -214,7 +216,7 @@ impl Objective for PreferenceObjective {
         let all: Vec<usize> = (0..data.len()).collect();
         for micro in all.chunks(self.batch_size) {
             let share = micro.len() as f64 / data.len() as f64;
-            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id, Checkpointing::Off)?;
+            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id, None)?;
             let x = fwd.pair_logps();
             acc.add_metric("loss", scalar(&combined_loss(&self.terms, &self.params, &x)?)?, share);
             if let (Some(_), Some(ref_chosen)) = (self.spo, x.ref_chosen) {
@@ -259,7 +261,11 @@ fn reference_logps(
         let precision = if cfg.bf16 { " bf16" } else { "" };
         let settings =
             format!("max_length={} max_prompt_length={:?}{precision} v1", cfg.max_length, cfg.max_prompt_length);
-        let key = reference::cache_key(ref_dir, &data.path, &settings)?;
+        // The reference's every file: a stack's base and adapters, and the starting adapter.
+        let mut model_dirs = prefopt_model::stack::source_dirs(ref_dir)?;
+        model_dirs.extend(cfg.adapter.clone());
+        let model_dirs: Vec<&std::path::Path> = model_dirs.iter().map(|d| d.as_path()).collect();
+        let key = reference::cache_key(&model_dirs, &data.path, &settings)?;
         let dir = reference::cache_dir(cfg.cache_dir.as_deref());
         if let Some(values) = reference::load_cached(&dir, &key, data.len()) {
             obs.message(&format!(
@@ -273,7 +279,7 @@ fn reference_logps(
     } else {
         None
     };
-    let reference = HfModel::load(ref_dir, device)?.build(Mode::Infer, cfg.precision())?;
+    let reference = crate::weights::reference_network(cfg, device)?;
     let total = data.len();
     let values =
         reference::compute(&reference, data, cfg.batch_size, pad_id, |done| obs.reference_progress(done, total))?;
@@ -321,14 +327,21 @@ fn forward_pairs(
     refs: Option<&RefLogps>,
     idx: &[usize],
     pad_id: u32,
-    checkpointing: Checkpointing,
+    training: Option<(Checkpointing, u64)>,
 ) -> Result<PairForward, TrainError> {
     let device = model.device();
     let m = idx.len();
     let seqs: Vec<_> =
         idx.iter().map(|&i| &data.pairs[i].chosen).chain(idx.iter().map(|&i| &data.pairs[i].rejected)).collect();
     let batch = logps::SequenceBatch::new(&seqs, pad_id, device)?;
-    let out = logps::completion_logps_with(model, &batch, checkpointing)?;
+    let out = match training {
+        None => logps::completion_logps(model, &batch)?,
+        Some((checkpointing, seed)) => {
+            // Pair i's chosen sequence is 2i, its rejected one 2i + 1, whatever the batching.
+            let sequences = idx.iter().map(|&i| 2 * i as u64).chain(idx.iter().map(|&i| 2 * i as u64 + 1)).collect();
+            logps::completion_logps_for_training(model, &batch, checkpointing, Some(Dropout { seed, sequences }))?
+        }
+    };
     let lens: Vec<f32> = batch.completion_lens.iter().map(|&l| l as f32).collect();
     let logit_sums: Vec<f32> = out.logit_sums.to_vec1()?;
     let columns = |r: &Vec<(f32, f32)>| -> Result<(Tensor, Tensor), TrainError> {

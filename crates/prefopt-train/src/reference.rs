@@ -30,23 +30,30 @@ pub fn compute(
     Ok(score_pairs(reference, &pairs, batch_size, pad_id, progress)?)
 }
 
-/// Hex SHA-256 over the reference model's weight and tokenizer files, the data file, and
-/// the tokenization settings (`settings`, any stable text).
-pub fn cache_key(ref_dir: &Path, data_path: &Path, settings: &str) -> Result<String, TrainError> {
+/// Hex SHA-256 over the reference's model folders' weight, adapter and tokenizer files (the
+/// reference model, and a starting LoRA adapter), the data file, and the tokenization
+/// settings (`settings`, any stable text).
+pub fn cache_key(model_dirs: &[&Path], data_path: &Path, settings: &str) -> Result<String, TrainError> {
     let mut hasher = Sha256::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(ref_dir)
-        .map_err(|e| FsError::io(ref_dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            p.is_file()
-                && (name.ends_with(".safetensors")
-                    || name.starts_with("tokenizer")
-                    || name == "config.json"
-                    || name.ends_with(".jinja"))
-        })
-        .collect();
-    files.sort();
+    let mut files = Vec::new();
+    for dir in model_dirs {
+        let mut in_dir: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| FsError::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                p.is_file()
+                    && (name.ends_with(".safetensors")
+                        || name.starts_with("tokenizer")
+                        || name == "config.json"
+                        || name == "adapter_config.json"
+                        || name == "adapter_stack.json"
+                        || name.ends_with(".jinja"))
+            })
+            .collect();
+        in_dir.sort();
+        files.extend(in_dir);
+    }
     files.push(data_path.to_path_buf());
     for f in &files {
         hasher.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());

@@ -8,7 +8,7 @@ use prefopt_data::{
     parse_sft, read_records, tokenize_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions,
     TokenizedSequence,
 };
-use prefopt_model::{Checkpoints, Llama, Params};
+use prefopt_model::{Checkpoints, Dropout, Llama, Params};
 
 use crate::config::TrainConfig;
 use crate::logps::Checkpointing;
@@ -114,11 +114,17 @@ impl SftObjective {
         model: &Llama,
         data: &SeqDataset,
         idx: &[usize],
-        checkpointing: Checkpointing,
+        training: Option<(Checkpointing, u64)>,
     ) -> Result<SeqForward, TrainError> {
         let seqs: Vec<&TokenizedSequence> = idx.iter().map(|&i| &data.seqs[i]).collect();
         let batch = logps::SequenceBatch::new(&seqs, self.pad_id, model.device())?;
-        let out = logps::completion_logps_with(model, &batch, checkpointing)?;
+        let out = match training {
+            None => logps::completion_logps(model, &batch)?,
+            Some((checkpointing, seed)) => {
+                let dropout = Dropout { seed, sequences: idx.iter().map(|&i| i as u64).collect() };
+                logps::completion_logps_for_training(model, &batch, checkpointing, Some(dropout))?
+            }
+        };
         Ok(SeqForward {
             logp: out.logps.sum_all()?,
             completion_tokens: batch.completion_lens.iter().sum::<usize>() as f64,
@@ -147,11 +153,12 @@ impl Objective for SftObjective {
         params: &Params,
         step: &[usize],
         micro: &[usize],
+        dropout_seed: u64,
     ) -> Result<StepAccumulator, TrainError> {
         let mut acc = StepAccumulator::default();
         // Token-mean over the whole step: each micro-batch weighs by its share of the tokens.
         let step_tokens: usize = step.iter().map(|&i| self.train.seqs[i].completion_len()).sum();
-        let fwd = self.forward(policy, &self.train, micro, self.checkpointing)?;
+        let fwd = self.forward(policy, &self.train, micro, Some((self.checkpointing, dropout_seed)))?;
         let tokens = fwd.completion_tokens;
         let loss = (fwd.logp.neg()? / tokens.max(1.0))?;
         let share = tokens / step_tokens.max(1) as f64;
@@ -166,7 +173,7 @@ impl Objective for SftObjective {
         let (mut nll, mut tokens) = (0.0, 0.0);
         let all: Vec<usize> = (0..data.seqs.len()).collect();
         for micro in all.chunks(self.batch_size) {
-            let fwd = self.forward(model, data, micro, Checkpointing::Off)?;
+            let fwd = self.forward(model, data, micro, None)?;
             nll -= scalar(&fwd.logp)?;
             tokens += fwd.completion_tokens;
         }

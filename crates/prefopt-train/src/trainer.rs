@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use prefopt_model::{fill_model_dir, save_model_dir, Checkpoints, HfModel, Llama, Mode, Params};
+use prefopt_model::{Checkpoints, Llama, Mode, Params};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -24,6 +24,7 @@ use crate::config::{NonFinitePolicy, TrainConfig};
 use crate::metrics::{MetricAverager, MetricsLog};
 use crate::optim::{Optimizer, OptimizerConfig};
 use crate::schedule::Schedule;
+use crate::weights::Weights;
 use crate::{grads, TrainError};
 
 /// What a front end (the CLI's progress bar) hears from a run.
@@ -71,13 +72,15 @@ pub trait Objective: Sync {
     fn describe(&self, idx: &[usize]) -> String;
     /// Forward and backward of `micro` (a slice of the step's examples `step`): its
     /// gradients and metrics weighted by its share of the step. Shards of one micro-batch
-    /// run on several threads at once, hence `&self`.
+    /// run on several threads at once, hence `&self`. `dropout_seed` is the step's seed of
+    /// the adapters' dropout masks.
     fn micro_step(
         &self,
         policy: &Llama,
         params: &Params,
         step: &[usize],
         micro: &[usize],
+        dropout_seed: u64,
     ) -> Result<StepAccumulator, TrainError>;
     /// After the last micro-batch, before clipping (e.g. SPO's dynamic weighting).
     fn finish_step(&mut self, _acc: &mut StepAccumulator) -> Result<(), TrainError> {
@@ -114,12 +117,14 @@ pub fn run_loop(
     obs: &mut dyn Observer,
 ) -> Result<TrainSummary, TrainError> {
     let mut run = Run::start_or_resume(cfg, resume_dir, objective.len(), obs)?;
-    let policy = run.model.build(Mode::Train, cfg.precision())?;
+    let policy = run.weights.network(Mode::Train, cfg.precision())?;
     obs.start(run.state.step, run.plan.total_steps);
     while run.state.step < run.plan.total_steps {
         let started = Instant::now();
         let indices = run.plan.indices(cfg.seed, run.state.step, objective.len());
-        let mut acc = accumulate_step(objective, &policy, &run.model.params, &indices, cfg.batch_size)?;
+        let dropout_seed = step_dropout_seed(cfg.seed, run.state.step);
+        let mut acc =
+            accumulate_step(objective, &policy, run.weights.trainable(), &indices, cfg.batch_size, dropout_seed)?;
         let update = run.update(&mut acc, || objective.describe(&indices), obs)?;
         run.log_step(&acc, &update)?;
         if run.eval_due() {
@@ -158,11 +163,12 @@ pub fn accumulate_step(
     params: &Params,
     indices: &[usize],
     batch_size: usize,
+    dropout_seed: u64,
 ) -> Result<StepAccumulator, TrainError> {
     let mut acc = StepAccumulator::default();
     let shared = &*objective;
     for micro in indices.chunks(batch_size) {
-        for shard in run_sharded(micro, |shard| shared.micro_step(policy, params, indices, shard))? {
+        for shard in run_sharded(micro, |shard| shared.micro_step(policy, params, indices, shard, dropout_seed))? {
             acc.merge(shard)?;
         }
     }
@@ -213,8 +219,9 @@ struct Update {
 struct Run<'a> {
     cfg: &'a TrainConfig,
     plan: Plan,
-    /// The weights being trained: `cfg.model`'s, or the resumed checkpoint's.
-    model: HfModel,
+    /// The weights being trained: `cfg.model`'s (or a LoRA adapter on it), or the resumed
+    /// checkpoint's.
+    weights: Weights,
     optimizer: Optimizer,
     schedule: Schedule,
     log: MetricsLog,
@@ -233,7 +240,7 @@ impl<'a> Run<'a> {
     ) -> Result<Self, TrainError> {
         let device = cfg.device()?;
         let plan = Plan::new(cfg, examples);
-        let model = HfModel::load(resume_dir.as_deref().unwrap_or(&cfg.model), &device)?;
+        let weights = Weights::load(cfg, resume_dir.as_deref(), &device)?;
         let opt_cfg = OptimizerConfig {
             kind: cfg.optimizer,
             weight_decay: cfg.weight_decay,
@@ -258,7 +265,7 @@ impl<'a> Run<'a> {
                 log.truncate_after(state.step)?;
                 obs.message(&format!("resuming from {} (step {})", dir.display(), state.step));
                 let state = TrainerState { total_steps: plan.total_steps, ..state };
-                (Optimizer::load(opt_cfg, &model.params, dir)?, state)
+                (Optimizer::load(opt_cfg, weights.trainable(), dir)?, state)
             }
             None => {
                 let _ = std::fs::remove_file(log.path());
@@ -271,7 +278,7 @@ impl<'a> Run<'a> {
                     skipped_batches: 0,
                     averager: MetricAverager::default(),
                 };
-                (Optimizer::new(opt_cfg, &model.params)?, state)
+                (Optimizer::new(opt_cfg, weights.trainable())?, state)
             }
         };
         let schedule = Schedule::new(
@@ -281,7 +288,7 @@ impl<'a> Run<'a> {
             cfg.warmup_ratio,
             plan.total_steps,
         );
-        Ok(Self { cfg, plan, model, optimizer, schedule, log, state, last_checkpoint: resume_dir })
+        Ok(Self { cfg, plan, weights, optimizer, schedule, log, state, last_checkpoint: resume_dir })
     }
 
     /// Clips the step's gradients and applies the optimizer at the scheduled rate, unless
@@ -299,7 +306,7 @@ impl<'a> Run<'a> {
         let grad_norm = grads::clip_grad_norm(&mut acc.grads, self.cfg.max_grad_norm)?;
         let lr = self.schedule.lr_at(step);
         if finite && grad_norm.is_finite() {
-            self.optimizer.step(&self.model.params, &acc.grads, lr)?;
+            self.optimizer.step(self.weights.trainable(), &acc.grads, lr)?;
             return Ok(Update { loss, grad_norm, lr });
         }
         let batch = describe();
@@ -353,7 +360,7 @@ impl<'a> Run<'a> {
     fn evaluate(&mut self, objective: &mut dyn Objective) -> Result<(), TrainError> {
         // A graph-free network over the current weights (built now: a frozen network holds
         // copies of its weights, laid out for inference).
-        let network = self.model.build(Mode::Infer, self.cfg.precision())?;
+        let network = self.weights.network(Mode::Infer, self.cfg.precision())?;
         if let Some(mut line) = objective.evaluate(&network)? {
             line.insert("step".into(), self.state.step.into());
             line.insert("epoch".into(), self.plan.epoch(self.state.step).into());
@@ -368,12 +375,12 @@ impl<'a> Run<'a> {
         self.cfg.save_steps > 0 && step.is_multiple_of(self.cfg.save_steps) && step < self.plan.total_steps
     }
 
-    /// `checkpoint-<step>/`: the model folder, the optimizer state and the trainer state,
-    /// written to a temp folder and renamed into place.
+    /// `checkpoint-<step>/`: the model (or adapter) folder, the optimizer state and the
+    /// trainer state, written to a temp folder and renamed into place.
     fn checkpoint(&mut self) -> Result<(), TrainError> {
         let dir = checkpoint::checkpoint_dir(&self.cfg.output_dir, self.state.step);
         prefopt_fs::write_dir_atomic(&dir, |tmp| -> Result<(), TrainError> {
-            fill_model_dir(tmp, &self.model.raw_config, &self.model.params, Some(&self.cfg.model))?;
+            self.weights.fill_dir(tmp, &self.cfg.model)?;
             self.optimizer.save(tmp)?;
             checkpoint::write_state(tmp, &self.state)
         })?;
@@ -382,10 +389,10 @@ impl<'a> Run<'a> {
     }
 
     /// `final/`: the trained weights as a Hugging Face folder with the source model's
-    /// tokenizer and generation files.
+    /// tokenizer and generation files, or a PEFT adapter folder.
     fn save_final(&self) -> Result<PathBuf, TrainError> {
         let final_dir = self.cfg.output_dir.join("final");
-        save_model_dir(&final_dir, &self.model.raw_config, &self.model.params, Some(&self.cfg.model))?;
+        prefopt_fs::write_dir_atomic(&final_dir, |tmp| self.weights.fill_dir(tmp, &self.cfg.model))?;
         Ok(final_dir)
     }
 }
@@ -427,6 +434,12 @@ fn resolve_resume(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
             Ok(Some(dir))
         }
     }
+}
+
+/// The seed of optimizer step `step`'s dropout masks (a pure function of the run's seed and
+/// the step, so a resumed run draws the same masks).
+pub fn step_dropout_seed(seed: u64, step: usize) -> u64 {
+    seed.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(step as u64)
 }
 
 /// Example indices of optimizer step `step`: the epoch's shuffle (a pure function of the

@@ -3,5 +3,6 @@
 //! the `cuda` feature); the default is the CPU.
 
 mod deep;
+mod lora;
 mod trajectory;
 mod util;
