@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use prefopt_data::{tokenize_prompt, HfTokenizer, TokenizedSequence};
-use prefopt_model::{HfModel, Llama, Mode, Precision, SamplingParams};
+use prefopt_model::{Llama, Mode, Policy, Precision, SamplingParams};
 use prefopt_train::{completion_logps, SequenceBatch};
 use serde::{Deserialize, Serialize};
 
@@ -64,9 +64,10 @@ impl BaseSamples {
     }
 }
 
-/// The network the loop samples and scores with: f32, graph-free.
-fn network(dir: &Path, device: &Device) -> Result<Llama, LoopError> {
-    Ok(HfModel::load(dir, device)?.build(Mode::Infer, Precision::F32)?)
+/// The network the loop samples and scores with, from a model folder or an adapter stack
+/// folder: f32, graph-free.
+pub(crate) fn network(dir: &Path, device: &Device) -> Result<Llama, LoopError> {
+    Ok(Policy::load(dir, device)?.network(Mode::Infer, Precision::F32)?)
 }
 
 /// One sample per held-out prompt, from the evaluation streams of `seed` ([`seeds::eval_samples`]).

@@ -13,11 +13,18 @@
 //! losses that see the reference through `rho_w - rho_l` with equal weights (`sigmoid`, cDPO,
 //! `robust`, `hinge`), not in `ipo`, `sppo`, `sppo_hard`, `nca_pair`, `dpop` or SPO's
 //! safe-region term.
+//!
+//! [`extrapolate_stack`] is the parameter step for LoRA runs (our design; the paper trains
+//! full weights): every iterate is the base plus a weighted stack of the adapters trained so
+//! far, `W_0 + sum_k c_k D_k` (`D_k = scale_k B_k A_k`), and the step acts on the coefficients,
+//! `c(theta_t) = (1 + alpha) c(theta_hat_t) - alpha c(theta_hat_{t-1})`. The effective weights
+//! are linear in the coefficients, so this is the full-weight step exactly, where
+//! extrapolating A and B separately is not (their product is bilinear).
 
 use std::collections::BTreeMap;
 
 use candle_core::Var;
-use prefopt_model::Params;
+use prefopt_model::{Params, StackEntry};
 
 /// Why two parameter sets cannot be extrapolated.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +67,26 @@ pub fn extrapolate(newer: &Params, older: &Params, alpha: f64) -> Result<Params,
 pub fn extrapolate_logps(newer: &[(f32, f32)], older: &[(f32, f32)], alpha: f64) -> Vec<(f64, f64)> {
     let step = |n: f32, o: f32| (1.0 + alpha) * n as f64 - alpha * o as f64;
     newer.iter().zip(older).map(|(n, o)| (step(n.0, o.0), step(n.1, o.1))).collect()
+}
+
+/// The step on adapter stacks: `(1 + alpha) c_newer - alpha c_older` per adapter (the union
+/// of both stacks, the newer's order first). Terms whose coefficient is exactly zero (an
+/// adapter only the older stack has, at `alpha = 0`) are left out; they add nothing.
+pub fn extrapolate_stack(newer: &[StackEntry], older: &[StackEntry], alpha: f64) -> Vec<StackEntry> {
+    let coefficient = |stack: &[StackEntry], e: &StackEntry| {
+        stack.iter().filter(|o| o.adapter == e.adapter).map(|o| o.coefficient).sum::<f64>()
+    };
+    let mut out: Vec<StackEntry> = Vec::new();
+    for e in newer.iter().chain(older) {
+        if out.iter().any(|o| o.adapter == e.adapter) {
+            continue;
+        }
+        let c = (1.0 + alpha) * coefficient(newer, e) - alpha * coefficient(older, e);
+        if c != 0.0 {
+            out.push(StackEntry { adapter: e.adapter.clone(), coefficient: c });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -121,6 +148,20 @@ mod tests {
         // alpha = 0 is the newer model's own log-probs.
         let same = extrapolate_logps(&pairs(newer), &pairs(older), 0.0);
         assert_eq!(same[1], (newer[0] as f32 as f64, newer[2] as f32 as f64));
+    }
+
+    #[test]
+    fn a_stack_extrapolates_by_its_coefficients() {
+        let e = |name: &str, c: f64| StackEntry { adapter: name.into(), coefficient: c };
+        // pi_hat_1 = D1; pi_1 = (1 + a) D1; pi_hat_2 = pi_1 + D2; pi_2 = (1 + a) pi_hat_2 - a pi_hat_1.
+        let a = 0.3;
+        let pi_1 = extrapolate_stack(&[e("d1", 1.0)], &[], a);
+        assert_eq!(pi_1, vec![e("d1", 1.3)]);
+        let hat_2 = [pi_1[0].clone(), e("d2", 1.0)];
+        let pi_2 = extrapolate_stack(&hat_2, &[e("d1", 1.0)], a);
+        assert_eq!(pi_2, vec![e("d1", 1.3 * 1.3 - 0.3), e("d2", 1.3)]);
+        // alpha = 0: the newer stack exactly; an adapter only the older one has drops out.
+        assert_eq!(extrapolate_stack(&hat_2, &[e("d0", 2.0)], 0.0), hat_2.to_vec());
     }
 
     #[test]

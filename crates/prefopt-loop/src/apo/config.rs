@@ -202,8 +202,9 @@ impl ApoConfig {
     ) -> Result<TrainConfig, LoopError> {
         let mut table = self.train.clone();
         let path = |p: &Path| toml::Value::String(p.display().to_string());
+        // The reference is the training start (no `ref_model`: the default), which with LoRA
+        // is the frozen base policy itself.
         table.insert("model".into(), path(start));
-        table.insert("ref_model".into(), path(start));
         table.insert("train_data".into(), path(pairs));
         table.insert("output_dir".into(), path(out));
         table.insert("beta".into(), toml::Value::Float(self.beta_at(t)));

@@ -8,13 +8,14 @@ use std::time::Instant;
 
 use candle_core::Device;
 use prefopt_data::{parse_prompt, read_records, HfTokenizer};
-use prefopt_model::{save_model_dir, HfModel, Mode, Precision, SamplingParams};
+use prefopt_model::stack::{read_stack, save_stack_dir, StackEntry};
+use prefopt_model::{save_model_dir, Mode, Policy, SamplingParams};
 use prefopt_train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
 use super::config::{ApoConfig, Extrapolation};
-use crate::evaluate::{evaluate_model, BaseSamples, EvalMetrics};
-use crate::extrapolate::{extrapolate, extrapolate_logps};
+use crate::evaluate::{evaluate_model, network, BaseSamples, EvalMetrics};
+use crate::extrapolate::{extrapolate, extrapolate_logps, extrapolate_stack};
 use crate::judge::{judge_from_spec_with, Judge, JudgeOptions, PromptItem};
 use crate::sampling::{sample_records, SampleRecord};
 use crate::{seeds, LoopError};
@@ -35,6 +36,10 @@ pub struct IterationRecord {
     pub pairs: PathBuf,
     pub trained: PathBuf,
     pub extrapolated: PathBuf,
+    /// With LoRA (`train.use_peft`): iteration t's adapter `D_t` (a PEFT folder), trained on
+    /// top of `pi_{t-1}`; `trained` and `extrapolated` are then adapter stacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
     pub pair_count: usize,
     pub skipped_prompts: usize,
     /// `extrapolation = "logprob"`, from iteration 2: the pairs with the extrapolated
@@ -221,7 +226,7 @@ impl<'a> LoopRun<'a> {
         Ok(prefopt_fs::write_json(&self.manifest_path, &self.manifest)?)
     }
 
-    /// 1. K completions per prompt of this iteration's fold, from `pi_{t-1}`.
+    /// Stage 1: K completions per prompt of this iteration's fold, from `pi_{t-1}`.
     fn sample(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
         if it.record.samples.exists() {
             return Ok(());
@@ -231,7 +236,7 @@ impl<'a> LoopRun<'a> {
             let fold: Vec<&PromptItem> = (0..cfg.prompts_per_iteration)
                 .map(|i| &run.train_prompts[run.order[((t - 1) * cfg.prompts_per_iteration + i) % run.order.len()]])
                 .collect();
-            let net = HfModel::load(&run.sampler(t), &run.device)?.build(Mode::Infer, Precision::F32)?;
+            let net = network(&run.sampler(t), &run.device)?;
             let seed = seeds::iteration_samples(cfg.seed, t);
             let records = sample_records(&net, &run.tok, &fold, cfg.num_samples, &run.sampling, seed, &mut |d, n| {
                 obs.samples(d, n)
@@ -240,7 +245,7 @@ impl<'a> LoopRun<'a> {
         })
     }
 
-    /// 2. Judge the samples and pair best vs worst (prompts whose samples all tie are skipped).
+    /// Stage 2: judge the samples and pair best vs worst (prompts whose samples all tie are skipped).
     fn judge_and_pair(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
         if it.record.pairs.exists() {
             if it.record.pair_count == 0 {
@@ -289,7 +294,9 @@ impl<'a> LoopRun<'a> {
         Ok(train_cfg)
     }
 
-    /// 4. Train `pi_hat_t` from `pi_{t-1}`'s weights with reference `pi_{t-1}`.
+    /// Stage 4: train `pi_hat_t` from `pi_{t-1}`'s weights with reference `pi_{t-1}`. With LoRA, a
+    /// fresh adapter `D_t` on top of `pi_{t-1}` (frozen, the reference too), and `pi_hat_t`
+    /// is the stack `pi_{t-1} + D_t`.
     fn train(
         &mut self,
         it: &mut Iteration,
@@ -299,29 +306,50 @@ impl<'a> LoopRun<'a> {
         if it.record.trained.exists() {
             return Ok(());
         }
-        self.stage(it, "training", obs, |_, it, obs| {
-            let summary = prefopt_train::train(train_cfg, obs)?;
-            std::fs::rename(&summary.final_dir, &it.record.trained)
-                .map_err(|e| prefopt_fs::FsError::io(&it.record.trained, e))?;
+        self.stage(it, "training", obs, |run, it, obs| {
+            let lora = train_cfg.uses_lora();
+            let done = if lora { it.dir.join("adapter") } else { it.record.trained.clone() };
+            if !done.exists() {
+                let summary = prefopt_train::train(train_cfg, obs)?;
+                std::fs::rename(&summary.final_dir, &done).map_err(|e| prefopt_fs::FsError::io(&done, e))?;
+            }
+            if lora {
+                let (base, mut entries) = read_stack(&run.sampler(it.t))?;
+                entries.push(StackEntry {
+                    adapter: std::fs::canonicalize(&done).unwrap_or(done.clone()),
+                    coefficient: 1.0,
+                });
+                save_stack_dir(&it.record.trained, &base, &entries)?;
+                it.record.adapter = Some(done);
+            }
             Ok(())
         })
     }
 
-    /// 5. Extrapolate: `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`.
+    /// Stage 5: extrapolate, `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`, on the
+    /// weights, or with LoRA on the stacks' coefficients (the same step on the effective
+    /// weights, exactly: [`extrapolate_stack`]).
     fn extrapolate(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
         if it.record.extrapolated.exists() {
             return Ok(());
         }
         self.stage(it, "extrapolation", obs, |run, it, _| {
-            let trained = HfModel::load(&it.record.trained, &run.device)?;
-            let older = HfModel::load(&run.trained(it.t - 1), &run.device)?;
-            let params = extrapolate(&trained.params, &older.params, run.cfg.alpha)?;
+            let (alpha, older_dir) = (run.cfg.alpha, run.trained(it.t - 1));
+            if prefopt_model::stack::is_stack(&it.record.trained) {
+                let (base, newer) = read_stack(&it.record.trained)?;
+                let (_, older) = read_stack(&older_dir)?;
+                save_stack_dir(&it.record.extrapolated, &base, &extrapolate_stack(&newer, &older, alpha))?;
+                return Ok(());
+            }
+            let trained = Policy::load(&it.record.trained, &run.device)?.merged()?;
+            let older = Policy::load(&older_dir, &run.device)?.merged()?;
+            let params = extrapolate(&trained.params, &older.params, alpha)?;
             save_model_dir(&it.record.extrapolated, &trained.raw_config, &params, Some(&it.record.trained))?;
             Ok(())
         })
     }
 
-    /// 6. Evaluate `pi_hat_t` and `pi_t` on the held-out prompts.
+    /// Stage 6: evaluate `pi_hat_t` and `pi_t` on the held-out prompts.
     fn evaluate(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
         if it.record.eval_trained.is_some() && it.record.eval_extrapolated.is_some() {
             return Ok(());
@@ -377,7 +405,7 @@ fn write_extrapolated_reference(
     // The judge's pairs carry no reference columns; these are computed from scratch.
     let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &train.tokenize_options())?;
     let logps = |dir: &Path| -> Result<Vec<(f32, f32)>, LoopError> {
-        let net = HfModel::load(dir, &device)?.build(Mode::Infer, train.precision())?;
+        let net = Policy::load(dir, &device)?.network(Mode::Infer, train.precision())?;
         Ok(prefopt_train::reference::compute(&net, &data, train.batch_size, tok.padding_id(), |_| {})?)
     };
     let combined = extrapolate_logps(&logps(newer)?, &logps(older)?, alpha);

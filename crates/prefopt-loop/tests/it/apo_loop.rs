@@ -11,9 +11,9 @@ use prefopt_model::HfModel;
 use crate::util::{fixtures, Silent};
 
 /// A judge command that scores the i-th completion i (1-based): deterministic, never tied.
-const RANK_JUDGE: &str = r#"cmd:awk -F'","' '{printf "{\"scores\": ["; for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? "," : ""), i; print "]}"}'"#;
+pub(crate) const RANK_JUDGE: &str = r#"cmd:awk -F'","' '{printf "{\"scores\": ["; for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? "," : ""), i; print "]}"}'"#;
 
-fn config(out: &Path, alpha: f64) -> ApoConfig {
+pub(crate) fn config(out: &Path, alpha: f64) -> ApoConfig {
     let prompts = out.with_extension("prompts.jsonl");
     let rows: String = ["What is 2 + 2?", "Name a color.", "Say hello.", "Count to three.", "What is 10 - 3?"]
         .iter()

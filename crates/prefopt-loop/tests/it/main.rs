@@ -2,5 +2,6 @@
 //! `util`.
 
 mod apo_loop;
+mod apo_lora;
 mod tabular_limit;
 mod util;
