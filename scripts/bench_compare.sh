@@ -26,7 +26,7 @@ python=${PYTHON:-/work/pyenv/bin/python}
 prefopt=${PREFOPT:-./target/release/prefopt}
 model=${MODEL:-target-bench/torch-llama-4x256}
 [ -d "$model" ] || "$python" scripts/bench_torch.py forward --model "$model" --steps 1 --warmup 0 >/dev/null
-field='import json,sys; d=json.load(sys.stdin); print(f"{d[\"tokens_per_s\"]}:{d[\"peak_rss_mb\"]}")'
+field='import json,sys; d=json.load(sys.stdin); print(str(d["tokens_per_s"]) + ":" + str(d["peak_rss_mb"]))'
 ours=(); theirs=()
 for _ in $(seq "$rounds"); do
   ours+=("$("$prefopt" bench "$mode" --model "$model" --threads "$threads" ${BENCH_ARGS:-} ${PREFOPT_ARGS:-} | "$python" -c "$field")")

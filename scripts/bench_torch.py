@@ -126,6 +126,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="dpo: model.gradient_checkpointing_enable() (recompute each layer in backward)")
+    ap.add_argument("--lora", action="store_true",
+                    help="dpo: a fresh PEFT LoRA adapter on the frozen model; the reference is the base "
+                         "with the adapter disabled (no second model), as TRL does with a PeftModel")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument("--lora-target-modules", default="all-linear", help="comma-separated, or all-linear")
+    ap.add_argument("--lora-dropout", type=float, default=0.0)
     args = ap.parse_args()
 
     if args.threads is not None:
@@ -172,14 +179,27 @@ def main() -> int:
         chosen = torch.randint(0, vocab_hi, (P, C), generator=g)
         rejected = torch.randint(0, vocab_hi, (P, C), generator=g)
         ids = torch.cat([torch.cat([prompt, chosen], 1), torch.cat([prompt, rejected], 1)], 0)  # [2P, T]
-        ref = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
-        ref.eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
+        if args.lora:
+            from peft import LoraConfig, get_peft_model
+
+            modules = args.lora_target_modules
+            lcfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
+                              target_modules=modules if modules == "all-linear" else modules.split(","),
+                              task_type="CAUSAL_LM")
+            model = get_peft_model(model, lcfg)
+            ref = None
+        else:
+            ref = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
+            ref.eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
         model.train()
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            if args.lora:
+                model.enable_input_require_grads()  # PEFT's recipe: checkpointed blocks need a grad input
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
         beta = 0.1
         targets = ids[:, A:]  # completion tokens, predicted from positions A-1 .. T-2
 
@@ -189,7 +209,11 @@ def main() -> int:
 
         def step():
             with torch.no_grad():
-                ref_lp = seq_logps(ref)
+                if ref is None:
+                    with model.disable_adapter():
+                        ref_lp = seq_logps(model)
+                else:
+                    ref_lp = seq_logps(ref)
             opt.zero_grad(set_to_none=True)
             lp = seq_logps(model)
             h = (lp[:P] - ref_lp[:P]) - (lp[P:] - ref_lp[P:])
@@ -200,7 +224,10 @@ def main() -> int:
         tokens = 2 * P * T
         flops = 4 * 2 * P * forward_flops(n, layers, d, T)
         info.update(pairs=P, prompt_len=A, completion_len=C, seq_len=T, sequences=2 * P, beta=beta, optimizer="AdamW",
-                    gradient_checkpointing=args.gradient_checkpointing)
+                    gradient_checkpointing=args.gradient_checkpointing,
+                    lora=({"r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_target_modules,
+                           "dropout": args.lora_dropout, "trainable_params": sum(p.numel() for p in trainable)}
+                          if args.lora else None))
     else:  # generate
         B, A, N = args.batch, args.prompt_len, args.new_tokens
         model.eval()

@@ -32,6 +32,8 @@ enum Command {
     Apo(cmd::apo::ApoArgs),
     /// A freshly initialized model folder from an architecture config.json and a tokenizer.
     Init(cmd::init::InitArgs),
+    /// A PEFT LoRA adapter folded into its base model: a plain Hugging Face folder.
+    Merge(cmd::merge::MergeArgs),
     /// JSONL datasets (prompts, SFT data) from a built-in task.
     Tasks(cmd::tasks::TasksArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
@@ -66,6 +68,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(args) => cmd::train::run(args, cmd::train::Kind::Preference),
         Command::Sft(args) => cmd::train::run(args, cmd::train::Kind::Sft),
         Command::Init(args) => cmd::init::run(args),
+        Command::Merge(args) => cmd::merge::run(args),
         Command::Tasks(args) => cmd::tasks::run(args),
     }
 }

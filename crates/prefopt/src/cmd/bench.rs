@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Tensor;
-use prefopt_model::{HfModel, Mode, Precision};
+use prefopt_model::{HfModel, LoraAdapter, Mode, Precision, TargetModules};
+use prefopt_train::weights::Weights;
 use rand::{Rng, SeedableRng};
 
 use super::DeviceArg;
@@ -60,6 +61,22 @@ pub struct BenchArgs {
     /// training key).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// dpo: train a fresh LoRA adapter on the frozen model (the `use_peft` key); the
+    /// reference is the frozen base, as PEFT's disabled adapter.
+    #[arg(long)]
+    lora: bool,
+    /// dpo --lora: the rank (`lora_r`).
+    #[arg(long, default_value_t = 16)]
+    lora_r: usize,
+    /// dpo --lora: `lora_alpha`.
+    #[arg(long, default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// dpo --lora: module names, comma-separated, or all-linear (`lora_target_modules`).
+    #[arg(long, default_value = "all-linear")]
+    lora_target_modules: String,
+    /// dpo --lora: `lora_dropout`.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -161,15 +178,38 @@ fn bench_dpo(args: &BenchArgs, hf: HfModel, rng: &mut rand_chacha::ChaCha8Rng) -
         win_probs: None,
         boundary_moved: 0,
     };
+    let targets = match args.lora_target_modules.as_str() {
+        "all-linear" => TargetModules::Preset("all-linear".into()),
+        list => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).collect()),
+    };
     let cfg = TrainConfig {
         batch_size: p,
         bf16: args.bf16,
         gradient_checkpointing: args.gradient_checkpointing,
+        use_peft: args.lora,
+        lora_r: Some(args.lora_r),
+        lora_alpha: Some(args.lora_alpha),
+        lora_dropout: Some(args.lora_dropout),
+        lora_target_modules: Some(targets),
+        seed: args.seed,
         ..TrainConfig::default()
     };
-    // The reference over its own copy of the weights (the policy trains `hf.params` in place),
-    // as PyTorch's step holds a policy and a reference model.
-    let reference = prefopt_model::Llama::new(&hf.config, &hf.params.deep_clone()?, Mode::Infer, cfg.precision())?;
+    let flops_per_sequence = forward_flops(&hf, a + c);
+    let weights = if args.lora {
+        let adapter = LoraAdapter::init(&hf.config, cfg.fresh_lora_config()?, cfg.seed, &hf_device(&hf))?;
+        Weights::Lora { base: hf.into(), adapter }
+    } else {
+        Weights::Full(hf)
+    };
+    // Full training: the reference over its own copy of the weights (the policy trains them
+    // in place), as PyTorch's step holds a policy and a reference model. LoRA: the frozen
+    // base itself, as PEFT's disabled adapter.
+    let reference = match &weights {
+        Weights::Full(hf) => {
+            prefopt_model::Llama::new(&hf.config, &hf.params.deep_clone()?, Mode::Infer, cfg.precision())?
+        }
+        Weights::Lora { base, .. } => base.network(Mode::Frozen, cfg.precision())?,
+    };
     let all: Vec<usize> = (0..p).collect();
     let reference_logps = || -> Result<Vec<(f32, f32)>, prefopt_train::TrainError> {
         let shards = run_sharded(&all, |shard| {
@@ -179,16 +219,18 @@ fn bench_dpo(args: &BenchArgs, hf: HfModel, rng: &mut rand_chacha::ChaCha8Rng) -
         Ok(shards.concat())
     };
     let mut objective = PreferenceObjective::new(&cfg, data, Some(reference_logps()?), 0);
-    let flops_per_sequence = forward_flops(&hf, a + c);
-    let policy_params = hf.params;
-    let policy = prefopt_model::Llama::new(&hf.config, &policy_params, Mode::Train, cfg.precision())?;
-    let mut optimizer = Optimizer::new(OptimizerConfig::default(), &policy_params)?;
+    let policy = weights.network(Mode::Train, cfg.precision())?;
+    let trainable = weights.trainable();
+    let mut optimizer = Optimizer::new(OptimizerConfig::default(), trainable)?;
+    let mut step_number = 0;
     let step = || -> Result<()> {
         if !args.cached_ref {
             objective.set_reference(reference_logps()?);
         }
-        let acc = accumulate_step(&mut objective, &policy, &policy_params, &all, cfg.batch_size)?;
-        optimizer.step(&policy_params, &acc.grads, 1e-6)?;
+        let seed = prefopt_train::trainer::step_dropout_seed(cfg.seed, step_number);
+        step_number += 1;
+        let acc = accumulate_step(&mut objective, &policy, trainable, &all, cfg.batch_size, seed)?;
+        optimizer.step(trainable, &acc.grads, 1e-6)?;
         Ok(())
     };
     let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
@@ -210,6 +252,10 @@ fn bench_dpo(args: &BenchArgs, hf: HfModel, rng: &mut rand_chacha::ChaCha8Rng) -
         "cached_ref": args.cached_ref,
         "bf16": args.bf16,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "lora": args.lora.then(|| serde_json::json!({
+            "r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_target_modules,
+            "dropout": args.lora_dropout, "trainable_params": trainable.num_elements(),
+        })),
         "median_step_s": median,
         "min_step_s": min,
         "steps": args.steps.unwrap_or(1),
@@ -301,4 +347,9 @@ pub fn peak_rss_mb() -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The device a loaded model's weights live on.
+fn hf_device(hf: &HfModel) -> candle_core::Device {
+    hf.params.iter().next().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone())
 }

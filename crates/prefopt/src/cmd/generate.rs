@@ -7,13 +7,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use prefopt_data::{parse_prompt, read_records, tokenize_prompt, HfTokenizer};
 use prefopt_loop::sampling::{sample_completions, sampling_params};
-use prefopt_model::{HfModel, Mode, Precision};
 
-use super::DeviceArg;
+use super::{AdapterArg, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer files).
+    /// Hugging Face model folder (config.json, safetensors, tokenizer files), or an adapter
+    /// stack folder (adapter_stack.json, as the APO loop writes with LoRA).
     #[arg(long)]
     model: PathBuf,
     /// Prompts: JSONL or Parquet, one per record: `prompt` (a string, or a list of
@@ -47,6 +47,8 @@ pub struct GenerateArgs {
     /// Prompts per batch (each with its --num-samples samples).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    #[command(flatten)]
+    adapter: AdapterArg,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -87,7 +89,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let device = args.device.device()?;
     let tokenizer = HfTokenizer::from_dir(&args.model)?;
     // Dropping the loaded folder right away frees the weights the model does not share.
-    let model = HfModel::load(&args.model, &device)?.build(Mode::Infer, Precision::F32)?;
+    let model = args.adapter.network(&args.model, &device)?;
     let max_pos = model.config().max_position_embeddings;
 
     // Read and tokenize every prompt first, so a bad line fails the run before any compute.

@@ -5,10 +5,37 @@ pub mod bench;
 pub mod demo;
 pub mod generate;
 pub mod init;
+pub mod merge;
 pub mod score;
 pub mod simulate;
 pub mod tasks;
 pub mod train;
+
+/// `--adapter`: a PEFT LoRA adapter applied on top of `--model`.
+#[derive(clap::Args)]
+pub struct AdapterArg {
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to apply
+    /// on top of --model, as `PeftModel.from_pretrained(model, adapter)` does.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
+}
+
+impl AdapterArg {
+    /// The policy at `model` (a model folder or an adapter stack folder) with the adapter, if
+    /// any, on top, as a network for inference.
+    pub fn network(
+        &self,
+        model: &std::path::Path,
+        device: &candle_core::Device,
+    ) -> anyhow::Result<prefopt_model::Llama> {
+        use prefopt_model::{Mode, Policy, Precision};
+        let mut policy = Policy::load(model, device)?;
+        if let Some(dir) = &self.adapter {
+            policy = policy.with_adapter(dir, 1.0, device)?;
+        }
+        Ok(policy.network(Mode::Infer, Precision::F32)?)
+    }
+}
 
 /// `--device`, for the commands that run a model without a config file.
 #[derive(clap::Args)]

@@ -7,14 +7,14 @@ use prefopt_data::{
     parse_preference, read_records, tokenize_pair, tokenize_records, HfTokenizer, PairOutcome, PromptBoundary,
     TokenizeOptions,
 };
-use prefopt_model::{HfModel, Mode, Precision};
 use prefopt_train::score_pairs;
 
-use super::DeviceArg;
+use super::{AdapterArg, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer files).
+    /// Hugging Face model folder (config.json, safetensors, tokenizer files), or an adapter
+    /// stack folder (adapter_stack.json, as the APO loop writes with LoRA).
     #[arg(long)]
     model: PathBuf,
     /// Preference data: JSONL or Parquet in TRL's standard or conversational format.
@@ -36,6 +36,8 @@ pub struct ScoreArgs {
     #[arg(long, value_enum, default_value = "error")]
     prompt_boundary: Boundary,
     #[command(flatten)]
+    adapter: AdapterArg,
+    #[command(flatten)]
     device: DeviceArg,
 }
 
@@ -50,7 +52,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let device = args.device.device()?;
     let tokenizer = HfTokenizer::from_dir(&args.model)?;
-    let model = HfModel::load(&args.model, &device)?.build(Mode::Infer, Precision::F32)?;
+    let model = args.adapter.network(&args.model, &device)?;
     let records = read_records(&args.data)?;
     anyhow::ensure!(!records.is_empty(), "{}: no examples to score", args.data.display());
     let opts = TokenizeOptions {

@@ -4,6 +4,7 @@
 mod demo;
 mod device;
 mod generate;
+mod lora;
 mod score;
 mod simulate;
 mod train;
