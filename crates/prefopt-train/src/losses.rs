@@ -121,6 +121,15 @@ impl LossType {
         !matches!(self, LossType::Simpo | LossType::Sft)
     }
 
+    /// Whether shifting both reference log-probs of a pair by the same amount leaves the loss
+    /// unchanged: true where the loss sees the reference only through `rho_w - rho_l` with
+    /// equal weights (`sigmoid` and cDPO, `robust`, `hinge`) and for the reference-free ones.
+    /// APO's exact extrapolated reference is known only up to such a prompt-only shift, its
+    /// normalizer `log Z'(x)` (methods.md section 3).
+    pub fn ignores_reference_shift(&self) -> bool {
+        matches!(self, LossType::Sigmoid | LossType::Robust | LossType::Hinge | LossType::Simpo | LossType::Sft)
+    }
+
     /// Whether the loss reads estimated win probabilities (`sppo` only).
     pub fn needs_win_probs(&self) -> bool {
         matches!(self, LossType::Sppo)

@@ -142,7 +142,7 @@ impl ApoConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         for (key, empty) in [
             ("model", self.model.as_os_str().is_empty()),
             ("prompts", self.prompts.is_empty()),
@@ -175,6 +175,37 @@ impl ApoConfig {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) || self.temperature < 0.0 {
             return Err("`top_p` must be in (0, 1] and `temperature` >= 0".into());
+        }
+        if self.extrapolation == Extrapolation::Logprob && self.alpha > 0.0 {
+            self.check_logprob_losses()?;
+        }
+        Ok(())
+    }
+
+    /// `extrapolation = "logprob"` drops the normalizer `log Z'(x)` of the extrapolated
+    /// reference, so it is exact only for losses that a prompt-only shift of the reference
+    /// leaves unchanged; for the others `log Z' = alpha D_{1+alpha}(pi_hat_t || pi_hat_{t-1})
+    /// >= 0` would bias the loss (methods.md section 3). prefopt refuses those combinations
+    /// rather than estimate `Z'` from samples. With alpha = 0, `Z' = 1` and every loss is exact.
+    fn check_logprob_losses(&self) -> Result<(), String> {
+        // The `[train]` table as the loop will complete it; the paths are placeholders.
+        let mut table = self.train.clone();
+        for key in ["model", "train_data", "output_dir"] {
+            table.insert(key.into(), toml::Value::String(key.into()));
+        }
+        let train = TrainConfig::from_table(&table).map_err(|m| format!("[train]: {m}"))?;
+        let why = "`extrapolation = \"logprob\"` drops the prompt-only normalizer log Z'(x) of the extrapolated \
+                   reference, which cancels only in losses that see the reference through rho_w - rho_l (`sigmoid`, \
+                   cDPO, `robust`, `hinge`); otherwise log Z' = alpha * D_{1+alpha}(pi_hat_t || pi_hat_{t-1}) >= 0 \
+                   biases the loss (docs/methods.md section 3). Use `extrapolation = \"parameter\"`, one of those \
+                   losses, or alpha = 0";
+        if let Some(loss) = train.loss_type.to_vec().into_iter().find(|l| !l.ignores_reference_shift()) {
+            return Err(format!("`train.loss_type` `{}` with {why}", loss.name()));
+        }
+        if train.spo_lambda > 0.0 {
+            return Err(format!(
+                "`train.spo_lambda` > 0 (SPO's safe-region term reads the chosen reference log-prob alone) with {why}"
+            ));
         }
         Ok(())
     }

@@ -62,6 +62,8 @@ pub struct Manifest {
 
 /// Runs (or resumes) the whole loop; returns the manifest.
 pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, LoopError> {
+    // `ApoConfig::load` validates too; this covers configs built in code.
+    cfg.validate().map_err(|message| LoopError::Config { source_name: "the APO config".into(), message })?;
     let mut run = LoopRun::open(cfg, obs)?;
     for t in 1..=cfg.iterations {
         let mut it = run.iteration(t)?;

@@ -198,6 +198,45 @@ fn logprob_extrapolation_trains_against_the_two_last_trained_models() {
     }
 }
 
+/// `extrapolation = "logprob"` drops `log Z'(x)`, exact only for losses a prompt-only shift of
+/// the reference leaves unchanged (methods.md section 3); the others are refused before
+/// anything runs, with the reason, unless alpha = 0 (then `Z' = 1`).
+#[test]
+fn logprob_extrapolation_refuses_losses_where_the_normalizer_does_not_cancel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("apo.toml");
+    std::fs::write(
+        &path,
+        "model = \"m\"\nprompts = \"task:arithmetic\"\njudge = \"arithmetic\"\noutput_dir = \"o\"\nextrapolation = \"logprob\"\n",
+    )
+    .unwrap();
+    let load = |sets: &[&str]| ApoConfig::load(Some(&path), &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    for loss in ["ipo", "sppo", "sppo_hard", "nca_pair", "dpop"] {
+        let err = load(&[&format!("train.loss_type=\"{loss}\"")]).unwrap_err().to_string();
+        assert!(err.contains(&format!("`train.loss_type` `{loss}`")) && err.contains("log Z'"), "{loss}: {err}");
+        // A list is checked entry by entry.
+        let err = load(&[&format!("train.loss_type=[\"sigmoid\", \"{loss}\"]")]).unwrap_err().to_string();
+        assert!(err.contains(loss), "{err}");
+        // The same loss is fine with parameter extrapolation or without momentum.
+        load(&[&format!("train.loss_type=\"{loss}\""), "extrapolation=\"parameter\""]).unwrap();
+        load(&[&format!("train.loss_type=\"{loss}\""), "alpha=0.0"]).unwrap();
+    }
+    let err = load(&["train.spo_lambda=1.0"]).unwrap_err().to_string();
+    assert!(err.contains("`train.spo_lambda`") && err.contains("safe-region"), "{err}");
+    for loss in ["sigmoid", "robust", "hinge", "simpo", "sft"] {
+        load(&[&format!("train.loss_type=\"{loss}\"")]).unwrap();
+    }
+    load(&["train.label_smoothing=0.1"]).unwrap();
+    // A config built in code is checked by run_apo before any stage runs.
+    let out = tmp.path().join("ipo");
+    let mut cfg = config(&out, 0.3);
+    cfg.extrapolation = prefopt_loop::apo::Extrapolation::Logprob;
+    cfg.train.insert("loss_type".into(), "ipo".into());
+    let err = run_apo(&cfg, &mut Silent).unwrap_err().to_string();
+    assert!(err.contains("`ipo`") && err.contains("log Z'"), "{err}");
+    assert!(!out.join("iter-1").exists());
+}
+
 #[test]
 fn sppo_trains_on_the_loops_win_probabilities() {
     let tmp = tempfile::tempdir().unwrap();
