@@ -3,6 +3,7 @@
 
 mod demo;
 mod device;
+mod examples;
 mod generate;
 mod lora;
 mod score;
