@@ -142,7 +142,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         "warmup": args.warmup.unwrap_or(0),
         "model": args.model,
     });
-    println!("{line}");
+    super::print_stdout(&format!("{line}\n"))?;
     Ok(())
 }
 
@@ -262,7 +262,7 @@ fn bench_dpo(args: &BenchArgs, hf: HfModel, rng: &mut rand_chacha::ChaCha8Rng) -
         "warmup": args.warmup.unwrap_or(0),
         "model": args.model,
     });
-    println!("{line}");
+    super::print_stdout(&format!("{line}\n"))?;
     Ok(())
 }
 
@@ -309,7 +309,7 @@ fn bench_generate(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8
         "warmup": args.warmup.unwrap_or(0),
         "model": args.model,
     });
-    println!("{line}");
+    super::print_stdout(&format!("{line}\n"))?;
     Ok(())
 }
 

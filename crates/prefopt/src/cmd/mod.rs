@@ -71,3 +71,11 @@ impl DeviceOverride {
         all
     }
 }
+
+/// Writes `text` to stdout; a closed stdout (`prefopt bench ... | head -c 10`) is an error
+/// that says so, not a panic as `print!` would raise.
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| anyhow::anyhow!("writing to stdout: {e}"))
+}

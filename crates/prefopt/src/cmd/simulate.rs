@@ -32,7 +32,7 @@ pub struct SimulateArgs {
 /// Runs `prefopt simulate`.
 pub fn run(args: SimulateArgs) -> Result<()> {
     if args.print_config {
-        print!("{DEFAULT_CONFIG_TOML}");
+        super::print_stdout(DEFAULT_CONFIG_TOML)?;
         return Ok(());
     }
     let out = args.out.context("--out DIR is required")?;

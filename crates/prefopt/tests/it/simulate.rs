@@ -137,3 +137,14 @@ fn print_config_prints_the_builtin_default() {
     assert_eq!(text, prefopt_sim::DEFAULT_CONFIG_TOML);
     prefopt_sim::Config::from_toml_str(&text).unwrap();
 }
+
+/// A closed stdout (a reader that went away, as `| head` does) is an error that says so, with
+/// a non-zero exit, not a panic.
+#[test]
+fn a_closed_stdout_is_an_error_not_a_panic() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = crate::util::prefopt().args(["simulate", "--print-config"]).stdout(writer).output().unwrap();
+    let err = crate::util::failure(output);
+    assert!(err.contains("writing to stdout"), "{err}");
+}
