@@ -36,7 +36,8 @@ pub enum Extrapolation {
     /// as TRL's `ref_chosen_logps`/`ref_rejected_logps` columns. It drops the prompt-only
     /// normalizer `log Z'(x)`, which cancels only in losses that see the reference through
     /// `rho_w - rho_l` with equal weights (`sigmoid`, cDPO, `robust`, `hinge`; methods.md
-    /// section 3). Iteration 1's reference is the base, as in both modes.
+    /// section 3); with alpha > 0 other losses are refused. Iteration 1's reference is the
+    /// base, as in both modes.
     Logprob,
 }
 

@@ -20,7 +20,9 @@ pub struct ApoArgs {
     /// `extrapolation = "parameter"` (default) makes the extrapolated weights the next
     /// sampler, training start and reference; `"logprob"` keeps that sampler and start but
     /// uses the exact reference `(1+alpha) lp(pi_hat_t) - alpha lp(pi_hat_t-1)`, from the two
-    /// last trained models. `judge_timeout_s` (default 300) bounds one run of a `cmd:` judge.
+    /// last trained models, exact only for `sigmoid`/cDPO, `robust`, `hinge` (other losses
+    /// are refused with alpha > 0: the dropped normalizer would bias them; docs/apo.md).
+    /// `judge_timeout_s` (default 300) bounds one run of a `cmd:` judge.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override a key: `--set alpha=0.6 --set train.learning_rate=1e-6` (TOML values).
