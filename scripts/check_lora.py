@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """prefopt's LoRA adapters against PEFT on a real checkpoint (or any local Llama-family folder).
 
-    /work/pyenv/bin/python scripts/make_real_model.py     # once: builds the model folder
+    python scripts/make_real_model.py     # once: builds the model folder
     cargo build --release
-    /work/pyenv/bin/python scripts/check_lora.py [--model DIR] [--prefopt BIN] [--out DIR]
+    python scripts/check_lora.py [--model DIR] [--prefopt BIN] [--out DIR]
 
 What it checks:
 1. `prefopt train` with `use_peft = true` (r 16, alpha 32, every linear layer, 3 DPO steps
@@ -208,7 +208,7 @@ def markdown(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=Path("/work/real/smollm2-135m-instruct"))
+    ap.add_argument("--model", type=Path, default=ROOT / "target-real/smollm2-135m-instruct")
     ap.add_argument("--prefopt", type=Path, default=ROOT / "target/release/prefopt")
     ap.add_argument("--out", type=Path, default=ROOT / "out/lora-check")
     args = ap.parse_args()

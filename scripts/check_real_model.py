@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """prefopt against transformers on a real pretrained checkpoint (not the tiny fixtures).
 
-    /work/pyenv/bin/python scripts/make_real_model.py            # once: builds the model folder
-    /work/pyenv/bin/python scripts/check_real_model.py [--model DIR] [--prefopt BIN] [--out DIR]
+    python scripts/make_real_model.py            # once: builds the model folder
+    python scripts/check_real_model.py [--model DIR] [--prefopt BIN] [--out DIR]
 
 The model is SmolLM2-135M-Instruct (30 layers, hidden 576, GQA 9/3, vocab 49,152, tied
 embeddings, byte-level BPE, ChatML), built offline from the GGUF that the PyPI package
@@ -382,7 +382,7 @@ def markdown(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=Path("/work/real/smollm2-135m-instruct"))
+    ap.add_argument("--model", type=Path, default=ROOT / "target-real/smollm2-135m-instruct")
     ap.add_argument("--prefopt", type=Path, default=ROOT / "target/release/prefopt")
     ap.add_argument("--out", type=Path, default=ROOT / "out/real-model-check")
     ap.add_argument("--only", choices=["logprobs", "greedy", "dpo"], help="run one check")

