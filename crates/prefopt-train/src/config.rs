@@ -341,9 +341,24 @@ impl TrainConfig {
             text = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
         }
         // Deserializing from text (not from a Table) keeps the key and line in serde's errors.
-        let cfg: TrainConfig = toml::from_str(&text).map_err(|e: toml::de::Error| err(e.to_string()))?;
-        cfg.validate().map_err(err)?;
+        let mut cfg: TrainConfig = toml::from_str(&text).map_err(|e: toml::de::Error| err(e.to_string()))?;
+        cfg.validate().map_err(&err)?;
+        cfg.resolve_model_names().map_err(err)?;
         Ok(cfg)
+    }
+
+    /// `model`, `ref_model` and `adapter` given as Hugging Face names (`org/name[@revision]`)
+    /// become their snapshot folders in the local cache ([`prefopt_model::hub`]).
+    pub fn resolve_model_names(&mut self) -> Result<(), String> {
+        let resolve = |key: &str, p: &Path| prefopt_model::hub::resolve_model(p).map_err(|e| format!("`{key}`: {e}"));
+        self.model = resolve("model", &self.model)?;
+        if let Some(r) = &self.ref_model {
+            self.ref_model = Some(resolve("ref_model", r)?);
+        }
+        if let Some(a) = &self.adapter {
+            self.adapter = Some(resolve("adapter", a)?);
+        }
+        Ok(())
     }
 
     /// A config built from a TOML table (a caller that composes the keys itself, like the

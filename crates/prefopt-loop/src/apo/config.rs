@@ -138,8 +138,10 @@ impl ApoConfig {
             apply_overrides(&mut table, overrides).map_err(&err)?;
             text = toml::to_string(&table).map_err(|e| err(e.to_string()))?;
         }
-        let cfg: ApoConfig = toml::from_str(&text).map_err(|e: toml::de::Error| err(e.to_string()))?;
-        cfg.validate().map_err(err)?;
+        let mut cfg: ApoConfig = toml::from_str(&text).map_err(|e: toml::de::Error| err(e.to_string()))?;
+        cfg.validate().map_err(&err)?;
+        // `org/name` in the local Hugging Face cache.
+        cfg.model = prefopt_model::hub::resolve_model(&cfg.model).map_err(|e| err(format!("`model`: {e}")))?;
         Ok(cfg)
     }
 

@@ -205,9 +205,13 @@ fn logprob_extrapolation_trains_against_the_two_last_trained_models() {
 fn logprob_extrapolation_refuses_losses_where_the_normalizer_does_not_cancel() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("apo.toml");
+    let model = fixtures().join("models/qwen2-tied");
     std::fs::write(
         &path,
-        "model = \"m\"\nprompts = \"task:arithmetic\"\njudge = \"arithmetic\"\noutput_dir = \"o\"\nextrapolation = \"logprob\"\n",
+        format!(
+            "model = {:?}\nprompts = \"task:arithmetic\"\njudge = \"arithmetic\"\noutput_dir = \"o\"\nextrapolation = \"logprob\"\n",
+            model.display().to_string()
+        ),
     )
     .unwrap();
     let load = |sets: &[&str]| ApoConfig::load(Some(&path), &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
@@ -296,8 +300,9 @@ fn judge_timeout_is_a_config_key_and_a_rerun_may_raise_it() {
 
     assert_eq!(ApoConfig::default().judge_timeout_s, 300.0);
     let path = tmp.path().join("apo.toml");
-    std::fs::write(&path, "model = \"m\"\nprompts = \"task:arithmetic\"\njudge = \"cmd:x\"\noutput_dir = \"o\"\n")
-        .unwrap();
+    let model = fixtures().join("models/qwen2-tied").display().to_string();
+    let text = format!("model = {model:?}\nprompts = \"task:arithmetic\"\njudge = \"cmd:x\"\noutput_dir = \"o\"\n");
+    std::fs::write(&path, text).unwrap();
     let set = |v: &str| ApoConfig::load(Some(&path), &[format!("judge_timeout_s={v}")]);
     assert_eq!(set("12.5").unwrap().judge_timeout_s, 12.5);
     let err = set("0").unwrap_err().to_string();

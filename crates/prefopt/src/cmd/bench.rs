@@ -20,8 +20,9 @@ pub struct BenchArgs {
     /// --new-tokens new tokens each, temperature 1, no top-k/top-p).
     #[arg(value_parser = ["forward", "fwd-bwd", "dpo", "generate"])]
     mode: String,
-    /// Hugging Face model folder (`scripts/bench_torch.py` creates the reference one).
-    #[arg(long)]
+    /// Hugging Face model folder or `org/name[@revision]` in the local cache
+    /// (`scripts/bench_torch.py` creates the reference one).
+    #[arg(long, value_parser = super::model_dir)]
     model: PathBuf,
     #[arg(long, default_value_t = 8)]
     batch: usize,

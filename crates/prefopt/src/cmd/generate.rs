@@ -12,9 +12,10 @@ use super::{AdapterArg, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer files), or an adapter
+    /// Hugging Face model folder (config.json, safetensors, tokenizer files) or
+    /// `org/name[@revision]` in the local Hugging Face cache, or an adapter
     /// stack folder (adapter_stack.json, as the APO loop writes with LoRA).
-    #[arg(long)]
+    #[arg(long, value_parser = super::model_dir)]
     model: PathBuf,
     /// Prompts: JSONL or Parquet, one per record: `prompt` (a string, or a list of
     /// {role, content} messages) or `messages`. Conversations get the chat template with

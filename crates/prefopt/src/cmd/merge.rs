@@ -10,8 +10,9 @@ use prefopt_model::{save_model_dir, Policy};
 
 #[derive(clap::Args)]
 pub struct MergeArgs {
-    /// The base model folder the adapter was trained on, or an adapter stack folder.
-    #[arg(long)]
+    /// The base model folder the adapter was trained on (or `org/name[@revision]` in the
+    /// local Hugging Face cache), or an adapter stack folder.
+    #[arg(long, value_parser = super::model_dir)]
     model: PathBuf,
     /// The PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
     /// Optional when --model is an adapter stack.

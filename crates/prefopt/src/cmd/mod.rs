@@ -79,3 +79,8 @@ pub fn print_stdout(text: &str) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| anyhow::anyhow!("writing to stdout: {e}"))
 }
+
+/// `--model`: a folder, or `org/name[@revision]` resolved in the local Hugging Face cache.
+pub fn model_dir(spec: &str) -> Result<std::path::PathBuf, String> {
+    prefopt_model::resolve_model(std::path::Path::new(spec)).map_err(|e| e.to_string())
+}

@@ -13,9 +13,10 @@ use super::{AdapterArg, DeviceArg};
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// Hugging Face model folder (config.json, safetensors, tokenizer files), or an adapter
+    /// Hugging Face model folder (config.json, safetensors, tokenizer files) or
+    /// `org/name[@revision]` in the local Hugging Face cache, or an adapter
     /// stack folder (adapter_stack.json, as the APO loop writes with LoRA).
-    #[arg(long)]
+    #[arg(long, value_parser = super::model_dir)]
     model: PathBuf,
     /// Preference data: JSONL or Parquet in TRL's standard or conversational format.
     #[arg(long)]

@@ -5,6 +5,7 @@ mod demo;
 mod device;
 mod examples;
 mod generate;
+mod hub;
 mod lora;
 mod score;
 mod simulate;
