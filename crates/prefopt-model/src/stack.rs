@@ -61,7 +61,8 @@ pub fn read_stack(dir: &Path) -> Result<(PathBuf, Vec<StackEntry>)> {
     let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
     let file: StackFile =
         serde_json::from_str(&text).map_err(|e| ModelError::Json { path: path.clone(), message: e.to_string() })?;
-    if is_stack(&file.base_model) {
+    let base = dir.join(&file.base_model);
+    if is_stack(&base) {
         return Err(ModelError::Config {
             path,
             message: format!(
@@ -80,7 +81,8 @@ pub fn read_stack(dir: &Path) -> Result<(PathBuf, Vec<StackEntry>)> {
             StackEntry { adapter: std::fs::canonicalize(&joined).unwrap_or(joined), coefficient: e.coefficient }
         })
         .collect();
-    Ok((file.base_model, entries))
+    // A relative base (a hand-written stack) is relative to the stack folder, as its adapters.
+    Ok((base, entries))
 }
 
 /// The folders whose files make up the policy at `dir` (for content hashes such as the

@@ -82,7 +82,8 @@ impl Weights {
             Weights::Lora { adapter, .. } => {
                 // A PEFT folder holds no model config or weights (transformers would take it
                 // for a model); the tokenizer files make it self-describing.
-                adapter.fill_dir(dir, &source.display().to_string())?;
+                let base = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+                adapter.fill_dir(dir, &base.display().to_string())?;
                 copy_tokenizer_files(source, dir)?;
             }
         }

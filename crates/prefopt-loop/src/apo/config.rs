@@ -120,8 +120,10 @@ impl Default for ApoConfig {
 }
 
 /// `[train]` keys the loop sets itself.
-const LOOP_SET_KEYS: [&str; 7] =
-    ["model", "ref_model", "train_data", "output_dir", "beta", "resume_from_checkpoint", "device"];
+/// (`adapter` too: every iteration trains a fresh adapter over pi_{t-1}, whose reference is
+/// pi_{t-1} itself; continuing one adapter would put it into the reference as well.)
+const LOOP_SET_KEYS: [&str; 8] =
+    ["model", "ref_model", "train_data", "output_dir", "beta", "resume_from_checkpoint", "device", "adapter"];
 
 impl ApoConfig {
     /// Reads a TOML file with `key=value` overrides (`train.learning_rate=1e-6` reaches the

@@ -339,7 +339,21 @@ impl<'a> LoopRun<'a> {
             let (alpha, older_dir) = (run.cfg.alpha, run.trained(it.t - 1));
             if prefopt_model::stack::is_stack(&it.record.trained) {
                 let (base, newer) = read_stack(&it.record.trained)?;
-                let (_, older) = read_stack(&older_dir)?;
+                let (older_base, older) = read_stack(&older_dir)?;
+                // The coefficients combine only over one base (pi_hat_0 = the base itself).
+                let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+                if !same(&older_base, &base) {
+                    return Err(LoopError::Config {
+                        source_name: it.record.trained.display().to_string(),
+                        message: format!(
+                            "the stacks of pi_hat_t and pi_hat_(t-1) ({}) have different bases ({} and {}); \
+                             they cannot be extrapolated",
+                            older_dir.display(),
+                            base.display(),
+                            older_base.display()
+                        ),
+                    });
+                }
                 save_stack_dir(&it.record.extrapolated, &base, &extrapolate_stack(&newer, &older, alpha))?;
                 return Ok(());
             }

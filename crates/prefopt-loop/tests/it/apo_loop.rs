@@ -225,6 +225,9 @@ fn logprob_extrapolation_refuses_losses_where_the_normalizer_does_not_cancel() {
         load(&[&format!("train.loss_type=\"{loss}\""), "extrapolation=\"parameter\""]).unwrap();
         load(&[&format!("train.loss_type=\"{loss}\""), "alpha=0.0"]).unwrap();
     }
+    // Each iteration trains a fresh adapter over pi_{t-1}; continuing one is refused.
+    let err = load(&["train.adapter=\"some/adapter\""]).unwrap_err().to_string();
+    assert!(err.contains("`train.adapter` is set by the loop itself"), "{err}");
     let err = load(&["train.spo_lambda=1.0"]).unwrap_err().to_string();
     assert!(err.contains("`train.spo_lambda`") && err.contains("safe-region"), "{err}");
     for loss in ["sigmoid", "robust", "hinge", "simpo", "sft"] {

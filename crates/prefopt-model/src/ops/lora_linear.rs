@@ -34,6 +34,7 @@ pub struct LowRank {
 /// gradient to it. The fused node runs for f32 CPU tensors with at most one term whose A or B
 /// takes gradients; anything else runs the composition ([`lora_linear_reference`]).
 pub fn lora_linear(x: &Tensor, weight_t: &Tensor, terms: &[LowRank]) -> Result<Tensor> {
+    check_shapes(x, weight_t, terms)?;
     let trainable: Vec<usize> =
         (0..terms.len()).filter(|&k| terms[k].a_t.track_op() || terms[k].b_t.track_op()).collect();
     let mut all = vec![x, weight_t];
@@ -63,6 +64,28 @@ pub fn lora_linear(x: &Tensor, weight_t: &Tensor, terms: &[LowRank]) -> Result<T
         Some(&k) => x.apply_op3(&terms[k].a_t, &terms[k].b_t, op(Some(&terms[k]))),
         None => x.apply_op1(op(None)),
     }
+}
+
+/// The fused kernels read raw buffers by these sizes, so they are checked before dispatch.
+fn check_shapes(x: &Tensor, weight_t: &Tensor, terms: &[LowRank]) -> Result<()> {
+    let (rows, inputs) = x.dims2()?;
+    let (w_in, outputs) = weight_t.dims2()?;
+    if w_in != inputs {
+        bail!("lora_linear: x is ({rows}, {inputs}) but W^T is ({w_in}, {outputs})");
+    }
+    for (k, t) in terms.iter().enumerate() {
+        let (a_in, r) = t.a_t.dims2()?;
+        let (b_r, b_out) = t.b_t.dims2()?;
+        if a_in != inputs || b_r != r || b_out != outputs {
+            bail!("lora_linear: term {k} has A^T ({a_in}, {r}) and B^T ({b_r}, {b_out}) for a ({inputs} -> {outputs}) layer");
+        }
+        if let Some(m) = &t.mask {
+            if m.dims() != [rows, inputs] {
+                bail!("lora_linear: term {k}'s dropout mask is {:?}, x is ({rows}, {inputs})", m.dims());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The same from differentiable candle primitives (other devices and dtypes; tests).
