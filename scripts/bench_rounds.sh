@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=${1:-out/bench_rounds.jsonl}; mkdir -p "$(dirname "$log")"; : > "$log"
-py=${PYTHON:-/work/pyenv/bin/python}
+py=${PYTHON:-python3}
 real=${REAL:-target-real/smollm2-135m-instruct}
 tiny=target-bench/torch-llama-4x256
 prefopt=${PREFOPT:-./target/release/prefopt}
@@ -62,6 +62,8 @@ for row, by in rows.items():
     pm, tm = med("prefopt", "peak_rss_mb")[0], med("pytorch", "peak_rss_mb")[0]
     fmt = lambda v, rs: f"{v:.1f} ({', '.join(f'{x:.1f}' for x in rs)})" if v else "-"
     loads = [r["load_1m"] for rs in by.values() for r in rs]
-    print(f"| {row} | {fmt(p, pr)} | {fmt(t, tr)} | {p / t:.2f}x | {pm:.0f} / {tm:.0f} | {fmt(b, br)} | "
-          f"{(b / t if b else float('nan')):.2f}x | {min(loads):.1f}-{max(loads):.1f} |")
+    ratio = lambda a: f"{a / t:.2f}x" if a and t else "-"
+    mib = lambda v: f"{v:.0f}" if v else "-"
+    print(f"| {row} | {fmt(p, pr)} | {fmt(t, tr)} | {ratio(p)} | {mib(pm)} / {mib(tm)} | {fmt(b, br)} | "
+          f"{ratio(b)} | {min(loads):.1f}-{max(loads):.1f} |")
 PY

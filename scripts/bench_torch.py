@@ -99,13 +99,16 @@ def forward_flops(n: int, layers: int, d: int, seq_len: int) -> float:
     return 2.0 * n * seq_len + 2.0 * 2.0 * layers * seq_len * seq_len * d
 
 
-def timed(fn, warmup: int, steps: int) -> list[float]:
+def timed(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     out = []
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
+        sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -124,6 +127,9 @@ def main() -> int:
     ap.add_argument("--steps", "-S", type=int, default=None, help="timed steps (default 10; generate 3)")
     ap.add_argument("--warmup", "-W", type=int, default=None, help="warm-up steps (default 2; generate 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--bf16", action="store_true",
+                    help="autocast the forward passes to bf16 (f32 master weights, as the HF Trainer's bf16=True)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="dpo: model.gradient_checkpointing_enable() (recompute each layer in backward)")
     ap.add_argument("--lora", action="store_true",
@@ -141,8 +147,10 @@ def main() -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.mode == "generate" else 2)
     if not args.model.exists():
         create_model(args.model)
-    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).to(device)
     cfg = model.config
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     layers, d = cfg.num_hidden_layers, cfg.hidden_size
     total_params, n = count_params(model)
     g = torch.Generator().manual_seed(args.seed)
@@ -151,12 +159,12 @@ def main() -> int:
     info: dict = {}
     if args.mode in ("forward", "fwd-bwd"):
         B, T = args.batch, args.seq
-        ids = torch.randint(0, vocab_hi, (B, T), generator=g)
+        ids = torch.randint(0, vocab_hi, (B, T), generator=g).to(device)
         if args.mode == "forward":
             model.eval()
 
             def step():
-                with torch.no_grad():
+                with torch.no_grad(), amp:
                     model(ids, use_cache=False).logits.sum().item()
 
             flops = B * forward_flops(n, layers, d, T)
@@ -165,7 +173,8 @@ def main() -> int:
 
             def step():
                 model.zero_grad(set_to_none=True)
-                logits = model(ids, use_cache=False).logits
+                with amp:
+                    logits = model(ids, use_cache=False).logits.float()
                 loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
                 loss.backward()
 
@@ -178,7 +187,7 @@ def main() -> int:
         prompt = torch.randint(0, vocab_hi, (P, A), generator=g)
         chosen = torch.randint(0, vocab_hi, (P, C), generator=g)
         rejected = torch.randint(0, vocab_hi, (P, C), generator=g)
-        ids = torch.cat([torch.cat([prompt, chosen], 1), torch.cat([prompt, rejected], 1)], 0)  # [2P, T]
+        ids = torch.cat([torch.cat([prompt, chosen], 1), torch.cat([prompt, rejected], 1)], 0).to(device)  # [2P, T]
         if args.lora:
             from peft import LoraConfig, get_peft_model
 
@@ -189,7 +198,7 @@ def main() -> int:
             model = get_peft_model(model, lcfg)
             ref = None
         else:
-            ref = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32)
+            ref = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32).to(device)
             ref.eval()
             for p in ref.parameters():
                 p.requires_grad_(False)
@@ -204,7 +213,8 @@ def main() -> int:
         targets = ids[:, A:]  # completion tokens, predicted from positions A-1 .. T-2
 
         def seq_logps(m):
-            logits = m(ids, use_cache=False).logits[:, A - 1 : T - 1].float()
+            with amp:
+                logits = m(ids, use_cache=False).logits[:, A - 1 : T - 1].float()
             return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
 
         def step():
@@ -231,12 +241,17 @@ def main() -> int:
     else:  # generate
         B, A, N = args.batch, args.prompt_len, args.new_tokens
         model.eval()
-        ids = torch.randint(0, vocab_hi, (B, A), generator=g)
+        ids = torch.randint(0, vocab_hi, (B, A), generator=g).to(device)
         mask = torch.ones_like(ids)
         torch.manual_seed(args.seed)
 
         def step():
-            out = model.generate(
+            with amp:
+                out = _generate()
+            assert out.shape == (B, A + N), out.shape
+
+        def _generate():
+            return model.generate(
                 input_ids=ids,
                 attention_mask=mask,
                 do_sample=True,
@@ -248,7 +263,6 @@ def main() -> int:
                 top_p=1.0,
                 temperature=1.0,
             )
-            assert out.shape == (B, A + N), out.shape
 
         tokens = B * N
         flops = B * forward_flops(n, layers, d, A) + sum(
@@ -257,7 +271,9 @@ def main() -> int:
         info.update(batch=B, prompt_len=A, new_tokens=N, do_sample=True, kv_cache=True)
 
     load_before = os.getloadavg()[0]
-    times = timed(step, warmup, steps)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = timed(step, warmup, steps, device)
     med = statistics.median(times)
     load_after = os.getloadavg()[0]
     res = {
@@ -285,9 +301,10 @@ def main() -> int:
         "vocab": cfg.vocab_size,
         "params": total_params,
         "params_nonembedding": n,
-        "dtype": "float32",
+        "dtype": "bfloat16 autocast" if args.bf16 else "float32",
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "attn_implementation": getattr(cfg, "_attn_implementation", None),
-        "device": "cpu",
+        "device": str(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu_count": os.cpu_count(),
