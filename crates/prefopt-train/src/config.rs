@@ -429,6 +429,11 @@ impl TrainConfig {
                 ));
             }
         }
+        // A fresh adapter's keys are checked here, before any compute (an unknown target
+        // module is caught against the model when the adapter is built).
+        if self.use_peft && self.adapter.is_none() {
+            self.fresh_lora_config().map_err(|e| e.to_string())?;
+        }
         if self.uses_lora() && self.ref_model.is_some() {
             return Err("`ref_model` with LoRA (`use_peft` or `adapter`): the reference is the base model with the \
                         starting adapter (none for a fresh one), so there is no reference model to give; remove \

@@ -9,10 +9,9 @@ use prefopt_data::{HfTokenizer, TokenizeOptions};
 use prefopt_model::{AdapterUse, HfModel, Llama, LoraAdapter, Mode, Precision};
 use prefopt_train::dataset::PairDataset;
 use prefopt_train::metrics::MetricsLog;
-use prefopt_train::schedule::SchedulerKind;
 use prefopt_train::{score_pairs, train, train_sft, Quiet, TrainConfig};
 
-use crate::util::{device, device_name, fixtures};
+use crate::util::{device, fixtures};
 
 const BASES: [&str; 2] = ["llama-untied", "qwen2-tied"];
 
@@ -61,23 +60,10 @@ fn a_peft_adapter_scores_as_peft_does() {
 /// clipping; continuing the PEFT adapter (dropout 0, as the fixture's).
 fn continue_config(base: &str, out: &Path) -> TrainConfig {
     TrainConfig {
-        model: fixtures().join("models").join(base),
-        train_data: fixtures().join("data/plain.jsonl"),
-        output_dir: out.to_path_buf(),
         adapter: Some(adapter_dir(base)),
-        learning_rate: 1e-3,
-        lr_scheduler_type: SchedulerKind::Constant,
-        max_grad_norm: 0.0,
         // The fixture's epsilon (scripts/make_lora_fixtures.py says why it is not 1e-8).
         adam_epsilon: 1e-3,
-        batch_size: 12,
-        max_steps: 3,
-        max_length: 256,
-        max_prompt_length: None,
-        logging_steps: 1,
-        save_steps: 0,
-        device: device_name(),
-        ..TrainConfig::default()
+        ..crate::trajectory::parity_config(base, out)
     }
 }
 
@@ -194,4 +180,23 @@ fn a_lora_run_killed_between_checkpoints_resumes_to_the_same_adapter() {
     assert_eq!(bytes(&whole.final_dir), bytes(&resumed.final_dir), "resumed adapter differs");
     assert!(part.join("checkpoint-2/optimizer.safetensors").is_file());
     assert!(!part.join("checkpoint-2/model.safetensors").exists(), "a LoRA checkpoint holds the base weights");
+}
+
+/// A fresh adapter's bad keys fail when the config is read, before any compute.
+#[test]
+fn bad_lora_keys_fail_at_config_load() {
+    let model = fixtures().join("models/qwen2-tied");
+    let base = [
+        format!("model=\"{}\"", model.display()),
+        "train_data=\"d.jsonl\"".to_string(),
+        "output_dir=\"o\"".to_string(),
+        "use_peft=true".to_string(),
+    ];
+    for (set, key) in [("lora_r=0", "lora_r"), ("lora_dropout=1.5", "lora_dropout"), ("lora_alpha=-1.0", "lora_alpha")]
+    {
+        let sets: Vec<String> = base.iter().cloned().chain([set.to_string()]).collect();
+        let err = TrainConfig::load(None, &sets).unwrap_err().to_string();
+        assert!(err.contains(key), "{set}: {err}");
+    }
+    TrainConfig::load(None, &base).unwrap();
 }

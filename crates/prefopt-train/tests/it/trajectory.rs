@@ -16,7 +16,7 @@ use crate::util::{device, device_name, fixtures};
 
 /// The trajectory fixtures' setup: whole dataset as one batch, AdamW lr 1e-3, constant LR,
 /// no clipping, no weight decay, no truncation.
-fn parity_config(model: &str, out: &Path) -> TrainConfig {
+pub(crate) fn parity_config(model: &str, out: &Path) -> TrainConfig {
     TrainConfig {
         model: fixtures().join("models").join(model),
         train_data: fixtures().join("data/plain.jsonl"),
