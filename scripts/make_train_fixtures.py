@@ -114,6 +114,13 @@ def per_pair_loss(
         return -F.logsigmoid(beta * (delta - lam * torch.clamp(ref_w - lp_w, min=0.0)))
     if name == "sft":  # methods.md: per-pair token-mean NLL of the chosen completion
         return -lp_w / n_w
+    if name == "cpo":  # TRL CPOTrainer loss_type="sigmoid" + cpo_alpha * NLL (per pair here; TRL's NLL is a token mean)
+        e = p.get("label_smoothing", 0.0)
+        logits = lp_w - lp_l
+        pref = -F.logsigmoid(beta * logits) * (1 - e) - F.logsigmoid(-beta * logits) * e
+        return pref + p["cpo_alpha"] * (-lp_w / n_w)
+    if name == "rdpo":  # R-DPO (Park et al. 2024): DPO with a length term in the margin
+        return -F.logsigmoid(beta * delta - p["rdpo_alpha"] * (n_w - n_l))
     if name == "bco_pair":  # TRL DPOTrainer
         cr, rr = beta * chosen_logratios, beta * rejected_logratios
         return -F.logsigmoid(cr) - F.logsigmoid(-rr)
@@ -165,6 +172,9 @@ XC_LOSSES = [
     ("simpo", {"beta": 2.5, "gamma": 1.375}, "TRL CPOTrainer simpo (label_smoothing 0): -logsig(beta*(lp_w/len_w - lp_l/len_l) - gamma)"),
     ("dpop", {"beta": 0.1, "lambda": 50.0}, "methods.md DPO-Positive (not in TRL 1.16)"),
     ("sft", {}, "methods.md: per pair -lp_w/len_w, batch = mean over pairs"),
+    ("cpo", {"beta": 0.1, "label_smoothing": 0.1, "cpo_alpha": 0.7},
+     "TRL CPOTrainer sigmoid on lp_w - lp_l (cDPO smoothing) + cpo_alpha * (-lp_w/len_w) per pair"),
+    ("rdpo", {"beta": 0.1, "rdpo_alpha": 0.05}, "R-DPO: -logsig(beta*h - rdpo_alpha*(len_w - len_l))"),
     ("bco_pair", {"beta": 0.1}, "TRL DPOTrainer bco_pair (extra)"),
     ("apo_zero", {"beta": 0.1}, "TRL DPOTrainer apo_zero (extra)"),
     ("apo_down", {"beta": 0.1}, "TRL DPOTrainer apo_down (extra)"),

@@ -72,6 +72,10 @@ pub struct TrainConfig {
     pub simpo_gamma: f64,
     /// DPO-Positive penalty lambda. Default 50.0.
     pub dpop_lambda: f64,
+    /// CPO's weight of the chosen NLL (TRL's `CPOConfig.cpo_alpha`). Default 1.0.
+    pub cpo_alpha: f64,
+    /// R-DPO's length weight per token of length difference. Default 0.01 (prefopt's choice).
+    pub rdpo_alpha: f64,
     /// SPO weight lambda on the safe-region term (prefopt's formulation, methods.md
     /// section 4); 0 disables SPO. Default 0.0.
     pub spo_lambda: f64,
@@ -174,6 +178,8 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
             dpop_lambda: 50.0,
+            cpo_alpha: 1.0,
+            rdpo_alpha: 0.01,
             spo_lambda: 0.0,
             spo_solver: SpoSolver::Penalty,
             spo_eta: 0.1,

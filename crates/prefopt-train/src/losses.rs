@@ -84,10 +84,17 @@ pub enum LossType {
     Dpop,
     /// Token-mean NLL of the chosen completion (RPO's extra term).
     Sft,
+    /// CPO (Xu et al. 2024; TRL `CPOTrainer`, `loss_type="sigmoid"`): `-logsig(beta (lp_w -
+    /// lp_l))` (cDPO's smoothing with `label_smoothing`), no reference, plus `cpo_alpha` times
+    /// the chosen completion's NLL, averaged as the `sft` term is (`SftNorm`).
+    Cpo,
+    /// R-DPO (Park et al. 2024): DPO with a length term in the margin,
+    /// `-logsig(beta h - rdpo_alpha (|y_w| - |y_l|))`.
+    Rdpo,
 }
 
 impl LossType {
-    pub const ALL: [LossType; 10] = [
+    pub const ALL: [LossType; 12] = [
         LossType::Sigmoid,
         LossType::Robust,
         LossType::Hinge,
@@ -98,6 +105,8 @@ impl LossType {
         LossType::Simpo,
         LossType::Dpop,
         LossType::Sft,
+        LossType::Cpo,
+        LossType::Rdpo,
     ];
 
     /// TRL's `loss_type` string.
@@ -113,12 +122,14 @@ impl LossType {
             LossType::Simpo => "simpo",
             LossType::Dpop => "dpop",
             LossType::Sft => "sft",
+            LossType::Cpo => "cpo",
+            LossType::Rdpo => "rdpo",
         }
     }
 
-    /// Whether the loss reads reference log-probs (all but `simpo` and `sft`).
+    /// Whether the loss reads reference log-probs (all but `simpo`, `sft` and `cpo`).
     pub fn needs_reference(&self) -> bool {
-        !matches!(self, LossType::Simpo | LossType::Sft)
+        !matches!(self, LossType::Simpo | LossType::Sft | LossType::Cpo)
     }
 
     /// Whether shifting both reference log-probs of a pair by the same amount leaves the loss
@@ -127,7 +138,16 @@ impl LossType {
     /// APO's exact extrapolated reference is known only up to such a prompt-only shift, its
     /// normalizer `log Z'(x)` (methods.md section 3).
     pub fn ignores_reference_shift(&self) -> bool {
-        matches!(self, LossType::Sigmoid | LossType::Robust | LossType::Hinge | LossType::Simpo | LossType::Sft)
+        matches!(
+            self,
+            LossType::Sigmoid
+                | LossType::Robust
+                | LossType::Hinge
+                | LossType::Rdpo
+                | LossType::Simpo
+                | LossType::Sft
+                | LossType::Cpo
+        )
     }
 
     /// Whether the loss reads estimated win probabilities (`sppo` only).
@@ -183,11 +203,24 @@ pub struct LossParams {
     pub dpop_lambda: f64,
     /// Averaging of the `sft` term (not a TRL knob: TRL has only [`SftNorm::TokenMean`]).
     pub sft_norm: SftNorm,
+    /// CPO's weight of the chosen NLL (TRL `CPOConfig.cpo_alpha`, default 1.0).
+    pub cpo_alpha: f64,
+    /// R-DPO's length weight `alpha` per token of length difference (prefopt's default 0.01,
+    /// inside the paper's range; 0 is DPO).
+    pub rdpo_alpha: f64,
 }
 
 impl Default for LossParams {
     fn default() -> Self {
-        Self { beta: 0.1, label_smoothing: 0.0, simpo_gamma: 0.5, dpop_lambda: 50.0, sft_norm: SftNorm::PerPair }
+        Self {
+            beta: 0.1,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            dpop_lambda: 50.0,
+            sft_norm: SftNorm::PerPair,
+            cpo_alpha: 1.0,
+            rdpo_alpha: 0.01,
+        }
     }
 }
 
@@ -200,10 +233,14 @@ impl LossParams {
             return bad("beta", "> 0", self.beta);
         }
         let e = self.label_smoothing;
-        let smoothed = matches!(kind, LossType::Sigmoid | LossType::Robust);
+        let smoothed = matches!(kind, LossType::Sigmoid | LossType::Robust | LossType::Cpo);
         match kind {
             _ if smoothed && (e.is_nan() || e < 0.0) => bad("label_smoothing", ">= 0", e),
-            LossType::Sigmoid if e > 0.5 => bad("label_smoothing", "<= 0.5", e),
+            LossType::Sigmoid | LossType::Cpo if e > 0.5 => bad("label_smoothing", "<= 0.5", e),
+            LossType::Cpo if !(self.cpo_alpha.is_finite() && self.cpo_alpha >= 0.0) => {
+                bad("cpo_alpha", ">= 0", self.cpo_alpha)
+            }
+            LossType::Rdpo if !self.rdpo_alpha.is_finite() => bad("rdpo_alpha", "finite", self.rdpo_alpha),
             LossType::Robust if e >= 0.5 => bad("label_smoothing", "< 0.5", e),
             LossType::Simpo if !self.simpo_gamma.is_finite() => bad("simpo_gamma", "finite", self.simpo_gamma),
             LossType::Dpop if !(self.dpop_lambda.is_finite() && self.dpop_lambda >= 0.0) => {
@@ -366,15 +403,33 @@ pub fn pair_loss(kind: LossType, p: &LossParams, x: &PairLogps) -> Result<Tensor
             let z = (h - shortfall.affine(p.dpop_lambda, 0.0)?)?.affine(beta, 0.0)?;
             log_sigmoid(&z)?.neg()?
         }
-        LossType::Sft => match p.sft_norm {
-            SftNorm::PerPair => (x.chosen / x.lens()?.0)?.neg()?,
-            SftNorm::TokenMean => {
-                let tokens = x.chosen_lens.detach().sum_all()?.maximum(1.0)?;
-                (x.chosen.sum_all()? / tokens)?.neg()?.broadcast_as(b)?
-            }
-        },
+        LossType::Sft => chosen_nll(p.sft_norm, x, b)?,
+        LossType::Cpo => {
+            // cDPO's form on lp_w - lp_l (no reference), plus cpo_alpha * NLL(y_w).
+            let z = (x.chosen - x.rejected)?.affine(beta, 0.0)?;
+            let pref = (log_sigmoid(&z)?.affine(-(1.0 - e), 0.0)? - log_sigmoid(&z.neg()?)?.affine(e, 0.0)?)?;
+            (pref + chosen_nll(p.sft_norm, x, b)?.affine(p.cpo_alpha, 0.0)?)?
+        }
+        LossType::Rdpo => {
+            // -logsig(beta*h - rdpo_alpha*(|y_w| - |y_l|)); lengths are data.
+            let (n_w, n_l) = (x.chosen_lens.detach(), x.rejected_lens.detach());
+            let z = (margin(kind, x)?.affine(beta, 0.0)? - (n_w - n_l)?.affine(p.rdpo_alpha, 0.0)?)?;
+            log_sigmoid(&z)?.neg()?
+        }
     };
     Ok(loss)
+}
+
+/// The chosen completion's NLL per pair (B,), averaged as `norm` says (the `sft` row, and
+/// CPO's NLL term).
+fn chosen_nll(norm: SftNorm, x: &PairLogps, b: usize) -> Result<Tensor, LossError> {
+    Ok(match norm {
+        SftNorm::PerPair => (x.chosen / x.lens()?.0)?.neg()?,
+        SftNorm::TokenMean => {
+            let tokens = x.chosen_lens.detach().sum_all()?.maximum(1.0)?;
+            (x.chosen.sum_all()? / tokens)?.neg()?.broadcast_as(b)?
+        }
+    })
 }
 
 /// `h = rho_w - rho_l`.
@@ -536,6 +591,12 @@ mod tests {
         }
         if let Some(l) = get("lambda") {
             p.dpop_lambda = l;
+        }
+        if let Some(a) = get("cpo_alpha") {
+            p.cpo_alpha = a;
+        }
+        if let Some(a) = get("rdpo_alpha") {
+            p.rdpo_alpha = a;
         }
         let terms = match name {
             "cdpo" => vec![(LossType::Sigmoid, 1.0)],
@@ -843,6 +904,56 @@ mod tests {
         let weighted = weighted.to_scalar::<f64>().unwrap();
         assert!((weighted - (mean(LossType::Sigmoid) + 0.25 * mean(LossType::Sft))).abs() < 1e-12);
         assert!(matches!(combined_loss(&[], &p, &x), Err(LossError::NoTerms)));
+    }
+
+    /// `cpo` and `rdpo` against their formulas (methods.md section 2), computed here in plain
+    /// f64 arithmetic: CPO = cDPO on lp_w - lp_l plus cpo_alpha * NLL(y_w) (TRL's
+    /// `CPOTrainer` with `loss_type="sigmoid"`), R-DPO = DPO with `-rdpo_alpha (|y_w| - |y_l|)`.
+    #[test]
+    fn cpo_and_rdpo_match_their_formulas() {
+        let dev = candle_core::Device::Cpu;
+        let t = |v: &[f64]| Tensor::new(v, &dev).unwrap();
+        let (lp_w, lp_l, ref_w, ref_l, n_w, n_l) =
+            ([-12.0, -30.5], [-15.0, -22.0], [-13.0, -29.0], [-14.0, -23.5], [6.0, 20.0], [9.0, 11.0]);
+        let (cw, cl, rw, rl, nw, nl) = (t(&lp_w), t(&lp_l), t(&ref_w), t(&ref_l), t(&n_w), t(&n_l));
+        let x = PairLogps {
+            chosen: &cw,
+            rejected: &cl,
+            ref_chosen: Some(&rw),
+            ref_rejected: Some(&rl),
+            chosen_lens: &nw,
+            rejected_lens: &nl,
+            win_prob_chosen: None,
+            win_prob_rejected: None,
+        };
+        let logsig = |z: f64| -(1.0 + (-z).exp()).ln();
+        let p =
+            LossParams { beta: 0.2, label_smoothing: 0.1, cpo_alpha: 0.7, rdpo_alpha: 0.05, ..LossParams::default() };
+        let cpo: Vec<f64> = pair_loss(LossType::Cpo, &p, &x).unwrap().to_vec1().unwrap();
+        let rdpo: Vec<f64> = pair_loss(LossType::Rdpo, &p, &x).unwrap().to_vec1().unwrap();
+        for i in 0..2 {
+            let z = p.beta * (lp_w[i] - lp_l[i]);
+            let want = -(1.0 - p.label_smoothing) * logsig(z) - p.label_smoothing * logsig(-z)
+                + p.cpo_alpha * (-lp_w[i] / n_w[i]);
+            assert!((cpo[i] - want).abs() < 1e-12, "cpo {i}: {} vs {want}", cpo[i]);
+            let h = (lp_w[i] - ref_w[i]) - (lp_l[i] - ref_l[i]);
+            let want = -logsig(p.beta * h - p.rdpo_alpha * (n_w[i] - n_l[i]));
+            assert!((rdpo[i] - want).abs() < 1e-12, "rdpo {i}: {} vs {want}", rdpo[i]);
+        }
+        // rdpo_alpha = 0 is DPO; cpo runs without a reference.
+        let dpo: Vec<f64> = pair_loss(LossType::Sigmoid, &LossParams { beta: 0.2, ..LossParams::default() }, &x)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let r0: Vec<f64> =
+            pair_loss(LossType::Rdpo, &LossParams { beta: 0.2, rdpo_alpha: 0.0, ..LossParams::default() }, &x)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+        assert_eq!(dpo, r0);
+        let free = PairLogps { ref_chosen: None, ref_rejected: None, ..x };
+        assert!(pair_loss(LossType::Cpo, &p, &free).is_ok());
+        assert!(pair_loss(LossType::Rdpo, &p, &free).is_err());
     }
 
     #[test]

@@ -99,6 +99,8 @@ fn loss_params(cfg: &TrainConfig) -> LossParams {
         label_smoothing: cfg.label_smoothing,
         simpo_gamma: cfg.simpo_gamma,
         dpop_lambda: cfg.dpop_lambda,
+        cpo_alpha: cfg.cpo_alpha,
+        rdpo_alpha: cfg.rdpo_alpha,
         ..LossParams::default()
     }
 }
