@@ -35,6 +35,10 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
     }
 }
 
+/// The longest JSONL line (one example) read: far beyond any `max_length` budget, and small
+/// enough that tokenizing it stays fast.
+pub const MAX_LINE_BYTES: usize = 4 << 20;
+
 fn read_json_lines(path: &Path) -> Result<Vec<Record>, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let text = match String::from_utf8(bytes) {
@@ -64,6 +68,17 @@ fn read_json_lines(path: &Path) -> Result<Vec<Record>, DataError> {
             continue;
         }
         let source = RecordSource::line(path, i + 1);
+        if line.len() > MAX_LINE_BYTES {
+            return Err(DataError::record(
+                &source,
+                format!(
+                    "the line is {:.1} MiB; one example may be at most {} MiB (it is cut to max_length tokens \
+                     anyway, and tokenizing megabytes of text takes minutes)",
+                    line.len() as f64 / (1 << 20) as f64,
+                    MAX_LINE_BYTES >> 20
+                ),
+            ));
+        }
         let value: Value =
             serde_json::from_str(line).map_err(|e| DataError::record(&source, format!("not valid JSON: {e}")))?;
         records.push(object_record(value, source)?);
@@ -94,6 +109,16 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.jsonl");
+        let big = format!("{{\"prompt\": \"{}\"}}", "x".repeat(MAX_LINE_BYTES));
+        std::fs::write(&path, format!("{{\"prompt\": \"a\"}}\n{big}\n")).unwrap();
+        let err = read_records(&path).unwrap_err().to_string();
+        assert!(err.contains("huge.jsonl:2") && err.contains("at most 4 MiB"), "{err}");
     }
 
     #[test]
