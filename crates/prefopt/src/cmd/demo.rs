@@ -34,6 +34,7 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     args.device.device()?; // refuse an unusable device before any work
+    anyhow::ensure!(!args.out.is_file(), "--out {} is a file; the demo writes a folder there", args.out.display());
     let seeds = args.seeds.unwrap_or(if args.quick { 1 } else { 3 });
     anyhow::ensure!(seeds >= 1, "--seeds must be at least 1");
     let recipe = if args.quick { Recipe::quick(seeds) } else { Recipe::full(seeds) };

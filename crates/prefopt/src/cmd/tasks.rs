@@ -15,8 +15,9 @@ pub struct TasksArgs {
     /// `prompts` (`{"prompt"}` lines) or `sft` (`{"prompt", "completion"}` lines).
     #[arg(long, value_parser = ["prompts", "sft"])]
     kind: String,
-    #[arg(long)]
-    count: usize,
+    /// Lines to write (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
     /// Seeds the prompts (and the off-format draws).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -39,8 +40,8 @@ pub fn run(args: TasksArgs) -> Result<()> {
     );
     let task = task_by_name(&args.task)?;
     let rows = match args.kind.as_str() {
-        "prompts" => prompt_records(task.as_ref(), args.count, args.seed),
-        _ => sft_records(task.as_ref(), args.count, args.seed, args.off_format_rate, args.wrong_rate)?,
+        "prompts" => prompt_records(task.as_ref(), args.count as usize, args.seed),
+        _ => sft_records(task.as_ref(), args.count as usize, args.seed, args.off_format_rate, args.wrong_rate)?,
     };
     let mut text = String::new();
     for row in &rows {
