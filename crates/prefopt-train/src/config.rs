@@ -49,6 +49,10 @@ impl LossTypes {
 pub struct TrainConfig {
     /// Policy model: a Hugging Face folder. Required.
     pub model: PathBuf,
+    /// `model` as the user named it in the Hugging Face cache (`org/name[@revision]`), when
+    /// it was resolved from a name; saved folders record it as transformers and PEFT do.
+    #[serde(skip)]
+    pub model_name: Option<String>,
     /// Reference model folder; defaults to `model`. Not loaded for reference-free losses
     /// (simpo, sft) unless SPO needs it.
     pub ref_model: Option<PathBuf>,
@@ -167,6 +171,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             model: PathBuf::new(),
+            model_name: None,
             ref_model: None,
             train_data: PathBuf::new(),
             eval_data: None,
@@ -357,7 +362,11 @@ impl TrainConfig {
     /// become their snapshot folders in the local cache ([`prefopt_model::hub`]).
     pub fn resolve_model_names(&mut self) -> Result<(), String> {
         let resolve = |key: &str, p: &Path| prefopt_model::hub::resolve_model(p).map_err(|e| format!("`{key}`: {e}"));
-        self.model = resolve("model", &self.model)?;
+        let resolved = resolve("model", &self.model)?;
+        if resolved != self.model {
+            self.model_name = Some(self.model.display().to_string());
+        }
+        self.model = resolved;
         if let Some(r) = &self.ref_model {
             self.ref_model = Some(resolve("ref_model", r)?);
         }

@@ -380,7 +380,7 @@ impl<'a> Run<'a> {
     fn checkpoint(&mut self) -> Result<(), TrainError> {
         let dir = checkpoint::checkpoint_dir(&self.cfg.output_dir, self.state.step);
         prefopt_fs::write_dir_atomic(&dir, |tmp| -> Result<(), TrainError> {
-            self.weights.fill_dir(tmp, &self.cfg.model)?;
+            self.weights.fill_dir(tmp, &self.cfg.model, self.cfg.model_name.as_deref())?;
             self.optimizer.save(tmp)?;
             checkpoint::write_state(tmp, &self.state)
         })?;
@@ -392,7 +392,9 @@ impl<'a> Run<'a> {
     /// tokenizer and generation files, or a PEFT adapter folder.
     fn save_final(&self) -> Result<PathBuf, TrainError> {
         let final_dir = self.cfg.output_dir.join("final");
-        prefopt_fs::write_dir_atomic(&final_dir, |tmp| self.weights.fill_dir(tmp, &self.cfg.model))?;
+        prefopt_fs::write_dir_atomic(&final_dir, |tmp| {
+            self.weights.fill_dir(tmp, &self.cfg.model, self.cfg.model_name.as_deref())
+        })?;
         Ok(final_dir)
     }
 }

@@ -75,15 +75,24 @@ impl Weights {
 
     /// Writes the weights into the existing folder `dir` (a checkpoint's or `final/`, which
     /// callers write atomically): a Hugging Face model folder, or a PEFT adapter folder with
-    /// the tokenizer files of `source` beside it (`base_model_name_or_path` names `source`).
-    pub fn fill_dir(&self, dir: &Path, source: &Path) -> Result<(), TrainError> {
+    /// the tokenizer files of `source` beside it. `name` is what the folder says it came from
+    /// (`_name_or_path` in config.json, `base_model_name_or_path` of an adapter): the hub name
+    /// the run was given, or else `source`'s absolute path.
+    pub fn fill_dir(&self, dir: &Path, source: &Path, name: Option<&str>) -> Result<(), TrainError> {
+        let absolute = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+        let name = name.map_or_else(|| absolute.display().to_string(), str::to_string);
         match self {
-            Weights::Full(model) => fill_model_dir(dir, &model.raw_config, &model.params, Some(source))?,
+            Weights::Full(model) => {
+                let mut config = model.raw_config.clone();
+                if let Some(c) = config.as_object_mut() {
+                    c.insert("_name_or_path".into(), name.into());
+                }
+                fill_model_dir(dir, &config, &model.params, Some(source))?
+            }
             Weights::Lora { adapter, .. } => {
                 // A PEFT folder holds no model config or weights (transformers would take it
                 // for a model); the tokenizer files make it self-describing.
-                let base = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-                adapter.fill_dir(dir, &base.display().to_string())?;
+                adapter.fill_dir(dir, &name)?;
                 copy_tokenizer_files(source, dir)?;
             }
         }

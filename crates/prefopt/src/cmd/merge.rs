@@ -15,8 +15,9 @@ pub struct MergeArgs {
     #[arg(long, value_parser = super::model_dir)]
     model: PathBuf,
     /// The PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors).
-    /// Optional when --model is an adapter stack.
-    #[arg(long)]
+    /// Optional when --model is an adapter stack. A folder, or `org/name[@revision]` in the
+    /// local Hugging Face cache.
+    #[arg(long, value_parser = super::model_dir)]
     adapter: Option<PathBuf>,
     /// Output model folder (written atomically; must not exist yet).
     #[arg(long)]

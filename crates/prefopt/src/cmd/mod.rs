@@ -16,7 +16,8 @@ pub mod train;
 pub struct AdapterArg {
     /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to apply
     /// on top of --model, as `PeftModel.from_pretrained(model, adapter)` does.
-    #[arg(long)]
+    /// A folder, or `org/name[@revision]` in the local Hugging Face cache.
+    #[arg(long, value_parser = model_dir)]
     pub adapter: Option<std::path::PathBuf>,
 }
 

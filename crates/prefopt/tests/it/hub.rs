@@ -67,4 +67,20 @@ fn a_training_config_takes_a_hub_name() {
         .output()
         .unwrap());
     assert!(out.join("final/model.safetensors").is_file());
+    // The saved folder says where the base came from, as transformers' `_name_or_path`.
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("final/config.json")).unwrap()).unwrap();
+    assert_eq!(config["_name_or_path"], "test-org/tiny");
+    // And a LoRA adapter's `base_model_name_or_path` names the hub model, as PEFT writes it.
+    let lora = tmp.path().join("lora");
+    ok(prefopt()
+        .env("HF_HUB_CACHE", &hub)
+        .args(["train", "--set", "model=\"test-org/tiny\"", "--set", &format!("train_data=\"{}\"", data.display())])
+        .args(["--set", &format!("output_dir=\"{}\"", lora.display()), "--set", "max_steps=1", "--set", "batch_size=2"])
+        .args(["--set", "use_peft=true"])
+        .output()
+        .unwrap());
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lora.join("final/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(adapter["base_model_name_or_path"], "test-org/tiny");
 }
