@@ -23,7 +23,6 @@ one). Not run in CI (it needs Python and the model folder).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,19 +39,20 @@ from peft import PeftModel  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from check_real_model import datasets, load, prefopt, read_jsonl, reference_logps, write_jsonl  # noqa: E402
+from check_real_model import (  # noqa: E402
+    check_arguments,
+    datasets,
+    load,
+    prefopt,
+    prefopt_scores,
+    read_jsonl,
+    reference_logps,
+    write_jsonl,
+)
 from make_fixtures import tokenize_example  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LR, BETA, STEPS = 1e-3, 0.1, 3
-
-
-def scores(binary: Path, model: Path, data: Path, out: Path, adapter: Path | None = None) -> list[dict]:
-    args = ["score", "--model", str(model), "--data", str(data), "--out", str(out), "--max-length", "100000"]
-    if adapter is not None:
-        args += ["--adapter", str(adapter)]
-    prefopt(binary, *args)
-    return read_jsonl(out)
 
 
 def peft_model(base: Path, adapter: Path, dtype, trainable: bool = False):
@@ -164,8 +164,8 @@ def check_loading(binary: Path, model_dir: Path, adapter: Path, work: Path) -> d
         rows = datasets()[kind]
         path = work / f"lora-{kind}.jsonl"
         write_jsonl(path, rows)
-        ours = scores(binary, model_dir, path, work / f"lora-{kind}.scores.jsonl", adapter)
-        ours_merged = scores(binary, merged, path, work / f"lora-{kind}.merged.scores.jsonl")
+        ours = prefopt_scores(binary, model_dir, path, work / f"lora-{kind}.scores.jsonl", adapter)
+        ours_merged = prefopt_scores(binary, merged, path, work / f"lora-{kind}.merged.scores.jsonl")
         want64, want32 = reference_logps(p64, tok, rows), reference_logps(p32, tok, rows)
         merged_tf = reference_logps(m32, tok, rows)
         base = reference_logps(base32, tok, rows)
@@ -207,16 +207,7 @@ def markdown(results: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=ROOT / "target-real/smollm2-135m-instruct")
-    ap.add_argument("--prefopt", type=Path, default=ROOT / "target/release/prefopt")
-    ap.add_argument("--out", type=Path, default=ROOT / "out/lora-check")
-    args = ap.parse_args()
-    if not (args.model / "config.json").exists():
-        sys.exit(f"{args.model}: no model folder; build it with scripts/make_real_model.py")
-    if not args.prefopt.exists():
-        sys.exit(f"{args.prefopt}: build it with `cargo build --release`")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = check_arguments(__doc__.split("\n")[0], "out/lora-check")
     tok = PreTrainedTokenizerFast.from_pretrained(str(args.model))
     started = time.time()
     results = {"model": str(args.model), "torch": torch.__version__}

@@ -203,9 +203,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def prefopt_scores(binary: Path, model_dir: Path, data: Path, out: Path) -> list[dict]:
-    prefopt(binary, "score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-length", "100000")
+def prefopt_scores(binary: Path, model_dir: Path, data: Path, out: Path, adapter: Path | None = None) -> list[dict]:
+    args = ["score", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-length", "100000"]
+    if adapter is not None:
+        args += ["--adapter", str(adapter)]
+    prefopt(binary, *args)
     return read_jsonl(out)
+
+
+def check_arguments(description: str, default_out: str, extra=None) -> argparse.Namespace:
+    """The real-model checks' shared flags (--model, --prefopt, --out), parsed and checked."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", type=Path, default=ROOT / "target-real/smollm2-135m-instruct")
+    ap.add_argument("--prefopt", type=Path, default=ROOT / "target/release/prefopt")
+    ap.add_argument("--out", type=Path, default=ROOT / default_out)
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    if not (args.model / "config.json").exists():
+        sys.exit(f"{args.model}: no model folder; build it with scripts/make_real_model.py")
+    if not args.prefopt.exists():
+        sys.exit(f"{args.prefopt}: build it with `cargo build --release`")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 # --------------------------------------------------------------------------------------
@@ -381,17 +401,11 @@ def markdown(results: dict) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=ROOT / "target-real/smollm2-135m-instruct")
-    ap.add_argument("--prefopt", type=Path, default=ROOT / "target/release/prefopt")
-    ap.add_argument("--out", type=Path, default=ROOT / "out/real-model-check")
-    ap.add_argument("--only", choices=["logprobs", "greedy", "dpo"], help="run one check")
-    args = ap.parse_args()
-    if not (args.model / "config.json").exists():
-        sys.exit(f"{args.model}: no model folder; build it with scripts/make_real_model.py")
-    if not args.prefopt.exists():
-        sys.exit(f"{args.prefopt}: build it with `cargo build --release`")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = check_arguments(
+        __doc__.split("\n")[0],
+        "out/real-model-check",
+        lambda ap: ap.add_argument("--only", choices=["logprobs", "greedy", "dpo"], help="run one check"),
+    )
     torch.manual_seed(0)
     tok = PreTrainedTokenizerFast.from_pretrained(str(args.model))
     started = time.time()
