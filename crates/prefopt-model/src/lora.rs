@@ -66,10 +66,8 @@ impl TargetModules {
         if names.is_empty() {
             return Err("target_modules is empty".into());
         }
-        let mut ordered: Vec<String> =
-            LINEAR_MODULES.iter().filter(|m| names.iter().any(|n| n == *m)).map(|s| s.to_string()).collect();
-        ordered.dedup();
-        Ok(ordered)
+        // In the model's module order, each once (LINEAR_MODULES has no repeats).
+        Ok(LINEAR_MODULES.iter().filter(|m| names.iter().any(|n| n == *m)).map(|s| s.to_string()).collect())
     }
 }
 

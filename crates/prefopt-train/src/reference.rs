@@ -46,8 +46,8 @@ pub fn cache_key(model_dirs: &[&Path], data_path: &Path, settings: &str) -> Resu
                     && (name.ends_with(".safetensors")
                         || name.starts_with("tokenizer")
                         || name == "config.json"
-                        || name == "adapter_config.json"
-                        || name == "adapter_stack.json"
+                        || name == prefopt_model::lora::ADAPTER_CONFIG
+                        || name == prefopt_model::stack::ADAPTER_STACK
                         || name.ends_with(".jinja"))
             })
             .collect();

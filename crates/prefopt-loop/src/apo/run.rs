@@ -317,10 +317,8 @@ impl<'a> LoopRun<'a> {
             }
             if lora {
                 let (base, mut entries) = read_stack(&run.sampler(it.t))?;
-                entries.push(StackEntry {
-                    adapter: std::fs::canonicalize(&done).unwrap_or(done.clone()),
-                    coefficient: 1.0,
-                });
+                // (save_stack_dir resolves the path itself.)
+                entries.push(StackEntry { adapter: done.clone(), coefficient: 1.0 });
                 save_stack_dir(&it.record.trained, &base, &entries)?;
                 it.record.adapter = Some(done);
             }

@@ -100,7 +100,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let ids = Tensor::from_vec(ids, (b, t), &device)?;
 
     if args.mode == "dpo" {
-        return bench_dpo(&args, hf, &mut rng);
+        return bench_dpo(&args, hf, &device, &mut rng);
     }
     if generating {
         return bench_generate(&args, &hf, &mut rng);
@@ -151,7 +151,12 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
 /// shards of pairs forward and backward at once, sigmoid loss, metrics, AdamW), plus, unless
 /// `--cached-ref`, the reference forward pass that PyTorch's step runs every time (sharded
 /// the same way).
-fn bench_dpo(args: &BenchArgs, hf: HfModel, rng: &mut rand_chacha::ChaCha8Rng) -> Result<()> {
+fn bench_dpo(
+    args: &BenchArgs,
+    hf: HfModel,
+    device: &candle_core::Device,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> Result<()> {
     use prefopt_data::{TokenizedPair, TokenizedSequence};
     use prefopt_train::dataset::PairDataset;
     use prefopt_train::optim::{Optimizer, OptimizerConfig};
@@ -197,7 +202,7 @@ fn bench_dpo(args: &BenchArgs, hf: HfModel, rng: &mut rand_chacha::ChaCha8Rng) -
     };
     let flops_per_sequence = forward_flops(&hf, a + c);
     let weights = if args.lora {
-        let adapter = LoraAdapter::init(&hf.config, cfg.fresh_lora_config()?, cfg.seed, &hf_device(&hf))?;
+        let adapter = LoraAdapter::init(&hf.config, cfg.fresh_lora_config()?, cfg.seed, device)?;
         Weights::Lora { base: hf.into(), adapter }
     } else {
         Weights::Full(hf)
@@ -348,9 +353,4 @@ pub fn peak_rss_mb() -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
         })
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-/// The device a loaded model's weights live on.
-fn hf_device(hf: &HfModel) -> candle_core::Device {
-    hf.params.iter().next().map_or(candle_core::Device::Cpu, |(_, v)| v.device().clone())
 }
