@@ -32,6 +32,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from check_real_model import completion_logp  # noqa: E402
 from make_fixtures import FIX, copy_tokenizer, dump_json, implicit_prompt, tokenize_example, tok_id  # noqa: E402
 
 torch.set_num_threads(1)
@@ -85,13 +86,6 @@ def build() -> Path:
     return folder
 
 
-def logp(model, ids: list[int], start: int) -> float:
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0]
-    lp = torch.log_softmax(logits, dim=-1)[start - 1 : len(ids) - 1]
-    return float(lp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).double().sum())
-
-
 def expected(folder: Path) -> None:
     out = FIX / "expected" / "deep"
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +100,7 @@ def expected(folder: Path) -> None:
             t = tokenize_example(tok, ex)
             row = {"index": i}
             for side, ids, start in (("chosen", t["chosen_ids"], t["a"]), ("rejected", t["rejected_ids"], t["b"])):
-                f64, f32 = logp(m64, ids, start), logp(m32, ids, start)
+                f64, f32 = completion_logp(m64, ids, start), completion_logp(m32, ids, start)
                 row[f"logp_{side}"] = f64
                 row[f"logp_{side}_f32"] = f32
                 row[f"n_tokens_{side}"] = len(ids) - start
