@@ -191,7 +191,7 @@ fn mean_pair_logps(
     let net = HfModel::load(model_dir, device)?.build(Mode::Infer, Precision::F32)?;
     let data = PairDataset::load(pairs, tok, opts)?;
     let pairs: Vec<_> = data.pairs.iter().collect();
-    let lp = score_pairs(&net, &pairs, 16, tok.padding_id(), |_| {})?;
+    let lp = score_pairs(&net, &pairs, 16, TrainConfig::default().batch_layout(tok.padding_id()), |_| {})?;
     let chosen: f64 = lp.iter().map(|&(w, _)| f64::from(w)).sum();
     let rejected: f64 = lp.iter().map(|&(_, l)| f64::from(l)).sum();
     let n = lp.len().max(1) as f64;

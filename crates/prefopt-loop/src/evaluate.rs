@@ -165,7 +165,7 @@ fn sequence_logps(
     let mut out = Vec::with_capacity(seqs.len());
     for chunk in seqs.chunks(16) {
         let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
-        let batch = SequenceBatch::new(&refs, tok.padding_id(), net.device())?;
+        let batch = SequenceBatch::packed(&refs, net.device())?;
         let lp: Vec<f32> = completion_logps(net, &batch)?.logps.to_vec1()?;
         out.extend(lp.into_iter().map(f64::from));
     }

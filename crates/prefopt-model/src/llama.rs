@@ -26,7 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::lora::{LoraAdapter, LINEAR_MODULES};
-use crate::ops::{self, AttentionMask};
+use crate::ops::{self, AttentionMask, PackedSpan};
 use crate::params::Params;
 
 /// Every parameter the config implies, with its Hugging Face name and shape.
@@ -487,13 +487,21 @@ impl Block {
 /// [`Llama::hidden_states_for_training`].
 pub struct Checkpoints {
     input_ids: Tensor,
-    batch: usize,
+    layout: Layout,
     ctx: Ctx,
     /// x_i, the input of block i (x_0 the embeddings), without a graph.
     inputs: Vec<Tensor>,
     /// The last block's output as a variable: the final norm and everything after it build
     /// their graph from here.
     last: Var,
+}
+
+/// Where a forward pass's tokens sit: its batch rows, their rotary tables (cos, sin) and
+/// attention mask.
+struct Layout {
+    batch: usize,
+    rope: (Tensor, Tensor),
+    mask: AttentionMask,
 }
 
 /// The gradients of `sum(y * g)`: a backward pass from `y` seeded with `g`. candle also
@@ -630,6 +638,15 @@ impl Llama {
         &self.cfg
     }
 
+    /// Whether a training forward pass draws LoRA dropout masks (a trainable adapter with
+    /// `lora_dropout > 0`): those masks are drawn per row of a padded batch.
+    pub fn draws_dropout(&self) -> bool {
+        self.blocks.iter().any(|b| {
+            let (a, m) = (&b.attn, &b.mlp);
+            [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down].iter().any(|l| l.lora.iter().any(|t| t.dropout > 0.0))
+        })
+    }
+
     /// The precision the network computes its weights in.
     pub fn precision(&self) -> Precision {
         self.precision
@@ -661,7 +678,9 @@ impl Llama {
         if !pad_lens.is_empty() && pad_lens.len() != b {
             return Err(candle_core::Error::Msg(format!("{} pad lengths for a batch of {b}", pad_lens.len())).into());
         }
-        self.run(input_ids, pad_lens, cache, &Ctx::default())
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let layout = self.layout(input_ids, pad_lens, past, &[])?;
+        self.run(input_ids, &layout, cache, &Ctx::default())
     }
 
     /// Logits (B, T, V) from final-norm hidden states (B, T, C): the LM head alone, so a
@@ -670,82 +689,99 @@ impl Llama {
         Ok(self.project(h)?)
     }
 
-    /// The network; `pad_lens` empty or all zero means no padding.
-    fn run(
-        &self,
-        input_ids: &Tensor,
-        pad_lens: &[usize],
-        mut cache: Option<&mut KvCache>,
-        ctx: &Ctx,
-    ) -> Result<Tensor> {
+    /// Final-norm hidden states (1, R, C) of a packed row of input ids (1, R) u32: several
+    /// sequences side by side without padding, each attending only within its span, at its
+    /// own positions (and two completions of one prompt sharing its tokens; see
+    /// [`PackedSpan`]). Each span's states are those of its sequences run alone.
+    pub fn hidden_states_packed(&self, input_ids: &Tensor, spans: &[PackedSpan]) -> Result<Tensor> {
+        let layout = self.layout(input_ids, &[], 0, spans)?;
+        self.run(input_ids, &layout, None, &Ctx::default())
+    }
+
+    /// The rotary tables and attention mask of input ids (B, T) after `past` cached
+    /// positions, left-padded by `pad_lens` (empty or all zero: none) or packed as `spans`
+    /// (empty: not packed).
+    fn layout(&self, input_ids: &Tensor, pad_lens: &[usize], past: usize, spans: &[PackedSpan]) -> Result<Layout> {
         let (b, t) = input_ids.dims2()?;
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let longest = past + t - pad_lens.iter().copied().min().unwrap_or(0).min(past + t);
+        let device = input_ids.device();
+        let padded = pad_lens.iter().any(|&p| p > 0);
+        let positions: Option<Vec<usize>> = if !spans.is_empty() {
+            if b != 1 || past != 0 || padded {
+                return Err(candle_core::Error::Msg(format!(
+                    "a packed batch is one row without cache or padding, not {b} rows"
+                ))
+                .into());
+            }
+            Some(spans.iter().flat_map(|sp| (0..sp.len).map(move |j| sp.position(j))).collect())
+        } else if padded {
+            // Row b's slot s holds position s - pad_lens[b]; pad slots get 0 (never attended).
+            Some(pad_lens.iter().flat_map(|&p| (past..past + t).map(move |s| s.saturating_sub(p))).collect())
+        } else {
+            None
+        };
+        let longest = match &positions {
+            Some(ps) => ps.iter().max().map_or(0, |&p| p + 1),
+            None => past + t,
+        };
         if longest > self.cfg.max_position_embeddings {
             return Err(ModelError::SequenceTooLong { positions: longest, max: self.cfg.max_position_embeddings });
         }
-        let device = input_ids.device();
-        let (cos, sin) = if pad_lens.iter().all(|&p| p == 0) {
-            self.rope.tables(past, t, device)? // (T, D)
-        } else {
-            // Row b's slot s holds position s - pad_lens[b]; pad slots get 0 (never attended).
-            let positions: Vec<usize> =
-                pad_lens.iter().flat_map(|&p| (past..past + t).map(move |s| s.saturating_sub(p))).collect();
-            self.rope.tables_at(&positions, device)? // (B*T, D)
+        let rope = match &positions {
+            Some(ps) => self.rope.tables_at(ps, device)?, // (B*T, D)
+            None => self.rope.tables(past, t, device)?,   // (T, D)
         };
-        let pad_lens = if pad_lens.iter().all(|&p| p == 0) { Vec::new() } else { pad_lens.to_vec() };
-        let mask = AttentionMask { past, pad_lens };
+        let pad_lens = if padded { pad_lens.to_vec() } else { Vec::new() };
+        Ok(Layout { batch: b, rope, mask: AttentionMask { past, pad_lens, spans: spans.to_vec() } })
+    }
+
+    /// The network over input ids laid out as `layout`.
+    fn run(&self, input_ids: &Tensor, layout: &Layout, mut cache: Option<&mut KvCache>, ctx: &Ctx) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
         let mut x = self.embed_tokens(input_ids)?; // (B*T, C)
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize_with(self.blocks.len(), || None);
         }
+        let rope = (&layout.rope.0, &layout.rope.1);
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(x, b, (&cos, &sin), &mask, slot, ctx)?;
+            x = block.forward(x, b, rope, &layout.mask, slot, ctx)?;
         }
         Ok(self.norm.forward(&x)?.reshape((b, t, self.cfg.hidden_size))?)
     }
 
-    /// Final-norm hidden states (B, T, C) of a training batch (no padding, no cache), with a
+    /// Final-norm hidden states (B, T, C) of a training batch (no padding, no cache; or one
+    /// packed row of `spans`, as [`Llama::hidden_states_packed`]; empty: not packed), with a
     /// graph for the backward pass. `dropout` gives the trainable adapters' dropout masks
     /// (none without adapters or with `lora_dropout = 0`). With `checkpointing` (TRL's
-    /// `gradient_checkpointing`)
-    /// every decoder block runs without a graph and only its input is kept, so a backward
-    /// pass needs one block's activations at a time instead of all of them: the returned
-    /// states' graph then starts at the last block's output, and after `loss.backward()`
-    /// [`Llama::backward_checkpointed`] carries the gradients through the blocks.
+    /// `gradient_checkpointing`) every decoder block runs without a graph and only its input
+    /// is kept, so a backward pass needs one block's activations at a time instead of all of
+    /// them: the returned states' graph then starts at the last block's output, and after
+    /// `loss.backward()` [`Llama::backward_checkpointed`] carries the gradients through the
+    /// blocks.
     pub fn hidden_states_for_training(
         &self,
         input_ids: &Tensor,
+        spans: &[PackedSpan],
         checkpointing: bool,
         dropout: Option<Dropout>,
     ) -> Result<(Tensor, Option<Checkpoints>)> {
         let ctx = Ctx { dropout: dropout.map(std::sync::Arc::new) };
+        let layout = self.layout(input_ids, &[], 0, spans)?;
         if !checkpointing {
-            return Ok((self.run(input_ids, &[], None, &ctx)?, None));
+            return Ok((self.run(input_ids, &layout, None, &ctx)?, None));
         }
-        let (h, c) = self.hidden_states_checkpointed(input_ids, ctx)?;
-        Ok((h, Some(c)))
-    }
-
-    /// [`Llama::hidden_states_for_training`] with checkpointing.
-    fn hidden_states_checkpointed(&self, input_ids: &Tensor, ctx: Ctx) -> Result<(Tensor, Checkpoints)> {
         let (b, t) = input_ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
-            return Err(ModelError::SequenceTooLong { positions: t, max: self.cfg.max_position_embeddings });
-        }
-        let (cos, sin) = self.rope.tables(0, t, input_ids.device())?;
-        let mask = AttentionMask::default();
         let embed = rounded(&self.embed.detach(), self.round)?;
         let mut x = embed.index_select(&input_ids.flatten_all()?, 0)?; // (B*T, C)
         let mut inputs = Vec::with_capacity(self.blocks.len());
+        let rope = (&layout.rope.0, &layout.rope.1);
         for block in &self.blocks {
             inputs.push(x.clone());
-            x = block.detached().forward(x, b, (&cos, &sin), &mask, None, &ctx)?;
+            x = block.detached().forward(x, b, rope, &layout.mask, None, &ctx)?;
         }
         let last = Var::from_tensor(&x)?;
         let h = self.norm.forward(last.as_tensor())?.reshape((b, t, self.cfg.hidden_size))?;
-        Ok((h, Checkpoints { input_ids: input_ids.clone(), batch: b, ctx, inputs, last }))
+        Ok((h, Some(Checkpoints { input_ids: input_ids.clone(), layout, ctx, inputs, last })))
     }
 
     /// The gradients of a loss over checkpointed hidden states
@@ -756,16 +792,13 @@ impl Llama {
     /// gradient, as `loss.backward()` would without checkpointing. Can be called more than
     /// once per forward pass (each call recomputes).
     pub fn backward_checkpointed(&self, ckpt: &Checkpoints, mut grads: GradStore) -> Result<GradStore> {
-        let device = ckpt.input_ids.device();
-        let t = ckpt.input_ids.dim(1)?;
-        let (cos, sin) = self.rope.tables(0, t, device)?;
-        let mask = AttentionMask::default();
         let Some(mut g) = grads.remove(ckpt.last.as_tensor()) else {
             return Ok(grads); // the loss does not reach the blocks
         };
+        let (layout, rope) = (&ckpt.layout, (&ckpt.layout.rope.0, &ckpt.layout.rope.1));
         for (block, x) in self.blocks.iter().zip(&ckpt.inputs).rev() {
             let x = Var::from_tensor(x)?;
-            let y = block.forward(x.as_tensor().clone(), ckpt.batch, (&cos, &sin), &mask, None, &ckpt.ctx)?;
+            let y = block.forward(x.as_tensor().clone(), layout.batch, rope, &layout.mask, None, &ckpt.ctx)?;
             let mut store = backward_from(&y, &g)?;
             g = store.remove(x.as_tensor()).ok_or_else(|| {
                 candle_core::Error::Msg("gradient checkpointing: no gradient reached a block's input".into())

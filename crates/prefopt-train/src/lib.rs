@@ -24,7 +24,7 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use config::TrainConfig;
-pub use logps::{completion_logps, score_pairs, CompletionLogps, SequenceBatch};
+pub use logps::{completion_logps, score_pairs, BatchLayout, CompletionLogps, SequenceBatch};
 pub use preference::{train, PreferenceObjective};
 pub use sft::train_sft;
 pub use trainer::{Observer, Quiet, StepStatus, TrainSummary};

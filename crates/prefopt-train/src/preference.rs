@@ -7,7 +7,7 @@ use prefopt_model::{Checkpoints, Dropout, Llama, Params};
 
 use crate::config::TrainConfig;
 use crate::dataset::PairDataset;
-use crate::logps::Checkpointing;
+use crate::logps::{BatchLayout, Checkpointing};
 use crate::losses::{combined_loss, reward_metrics, LossParams, LossType, PairLogps};
 use crate::reference::{self, RefLogps};
 use crate::spo::{self, SpoSolver};
@@ -117,7 +117,7 @@ pub struct PreferenceObjective {
     /// (solver, lambda, eta) when SPO is on.
     spo: Option<(SpoSolver, f64, f64)>,
     batch_size: usize,
-    pad_id: u32,
+    layout: BatchLayout,
     checkpointing: Checkpointing,
 }
 
@@ -134,7 +134,7 @@ impl PreferenceObjective {
             params: loss_params(cfg),
             spo: (cfg.spo_lambda > 0.0).then_some((cfg.spo_solver, cfg.spo_lambda, cfg.spo_eta)),
             batch_size: cfg.batch_size,
-            pad_id,
+            layout: cfg.batch_layout(pad_id),
             checkpointing: cfg.checkpointing(),
         }
     }
@@ -170,7 +170,7 @@ impl Objective for PreferenceObjective {
         let mut acc = StepAccumulator::default();
         let share = micro.len() as f64 / step.len() as f64;
         let training = Some((self.checkpointing, dropout_seed));
-        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.pad_id, training)?;
+        let fwd = forward_pairs(policy, &self.train, self.ref_train.as_ref(), micro, self.layout, training)?;
         let x = fwd.pair_logps();
         let po = combined_loss(&self.terms, &self.params, &x)?;
         let ckpt = fwd.checkpoints.as_ref();
@@ -218,7 +218,7 @@ impl Objective for PreferenceObjective {
         let all: Vec<usize> = (0..data.len()).collect();
         for micro in all.chunks(self.batch_size) {
             let share = micro.len() as f64 / data.len() as f64;
-            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.pad_id, None)?;
+            let fwd = forward_pairs(model, data, self.ref_eval.as_ref(), micro, self.layout, None)?;
             let x = fwd.pair_logps();
             acc.add_metric("loss", scalar(&combined_loss(&self.terms, &self.params, &x)?)?, share);
             if let (Some(_), Some(ref_chosen)) = (self.spo, x.ref_chosen) {
@@ -283,8 +283,9 @@ fn reference_logps(
     };
     let reference = crate::weights::reference_network(cfg, device)?;
     let total = data.len();
-    let values =
-        reference::compute(&reference, data, cfg.batch_size, pad_id, |done| obs.reference_progress(done, total))?;
+    let values = reference::compute(&reference, data, cfg.batch_size, cfg.batch_layout(pad_id), |done| {
+        obs.reference_progress(done, total)
+    })?;
     if let Some((dir, key)) = cache {
         let path = reference::store_cached(&dir, &key, &values)?;
         obs.message(&format!("reference log-probs cached at {}", path.display()));
@@ -328,14 +329,15 @@ fn forward_pairs(
     data: &PairDataset,
     refs: Option<&RefLogps>,
     idx: &[usize],
-    pad_id: u32,
+    layout: BatchLayout,
     training: Option<(Checkpointing, u64)>,
 ) -> Result<PairForward, TrainError> {
     let device = model.device();
     let m = idx.len();
-    let seqs: Vec<_> =
-        idx.iter().map(|&i| &data.pairs[i].chosen).chain(idx.iter().map(|&i| &data.pairs[i].rejected)).collect();
-    let batch = logps::SequenceBatch::new(&seqs, pad_id, device)?;
+    let chosen: Vec<_> = idx.iter().map(|&i| &data.pairs[i].chosen).collect();
+    let rejected: Vec<_> = idx.iter().map(|&i| &data.pairs[i].rejected).collect();
+    let layout = layout.for_pass(model, training.is_some());
+    let batch = logps::SequenceBatch::pairs(&chosen, &rejected, layout, device)?;
     let out = match training {
         None => logps::completion_logps(model, &batch)?,
         Some((checkpointing, seed)) => {

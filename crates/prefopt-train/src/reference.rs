@@ -11,23 +11,23 @@ use prefopt_model::Llama;
 use sha2::{Digest, Sha256};
 
 use crate::dataset::PairDataset;
-use crate::logps::score_pairs;
+use crate::logps::{score_pairs, BatchLayout};
 use crate::TrainError;
 
 /// (lp_ref(chosen), lp_ref(rejected)) per pair, in dataset order.
 pub type RefLogps = Vec<(f32, f32)>;
 
 /// Reference log-probs of `data` under the frozen network `reference`, `batch_size` pairs
-/// per forward pass; `progress` hears the pairs done so far.
+/// per forward pass laid out as `layout`; `progress` hears the pairs done so far.
 pub fn compute(
     reference: &Llama,
     data: &PairDataset,
     batch_size: usize,
-    pad_id: u32,
+    layout: BatchLayout,
     progress: impl FnMut(usize),
 ) -> Result<RefLogps, TrainError> {
     let pairs: Vec<_> = data.pairs.iter().collect();
-    Ok(score_pairs(reference, &pairs, batch_size, pad_id, progress)?)
+    Ok(score_pairs(reference, &pairs, batch_size, layout, progress)?)
 }
 
 /// Hex SHA-256 over the reference's model folders' weight, adapter and tokenizer files (the

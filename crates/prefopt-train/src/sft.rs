@@ -11,7 +11,7 @@ use prefopt_data::{
 use prefopt_model::{Checkpoints, Dropout, Llama, Params};
 
 use crate::config::TrainConfig;
-use crate::logps::Checkpointing;
+use crate::logps::{BatchLayout, Checkpointing};
 use crate::trainer::{
     backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary,
 };
@@ -83,7 +83,7 @@ pub fn train_sft(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSumma
         train,
         eval,
         batch_size: cfg.batch_size,
-        pad_id: tok.padding_id(),
+        layout: cfg.batch_layout(tok.padding_id()),
         checkpointing: cfg.checkpointing(),
     };
     let mut summary = run_loop(cfg, resume_dir, &mut objective, obs)?;
@@ -95,7 +95,8 @@ struct SftObjective {
     train: SeqDataset,
     eval: Option<SeqDataset>,
     batch_size: usize,
-    pad_id: u32,
+    /// Only `padding_free` applies (there are no pairs).
+    layout: BatchLayout,
     checkpointing: Checkpointing,
 }
 
@@ -117,7 +118,8 @@ impl SftObjective {
         training: Option<(Checkpointing, u64)>,
     ) -> Result<SeqForward, TrainError> {
         let seqs: Vec<&TokenizedSequence> = idx.iter().map(|&i| &data.seqs[i]).collect();
-        let batch = logps::SequenceBatch::new(&seqs, self.pad_id, model.device())?;
+        let layout = self.layout.for_pass(model, training.is_some());
+        let batch = logps::SequenceBatch::sequences(&seqs, layout, model.device())?;
         let out = match training {
             None => logps::completion_logps(model, &batch)?,
             Some((checkpointing, seed)) => {

@@ -420,7 +420,13 @@ fn write_extrapolated_reference(
     let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &train.tokenize_options())?;
     let logps = |dir: &Path| -> Result<Vec<(f32, f32)>, LoopError> {
         let net = Policy::load(dir, &device)?.network(Mode::Infer, train.precision())?;
-        Ok(prefopt_train::reference::compute(&net, &data, train.batch_size, tok.padding_id(), |_| {})?)
+        Ok(prefopt_train::reference::compute(
+            &net,
+            &data,
+            train.batch_size,
+            train.batch_layout(tok.padding_id()),
+            |_| {},
+        )?)
     };
     let combined = extrapolate_logps(&logps(newer)?, &logps(older)?, alpha);
     let mut rows: Vec<serde_json::Value> = prefopt_fs::read_jsonl(pairs)?;

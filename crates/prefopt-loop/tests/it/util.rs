@@ -25,6 +25,13 @@ pub fn pair_logps(model: &Path, pairs: &Path, opts: &TokenizeOptions) -> Vec<(f6
     let data = PairDataset::load(pairs, &tok, opts).unwrap();
     assert_eq!(data.dropped, 0, "{}: rows dropped by the length budget", pairs.display());
     let net = Policy::load(model, &Device::Cpu).unwrap().network(Mode::Infer, Precision::F32).unwrap();
-    let lp = prefopt_train::reference::compute(&net, &data, 8, tok.padding_id(), |_| {}).unwrap();
+    let lp = prefopt_train::reference::compute(
+        &net,
+        &data,
+        8,
+        prefopt_train::TrainConfig::default().batch_layout(tok.padding_id()),
+        |_| {},
+    )
+    .unwrap();
     lp.into_iter().map(|(w, l)| (w as f64, l as f64)).collect()
 }

@@ -18,24 +18,110 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D}
 use super::fast_exp::exp_in_place;
 use super::{contiguous_f32, dot_f64, fused, matmul_serial, par_chunks, storage_f32, sum_f64, with_f32, SharedMut};
 
-/// Which keys each query may attend to. Query i of the T new positions sits at slot
-/// `past + i` of the S = past + T keys; it attends to slots `0..=past + i` (causal), except
-/// that row b's first `pad_lens[b]` slots are left padding that only a pad query itself
-/// attends to (a row of all -inf would give NaN).
+/// Which keys each query may attend to. Unpacked (`spans` empty): query i of the T new
+/// positions sits at slot `past + i` of the S = past + T keys; it attends to slots
+/// `0..=past + i` (causal), except that row b's first `pad_lens[b]` slots are left padding
+/// that only a pad query itself attends to (a row of all -inf would give NaN). Packed
+/// (`spans` given; one batch row, no past, no padding): the row holds several independent
+/// sequences, and a query attends only within its own span (see [`PackedSpan`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AttentionMask {
     /// Keys already cached before the new positions.
     pub past: usize,
     /// Left-padding slots per batch row; empty means none.
     pub pad_lens: Vec<usize>,
+    /// The sequences of a packed row, in order, covering it; empty means not packed.
+    pub spans: Vec<PackedSpan>,
+}
+
+/// One sequence of a packed row, or two completions of one prompt sharing its tokens:
+/// `[prompt + first completion][second completion]`, where tokens `fork..len` attend to the
+/// prompt `0..prefix` and causally to themselves, but not to the first completion
+/// `prefix..fork`. Their positions continue the prompt's: token j >= fork sits at position
+/// `prefix + j - fork`, as if it followed the prompt directly. A single sequence has
+/// `fork == len` (and `prefix` is then unused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PackedSpan {
+    /// The span's first slot in the packed row.
+    pub start: usize,
+    /// Its tokens.
+    pub len: usize,
+    /// The shared prompt's tokens (the prefix the second completion attends to).
+    pub prefix: usize,
+    /// Where the second completion starts (`len` when there is none).
+    pub fork: usize,
+}
+
+impl PackedSpan {
+    /// A single sequence of `len` tokens at `start`.
+    pub fn single(start: usize, len: usize) -> Self {
+        Self { start, len, prefix: len, fork: len }
+    }
+
+    /// The position (for the rotary embedding) of the span's token j.
+    pub fn position(&self, j: usize) -> usize {
+        if j < self.fork {
+            j
+        } else {
+            self.prefix + j - self.fork
+        }
+    }
 }
 
 impl AttentionMask {
-    /// The keys `lo..=hi` that query `i` of batch row `b` attends to.
-    fn range(&self, b: usize, i: usize) -> (usize, usize) {
-        let q = self.past + i;
-        let pad = self.pad_lens.get(b).copied().unwrap_or(0);
-        (pad.min(q), q)
+    /// The mask of a packed row of `spans`.
+    pub fn packed(spans: Vec<PackedSpan>) -> Self {
+        Self { past: 0, pad_lens: Vec::new(), spans }
+    }
+
+    /// The independent attention problems of a batch of `batch` rows of `t` queries: one per
+    /// batch row, or one per span of a packed row.
+    fn problems(&self, batch: usize, t: usize, heads: usize) -> Result<Vec<Problem>> {
+        if self.spans.is_empty() {
+            let s = self.past + t;
+            return Ok((0..batch)
+                .map(|b| Problem {
+                    b,
+                    start: 0,
+                    q0: b * t,
+                    t,
+                    past: self.past,
+                    pad: self.pad_lens.get(b).copied().unwrap_or(0),
+                    prefix: t,
+                    fork: t,
+                    probs: b * heads * t * s,
+                })
+                .collect());
+        }
+        let (mut next, mut probs, mut out) = (0, 0, Vec::with_capacity(self.spans.len()));
+        for sp in &self.spans {
+            if batch != 1
+                || self.past != 0
+                || sp.start != next
+                || sp.len == 0
+                || sp.fork > sp.len
+                || sp.prefix > sp.fork
+            {
+                bail!("attention: packed spans {:?} do not tile a row of {t} (batch {batch})", self.spans);
+            }
+            out.push(Problem {
+                b: 0,
+                start: sp.start,
+                q0: sp.start,
+                t: sp.len,
+                past: 0,
+                pad: 0,
+                prefix: sp.prefix,
+                fork: sp.fork,
+                probs,
+            });
+            next += sp.len;
+            probs += heads * sp.len * sp.len;
+        }
+        if next != t {
+            bail!("attention: packed spans cover {next} of {t} slots");
+        }
+        Ok(out)
     }
 
     /// The additive mask (B or 1, 1, T, S) of the reference composition: 0 or -inf.
@@ -43,13 +129,64 @@ impl AttentionMask {
         let rows = if self.pad_lens.is_empty() { 1 } else { batch };
         let s = self.past + t;
         let mut mask = vec![f32::NEG_INFINITY; rows * t * s];
-        for b in 0..rows {
-            for i in 0..t {
-                let (lo, hi) = self.range(b, i);
-                mask[(b * t + i) * s + lo..=(b * t + i) * s + hi].fill(0.0);
+        for p in self.problems(rows, t, 1)? {
+            for i in 0..p.t {
+                let row = (p.q0 + i) * s + p.start;
+                for (lo, hi) in p.keys(i) {
+                    mask[row + lo..row + hi].fill(0.0);
+                }
             }
         }
         Tensor::from_vec(mask, (rows, 1, t, s), device)
+    }
+}
+
+/// One independent attention problem: `t` queries (rows `q0..q0 + t` of q) over the keys of
+/// batch row `b` from slot `start` on (`past + t` of them).
+#[derive(Clone, Copy, Debug)]
+struct Problem {
+    b: usize,
+    start: usize,
+    q0: usize,
+    t: usize,
+    past: usize,
+    /// Left-padding slots.
+    pad: usize,
+    /// A shared prompt's length and where the second completion starts (`fork == t`: none).
+    prefix: usize,
+    fork: usize,
+    /// Offset of its (heads, t, past + t) probabilities in the kept buffer.
+    probs: usize,
+}
+
+impl Problem {
+    /// Keys, S = past + t.
+    fn s(&self) -> usize {
+        self.past + self.t
+    }
+
+    /// The key ranges (half-open, the second possibly empty) query i attends to.
+    fn keys(&self, i: usize) -> [(usize, usize); 2] {
+        if i >= self.fork {
+            [(0, self.prefix), (self.fork, i + 1)]
+        } else {
+            let q = self.past + i;
+            [(self.pad.min(q), q + 1), (0, 0)]
+        }
+    }
+
+    /// The row blocks (i0, i1) of the queries, none straddling the fork, with the key ranges
+    /// their gemms compute: rows i0..i1 see keys below `past + i1` only (or the prompt and
+    /// the second completion's keys below i1), so the masked upper triangle is skipped block
+    /// by block (smaller blocks skip more, but each gemm call has a fixed cost).
+    fn row_blocks(&self) -> impl Iterator<Item = (usize, usize, [(usize, usize); 2])> + '_ {
+        let first = (0..self.fork).step_by(ROW_BLOCK).map(|i0| (i0, (i0 + ROW_BLOCK).min(self.fork)));
+        let second = (self.fork..self.t).step_by(ROW_BLOCK).map(|i0| (i0, (i0 + ROW_BLOCK).min(self.t)));
+        first.chain(second).map(|(i0, i1)| {
+            let ranges =
+                if i0 >= self.fork { [(0, self.prefix), (self.fork, i1)] } else { [(0, self.past + i1), (0, 0)] };
+            (i0, i1, ranges)
+        })
     }
 }
 
@@ -71,16 +208,20 @@ pub fn causal_attention(
     }
     let (rows, f) = q.dims2()?;
     let d = f / heads;
-    let keep_probs = q.track_op() || k.track_op() || v.track_op();
+    let t = rows / batch;
+    let problems = mask.problems(batch, t, heads)?;
+    let probs_len = problems.iter().map(|p| heads * p.t * p.s()).sum();
     let op = Attention {
         batch,
-        t: rows / batch,
+        t,
         heads,
         kv_heads,
         d,
         scale: 1.0 / (d as f32).sqrt(),
-        mask: mask.clone(),
-        keep_probs,
+        past: mask.past,
+        problems,
+        probs_len,
+        keep_probs: q.track_op() || k.track_op() || v.track_op(),
         probs: Mutex::new(None),
     };
     q.contiguous()?.apply_op3(k, v, op)
@@ -127,8 +268,12 @@ struct Attention {
     kv_heads: usize,
     d: usize,
     scale: f32,
-    mask: AttentionMask,
-    /// Keep the probabilities (B, H, T, S) for the backward pass (only when one is possible).
+    past: usize,
+    /// The independent problems (batch rows, or a packed row's spans).
+    problems: Vec<Problem>,
+    /// Their probabilities' total size, heads * t * s summed.
+    probs_len: usize,
+    /// Keep the probabilities for the backward pass (only when one is possible).
     keep_probs: bool,
     probs: Mutex<Option<Vec<f32>>>,
 }
@@ -142,6 +287,13 @@ struct View {
     s: usize,
     g: usize,
     seq: usize, // S
+}
+
+impl View {
+    /// Where problem p's first key of kv head g lives.
+    fn base(&self, p: &Problem, g: usize) -> usize {
+        self.offset + p.b * self.b + p.start * self.s + g * self.g
+    }
 }
 
 /// Keys/values as (B*S, KV*D), (B, S, KV*D) (projection layouts) or (B, KV, S, D) (a KV
@@ -166,18 +318,8 @@ fn kv_view(layout: &Layout, batch: usize, kv_heads: usize, d: usize) -> Result<V
 /// Up to this many query rows, the forward pass uses dot products instead of gemm.
 const SMALL_T: usize = 4;
 
-/// Query rows per block of the causal gemms: rows i0..i1 see keys 0..past+i1 only, so the
-/// masked upper triangle is skipped block by block (smaller blocks skip more, but each
-/// gemm call has a fixed cost).
+/// Query rows per block of the causal gemms (see `Problem::row_blocks`).
 const ROW_BLOCK: usize = 32;
-
-/// The row blocks (i0, i1, keys) of T query rows after `past` cached keys.
-fn row_blocks(t: usize, past: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-    (0..t).step_by(ROW_BLOCK).map(move |i0| {
-        let i1 = (i0 + ROW_BLOCK).min(t);
-        (i0, i1, past + i1)
-    })
-}
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent partial sums, so the compiler vectorizes the loop.
@@ -192,50 +334,66 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// The non-empty key ranges of a pair.
+fn ranges(r: &[(usize, usize); 2]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    r.iter().copied().filter(|(lo, hi)| lo < hi)
+}
+
 impl Attention {
-    /// P = softmax(scale Q_bh K_g^T + mask) into `p` (T x S, row-major).
+    /// P = softmax(scale Q_h K_g^T + mask) of problem `pr` into `p` (t x s, row-major).
     ///
     /// SAFETY: q, k point at this op's arguments with the given views.
-    unsafe fn probs_into(&self, p: &mut [f32], b: usize, h: usize, q: &[f32], k: &[f32], kv: View) {
-        let (t, d, f) = (self.t, self.d, self.heads * self.d);
+    unsafe fn probs_into(&self, p: &mut [f32], pr: &Problem, h: usize, q: &[f32], k: &[f32], kv: View) {
+        let (t, s, d, f) = (pr.t, pr.s(), self.d, self.heads * self.d);
         let g = h / (self.heads / self.kv_heads);
-        let s = kv.seq;
-        let q_bh = q.as_ptr().add(b * t * f + h * d);
-        let k_g = k.as_ptr().add(kv.offset + b * kv.b + g * kv.g);
+        let q_h = q.as_ptr().add(pr.q0 * f + h * d);
+        let k_g = k.as_ptr().add(kv.base(pr, g));
         if t <= SMALL_T {
             // Decoding: a few query rows, where gemm's packing costs more than dot products.
             for i in 0..t {
-                let qi = std::slice::from_raw_parts(q_bh.add(i * f), d);
-                for (j, x) in p[i * s..(i + 1) * s].iter_mut().enumerate() {
-                    *x = self.scale * dot(qi, std::slice::from_raw_parts(k_g.add(j * kv.s), d));
+                let qi = std::slice::from_raw_parts(q_h.add(i * f), d);
+                for (lo, hi) in ranges(&pr.keys(i)) {
+                    for (j, x) in p[i * s + lo..i * s + hi].iter_mut().enumerate() {
+                        *x = self.scale * dot(qi, std::slice::from_raw_parts(k_g.add((lo + j) * kv.s), d));
+                    }
                 }
             }
         } else {
             // K^T as a (D x S) matrix: row stride 1, column stride kv.s; per row block, only
             // the keys it may see (the rest of each row is zeroed below).
-            for (i0, i1, n) in row_blocks(t, self.mask.past) {
-                let (rows, q_rows) = (i1 - i0, q_bh.add(i0 * f));
-                matmul_serial(
-                    (rows, n, d),
-                    p.as_mut_ptr().add(i0 * s),
-                    s,
-                    false,
-                    (q_rows, f, 1),
-                    (k_g, 1, kv.s),
-                    self.scale,
-                );
+            for (i0, i1, blk) in pr.row_blocks() {
+                for (lo, hi) in ranges(&blk) {
+                    matmul_serial(
+                        (i1 - i0, hi - lo, d),
+                        p.as_mut_ptr().add(i0 * s + lo),
+                        s,
+                        false,
+                        (q_h.add(i0 * f), f, 1),
+                        (k_g.add(lo * kv.s), 1, kv.s),
+                        self.scale,
+                    );
+                }
             }
         }
         for i in 0..t {
-            let (lo, hi) = self.mask.range(b, i);
+            let keys = pr.keys(i);
             let row = &mut p[i * s..(i + 1) * s];
-            let max = row[lo..=hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            row[lo..=hi].iter_mut().for_each(|x| *x -= max);
-            exp_in_place(&mut row[lo..=hi]);
-            let sum = sum_f64(&row[lo..=hi]) as f32;
-            row[..lo].fill(0.0);
-            row[hi + 1..].fill(0.0);
-            row[lo..=hi].iter_mut().for_each(|x| *x /= sum);
+            let max = ranges(&keys).flat_map(|(lo, hi)| row[lo..hi].iter().copied()).fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for (lo, hi) in ranges(&keys) {
+                row[lo..hi].iter_mut().for_each(|x| *x -= max);
+                exp_in_place(&mut row[lo..hi]);
+                sum += sum_f64(&row[lo..hi]);
+            }
+            let sum = sum as f32;
+            // Zero the masked keys: before, between and after the ranges.
+            let mut next = 0;
+            for (lo, hi) in ranges(&keys) {
+                row[next..lo].fill(0.0);
+                row[lo..hi].iter_mut().for_each(|x| *x /= sum);
+                next = hi;
+            }
+            row[next..].fill(0.0);
         }
     }
 }
@@ -258,43 +416,50 @@ impl CustomOp3 for Attention {
         let q = contiguous_f32(qs, ql, "attention")?;
         let (k, v) = (storage_f32(ks, "attention")?, storage_f32(vs, "attention")?);
         let (kv, vv) = (kv_view(kl, b_n, kv_n, d)?, kv_view(vl, b_n, kv_n, d)?);
-        if h_n % kv_n != 0 || q.len() != b_n * t * h_n * d || kv.seq != self.mask.past + t || vv.seq != kv.seq {
+        if h_n % kv_n != 0 || q.len() != b_n * t * h_n * d || kv.seq != self.past + t || vv.seq != kv.seq {
             bail!("attention: q {:?}, k {:?}, v {:?} do not fit the heads and mask", ql.dims(), kl.dims(), vl.dims());
         }
-        let (s, f, rep) = (kv.seq, h_n * d, h_n / kv_n);
+        let (f, rep) = (h_n * d, h_n / kv_n);
         let mut y = vec![0f32; q.len()];
-        let mut probs = if self.keep_probs { vec![0f32; b_n * h_n * t * s] } else { Vec::new() };
+        let mut probs = if self.keep_probs { vec![0f32; self.probs_len] } else { Vec::new() };
         let (y_ptr, p_ptr) = (SharedMut(y.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
-        // One task per (batch row, kv head); it writes its query heads' columns of y and
-        // their probability blocks only.
-        par_chunks(b_n * kv_n, 1, |start, end| {
-            let mut scratch = if self.keep_probs { Vec::new() } else { vec![0f32; t * s] };
+        let scratch_len = self.problems.iter().map(|p| p.t * p.s()).max().unwrap_or(0);
+        // One task per (problem, kv head); it writes its query heads' columns of y and their
+        // probability blocks only.
+        par_chunks(self.problems.len() * kv_n, 1, |start, end| {
+            let mut scratch = if self.keep_probs { Vec::new() } else { vec![0f32; scratch_len] };
             for task in start..end {
-                let (b, g) = (task / kv_n, task % kv_n);
+                let (pr, g) = (&self.problems[task / kv_n], task % kv_n);
+                let (t, s) = (pr.t, pr.s());
                 for h in g * rep..(g + 1) * rep {
-                    // SAFETY: block (b, h) of probs and columns h of y's batch-b rows are this
-                    // task's; q, k, v are read as described by their layouts.
+                    // SAFETY: block (problem, h) of probs and columns h of the problem's rows
+                    // of y are this task's; q, k, v are read as described by their layouts.
                     unsafe {
                         let p = if self.keep_probs {
-                            std::slice::from_raw_parts_mut(p_ptr.get().add((b * h_n + h) * t * s), t * s)
+                            std::slice::from_raw_parts_mut(p_ptr.get().add(pr.probs + h * t * s), t * s)
                         } else {
-                            &mut scratch[..]
+                            &mut scratch[..t * s]
                         };
-                        self.probs_into(p, b, h, q, k, kv);
-                        let v_g = v.as_ptr().add(vv.offset + b * vv.b + g * vv.g);
-                        let y_bh = y_ptr.get().add(b * t * f + h * d);
+                        self.probs_into(p, pr, h, q, k, kv);
+                        let v_g = v.as_ptr().add(vv.base(pr, g));
+                        let y_h = y_ptr.get().add(pr.q0 * f + h * d);
                         if t <= SMALL_T {
                             for i in 0..t {
-                                let yi = std::slice::from_raw_parts_mut(y_bh.add(i * f), d);
-                                for (j, &pj) in p[i * s..(i + 1) * s].iter().enumerate() {
-                                    let vj = std::slice::from_raw_parts(v_g.add(j * vv.s), d);
-                                    yi.iter_mut().zip(vj).for_each(|(y, v)| *y += pj * v);
+                                let yi = std::slice::from_raw_parts_mut(y_h.add(i * f), d);
+                                for (lo, hi) in ranges(&pr.keys(i)) {
+                                    for (j, &pj) in p[i * s + lo..i * s + hi].iter().enumerate() {
+                                        let vj = std::slice::from_raw_parts(v_g.add((lo + j) * vv.s), d);
+                                        yi.iter_mut().zip(vj).for_each(|(y, v)| *y += pj * v);
+                                    }
                                 }
                             }
                         } else {
-                            for (i0, i1, n) in row_blocks(t, self.mask.past) {
-                                let p_rows = (p.as_ptr().add(i0 * s), s, 1);
-                                matmul_serial((i1 - i0, d, n), y_bh.add(i0 * f), f, false, p_rows, (v_g, vv.s, 1), 1.0);
+                            for (i0, i1, blk) in pr.row_blocks() {
+                                for (lo, hi) in ranges(&blk) {
+                                    let p_rows = (p.as_ptr().add(i0 * s + lo), s, 1);
+                                    let v_rows = (v_g.add(lo * vv.s), vv.s, 1);
+                                    matmul_serial((i1 - i0, d, hi - lo), y_h.add(i0 * f), f, true, p_rows, v_rows, 1.0);
+                                }
                             }
                         }
                     }
@@ -315,60 +480,76 @@ impl CustomOp3 for Attention {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b_n, t, h_n, kv_n, d) = (self.batch, self.t, self.heads, self.kv_heads, self.d);
+        let (b_n, h_n, kv_n, d) = (self.batch, self.heads, self.kv_heads, self.d);
         let (f, rep) = (h_n * d, h_n / kv_n);
         let saved = self.probs.lock().expect("no panics while held").take();
         // Keys and values (and their gradients) contiguous in their forward shape.
         let (k_c, v_c) = (k.contiguous()?, v.contiguous()?);
         let (kv, vv) = (kv_view(k_c.layout(), b_n, kv_n, d)?, kv_view(v_c.layout(), b_n, kv_n, d)?);
         let (kv, vv) = (View { offset: 0, ..kv }, View { offset: 0, ..vv });
-        let s = kv.seq;
+        let scratch_len = self.problems.iter().map(|p| p.t * p.s()).max().unwrap_or(0);
         let (dq, dk, dv) = with_f32([q, &k_c, &v_c, dy], "attention", |[q, k, v, dy]| {
             let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
             let ptrs = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
             let saved = saved.as_deref();
-            par_chunks(b_n * kv_n, 1, |start, end| {
+            par_chunks(self.problems.len() * kv_n, 1, |start, end| {
                 let (dq_p, dk_p, dv_p) = ptrs;
-                let mut p_buf = if saved.is_some() { Vec::new() } else { vec![0f32; t * s] };
-                let mut ds = vec![0f32; t * s];
+                let mut p_buf = if saved.is_some() { Vec::new() } else { vec![0f32; scratch_len] };
+                let mut ds = vec![0f32; scratch_len];
                 for task in start..end {
-                    let (b, g) = (task / kv_n, task % kv_n);
-                    // SAFETY: this task owns query heads g*rep.. of batch row b (their
-                    // columns of dq) and kv head g of batch row b (its columns of dk, dv).
+                    let (pr, g) = (&self.problems[task / kv_n], task % kv_n);
+                    let (t, s) = (pr.t, pr.s());
+                    // SAFETY: this task owns query heads g*rep.. of the problem's rows (their
+                    // columns of dq) and kv head g of its keys (their columns of dk, dv).
                     unsafe {
-                        let (kg, vg) = (b * kv.b + g * kv.g, b * vv.b + g * vv.g);
+                        let (kg, vg) = (kv.base(pr, g), vv.base(pr, g));
                         for h in g * rep..(g + 1) * rep {
                             let p: &[f32] = match saved {
-                                Some(all) => &all[(b * h_n + h) * t * s..(b * h_n + h + 1) * t * s],
+                                Some(all) => &all[pr.probs + h * t * s..pr.probs + (h + 1) * t * s],
                                 None => {
-                                    self.probs_into(&mut p_buf, b, h, q, k, kv);
-                                    &p_buf
+                                    self.probs_into(&mut p_buf[..t * s], pr, h, q, k, kv);
+                                    &p_buf[..t * s]
                                 }
                             };
-                            let qh = b * t * f + h * d;
-                            for (i0, i1, n) in row_blocks(t, self.mask.past) {
+                            let qh = pr.q0 * f + h * d;
+                            for (i0, i1, blk) in pr.row_blocks() {
                                 let rows = i1 - i0;
                                 let (p_blk, ds_blk) = (p.as_ptr().add(i0 * s), ds.as_mut_ptr().add(i0 * s));
                                 let dy_blk = (dy.as_ptr().add(qh + i0 * f), f, 1);
-                                // dP = dY V^T (rows x n: the keys these rows see).
-                                let v_t = (v.as_ptr().add(vg), 1, vv.s);
-                                matmul_serial((rows, n, d), ds_blk, s, false, dy_blk, v_t, 1.0);
+                                // dP = dY V^T (rows x the keys these rows see).
+                                for (lo, hi) in ranges(&blk) {
+                                    let v_t = (v.as_ptr().add(vg + lo * vv.s), 1, vv.s);
+                                    matmul_serial((rows, hi - lo, d), ds_blk.add(lo), s, false, dy_blk, v_t, 1.0);
+                                }
                                 // dS = P * (dP - rowsum(P * dP)).
                                 for r in 0..rows {
-                                    let pr = std::slice::from_raw_parts(p_blk.add(r * s), n);
-                                    let dr = std::slice::from_raw_parts_mut(ds_blk.add(r * s), n);
-                                    let dot = dot_f64(pr, dr) as f32;
-                                    dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
+                                    let (pr_row, dr_row) = (p_blk.add(r * s), ds_blk.add(r * s));
+                                    let mut dot = 0f64;
+                                    for (lo, hi) in ranges(&blk) {
+                                        let pr = std::slice::from_raw_parts(pr_row.add(lo), hi - lo);
+                                        dot += dot_f64(pr, std::slice::from_raw_parts(dr_row.add(lo), hi - lo));
+                                    }
+                                    let dot = dot as f32;
+                                    for (lo, hi) in ranges(&blk) {
+                                        let pr = std::slice::from_raw_parts(pr_row.add(lo), hi - lo);
+                                        let dr = std::slice::from_raw_parts_mut(dr_row.add(lo), hi - lo);
+                                        dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
+                                    }
                                 }
                                 // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
-                                let p_t = (p_blk, 1, s);
-                                matmul_serial((n, d, rows), dv_p.get().add(vg), vv.s, true, p_t, dy_blk, 1.0);
-                                let k_g = (k.as_ptr().add(kg), kv.s, 1);
                                 let dq_blk = dq_p.get().add(qh + i0 * f);
-                                matmul_serial((rows, d, n), dq_blk, f, false, (ds_blk, s, 1), k_g, self.scale);
                                 let q_blk = (q.as_ptr().add(qh + i0 * f), f, 1);
-                                let ds_t = (ds_blk as *const f32, 1, s);
-                                matmul_serial((n, d, rows), dk_p.get().add(kg), kv.s, true, ds_t, q_blk, self.scale);
+                                for (n, (lo, hi)) in ranges(&blk).enumerate() {
+                                    let p_t = (p_blk.add(lo), 1, s);
+                                    let dv_dst = dv_p.get().add(vg + lo * vv.s);
+                                    matmul_serial((hi - lo, d, rows), dv_dst, vv.s, true, p_t, dy_blk, 1.0);
+                                    let k_g = (k.as_ptr().add(kg + lo * kv.s), kv.s, 1);
+                                    let ds_rows = (ds_blk.add(lo) as *const f32, s, 1);
+                                    matmul_serial((rows, d, hi - lo), dq_blk, f, n > 0, ds_rows, k_g, self.scale);
+                                    let ds_t = (ds_blk.add(lo) as *const f32, 1, s);
+                                    let dk_dst = dk_p.get().add(kg + lo * kv.s);
+                                    matmul_serial((hi - lo, d, rows), dk_dst, kv.s, true, ds_t, q_blk, self.scale);
+                                }
                             }
                         }
                     }

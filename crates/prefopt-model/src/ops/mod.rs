@@ -22,7 +22,7 @@ mod segment_sum;
 mod swiglu;
 mod token_logps;
 
-pub use attention::{causal_attention, causal_attention_reference, AttentionMask};
+pub use attention::{causal_attention, causal_attention_reference, AttentionMask, PackedSpan};
 pub use lora_linear::{lora_linear, lora_linear_reference, LowRank};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};

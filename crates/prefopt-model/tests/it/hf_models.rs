@@ -66,7 +66,7 @@ fn checkpointed_gradients_equal_the_plain_backward() {
                 model.token_logps(&h, &targets).unwrap().sqr().unwrap().sum_all().unwrap()
             };
             let plain = loss_of(&model.hidden_states(&input, &[], None).unwrap()).backward().unwrap();
-            let (h, ckpt) = model.hidden_states_for_training(&input, true, None).unwrap();
+            let (h, ckpt) = model.hidden_states_for_training(&input, &[], true, None).unwrap();
             let ckpt = ckpt.expect("checkpointing keeps the blocks' inputs");
             let checkpointed = model.backward_checkpointed(&ckpt, loss_of(&h).backward().unwrap()).unwrap();
             for (pname, var) in hf.params.iter() {

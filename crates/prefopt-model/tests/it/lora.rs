@@ -175,7 +175,7 @@ fn every_adapter_parameter_gets_a_gradient_and_no_base_weight_does() {
     let mut per_mode: Vec<Vec<Tensor>> = Vec::new();
     for checkpointing in [false, true] {
         let dropout = prefopt_model::Dropout { seed: 7, sequences: vec![0] };
-        let (h, ckpt) = model.hidden_states_for_training(&input, checkpointing, Some(dropout)).unwrap();
+        let (h, ckpt) = model.hidden_states_for_training(&input, &[], checkpointing, Some(dropout)).unwrap();
         let loss = model.token_logps(&h.squeeze(0).unwrap(), &targets).unwrap().sum_all().unwrap();
         let mut grads = loss.backward().unwrap();
         if let Some(ckpt) = &ckpt {

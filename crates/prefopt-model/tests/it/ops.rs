@@ -4,7 +4,7 @@
 //! (The fused kernels run on the CPU: this module always tests there.)
 
 use candle_core::{Device, Tensor, Var};
-use prefopt_model::ops::{self, AttentionMask};
+use prefopt_model::ops::{self, AttentionMask, PackedSpan};
 use rand::{Rng, SeedableRng};
 
 const TOL: f32 = 2e-5;
@@ -154,13 +154,88 @@ fn attention_matches_the_composition_causal_gqa_cached_and_padded() {
     check_attention("mha", 2, 6, 4, 4, AttentionMask::default());
     check_attention("gqa", 2, 6, 4, 2, AttentionMask::default());
     check_attention("mqa", 3, 5, 4, 1, AttentionMask::default());
-    check_attention("past", 2, 3, 4, 2, AttentionMask { past: 4, pad_lens: vec![] });
-    check_attention("one new token", 2, 1, 4, 2, AttentionMask { past: 6, pad_lens: vec![] });
-    check_attention("padded", 3, 6, 4, 2, AttentionMask { past: 0, pad_lens: vec![0, 2, 5] });
-    check_attention("padded past", 2, 2, 2, 1, AttentionMask { past: 3, pad_lens: vec![4, 1] });
+    check_attention("past", 2, 3, 4, 2, AttentionMask { past: 4, ..Default::default() });
+    check_attention("one new token", 2, 1, 4, 2, AttentionMask { past: 6, ..Default::default() });
+    check_attention("padded", 3, 6, 4, 2, AttentionMask { pad_lens: vec![0, 2, 5], ..Default::default() });
+    check_attention("padded past", 2, 2, 2, 1, AttentionMask { past: 3, pad_lens: vec![4, 1], ..Default::default() });
     // Longer than one causal row block (32 rows): full, partial last block, after a past.
     check_attention("row blocks", 2, 70, 4, 2, AttentionMask::default());
-    check_attention("row blocks past padded", 2, 40, 2, 1, AttentionMask { past: 5, pad_lens: vec![0, 9] });
+    check_attention(
+        "row blocks past padded",
+        2,
+        40,
+        2,
+        1,
+        AttentionMask { past: 5, pad_lens: vec![0, 9], ..Default::default() },
+    );
+}
+
+/// Spans tiling a packed row: (len, shared prompt) per span, `None` for a single sequence;
+/// a pair's completions are split evenly after its prompt.
+fn spans(shape: &[(usize, Option<usize>)]) -> Vec<PackedSpan> {
+    let mut start = 0;
+    shape
+        .iter()
+        .map(|&(len, prefix)| {
+            let span = match prefix {
+                None => PackedSpan::single(start, len),
+                Some(p) => PackedSpan { start, len, prefix: p, fork: p + (len - p) / 2 },
+            };
+            start += len;
+            span
+        })
+        .collect()
+}
+
+#[test]
+fn packed_attention_matches_the_composition() {
+    let packed = |shape: &[(usize, Option<usize>)]| AttentionMask::packed(spans(shape));
+    let row = |shape: &[(usize, Option<usize>)]| shape.iter().map(|s| s.0).sum::<usize>();
+    for (name, shape) in [
+        ("singles", vec![(5, None), (1, None), (7, None)]),
+        ("shared prompts", vec![(9, Some(3)), (4, None), (7, Some(1))]),
+        ("empty prompt", vec![(6, Some(0))]),
+        // Longer than a row block on both sides of the fork, and a one-token second part.
+        ("row blocks", vec![(150, Some(40)), (83, Some(81)), (40, None)]),
+    ] {
+        check_attention(name, 1, row(&shape), 4, 2, packed(&shape));
+    }
+}
+
+#[test]
+fn packed_spans_attend_like_their_sequences_run_alone() {
+    // A pair [prompt, chosen, rejected] packed with a plain sequence equals three separate
+    // causal runs: [prompt, chosen], [prompt, rejected] and the plain one.
+    let (heads, kv_heads, d) = (4, 2, 8);
+    let (p, c, r, n) = (5, 4, 38, 6);
+    let total = p + c + r + n;
+    let mask = AttentionMask::packed(vec![
+        PackedSpan { start: 0, len: p + c + r, prefix: p, fork: p + c },
+        PackedSpan::single(p + c + r, n),
+    ]);
+    let q = random(&[total, heads * d], 1);
+    let k = random(&[total, kv_heads * d], 2);
+    let v = random(&[total, kv_heads * d], 3);
+    let y = ops::causal_attention(&q, &k, &v, 1, heads, kv_heads, &mask).unwrap();
+    let alone = |rows: &[std::ops::Range<usize>]| {
+        let pick = |x: &Tensor| {
+            Tensor::cat(&rows.iter().map(|r| x.narrow(0, r.start, r.len()).unwrap()).collect::<Vec<_>>(), 0).unwrap()
+        };
+        ops::causal_attention(&pick(&q), &pick(&k), &pick(&v), 1, heads, kv_heads, &AttentionMask::default()).unwrap()
+    };
+    let chosen = alone(&[0..p + c]);
+    let rejected = alone(&[0..p, p + c..p + c + r]);
+    let plain = alone(&[p + c + r..total]);
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let diff = max_rel_diff(a, b);
+        assert!(diff < 1e-6, "{what}: differs by {diff}");
+    };
+    close(&y.narrow(0, 0, p + c).unwrap(), &chosen, "prompt and chosen");
+    close(&y.narrow(0, p + c, r).unwrap(), &rejected.narrow(0, p, r).unwrap(), "rejected");
+    close(&y.narrow(0, p + c + r, n).unwrap(), &plain, "plain sequence");
+    // Spans that do not tile the row are refused.
+    let bad = AttentionMask::packed(vec![PackedSpan::single(0, 3)]);
+    assert!(ops::causal_attention(&q, &k, &v, 1, heads, kv_heads, &bad).is_err());
 }
 
 #[test]
@@ -168,7 +243,7 @@ fn attention_reads_a_strided_cache_view_like_a_contiguous_one() {
     // Keys/values as a KV cache holds them: (B, KV, capacity, D) buffers, of which the first
     // S positions are the view attention reads.
     let (batch, t, heads, kv_heads, d, s, capacity) = (2, 2, 4, 2, 8, 5, 9);
-    let mask = AttentionMask { past: s - t, pad_lens: vec![] };
+    let mask = AttentionMask { past: s - t, ..Default::default() };
     let q = random(&[batch * t, heads * d], 10);
     let k_buf = random(&[batch, kv_heads, capacity, d], 11);
     let v_buf = random(&[batch, kv_heads, capacity, d], 12);

@@ -7,7 +7,7 @@
 use prefopt_data::{HfTokenizer, TokenizeOptions};
 use prefopt_model::{HfModel, Mode, Precision};
 use prefopt_train::dataset::PairDataset;
-use prefopt_train::score_pairs;
+use prefopt_train::{score_pairs, TrainConfig};
 
 use crate::util::{device, fixtures};
 
@@ -20,7 +20,7 @@ fn deep_wide_vocabulary_log_probs_are_within_twice_transformers_f32_error() {
     for dataset in ["plain", "chat"] {
         let data = PairDataset::load(&fixtures().join(format!("data/{dataset}.jsonl")), &tok, &opts).unwrap();
         let pairs: Vec<_> = data.pairs.iter().collect();
-        let got = score_pairs(&net, &pairs, 4, tok.padding_id(), |_| {}).unwrap();
+        let got = score_pairs(&net, &pairs, 4, TrainConfig::default().batch_layout(tok.padding_id()), |_| {}).unwrap();
         let path = fixtures().join(format!("expected/deep/llama-deep-50k__{dataset}.jsonl"));
         let want: Vec<serde_json::Value> =
             std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -37,7 +37,8 @@ fn a_peft_adapter_scores_as_peft_does() {
             let opts = TokenizeOptions { max_length: Some(100_000), ..TokenizeOptions::default() };
             let data = PairDataset::load(&fixtures().join(format!("data/{dataset}.jsonl")), &tok, &opts).unwrap();
             let pairs: Vec<_> = data.pairs.iter().collect();
-            let got = score_pairs(&net, &pairs, 4, tok.padding_id(), |_| {}).unwrap();
+            let got =
+                score_pairs(&net, &pairs, 4, TrainConfig::default().batch_layout(tok.padding_id()), |_| {}).unwrap();
             let want = jsonl(&fixtures().join(format!("expected/lora/{base}-lora__{dataset}.jsonl")));
             // Against PEFT in float64, within 1e-4 or twice PEFT-float32's own error. (The random
             // adapters make the model sharp: a token's float32 log-prob is ~1e-5 off in torch

@@ -3,6 +3,7 @@
 //! the `cuda` feature); the default is the CPU.
 
 mod deep;
+mod layout;
 mod lora;
 mod trajectory;
 mod util;

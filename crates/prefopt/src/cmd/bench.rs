@@ -220,7 +220,7 @@ fn bench_dpo(
     let reference_logps = || -> Result<Vec<(f32, f32)>, prefopt_train::TrainError> {
         let shards = run_sharded(&all, |shard| {
             let mine: Vec<&TokenizedPair> = shard.iter().map(|&i| &pairs[i]).collect();
-            Ok(score_pairs(&reference, &mine, mine.len(), 0, |_| {})?)
+            Ok(score_pairs(&reference, &mine, mine.len(), cfg.batch_layout(0), |_| {})?)
         })?;
         Ok(shards.concat())
     };

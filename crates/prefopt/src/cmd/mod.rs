@@ -53,6 +53,24 @@ impl DeviceArg {
     }
 }
 
+/// `--padding-free` and `--share-prompt`, for the commands that score pairs without a config
+/// file (the training keys of the same names; docs/train.md).
+#[derive(clap::Args)]
+pub struct LayoutArg {
+    /// Pack each batch's sequences into one row without padding (`false`: right-pad them).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub padding_free: bool,
+    /// Run each pair's prompt once for both completions (`false`: once per sequence).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub share_prompt: bool,
+}
+
+impl LayoutArg {
+    pub fn layout(&self, pad_id: u32) -> prefopt_train::BatchLayout {
+        prefopt_train::BatchLayout { pad_id, padding_free: self.padding_free, share_prompt: self.share_prompt }
+    }
+}
+
 /// `--device` for the commands with a config file: it overrides the config's `device` key.
 #[derive(clap::Args)]
 pub struct DeviceOverride {

@@ -9,7 +9,7 @@ use prefopt_data::{
 };
 use prefopt_train::score_pairs;
 
-use super::{AdapterArg, DeviceArg};
+use super::{AdapterArg, DeviceArg, LayoutArg};
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
@@ -36,6 +36,8 @@ pub struct ScoreArgs {
     /// completion at the shared token prefix (TRL's rule) and counts them.
     #[arg(long, value_enum, default_value = "error")]
     prompt_boundary: Boundary,
+    #[command(flatten)]
+    layout: LayoutArg,
     #[command(flatten)]
     adapter: AdapterArg,
     #[command(flatten)]
@@ -76,8 +78,9 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         .collect();
 
     let progress = crate::progress::bar(kept.len() as u64, "pairs");
-    let logps =
-        score_pairs(&model, &kept, args.batch_size, tokenizer.padding_id(), |done| progress.set_position(done as u64))?;
+    let logps = score_pairs(&model, &kept, args.batch_size, args.layout.layout(tokenizer.padding_id()), |done| {
+        progress.set_position(done as u64)
+    })?;
     progress.finish_and_clear();
 
     let mut scores = logps.iter();
