@@ -21,6 +21,9 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
     diff / norm(&mut b.iter().map(|&y| y as f64)).max(1e-30)
 }
 
+/// A parameter's name and its flattened gradient.
+type NamedGrad = (String, Vec<f32>);
+
 /// One DPO step's metrics and flattened gradients for `layout`'s keys, the pairs in order or
 /// `reversed`.
 fn step(
@@ -29,7 +32,7 @@ fn step(
     layout: (bool, bool),
     checkpointing: bool,
     reversed: bool,
-) -> (Vec<(String, f64)>, Vec<(String, Vec<f32>)>) {
+) -> (Vec<(String, f64)>, Vec<NamedGrad>) {
     let dir = fixtures().join("models").join(model);
     let hf = HfModel::load(&dir, &device()).unwrap();
     let tok = HfTokenizer::from_dir(&dir).unwrap();
