@@ -217,15 +217,15 @@ fn packed_spans_attend_like_their_sequences_run_alone() {
     let k = random(&[total, kv_heads * d], 2);
     let v = random(&[total, kv_heads * d], 3);
     let y = ops::causal_attention(&q, &k, &v, 1, heads, kv_heads, &mask).unwrap();
-    let alone = |rows: &[std::ops::Range<usize>]| {
+    let alone = |rows: &[(usize, usize)]| {
         let pick = |x: &Tensor| {
-            Tensor::cat(&rows.iter().map(|r| x.narrow(0, r.start, r.len()).unwrap()).collect::<Vec<_>>(), 0).unwrap()
+            Tensor::cat(&rows.iter().map(|&(a, b)| x.narrow(0, a, b - a).unwrap()).collect::<Vec<_>>(), 0).unwrap()
         };
         ops::causal_attention(&pick(&q), &pick(&k), &pick(&v), 1, heads, kv_heads, &AttentionMask::default()).unwrap()
     };
-    let chosen = alone(&[0..p + c]);
-    let rejected = alone(&[0..p, p + c..p + c + r]);
-    let plain = alone(&[p + c + r..total]);
+    let chosen = alone(&[(0, p + c)]);
+    let rejected = alone(&[(0, p), (p + c, p + c + r)]);
+    let plain = alone(&[(p + c + r, total)]);
     let close = |a: &Tensor, b: &Tensor, what: &str| {
         let diff = max_rel_diff(a, b);
         assert!(diff < 1e-6, "{what}: differs by {diff}");
