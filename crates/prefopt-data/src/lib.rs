@@ -35,6 +35,7 @@ pub mod sft;
 mod template;
 pub mod text;
 pub mod tokenizer;
+pub mod workload;
 
 pub use char_tokenizer::{printable_ascii, write_char_tokenizer};
 pub use error::{DataError, Location, RecordSource};

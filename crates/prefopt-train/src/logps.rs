@@ -182,13 +182,14 @@ impl PackedRow {
         self.owner.push(owner);
     }
 
-    /// Pads the row with `pad_id` up to `len` tokens (a span of padding of its own, so no
-    /// real token attends to it).
+    /// Pads the row with `pad_id` up to `len` tokens, in spans of their own (so no real token
+    /// attends to them) of at most `PAD_SPAN` tokens (so their positions stay low).
     fn pad_to(&mut self, len: usize, pad_id: u32) {
-        let start = self.ids.len();
-        if len > start {
-            self.ids.resize(len, pad_id);
-            self.spans.push(PackedSpan::single(start, len - start));
+        const PAD_SPAN: usize = 64;
+        while self.ids.len() < len {
+            let (start, n) = (self.ids.len(), (len - self.ids.len()).min(PAD_SPAN));
+            self.ids.resize(start + n, pad_id);
+            self.spans.push(PackedSpan::single(start, n));
         }
     }
 

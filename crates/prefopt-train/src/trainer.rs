@@ -59,7 +59,27 @@ pub struct TrainSummary {
     /// (`prompt_boundary = "common_prefix"`).
     pub boundary_moved: usize,
     pub reference_forward_passes: bool,
+    /// This process's step loop, in TRL's `train_*` terms (also in `train_results.json`).
+    pub runtime: TrainRuntime,
 }
+
+/// The step loop's wall time and throughput, as TRL (the Hugging Face `Trainer`) ends its
+/// log with them: over the steps this process ran (after a resume, only those), from the
+/// first step to the last (evaluations and checkpoints in between included; loading, the
+/// reference pass before the loop and the final save not).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct TrainRuntime {
+    pub train_runtime: f64,
+    pub train_samples_per_second: f64,
+    pub train_steps_per_second: f64,
+    /// Mean training loss over those steps.
+    pub train_loss: f64,
+    pub epoch: f64,
+}
+
+/// The file the runtime figures go to in `output_dir` (the name of Hugging Face's
+/// `save_metrics("train", ...)`): `metrics.jsonl` stays the same for the same seed.
+pub const RUNTIME_FILE: &str = "train_results.json";
 
 /// A training objective: how to turn a micro-batch of example indices into gradients.
 pub trait Objective: Sync {
@@ -119,6 +139,7 @@ pub fn run_loop(
     let mut run = Run::start_or_resume(cfg, resume_dir, objective.len(), obs)?;
     let policy = run.weights.network(Mode::Train, cfg.precision())?;
     obs.start(run.state.step, run.plan.total_steps);
+    let (loop_started, first_step, mut loss_sum) = (Instant::now(), run.state.step, 0f64);
     while run.state.step < run.plan.total_steps {
         let started = Instant::now();
         let indices = run.plan.indices(cfg.seed, run.state.step, objective.len());
@@ -126,6 +147,7 @@ pub fn run_loop(
         let mut acc =
             accumulate_step(objective, &policy, run.weights.trainable(), &indices, cfg.batch_size, dropout_seed)?;
         let update = run.update(&mut acc, || objective.describe(&indices), obs)?;
+        loss_sum += update.loss;
         run.log_step(&acc, &update)?;
         if run.eval_due() {
             run.evaluate(objective)?;
@@ -141,8 +163,17 @@ pub fn run_loop(
         };
         obs.step(run.state.step, &status);
     }
+    let (secs, steps) = (loop_started.elapsed().as_secs_f64().max(1e-9), run.state.step - first_step);
+    let runtime = TrainRuntime {
+        train_runtime: secs,
+        train_samples_per_second: (steps * run.plan.per_step) as f64 / secs,
+        train_steps_per_second: steps as f64 / secs,
+        train_loss: if steps > 0 { loss_sum / steps as f64 } else { f64::NAN },
+        epoch: run.plan.epoch(run.state.step),
+    };
     obs.finish();
     let final_dir = run.save_final()?;
+    prefopt_fs::write_json(&cfg.output_dir.join(RUNTIME_FILE), &runtime)?;
     Ok(TrainSummary {
         final_dir,
         metrics_path: run.log.path().to_path_buf(),
@@ -151,6 +182,7 @@ pub fn run_loop(
         dropped_train: objective.dropped(),
         boundary_moved: 0,
         reference_forward_passes: false,
+        runtime,
     })
 }
 

@@ -36,6 +36,8 @@ enum Command {
     Merge(cmd::merge::MergeArgs),
     /// JSONL datasets (prompts, SFT data) from a built-in task.
     Tasks(cmd::tasks::TasksArgs),
+    /// A synthetic preference set with ragged, UltraFeedback-like lengths (benchmark workload).
+    Workload(cmd::workload::WorkloadArgs),
     /// Exact tabular simulator of iterative preference optimization with Nesterov extrapolation.
     Simulate(cmd::simulate::SimulateArgs),
 }
@@ -70,5 +72,6 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Init(args) => cmd::init::run(args),
         Command::Merge(args) => cmd::merge::run(args),
         Command::Tasks(args) => cmd::tasks::run(args),
+        Command::Workload(args) => cmd::workload::run(args),
     }
 }

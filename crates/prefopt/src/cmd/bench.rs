@@ -10,7 +10,7 @@ use prefopt_model::{HfModel, LoraAdapter, Mode, Precision, TargetModules};
 use prefopt_train::weights::Weights;
 use rand::{Rng, SeedableRng};
 
-use super::DeviceArg;
+use super::{DeviceArg, LayoutArg};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -78,6 +78,16 @@ pub struct BenchArgs {
     /// dpo --lora: `lora_dropout`.
     #[arg(long, default_value_t = 0.0)]
     lora_dropout: f64,
+    /// dpo: time steps on the pairs of this preference file (JSONL or Parquet, TRL's formats;
+    /// `prefopt workload` writes a ragged one), tokenized with the model's tokenizer, instead
+    /// of fixed-length random pairs; each step takes the next --pairs of them.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// dpo --data: the `max_length` key (prompt + completion tokens; the end is cut).
+    #[arg(long, default_value_t = 1024)]
+    max_length: usize,
+    #[command(flatten)]
+    layout: LayoutArg,
     #[command(flatten)]
     device: DeviceArg,
 }
@@ -121,7 +131,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         }
         Ok(())
     };
-    let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
+    let Times { median, min, .. } = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
 
     // The torch script's estimate: N = parameters without the input embedding (lm_head counted
     // once), forward = 2*N*T + 4*L*T^2*d per sequence, fwd-bwd = 3x forward.
@@ -150,40 +160,28 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
 /// One DPO training step as `prefopt train` runs it (the trainer's own objective and step:
 /// shards of pairs forward and backward at once, sigmoid loss, metrics, AdamW), plus, unless
 /// `--cached-ref`, the reference forward pass that PyTorch's step runs every time (sharded
-/// the same way).
+/// the same way). On fixed-length random pairs, or with `--data` on the pairs of a file, each
+/// step taking the next `--pairs` of them (cycling).
 fn bench_dpo(
     args: &BenchArgs,
     hf: HfModel,
     device: &candle_core::Device,
     rng: &mut rand_chacha::ChaCha8Rng,
 ) -> Result<()> {
-    use prefopt_data::{TokenizedPair, TokenizedSequence};
-    use prefopt_train::dataset::PairDataset;
     use prefopt_train::optim::{Optimizer, OptimizerConfig};
     use prefopt_train::trainer::{accumulate_step, run_sharded};
     use prefopt_train::{score_pairs, PreferenceObjective, TrainConfig};
 
-    let (p, a, c) = (args.pairs, args.prompt_len, args.completion_len);
-    let vocab_hi = hf.config.vocab_size.min(480) as u32;
-    let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab_hi)).collect() };
-    let prompts: Vec<Vec<u32>> = (0..p).map(|_| random(a)).collect();
-    let mut completion = |prompt: &[u32]| TokenizedSequence::new([prompt, &random(c)].concat(), a);
-    let chosen: Vec<TokenizedSequence> = prompts.iter().map(|x| completion(x)).collect();
-    let pairs: Vec<TokenizedPair> = prompts
-        .iter()
-        .zip(chosen)
-        .map(|(x, chosen)| TokenizedPair { prompt_ids: x.clone(), chosen, rejected: completion(x) })
-        .collect();
-    let data = PairDataset {
-        path: "<bench>".into(),
-        pairs: pairs.clone(),
-        sources: vec!["<bench>".into(); p],
-        dropped: 0,
-        rows: (0..p).collect(),
-        ref_logps: None,
-        win_probs: None,
-        boundary_moved: 0,
+    let p = args.pairs;
+    let (data, pad_id) = match &args.data {
+        Some(path) => {
+            let tok = prefopt_data::HfTokenizer::from_dir(&args.model)?;
+            let opts = prefopt_data::TokenizeOptions { max_length: Some(args.max_length), ..Default::default() };
+            (prefopt_train::dataset::PairDataset::load(path, &tok, &opts)?, tok.padding_id())
+        }
+        None => (random_pairs(args, hf.config.vocab_size, rng), 0),
     };
+    let n = data.len();
     let targets = match args.lora_target_modules.as_str() {
         "all-linear" => TargetModules::Preset("all-linear".into()),
         list => TargetModules::Names(list.split(',').map(|s| s.trim().to_string()).collect()),
@@ -192,6 +190,8 @@ fn bench_dpo(
         batch_size: p,
         bf16: args.bf16,
         gradient_checkpointing: args.gradient_checkpointing,
+        padding_free: args.layout.padding_free,
+        share_prompt: args.layout.share_prompt,
         use_peft: args.lora,
         lora_r: Some(args.lora_r),
         lora_alpha: Some(args.lora_alpha),
@@ -200,7 +200,9 @@ fn bench_dpo(
         seed: args.seed,
         ..TrainConfig::default()
     };
-    let flops_per_sequence = forward_flops(&hf, a + c);
+    let layout = cfg.batch_layout(pad_id);
+    // What each step does: its pairs' tokens, and the FLOPs of running them.
+    let flops = StepFlops::new(&hf);
     let weights = if args.lora {
         let adapter = LoraAdapter::init(&hf.config, cfg.fresh_lora_config()?, cfg.seed, device)?;
         Weights::Lora { base: hf.into(), adapter }
@@ -216,45 +218,68 @@ fn bench_dpo(
         }
         Weights::Lora { base, .. } => base.network(Mode::Frozen, cfg.precision())?,
     };
-    let all: Vec<usize> = (0..p).collect();
-    let reference_logps = || -> Result<Vec<(f32, f32)>, prefopt_train::TrainError> {
-        let shards = run_sharded(&all, |shard| {
-            let mine: Vec<&TokenizedPair> = shard.iter().map(|&i| &pairs[i]).collect();
-            Ok(score_pairs(&reference, &mine, mine.len(), cfg.batch_layout(0), |_| {})?)
+    let pairs = data.pairs.clone();
+    // Reference log-probs of `indices` written into the full table (the others keep theirs).
+    let reference_logps = |indices: &[usize], table: &mut Vec<(f32, f32)>| -> Result<(), prefopt_train::TrainError> {
+        let shards = run_sharded(indices, |shard| {
+            let mine: Vec<_> = shard.iter().map(|&i| &pairs[i]).collect();
+            Ok(score_pairs(&reference, &mine, mine.len(), layout, |_| {})?)
         })?;
-        Ok(shards.concat())
+        for (&i, lp) in indices.iter().zip(shards.concat()) {
+            table[i] = lp;
+        }
+        Ok(())
     };
-    let mut objective = PreferenceObjective::new(&cfg, data, Some(reference_logps()?), 0);
+    let mut table = vec![(0f32, 0f32); n];
+    reference_logps(&(0..n).collect::<Vec<_>>(), &mut table)?;
+    let mut objective = PreferenceObjective::new(&cfg, data, Some(table.clone()), pad_id);
     let policy = weights.network(Mode::Train, cfg.precision())?;
     let trainable = weights.trainable();
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), trainable)?;
+    let (warmup, steps) = (args.warmup.unwrap_or(0), args.steps.unwrap_or(1));
+    let batch_of = |k: usize| -> Vec<usize> { (0..p).map(|j| (k * p + j) % n).collect() };
     let mut step_number = 0;
     let step = || -> Result<()> {
+        let indices = batch_of(step_number);
         if !args.cached_ref {
-            objective.set_reference(reference_logps()?);
+            reference_logps(&indices, &mut table)?;
+            objective.set_reference(table.clone());
         }
         let seed = prefopt_train::trainer::step_dropout_seed(cfg.seed, step_number);
         step_number += 1;
-        let acc = accumulate_step(&mut objective, &policy, trainable, &all, cfg.batch_size, seed)?;
+        let acc = accumulate_step(&mut objective, &policy, trainable, &indices, cfg.batch_size, seed)?;
         optimizer.step(trainable, &acc.grads, 1e-6)?;
         Ok(())
     };
-    let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
-    let t = a + c;
+    let times = time_steps(warmup, steps, step)?;
+    // The timed steps' work: sequences' tokens (a prompt once per sequence, as PyTorch runs
+    // it), unique tokens (a pair's prompt once), and FLOPs both ways.
     let passes = if args.cached_ref { 3.0 } else { 4.0 }; // policy fwd+bwd = 3, reference fwd = 1
-    let flops = passes * (2 * p) as f64 * flops_per_sequence;
-    let line = serde_json::json!({
+    let (mut tokens, mut unique, mut separate_flops, mut useful_flops) = (0usize, 0usize, 0f64, 0f64);
+    for k in warmup..warmup + steps {
+        for i in batch_of(k) {
+            let pair = pair_tokens(&pairs, i);
+            tokens += pair.0 + pair.1;
+            unique += pair.0 + pair.1 - pair.2;
+            separate_flops += passes * (flops.sequence(pair.0) + flops.sequence(pair.1));
+            useful_flops += passes * flops.shared_pair(pair.2, pair.0 - pair.2, pair.1 - pair.2);
+        }
+    }
+    let total = times.total;
+    let mut line = serde_json::json!({
         "impl": "prefopt",
         "mode": "dpo",
-        "tokens_per_s": (2 * p * t) as f64 / median,
+        "examples_per_s": (p * steps) as f64 / total,
+        "tokens_per_s": tokens as f64 / total,
+        "unique_tokens_per_s": unique as f64 / total,
         "peak_rss_mb": peak_rss_mb(),
-        "gflops": flops / 1e9 / median,
-        "gflop_per_step": flops / 1e9,
+        "gflops": separate_flops / 1e9 / total,
+        "useful_gflops": useful_flops / 1e9 / total,
+        "gflop_per_step": separate_flops / 1e9 / steps as f64,
         "threads": candle_core::utils::get_num_threads(),
         "pairs": p,
-        "prompt_len": a,
-        "completion_len": c,
-        "seq_len": t,
+        "padding_free": layout.padding_free,
+        "share_prompt": layout.share_prompt,
         "cached_ref": args.cached_ref,
         "bf16": args.bf16,
         "gradient_checkpointing": args.gradient_checkpointing,
@@ -262,14 +287,66 @@ fn bench_dpo(
             "r": args.lora_r, "alpha": args.lora_alpha, "target_modules": args.lora_target_modules,
             "dropout": args.lora_dropout, "trainable_params": trainable.num_elements(),
         })),
-        "median_step_s": median,
-        "min_step_s": min,
-        "steps": args.steps.unwrap_or(1),
-        "warmup": args.warmup.unwrap_or(0),
+        "median_step_s": times.median,
+        "min_step_s": times.min,
+        "steps": steps,
+        "warmup": warmup,
         "model": args.model,
     });
+    let fields = match &args.data {
+        Some(path) => serde_json::json!({"data": path, "max_length": args.max_length,
+            "mean_tokens_per_pair": tokens as f64 / (p * steps) as f64}),
+        None => serde_json::json!({"prompt_len": args.prompt_len, "completion_len": args.completion_len,
+            "seq_len": args.prompt_len + args.completion_len}),
+    };
+    if let (Some(line), serde_json::Value::Object(more)) = (line.as_object_mut(), fields) {
+        line.extend(more);
+    }
     super::print_stdout(&format!("{line}\n"))?;
     Ok(())
+}
+
+/// A pair's (chosen tokens, rejected tokens, shared prompt tokens): the prompt counts as
+/// shared when both sequences start with the same prompt tokens.
+fn pair_tokens(pairs: &[prefopt_data::TokenizedPair], i: usize) -> (usize, usize, usize) {
+    let (c, r) = (&pairs[i].chosen, &pairs[i].rejected);
+    let shared = if c.completion_start == r.completion_start && c.prompt_ids() == r.prompt_ids() {
+        c.completion_start
+    } else {
+        0
+    };
+    (c.input_ids.len(), r.input_ids.len(), shared)
+}
+
+/// `--pairs` fixed-length random pairs: a prompt of `--prompt-len` tokens and two completions
+/// of `--completion-len`.
+fn random_pairs(
+    args: &BenchArgs,
+    vocab: usize,
+    rng: &mut rand_chacha::ChaCha8Rng,
+) -> prefopt_train::dataset::PairDataset {
+    use prefopt_data::{TokenizedPair, TokenizedSequence};
+    let (p, a, c) = (args.pairs, args.prompt_len, args.completion_len);
+    let vocab_hi = vocab.min(480) as u32;
+    let mut random = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab_hi)).collect() };
+    let prompts: Vec<Vec<u32>> = (0..p).map(|_| random(a)).collect();
+    let mut completion = |prompt: &[u32]| TokenizedSequence::new([prompt, &random(c)].concat(), a);
+    let chosen: Vec<TokenizedSequence> = prompts.iter().map(|x| completion(x)).collect();
+    let pairs: Vec<TokenizedPair> = prompts
+        .iter()
+        .zip(chosen)
+        .map(|(x, chosen)| TokenizedPair { prompt_ids: x.clone(), chosen, rejected: completion(x) })
+        .collect();
+    prefopt_train::dataset::PairDataset {
+        path: "<bench>".into(),
+        pairs,
+        sources: vec!["<bench>".into(); p],
+        dropped: 0,
+        rows: (0..p).collect(),
+        ref_logps: None,
+        win_probs: None,
+        boundary_moved: 0,
+    }
 }
 
 /// Sampling as `prefopt generate` runs it: one batch of distinct random prompts, a KV cache,
@@ -290,7 +367,7 @@ fn bench_generate(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8
         anyhow::ensure!(out.iter().all(|g| g.tokens.len() == n), "a sequence ended early");
         Ok(())
     };
-    let (median, min) = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
+    let Times { median, min, .. } = time_steps(args.warmup.unwrap_or(0), args.steps.unwrap_or(1), step)?;
     // The torch script's estimate: prefill of the prompts, then per new token 2*N plus
     // attention over the tokens in the cache.
     let cfg = &hf.config;
@@ -319,8 +396,16 @@ fn bench_generate(args: &BenchArgs, hf: &HfModel, rng: &mut rand_chacha::ChaCha8
     Ok(())
 }
 
-/// Runs `warmup` untimed then `steps` timed calls; (median, min) seconds.
-fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+/// Step times of a benchmark, in seconds.
+struct Times {
+    median: f64,
+    min: f64,
+    /// All timed steps together.
+    total: f64,
+}
+
+/// Runs `warmup` untimed then `steps` timed calls.
+fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<Times> {
     for _ in 0..warmup {
         step()?;
     }
@@ -330,17 +415,44 @@ fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>)
         step()?;
         times.push(start.elapsed().as_secs_f64());
     }
+    let total = times.iter().sum();
     times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times[0]))
+    Ok(Times { median: times[times.len() / 2], min: times[0], total })
 }
 
 /// The torch script's FLOP estimate for one sequence of `t` tokens: 2*N*T + 4*L*T^2*d, with
 /// N the parameters without the input embedding (the lm_head counted once).
 fn forward_flops(hf: &HfModel, t: usize) -> f64 {
-    let cfg = &hf.config;
-    let total = hf.params.num_elements();
-    let n = if cfg.tie_word_embeddings { total } else { total - cfg.vocab_size * cfg.hidden_size };
-    2.0 * n as f64 * t as f64 + 4.0 * (cfg.num_hidden_layers * t * t * cfg.hidden_size) as f64
+    StepFlops::new(hf).sequence(t)
+}
+
+/// Forward FLOPs of sequences under the torch script's estimate (see [`forward_flops`]).
+struct StepFlops {
+    /// 2 N: per token.
+    per_token: f64,
+    /// 4 L d: per (query, key) pair of the attention (not halved for causality, as the script).
+    per_attention_pair: f64,
+}
+
+impl StepFlops {
+    fn new(hf: &HfModel) -> Self {
+        let cfg = &hf.config;
+        let total = hf.params.num_elements();
+        let n = if cfg.tie_word_embeddings { total } else { total - cfg.vocab_size * cfg.hidden_size };
+        Self { per_token: 2.0 * n as f64, per_attention_pair: 4.0 * (cfg.num_hidden_layers * cfg.hidden_size) as f64 }
+    }
+
+    /// One sequence of `t` tokens.
+    fn sequence(&self, t: usize) -> f64 {
+        self.per_token * t as f64 + self.per_attention_pair * (t * t) as f64
+    }
+
+    /// A pair with its prompt of `p` tokens counted once: the prompt, then completions of `c`
+    /// and `r` tokens, each attending to the prompt and itself.
+    fn shared_pair(&self, p: usize, c: usize, r: usize) -> f64 {
+        let pairs = (p + c) * (p + c) + (p + r) * (p + r) - p * p;
+        self.per_token * (p + c + r) as f64 + self.per_attention_pair * pairs as f64
+    }
 }
 
 /// Peak resident set size of this process (VmHWM), in MiB; 0 where /proc is unavailable.

@@ -10,6 +10,7 @@ pub mod score;
 pub mod simulate;
 pub mod tasks;
 pub mod train;
+pub mod workload;
 
 /// `--adapter`: a PEFT LoRA adapter applied on top of `--model`.
 #[derive(clap::Args)]

@@ -72,6 +72,16 @@ pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
         summary.metrics_path.display(),
         plots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     );
+    // TRL's closing line, with its names.
+    let r = summary.runtime;
+    eprintln!(
+        "train_runtime {:.1} s, train_samples_per_second {:.3}, train_steps_per_second {:.3}, train_loss {:.4} ({})",
+        r.train_runtime,
+        r.train_samples_per_second,
+        r.train_steps_per_second,
+        r.train_loss,
+        cfg.output_dir.join(prefopt_train::trainer::RUNTIME_FILE).display()
+    );
     Ok(())
 }
 

@@ -77,12 +77,23 @@ fn training_writes_metrics_with_trl_names_a_loadable_model_and_plots() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
     let eval = format!("eval_data=\"{}\"", fixtures().join("data/plain.jsonl").display());
-    ok(train_cmd(
+    let done = ok(train_cmd(
         &out,
         &["max_steps=3", eval.as_str(), "eval_steps=2", "loss_type=[\"sigmoid\", \"sft\"]", "spo_lambda=0.5"],
     )
     .output()
     .unwrap());
+    // TRL's closing figures: on stderr and in train_results.json.
+    assert!(String::from_utf8_lossy(&done.stderr).contains("train_samples_per_second"));
+    let results: serde_json::Value = serde_json::from_str(&read(&out.join("train_results.json"))).unwrap();
+    let (runtime, samples, steps) = (
+        results["train_runtime"].as_f64().unwrap(),
+        results["train_samples_per_second"].as_f64().unwrap(),
+        results["train_steps_per_second"].as_f64().unwrap(),
+    );
+    assert!(runtime > 0.0 && (steps * runtime - 3.0).abs() < 1e-6, "{results}");
+    assert!((samples / steps - 4.0).abs() < 1e-6, "4 examples per step: {results}");
+    assert!(results["train_loss"].as_f64().unwrap().is_finite());
     let lines: Vec<serde_json::Value> =
         read(&out.join("metrics.jsonl")).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let train_line = &lines[0];
