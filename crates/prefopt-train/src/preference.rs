@@ -151,6 +151,11 @@ impl Objective for PreferenceObjective {
         self.train.len()
     }
 
+    fn cost(&self, i: usize) -> usize {
+        let pair = &self.train.pairs[i];
+        pair.chosen.input_ids.len() + pair.rejected.input_ids.len()
+    }
+
     fn describe(&self, idx: &[usize]) -> String {
         describe_sources(&self.train.sources, idx)
     }

@@ -141,6 +141,10 @@ impl Objective for SftObjective {
         self.train.seqs.len()
     }
 
+    fn cost(&self, i: usize) -> usize {
+        self.train.seqs[i].input_ids.len()
+    }
+
     fn describe(&self, idx: &[usize]) -> String {
         describe_sources(&self.train.sources, idx)
     }

@@ -90,6 +90,8 @@ pub trait Objective: Sync {
     }
     /// Where examples `idx` came from (file:line), for error messages.
     fn describe(&self, idx: &[usize]) -> String;
+    /// What example i costs to run, in tokens, for balancing shards ([`run_sharded`]).
+    fn cost(&self, i: usize) -> usize;
     /// Forward and backward of `micro` (a slice of the step's examples `step`): its
     /// gradients and metrics weighted by its share of the step. Shards of one micro-batch
     /// run on several threads at once, hence `&self`. `dropout_seed` is the step's seed of
@@ -200,7 +202,8 @@ pub fn accumulate_step(
     let mut acc = StepAccumulator::default();
     let shared = &*objective;
     for micro in indices.chunks(batch_size) {
-        for shard in run_sharded(micro, |shard| shared.micro_step(policy, params, indices, shard, dropout_seed))? {
+        let cost = |i: usize| shared.cost(i);
+        for shard in run_sharded(micro, cost, |shard| shared.micro_step(policy, params, indices, shard, dropout_seed))? {
             acc.merge(shard)?;
         }
     }
@@ -431,25 +434,55 @@ impl<'a> Run<'a> {
     }
 }
 
-/// Runs `f` on contiguous shards of `items`, one per compute thread (rayon's current pool;
-/// never an empty shard), all at once, and returns the results in shard order.
+/// Runs `f` on shards of `items`, one per compute thread (rayon's current pool; never an
+/// empty shard), all at once, and returns the results in shard order. The shards have about
+/// equal total `cost` (an item's tokens, say): the costliest item goes first, each to the
+/// shard with the least so far (the first such on a tie), and a shard keeps its items in
+/// their order; equal costs give contiguous shards of equal counts.
 ///
 /// Why: on a small CPU, two threads each running a whole forward and backward pass on half
 /// the batch keep both cores busy; splitting every matmul and elementwise op of one pass
-/// across them makes the threads wait on each other after each of several hundred ops.
-/// Every objective weights a shard by its share of the step, so the update equals the
-/// unsharded one up to float rounding; with the same thread count, runs are bit-identical.
+/// across them makes the threads wait on each other after each of several hundred ops. With
+/// ragged data, halves by count can differ by half in tokens, and the step waits for the
+/// longer. Every objective weights a shard by its share of the step, so the update equals
+/// the unsharded one up to float rounding; with the same thread count, runs are
+/// bit-identical.
 pub fn run_sharded<T: Send>(
     items: &[usize],
+    cost: impl Fn(usize) -> usize,
     f: impl Fn(&[usize]) -> Result<T, TrainError> + Sync,
 ) -> Result<Vec<T>, TrainError> {
     let shards = rayon::current_num_threads().clamp(1, items.len().max(1));
     if shards == 1 {
         return Ok(vec![f(items)?]);
     }
+    let pieces = balanced_shards(items, shards, cost);
     use rayon::prelude::*;
-    let pieces: Vec<&[usize]> = items.chunks(items.len().div_ceil(shards)).collect();
-    pieces.into_par_iter().map(&f).collect()
+    pieces.par_iter().map(|p| f(p)).collect()
+}
+
+/// `items` in `shards` non-empty groups of about equal total cost (see [`run_sharded`]).
+fn balanced_shards(items: &[usize], shards: usize, cost: impl Fn(usize) -> usize) -> Vec<Vec<usize>> {
+    let costs: Vec<usize> = items.iter().map(|&i| cost(i)).collect();
+    if costs.windows(2).all(|w| w[0] == w[1]) {
+        return items.chunks(items.len().div_ceil(shards)).map(<[usize]>::to_vec).collect();
+    }
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&k| std::cmp::Reverse(costs[k])); // stable: ties keep their order
+    let (mut load, mut members) = (vec![0usize; shards], vec![Vec::new(); shards]);
+    for (n, &k) in order.iter().enumerate() {
+        // The first `shards` items seed one shard each, so none stays empty.
+        let s = if n < shards { n } else { (0..shards).min_by_key(|&s| (load[s], s)).unwrap_or(0) };
+        load[s] += costs[k];
+        members[s].push(k);
+    }
+    members
+        .into_iter()
+        .map(|mut m| {
+            m.sort_unstable();
+            m.into_iter().map(|k| items[k]).collect()
+        })
+        .collect()
 }
 
 /// The checkpoint to resume from: an explicit folder, or "latest" (none yet: start fresh).
@@ -590,5 +623,22 @@ impl StepAccumulator {
             all.push(("logits/rejected".into(), self.logits.rejected / self.logits.rejected_tokens));
         }
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_shards;
+
+    #[test]
+    fn shards_balance_cost_keep_order_and_are_never_empty() {
+        let tokens = [986, 945, 513, 895];
+        let shards = balanced_shards(&[10, 11, 12, 13], 2, |i| tokens[i - 10]);
+        assert_eq!(shards, vec![vec![10, 12], vec![11, 13]]); // 1499 and 1840 (by count: 1931, 1408)
+        // Equal costs: contiguous halves, as before balancing.
+        assert_eq!(balanced_shards(&[4, 5, 6, 7, 8], 2, |_| 1), vec![vec![4, 5, 6], vec![7, 8]]);
+        // More shards than costly items: every shard gets one.
+        let shards = balanced_shards(&[0, 1, 2], 3, |i| [100, 1, 1][i]);
+        assert_eq!(shards, vec![vec![0], vec![1], vec![2]]);
     }
 }

@@ -221,23 +221,28 @@ fn bench_dpo(
     let pairs = data.pairs.clone();
     // Reference log-probs of `indices` written into the full table (the others keep theirs).
     let reference_logps = |indices: &[usize], table: &mut Vec<(f32, f32)>| -> Result<(), prefopt_train::TrainError> {
-        let shards = run_sharded(indices, |shard| {
+        let cost = |i: usize| pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len();
+        let shards = run_sharded(indices, cost, |shard| {
             let mine: Vec<_> = shard.iter().map(|&i| &pairs[i]).collect();
-            Ok(score_pairs(&reference, &mine, mine.len(), layout, |_| {})?)
+            let scores = score_pairs(&reference, &mine, mine.len(), layout, |_| {})?;
+            Ok(shard.iter().copied().zip(scores).collect::<Vec<_>>())
         })?;
-        for (&i, lp) in indices.iter().zip(shards.concat()) {
+        for (i, lp) in shards.into_iter().flatten() {
             table[i] = lp;
         }
         Ok(())
     };
+    let (warmup, steps) = (args.warmup.unwrap_or(0), args.steps.unwrap_or(1));
+    let batch_of = |k: usize| -> Vec<usize> { (0..p).map(|j| (k * p + j) % n).collect() };
+    // The pairs the run uses (all of them after a wrap), scored once up front; without
+    // --cached-ref each step scores its own again, as PyTorch's step does.
     let mut table = vec![(0f32, 0f32); n];
-    reference_logps(&(0..n).collect::<Vec<_>>(), &mut table)?;
+    let used: Vec<usize> = (0..((warmup + steps) * p).min(n)).collect();
+    reference_logps(&used, &mut table)?;
     let mut objective = PreferenceObjective::new(&cfg, data, Some(table.clone()), pad_id);
     let policy = weights.network(Mode::Train, cfg.precision())?;
     let trainable = weights.trainable();
     let mut optimizer = Optimizer::new(OptimizerConfig::default(), trainable)?;
-    let (warmup, steps) = (args.warmup.unwrap_or(0), args.steps.unwrap_or(1));
-    let batch_of = |k: usize| -> Vec<usize> { (0..p).map(|j| (k * p + j) % n).collect() };
     let mut step_number = 0;
     let step = || -> Result<()> {
         let indices = batch_of(step_number);
@@ -294,8 +299,15 @@ fn bench_dpo(
         "model": args.model,
     });
     let fields = match &args.data {
-        Some(path) => serde_json::json!({"data": path, "max_length": args.max_length,
-            "mean_tokens_per_pair": tokens as f64 / (p * steps) as f64}),
+        Some(path) => {
+            // The whole file's mean lengths, as tokenized (a fixed-length run's yardstick).
+            let prompt: usize = pairs.iter().map(|x| x.chosen.completion_start).sum();
+            let completions: usize = pairs.iter().map(|x| x.chosen.completion_len() + x.rejected.completion_len()).sum();
+            serde_json::json!({"data": path, "max_length": args.max_length,
+                "mean_tokens_per_pair": tokens as f64 / (p * steps) as f64,
+                "mean_prompt_tokens": prompt as f64 / n as f64,
+                "mean_completion_tokens": completions as f64 / (2 * n) as f64})
+        }
         None => serde_json::json!({"prompt_len": args.prompt_len, "completion_len": args.completion_len,
             "seq_len": args.prompt_len + args.completion_len}),
     };
