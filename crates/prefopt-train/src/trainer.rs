@@ -203,7 +203,8 @@ pub fn accumulate_step(
     let shared = &*objective;
     for micro in indices.chunks(batch_size) {
         let cost = |i: usize| shared.cost(i);
-        for shard in run_sharded(micro, cost, |shard| shared.micro_step(policy, params, indices, shard, dropout_seed))? {
+        for shard in run_sharded(micro, cost, |shard| shared.micro_step(policy, params, indices, shard, dropout_seed))?
+        {
             acc.merge(shard)?;
         }
     }
@@ -635,7 +636,7 @@ mod tests {
         let tokens = [986, 945, 513, 895];
         let shards = balanced_shards(&[10, 11, 12, 13], 2, |i| tokens[i - 10]);
         assert_eq!(shards, vec![vec![10, 12], vec![11, 13]]); // 1499 and 1840 (by count: 1931, 1408)
-        // Equal costs: contiguous halves, as before balancing.
+                                                              // Equal costs: contiguous halves, as before balancing.
         assert_eq!(balanced_shards(&[4, 5, 6, 7, 8], 2, |_| 1), vec![vec![4, 5, 6], vec![7, 8]]);
         // More shards than costly items: every shard gets one.
         let shards = balanced_shards(&[0, 1, 2], 3, |i| [100, 1, 1][i]);

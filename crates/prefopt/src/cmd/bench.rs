@@ -302,7 +302,8 @@ fn bench_dpo(
         Some(path) => {
             // The whole file's mean lengths, as tokenized (a fixed-length run's yardstick).
             let prompt: usize = pairs.iter().map(|x| x.chosen.completion_start).sum();
-            let completions: usize = pairs.iter().map(|x| x.chosen.completion_len() + x.rejected.completion_len()).sum();
+            let completions: usize =
+                pairs.iter().map(|x| x.chosen.completion_len() + x.rejected.completion_len()).sum();
             serde_json::json!({"data": path, "max_length": args.max_length,
                 "mean_tokens_per_pair": tokens as f64 / (p * steps) as f64,
                 "mean_prompt_tokens": prompt as f64 / n as f64,
