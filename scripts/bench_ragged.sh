@@ -12,7 +12,9 @@
 # missing); BATCHES: pairs per step (default "4 8"); TRL_BATCHES: those TRL runs at too
 # (default "4": TRL's step peaks at 19.9 GB at batch 4 here, so batch 8 does not fit in this
 # machine's 24 GB); batches without TRL and the layout runs (ABLATION=0 skips them) run in
-# the first round only; THREADS (default 2). Every run's JSON line goes to target-bench/ragged-runs.jsonl, the summary
+# the first round only; THREADS (default 2); APPEND=1 keeps the earlier runs' log (to add
+# rounds); FIXED_BATCHES: the fixed-length runs' batches (default BATCHES). A run that
+# fails (killed for memory) is logged as failed and the rest goes on. Every run's JSON line goes to target-bench/ragged-runs.jsonl, the summary
 # to stdout. Needs a release build and the Python of scripts/requirements.txt as $PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +28,12 @@ threads=${THREADS:-2}
 log=target-bench/ragged-runs.jsonl
 mkdir -p target-bench
 [ -f "$data" ] || "$prefopt" workload --model "$model" --count 96 --seed 0 --out "$data"
-: >"$log"
-run_prefopt() { "$prefopt" bench dpo --model "$model" --threads "$threads" --steps "$steps" --warmup 0 "$@" >>"$log"; }
+[ "${APPEND:-0}" = 1 ] || : >"$log"
+# A run that fails (e.g. killed for memory) is logged as such and the rounds go on.
+run_prefopt() {
+  "$prefopt" bench dpo --model "$model" --threads "$threads" --steps "$steps" --warmup 0 "$@" >>"$log" ||
+    echo "{\"impl\": \"prefopt\", \"failed\": \"exit $?\", \"args\": \"$*\"}" >>"$log"
+}
 for round in $(seq "$rounds"); do
   for b in ${BATCHES:-4 8}; do
     trl=0; case " ${TRL_BATCHES:-4} " in *" $b "*) trl=1 ;; esac
@@ -51,31 +57,41 @@ read -r prompt completion < <("$python" -c '
 import json, sys
 r = next(json.loads(l) for l in open(sys.argv[1]) if "mean_prompt_tokens" in l)
 print(round(r["mean_prompt_tokens"]), round(r["mean_completion_tokens"]))' "$log")
-for b in ${BATCHES:-4 8}; do
+for b in ${FIXED_BATCHES:-${BATCHES:-4 8}}; do
   run_prefopt --pairs "$b" --prompt-len "$prompt" --completion-len "$completion"
 done
 "$python" - "$log" <<'PY'
 import json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+for f in (r for r in lines if "failed" in r):
+    print("failed: prefopt bench dpo %s (%s)" % (f["args"], f["failed"]))
+runs = [r for r in lines if "failed" not in r]
 def pick(**want):
     return [r for r in runs if all(r.get(k) == v for k, v in want.items())]
-med = lambda xs: statistics.median(xs) if xs else float("nan")
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+def each(rs, key, fmt="%.4f"):
+    return ", ".join(fmt % r[key] for r in rs)
 for b in sorted({r["pairs"] for r in runs}):
     ours = pick(impl="prefopt", pairs=b, padding_free=True, share_prompt=True, cached_ref=False)
     ragged = [r for r in ours if "data" in r]
     fixed = [r for r in ours if "data" not in r]
     trl = pick(impl="trl", pairs=b)
-    o, t = med([r["examples_per_s"] for r in ragged]), med([r["examples_per_s"] for r in trl])
-    print(f"batch {b}: prefopt {o:.4f} examples/s (runs {', '.join(f'{r['examples_per_s']:.4f}' for r in ragged)}), "
-          f"TRL {t:.4f} (runs {', '.join(f'{r['examples_per_s']:.4f}' for r in trl)}), ratio {o / t:.2f}x; "
-          f"peak RSS prefopt {med([r['peak_rss_mb'] for r in ragged]):.0f} MiB, TRL {med([r['peak_rss_mb'] for r in trl]):.0f} MiB")
-    u = med([r["useful_gflops"] for r in ragged])
-    uf = med([r["useful_gflops"] for r in fixed])
-    print(f"  useful GFLOP/s: ragged {u:.1f}, fixed-length at the mean lengths {uf:.1f} ({100 * u / uf:.0f}%)")
+    o = med([r["examples_per_s"] for r in ragged])
+    rss = med([r["peak_rss_mb"] for r in ragged])
+    if trl:
+        t = med([r["examples_per_s"] for r in trl])
+        print("batch %d: prefopt %.4f examples/s (runs %s), TRL %.4f (runs %s), ratio %.2fx; peak RSS prefopt %.0f MiB, TRL %.0f MiB"
+              % (b, o, each(ragged, "examples_per_s"), t, each(trl, "examples_per_s"), o / t, rss, med([r["peak_rss_mb"] for r in trl])))
+    else:
+        print("batch %d: prefopt %.4f examples/s (runs %s), peak RSS %.0f MiB (no TRL run)" % (b, o, each(ragged, "examples_per_s"), rss))
+    u, uf = med([r["useful_gflops"] for r in ragged]), med([r["useful_gflops"] for r in fixed])
+    print("  useful GFLOP/s: ragged %.1f (runs %s), fixed-length pairs at the mean lengths %.1f (%.0f%%; %.4f examples/s)"
+          % (u, each(ragged, "useful_gflops", "%.1f"), uf, 100 * u / uf, med([r["examples_per_s"] for r in fixed])))
     for pf, sp in [(True, False), (False, True), (False, False)]:
         rs = [r for r in pick(impl="prefopt", pairs=b, padding_free=pf, share_prompt=sp) if "data" in r]
         if rs:
             e = med([r["examples_per_s"] for r in rs])
-            print(f"  padding_free={pf} share_prompt={sp}: {e:.4f} examples/s ({o / e:.2f}x slower than both on), "
-                  f"useful {med([r['useful_gflops'] for r in rs]):.1f} GFLOP/s, peak RSS {med([r['peak_rss_mb'] for r in rs]):.0f} MiB")
+            print("  padding_free=%s share_prompt=%s: %.4f examples/s (both on: %.2fx), useful %.1f GFLOP/s, peak RSS %.0f MiB"
+                  % (pf, sp, e, o / e, med([r["useful_gflops"] for r in rs]), med([r["peak_rss_mb"] for r in rs])))
 PY

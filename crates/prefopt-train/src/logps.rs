@@ -129,7 +129,7 @@ impl SequenceBatch {
 
 /// Whether a pair's two sequences can share one copy of the prompt: the same prompt tokens
 /// (at least one, so its last token predicts both completions' first).
-fn shares_prompt(chosen: &TokenizedSequence, rejected: &TokenizedSequence) -> bool {
+pub fn shares_prompt(chosen: &TokenizedSequence, rejected: &TokenizedSequence) -> bool {
     chosen.completion_start >= 1
         && chosen.completion_start == rejected.completion_start
         && chosen.prompt_ids() == rejected.prompt_ids()

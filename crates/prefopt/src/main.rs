@@ -7,25 +7,6 @@ mod progress;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of the system allocator: a training step allocates and frees gigabytes
-/// of activations and gradients, which glibc maps fresh from the OS (and the kernel zeroes,
-/// page by page) on every step; mimalloc reuses them (BENCHMARKS.md, "Ragged data").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's `purge_delay` option (its index in `mi_option_e`, which the bindings do not
-/// name: the one before `use_numa_nodes`).
-const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = libmimalloc_sys::mi_option_use_numa_nodes - 1;
-
-/// Memory freed during a step is kept for a second before it goes back to the OS (mimalloc's
-/// default is 10 ms), so the next pass reuses it instead of faulting it in again: 13% faster
-/// DPO steps on a 30-layer model, the same peak RSS (BENCHMARKS.md). `MIMALLOC_PURGE_DELAY`
-/// still overrides it (-1: never give memory back).
-fn tune_allocator() {
-    // SAFETY: called first thing in `main`, before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 1000) };
-}
-
 #[derive(Parser)]
 #[command(name = "prefopt", version, about = "Preference optimization for language models: DPO family, SPO, APO")]
 struct Cli {
@@ -62,7 +43,6 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tune_allocator();
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Bench(args) => args.threads,

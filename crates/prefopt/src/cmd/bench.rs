@@ -319,15 +319,11 @@ fn bench_dpo(
     Ok(())
 }
 
-/// A pair's (chosen tokens, rejected tokens, shared prompt tokens): the prompt counts as
-/// shared when both sequences start with the same prompt tokens.
+/// A pair's (chosen tokens, rejected tokens, shared prompt tokens): the prompt counts once
+/// when the two sequences can share it (`logps::shares_prompt`).
 fn pair_tokens(pairs: &[prefopt_data::TokenizedPair], i: usize) -> (usize, usize, usize) {
     let (c, r) = (&pairs[i].chosen, &pairs[i].rejected);
-    let shared = if c.completion_start == r.completion_start && c.prompt_ids() == r.prompt_ids() {
-        c.completion_start
-    } else {
-        0
-    };
+    let shared = if prefopt_train::logps::shares_prompt(c, r) { c.completion_start } else { 0 };
     (c.input_ids.len(), r.input_ids.len(), shared)
 }
 
