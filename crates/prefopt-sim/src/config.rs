@@ -11,6 +11,7 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::restart::AlphaSchedule;
 
 /// Which iterations a sweep runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +142,10 @@ pub struct Config {
     pub loss: Loss,
     /// Extrapolation coefficients swept, each in [0, 1) (default `[0.0, 0.2, 0.4, 0.6, 0.8, 0.9]`).
     pub alphas: Vec<f64>,
+    /// How each alpha is applied, swept: `constant` (the paper) and/or `restart` (our
+    /// adaptive rule, [`crate::restart`]); default `["constant"]`. Restart runs are made for
+    /// the alphas above 0 (at 0 the two coincide) and compared in summary.json's `restart`.
+    pub alpha_schedules: Vec<AlphaSchedule>,
     /// KL coefficients swept, each > 0 (default `[1.0]`). SPPO uses `eta = 1 / beta`.
     pub betas: Vec<f64>,
     /// Sampled mode: prompts drawn per iteration (with replacement), each >= 1 (default `[16, 64, 1024]`).
@@ -191,6 +196,7 @@ impl Default for Config {
             mode: Mode::Both,
             loss: Loss::Dpo,
             alphas: vec![0.0, 0.2, 0.4, 0.6, 0.8, 0.9],
+            alpha_schedules: vec![AlphaSchedule::Constant],
             betas: vec![1.0],
             ns: vec![16, 64, 1024],
             seeds: (0..30).collect(),
@@ -245,6 +251,9 @@ impl Config {
             if !(0.0..1.0).contains(&a) {
                 return bad("alphas", format!("{a} is outside [0, 1)"));
             }
+        }
+        if !self.alpha_schedules.contains(&AlphaSchedule::Constant) {
+            return bad("alpha_schedules", "must include \"constant\" (restart runs are compared with it)".into());
         }
         if self.betas.is_empty() {
             return bad("betas", "must list at least one value".into());

@@ -61,6 +61,7 @@ pub mod exact;
 pub mod metrics;
 pub mod policy;
 pub mod problem;
+pub mod restart;
 pub mod sampled;
 pub mod sweep;
 
@@ -68,4 +69,5 @@ pub use config::{Config, Init, Loss, Mode, Pairing, PreferenceModel, DEFAULT_CON
 pub use error::{ConfigError, SimError};
 pub use metrics::Metrics;
 pub use problem::Problem;
-pub use sweep::{run_sweep, Record, Run, RunKey, Summary, SweepOutput};
+pub use restart::AlphaSchedule;
+pub use sweep::{run_sweep, Record, RestartComparison, Run, RunKey, Summary, SweepOutput};

@@ -10,6 +10,7 @@ use crate::exact::exact_step;
 use crate::metrics::{metrics, Metrics};
 use crate::policy::{extrapolate, LogPolicy};
 use crate::problem::Problem;
+use crate::restart::AlphaSchedule;
 use crate::sampled::{sampled_step, FitStats, SampledSettings};
 
 /// Gaps at or below this are left out of the decay-rate fit (ln of a gap that small
@@ -25,6 +26,10 @@ pub struct Record {
     pub loss: String,
     /// Extrapolation coefficient.
     pub alpha: f64,
+    /// `constant` or `restart` (how alpha is applied).
+    pub alpha_schedule: String,
+    /// The coefficient this iteration's extrapolation used (0 when `restart` restarted).
+    pub alpha_used: f64,
     /// KL coefficient.
     pub beta: f64,
     /// Prompts per iteration; `null` in exact mode (infinite data).
@@ -64,11 +69,20 @@ pub struct Record {
 }
 
 impl Record {
-    fn new(run: &RunKey, loss: Loss, iteration: usize, hat: Metrics, ext: Metrics, fit: Option<FitStats>) -> Record {
+    fn new(
+        run: &RunKey,
+        loss: Loss,
+        (iteration, alpha_used): (usize, f64),
+        hat: Metrics,
+        ext: Metrics,
+        fit: Option<FitStats>,
+    ) -> Record {
         Record {
             mode: if run.n.is_some() { "sampled" } else { "exact" }.to_string(),
             loss: loss.as_str().to_string(),
             alpha: run.alpha,
+            alpha_schedule: run.schedule.as_str().to_string(),
+            alpha_used,
             beta: run.beta,
             n: run.n,
             seed: run.seed,
@@ -105,6 +119,8 @@ pub struct RunKey {
     pub beta: f64,
     /// Extrapolation coefficient.
     pub alpha: f64,
+    /// How it is applied.
+    pub schedule: AlphaSchedule,
     /// `None` for exact mode.
     pub seed: Option<u64>,
 }
@@ -158,7 +174,14 @@ pub struct ReachStats {
     pub iterations: Option<Spread>,
 }
 
-/// The summary of one (mode, N, beta, alpha) group of runs.
+impl ReachStats {
+    /// From the iterations at which the runs that got there did, out of `runs`.
+    fn of(hits: &[f64], runs: usize) -> Self {
+        ReachStats { reached: hits.len(), runs, iterations: (!hits.is_empty()).then(|| Spread::of(hits)) }
+    }
+}
+
+/// The summary of one (mode, N, beta, alpha, schedule) group of runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GroupSummary {
     /// `exact` or `sampled`.
@@ -169,6 +192,8 @@ pub struct GroupSummary {
     pub beta: f64,
     /// Extrapolation coefficient.
     pub alpha: f64,
+    /// `constant` or `restart`.
+    pub alpha_schedule: String,
     /// Iterations to reach `target_gap`.
     pub iterations_to_target: ReachStats,
     /// Gap of the last trained policy, over seeds.
@@ -222,6 +247,37 @@ pub struct Tradeoff {
     pub holds_across_seeds: bool,
 }
 
+/// For one (N, beta, alpha > 0): the restart rule against constant momentum, seed by seed
+/// (the same data seeds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartComparison {
+    pub n: usize,
+    pub beta: f64,
+    /// The alpha the rule applies when it does not restart.
+    pub alpha: f64,
+    /// Final gap with the rule, over seeds.
+    pub final_gap: Spread,
+    /// Final gap with the same alpha held constant.
+    pub constant_final_gap: Spread,
+    /// Final gap at the smallest alpha (0: iterative DPO), constant.
+    pub alpha0_final_gap: Spread,
+    /// The constant alpha with the smallest mean final gap (known only after the sweep).
+    pub best_constant_alpha: f64,
+    pub best_constant_final_gap: Spread,
+    /// Iterations to `target_gap`: the rule, alpha 0, the best constant alpha.
+    pub iterations_to_target: ReachStats,
+    pub alpha0_iterations_to_target: ReachStats,
+    pub best_constant_iterations_to_target: ReachStats,
+    /// Seeds whose final gap with the rule is at most their final gap at alpha 0.
+    pub seeds_at_least_as_good_as_alpha0: usize,
+    /// Seeds whose final gap with the rule is at most their final gap at the best constant
+    /// alpha.
+    pub seeds_at_least_as_good_as_best_constant: usize,
+    pub seeds: usize,
+    /// Iterations (of `iterations`) at which the rule set alpha to 0, per run.
+    pub restarts_per_run: Spread,
+}
+
 /// summary.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
@@ -237,8 +293,10 @@ pub struct Summary {
     pub rate_margin: Option<f64>,
     /// One entry per (mode, N, beta, alpha).
     pub groups: Vec<GroupSummary>,
-    /// Sampled mode: one entry per (N, beta).
+    /// Sampled mode: one entry per (N, beta), constant alphas.
     pub tradeoff: Vec<Tradeoff>,
+    /// Sampled mode with `restart` swept: one entry per (N, beta, alpha > 0).
+    pub restart: Vec<RestartComparison>,
 }
 
 /// Everything a sweep produces.
@@ -259,14 +317,14 @@ impl SweepOutput {
     }
 
     /// The runs of one group (all seeds), in seed order.
-    pub fn group(&self, n: Option<usize>, beta: f64, alpha: f64) -> Vec<&Run> {
-        self.runs.iter().filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha).collect()
+    pub fn group(&self, n: Option<usize>, beta: f64, alpha: f64, schedule: AlphaSchedule) -> Vec<&Run> {
+        select(&self.runs, n, beta, alpha, schedule)
     }
 
     /// Mean and interquartile band over seeds of the gap at every iteration of a group:
     /// `(t, mean)` and `(t, 25th percentile, 75th percentile)`.
-    pub fn gap_band(&self, n: Option<usize>, beta: f64, alpha: f64) -> GapBand {
-        let runs = self.group(n, beta, alpha);
+    pub fn gap_band(&self, n: Option<usize>, beta: f64, alpha: f64, schedule: AlphaSchedule) -> GapBand {
+        let runs = self.group(n, beta, alpha, schedule);
         let iters = runs[0].records.len();
         let mut mean = Vec::with_capacity(iters);
         let mut band = Vec::with_capacity(iters);
@@ -281,12 +339,19 @@ impl SweepOutput {
     }
 
     /// The final gap of a group over seeds: (mean, 25th percentile, 75th percentile).
-    pub fn final_gap_band(&self, n: Option<usize>, beta: f64, alpha: f64) -> (f64, f64, f64) {
+    pub fn final_gap_band(&self, n: Option<usize>, beta: f64, alpha: f64, schedule: AlphaSchedule) -> (f64, f64, f64) {
         let mut v: Vec<f64> =
-            self.group(n, beta, alpha).iter().filter_map(|r| r.records.last()).map(|r| r.gap()).collect();
+            self.group(n, beta, alpha, schedule).iter().filter_map(|r| r.records.last()).map(|r| r.gap()).collect();
         v.sort_by(|a, b| a.total_cmp(b));
         (v.iter().sum::<f64>() / v.len() as f64, quantile(&v, 0.25), quantile(&v, 0.75))
     }
+}
+
+/// The runs of one (N, beta, alpha, schedule) group, in seed order.
+fn select(runs: &[Run], n: Option<usize>, beta: f64, alpha: f64, schedule: AlphaSchedule) -> Vec<&Run> {
+    runs.iter()
+        .filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha && r.key.schedule == schedule)
+        .collect()
 }
 
 /// A line (`(t, mean)`) and its band (`(t, 25th percentile, 75th percentile)`).
@@ -320,7 +385,7 @@ pub fn run_one(problem: &Problem, config: &Config, key: RunKey) -> Run {
         max_fit_iters: config.max_fit_iters,
     });
     let m0 = metrics(problem, &problem.init);
-    let mut records = vec![Record::new(&key, loss, 0, m0, m0, None)];
+    let mut records = vec![Record::new(&key, loss, (0, 0.0), m0, m0, None)];
     let mut cur: LogPolicy = problem.init.clone(); // pi_t: sampler and reference
     let mut hat_prev: LogPolicy = problem.init.clone(); // pi_hat_t
     for t in 1..=config.iterations {
@@ -331,12 +396,27 @@ pub fn run_one(problem: &Problem, config: &Config, key: RunKey) -> Run {
                 (hat, Some(fit))
             }
         };
-        let ext = extrapolate(&hat, &hat_prev, key.alpha);
-        records.push(Record::new(&key, loss, t, metrics(problem, &hat), metrics(problem, &ext), fit));
+        let alpha = key.schedule.alpha(key.alpha, &cur, &hat, &hat_prev);
+        let ext = extrapolate(&hat, &hat_prev, alpha);
+        records.push(Record::new(&key, loss, (t, alpha), metrics(problem, &hat), metrics(problem, &ext), fit));
         hat_prev = hat;
         cur = ext;
     }
     Run { key, records }
+}
+
+/// The (schedule, alpha) pairs of a sweep: every alpha constant, and the alphas above 0
+/// with `restart` when it is swept (at 0 the two are the same run).
+fn schedules(config: &Config) -> Vec<(AlphaSchedule, f64)> {
+    let mut out = Vec::new();
+    for &schedule in &config.alpha_schedules {
+        for &alpha in &config.alphas {
+            if schedule == AlphaSchedule::Constant || alpha > 0.0 {
+                out.push((schedule, alpha));
+            }
+        }
+    }
+    out
 }
 
 /// Runs the whole sweep a config describes and summarizes it.
@@ -345,17 +425,18 @@ pub fn run_sweep(config: &Config) -> Result<SweepOutput, SimError> {
     let mut runs = Vec::new();
     if config.mode.runs_exact() {
         for &beta in &config.betas {
-            for &alpha in &config.alphas {
-                runs.push(run_one(&problem, config, RunKey { n: None, beta, alpha, seed: None }));
+            for (schedule, alpha) in schedules(config) {
+                runs.push(run_one(&problem, config, RunKey { n: None, beta, alpha, schedule, seed: None }));
             }
         }
     }
     if config.mode.runs_sampled() {
         for &n in &config.ns {
             for &beta in &config.betas {
-                for &alpha in &config.alphas {
+                for (schedule, alpha) in schedules(config) {
                     for &seed in &config.seeds {
-                        runs.push(run_one(&problem, config, RunKey { n: Some(n), beta, alpha, seed: Some(seed) }));
+                        let key = RunKey { n: Some(n), beta, alpha, schedule, seed: Some(seed) };
+                        runs.push(run_one(&problem, config, key));
                     }
                 }
             }
@@ -433,22 +514,15 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
         v.dedup();
         ns.extend(v.into_iter().map(Some));
     }
-    let select = |n: Option<usize>, beta: f64, alpha: f64| -> Vec<&Run> {
-        runs.iter().filter(|r| r.key.n == n && r.key.beta == beta && r.key.alpha == alpha).collect()
-    };
+    let constant = |n: Option<usize>, beta: f64, alpha: f64| select(runs, n, beta, alpha, AlphaSchedule::Constant);
     let final_gaps = |group: &[&Run]| -> Vec<f64> { group.iter().map(|r| r.records.last().unwrap().gap()).collect() };
 
     let mut groups = Vec::new();
     for &n in &ns {
         for &beta in &betas {
-            for &alpha in &alphas {
-                let group = select(n, beta, alpha);
-                let hits: Vec<f64> = group
-                    .iter()
-                    .filter_map(|r| {
-                        r.records.iter().find(|rec| rec.gap() <= config.target_gap).map(|rec| rec.iteration as f64)
-                    })
-                    .collect();
+            for (schedule, alpha) in schedules(config) {
+                let group = select(runs, n, beta, alpha, schedule);
+                let hits = iterations_to(&group, config.target_gap);
                 let fit = match n {
                     None => exact_rate_fit(&group[0].records, margin.map(|m| m / ((1.0 - alpha) * beta))),
                     Some(_) => RateFit::default(),
@@ -458,11 +532,8 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                     n,
                     beta,
                     alpha,
-                    iterations_to_target: ReachStats {
-                        reached: hits.len(),
-                        runs: group.len(),
-                        iterations: (!hits.is_empty()).then(|| Spread::of(&hits)),
-                    },
+                    alpha_schedule: schedule.as_str().to_string(),
+                    iterations_to_target: ReachStats::of(&hits, group.len()),
                     final_gap: Spread::of(&final_gaps(&group)),
                     fitted_slope: fit.slope,
                     fit_points: fit.points,
@@ -478,10 +549,10 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
         }
     }
 
-    let mut tradeoff = Vec::new();
+    let (mut tradeoff, mut restart) = (Vec::new(), Vec::new());
     for &n in ns.iter().flatten() {
         for &beta in &betas {
-            let per_alpha: Vec<Vec<f64>> = alphas.iter().map(|&a| final_gaps(&select(Some(n), beta, a))).collect();
+            let per_alpha: Vec<Vec<f64>> = alphas.iter().map(|&a| final_gaps(&constant(Some(n), beta, a))).collect();
             let spreads: Vec<Spread> = per_alpha.iter().map(|v| Spread::of(v)).collect();
             let best = (0..alphas.len()).fold(0, |b, i| if spreads[i].mean < spreads[b].mean { i } else { b });
             let last = alphas.len() - 1;
@@ -498,6 +569,36 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                 seeds: per_alpha[last].len(),
                 holds_across_seeds: worse && best < last && 2 * seeds_worse > per_alpha[last].len(),
             });
+            if !config.alpha_schedules.contains(&AlphaSchedule::Restart) {
+                continue;
+            }
+            for &alpha in alphas.iter().filter(|&&a| a > 0.0) {
+                let group = select(runs, Some(n), beta, alpha, AlphaSchedule::Restart);
+                let mine = final_gaps(&group);
+                let paired = |other: &[f64]| mine.iter().zip(other).filter(|(m, o)| m <= o).count();
+                let restarts: Vec<f64> = group
+                    .iter()
+                    .map(|r| r.records[1..].iter().filter(|rec| rec.alpha_used == 0.0).count() as f64)
+                    .collect();
+                let reach = |g: &[&Run]| ReachStats::of(&iterations_to(g, config.target_gap), g.len());
+                restart.push(RestartComparison {
+                    n,
+                    beta,
+                    alpha,
+                    final_gap: Spread::of(&mine),
+                    constant_final_gap: Spread::of(&final_gaps(&constant(Some(n), beta, alpha))),
+                    alpha0_final_gap: Spread::of(&per_alpha[0]),
+                    best_constant_alpha: alphas[best],
+                    best_constant_final_gap: spreads[best],
+                    iterations_to_target: reach(&group),
+                    alpha0_iterations_to_target: reach(&constant(Some(n), beta, alphas[0])),
+                    best_constant_iterations_to_target: reach(&constant(Some(n), beta, alphas[best])),
+                    seeds_at_least_as_good_as_alpha0: paired(&per_alpha[0]),
+                    seeds_at_least_as_good_as_best_constant: paired(&per_alpha[best]),
+                    seeds: mine.len(),
+                    restarts_per_run: Spread::of(&restarts),
+                });
+            }
         }
     }
 
@@ -509,7 +610,17 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
         rate_margin: margin,
         groups,
         tradeoff,
+        restart,
     }
+}
+
+/// The first iteration at which each run's gap is at most `target` (runs that never get
+/// there are left out).
+fn iterations_to(group: &[&Run], target: f64) -> Vec<f64> {
+    group
+        .iter()
+        .filter_map(|r| r.records.iter().find(|rec| rec.gap() <= target).map(|rec| rec.iteration as f64))
+        .collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use prefopt_sim::sweep::{GroupSummary, Spread};
-use prefopt_sim::{run_sweep, Config, SweepOutput, DEFAULT_CONFIG_TOML};
+use prefopt_sim::{run_sweep, AlphaSchedule, Config, SweepOutput, DEFAULT_CONFIG_TOML};
 
 use crate::plot::{line_chart, ChartSpec, Legend, Series};
 
@@ -94,7 +94,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             .log_y(PLOT_FLOOR)
             .legend(Legend::LowerLeft);
             for &alpha in &alphas {
-                let (mean, _) = sweep.gap_band(None, beta, alpha);
+                let (mean, _) = sweep.gap_band(None, beta, alpha, AlphaSchedule::Constant);
                 spec = spec.series(Series::new(format!("alpha = {alpha}"), mean));
             }
             let path = out.join(format!("exact_gap_vs_iteration_beta{beta}.png"));
@@ -139,12 +139,15 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
                 .log_y(PLOT_FLOOR)
                 .legend(Legend::LowerLeft);
                 for &alpha in &alphas {
-                    let (mean, band) = sweep.gap_band(Some(n), beta, alpha);
+                    let (mean, band) = sweep.gap_band(Some(n), beta, alpha, AlphaSchedule::Constant);
                     spec = spec.series(Series::new(format!("alpha = {alpha}"), mean).with_band(band));
                 }
                 let path = out.join(format!("sampled_gap_vs_iteration_n{n}_beta{beta}.png"));
                 line_chart(&path, &spec)?;
                 written.push(path);
+                if let Some(path) = restart_plot(out, sweep, n, beta)? {
+                    written.push(path);
+                }
             }
         }
         let mut spec = ChartSpec::new(
@@ -162,7 +165,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
         };
         for (name, n) in groups {
             let stats: Vec<(f64, (f64, f64, f64))> =
-                alphas.iter().map(|&a| (a, sweep.final_gap_band(n, beta, a))).collect();
+                alphas.iter().map(|&a| (a, sweep.final_gap_band(n, beta, a, AlphaSchedule::Constant))).collect();
             let mean = stats.iter().map(|(a, s)| (*a, s.0)).collect();
             let band = stats.iter().map(|(a, s)| (*a, s.1, s.2)).collect();
             let mut s = Series::new(name, mean).with_markers();
@@ -186,8 +189,11 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
             .log_y(PLOT_FLOOR)
             .legend(Legend::LowerLeft);
             for &n in &ns {
-                let base = sweep.final_gap_band(Some(n), beta, alphas[0]).0;
-                let pts = alphas.iter().map(|&a| (a, sweep.final_gap_band(Some(n), beta, a).0 / base)).collect();
+                let base = sweep.final_gap_band(Some(n), beta, alphas[0], AlphaSchedule::Constant).0;
+                let pts = alphas
+                    .iter()
+                    .map(|&a| (a, sweep.final_gap_band(Some(n), beta, a, AlphaSchedule::Constant).0 / base))
+                    .collect();
                 spec = spec.series(Series::new(format!("N = {n}"), pts).with_markers());
             }
             spec = spec
@@ -198,6 +204,35 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
         }
     }
     Ok(written)
+}
+
+/// With restart runs: the gap per iteration at N of alpha 0, the best constant alpha and the
+/// rule at every alpha above 0, each with its seed band.
+fn restart_plot(out: &Path, sweep: &SweepOutput, n: usize, beta: f64) -> Result<Option<PathBuf>> {
+    let rows: Vec<_> = sweep.summary.restart.iter().filter(|r| r.n == n && r.beta == beta).collect();
+    let Some(first) = rows.first() else { return Ok(None) };
+    let gap = sweep.summary.gap_metric.as_str();
+    let alpha0 = sweep.summary.tradeoff.iter().find(|t| t.n == n && t.beta == beta).map_or(0.0, |t| t.alphas[0]);
+    let mut spec = ChartSpec::new(
+        format!("N = {n}, beta = {beta}: constant alpha vs the restart rule (mean, band 25-75% over seeds)"),
+        "iteration t",
+        format!("{gap} of the trained policy (log)"),
+    )
+    .log_y(PLOT_FLOOR)
+    .legend(Legend::LowerLeft);
+    let mut curves = vec![(format!("alpha = {alpha0} (iterative DPO)"), alpha0, AlphaSchedule::Constant)];
+    if first.best_constant_alpha != alpha0 {
+        let best = first.best_constant_alpha;
+        curves.push((format!("best constant alpha = {best}"), best, AlphaSchedule::Constant));
+    }
+    curves.extend(rows.iter().map(|r| (format!("restart, alpha = {}", r.alpha), r.alpha, AlphaSchedule::Restart)));
+    for (name, alpha, schedule) in curves {
+        let (mean, band) = sweep.gap_band(Some(n), beta, alpha, schedule);
+        spec = spec.series(Series::new(name, mean).with_band(band));
+    }
+    let path = out.join(format!("restart_gap_vs_iteration_n{n}_beta{beta}.png"));
+    line_chart(&path, &spec)?;
+    Ok(Some(path))
 }
 
 fn fmt_spread(s: &Spread) -> String {
@@ -262,7 +297,11 @@ fn human_summary(
         for alpha in sorted(config.alphas.clone()) {
             let _ = write!(o, "  {alpha:>6}");
             for &c in &cols {
-                let g = s.groups.iter().find(|g| g.n == c && g.beta == beta && g.alpha == alpha).unwrap();
+                let g = s
+                    .groups
+                    .iter()
+                    .find(|g| g.n == c && g.beta == beta && g.alpha == alpha && g.alpha_schedule == "constant")
+                    .unwrap();
                 let it = &g.iterations_to_target;
                 let cell = match (it.iterations, c) {
                     (Some(sp), None) => format!("{}", sp.mean),
@@ -272,7 +311,11 @@ fn human_summary(
                 let _ = write!(o, " {cell:>18}");
             }
             if config.mode.runs_exact() {
-                let g = s.groups.iter().find(|g| g.n.is_none() && g.beta == beta && g.alpha == alpha).unwrap();
+                let g = s
+                    .groups
+                    .iter()
+                    .find(|g| g.n.is_none() && g.beta == beta && g.alpha == alpha && g.alpha_schedule == "constant")
+                    .unwrap();
                 let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
                 let _ = write!(
                     o,
@@ -312,6 +355,31 @@ fn human_summary(
                 t.alphas[last],
                 t.seeds_worse_at_largest_alpha,
                 t.seeds
+            );
+        }
+    }
+    if !s.restart.is_empty() {
+        let _ = writeln!(
+            o,
+            "\nalpha_schedule = \"restart\" (prefopt's own rule: alpha is 0 at an iteration whose step opposes the momentum),\nfinal gap (mean ± std over seeds) and seeds at least as good, paired by seed:"
+        );
+        for r in &s.restart {
+            let _ = writeln!(
+                o,
+                "  N = {}, beta {}, alpha {}: restart {} (constant {}); >= alpha 0 ({}) in {}/{}, >= best constant alpha {} ({}) in {}/{}; {:.1} restarts per run",
+                r.n,
+                r.beta,
+                r.alpha,
+                fmt_spread(&r.final_gap),
+                fmt_spread(&r.constant_final_gap),
+                fmt_spread(&r.alpha0_final_gap),
+                r.seeds_at_least_as_good_as_alpha0,
+                r.seeds,
+                r.best_constant_alpha,
+                fmt_spread(&r.best_constant_final_gap),
+                r.seeds_at_least_as_good_as_best_constant,
+                r.seeds,
+                r.restarts_per_run.mean
             );
         }
     }
