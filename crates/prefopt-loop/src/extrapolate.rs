@@ -69,6 +69,19 @@ pub fn extrapolate_logps(newer: &[(f32, f32)], older: &[(f32, f32)], alpha: f64)
     newer.iter().zip(older).map(|(n, o)| (step(n.0, o.0), step(n.1, o.1))).collect()
 }
 
+/// The restart rule's signal on an iteration's pairs (prefopt's own design; the simulator's
+/// `prefopt_sim::restart` states and tests the rule): with `u = lp(pi_hat_t) - lp(pi_{t-1})`
+/// (the step the data asked for, the fitted reward over beta) and `m = lp(pi_hat_t) -
+/// lp(pi_hat_{t-1})` (the momentum), `sum over pairs of (u_w - u_l)(m_w - m_l)`: the pairs are
+/// draws from `pi_{t-1}`, so this estimates twice the simulator's covariance of u and m, and
+/// the differences cancel each prompt's constant. Negative: the step came back against the
+/// momentum, the extrapolation overshot. Arguments: (chosen, rejected) log-probs per pair
+/// under `pi_hat_t`, `pi_{t-1}` (the reference) and `pi_hat_{t-1}`.
+pub fn momentum_agreement(hat: &[(f32, f32)], reference: &[(f32, f32)], older: &[(f32, f32)]) -> f64 {
+    let diff = |a: (f32, f32), b: (f32, f32)| (a.0 as f64 - b.0 as f64) - (a.1 as f64 - b.1 as f64);
+    hat.iter().zip(reference).zip(older).map(|((&h, &r), &o)| diff(h, r) * diff(h, o)).sum()
+}
+
 /// The step on adapter stacks: `(1 + alpha) c_newer - alpha c_older` per adapter (the union
 /// of both stacks, the newer's order first). Terms whose coefficient is exactly zero (an
 /// adapter only the older stack has, at `alpha = 0`) are left out; they add nothing.

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use prefopt_data::HfTokenizer;
 use prefopt_model::SamplingParams;
+pub use prefopt_sim::AlphaSchedule;
 use prefopt_train::config::apply_overrides;
 use prefopt_train::TrainConfig;
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,10 @@ pub struct ApoConfig {
     pub num_samples: usize,
     /// Nesterov momentum alpha (default 0.3, the paper's); 0 is iterative DPO.
     pub alpha: f64,
+    /// `"constant"` (default, the paper's) or `"restart"`: prefopt's own adaptive rule (not
+    /// the paper's), alpha is 0 for an iteration whose training step opposed the momentum,
+    /// judged on that iteration's pairs (docs/apo.md, "Adaptive momentum").
+    pub alpha_schedule: AlphaSchedule,
     /// KL strength: a number or one per iteration (default 0.1).
     pub beta: BetaSchedule,
     /// `"parameter"` (default, the paper's) or `"logprob"` (exact reference, same sampler);
@@ -103,6 +108,7 @@ impl Default for ApoConfig {
             prompts_per_iteration: 64,
             num_samples: 5,
             alpha: 0.3,
+            alpha_schedule: AlphaSchedule::Constant,
             beta: BetaSchedule::One(0.1),
             extrapolation: Extrapolation::Parameter,
             eval_prompts: None,

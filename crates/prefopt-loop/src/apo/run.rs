@@ -13,9 +13,9 @@ use prefopt_model::{save_model_dir, Mode, Policy, SamplingParams};
 use prefopt_train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
-use super::config::{ApoConfig, Extrapolation};
+use super::config::{AlphaSchedule, ApoConfig, Extrapolation};
 use crate::evaluate::{evaluate_model, network, BaseSamples, EvalMetrics};
-use crate::extrapolate::{extrapolate, extrapolate_logps, extrapolate_stack};
+use crate::extrapolate::{extrapolate, extrapolate_logps, extrapolate_stack, momentum_agreement};
 use crate::judge::{judge_from_spec_with, Judge, JudgeOptions, PromptItem};
 use crate::sampling::{sample_records, SampleRecord};
 use crate::{seeds, LoopError};
@@ -30,7 +30,13 @@ pub trait LoopObserver: prefopt_train::Observer {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct IterationRecord {
     pub iteration: usize,
+    /// The extrapolation coefficient this iteration used (`alpha`, or 0 where
+    /// `alpha_schedule = "restart"` restarted).
     pub alpha: f64,
+    /// `alpha_schedule = "restart"`, from iteration 2: the agreement of this iteration's step
+    /// with the momentum on its pairs (negative: restarted; see `momentum_agreement`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub momentum_agreement: Option<f64>,
     pub beta: f64,
     pub samples: PathBuf,
     pub pairs: PathBuf,
@@ -71,6 +77,7 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
         run.judge_and_pair(&mut it, obs)?;
         let train_cfg = run.reference(&mut it, obs)?;
         run.train(&mut it, &train_cfg, obs)?;
+        run.momentum(&mut it, &train_cfg, obs)?;
         run.extrapolate(&mut it, obs)?;
         run.evaluate(&mut it, obs)?;
     }
@@ -288,9 +295,11 @@ impl<'a> LoopRun<'a> {
         train_cfg.train_data = with_reference.clone();
         it.record.reference_pairs = Some(with_reference.clone());
         if !it.record.trained.exists() && !with_reference.exists() {
+            // pi_{t-1} is extrapolated with iteration t-1's coefficient (0 after a restart).
+            let alpha = self.manifest.iterations.iter().find(|r| r.iteration == t - 1).map_or(cfg.alpha, |r| r.alpha);
             self.stage(it, "reference", obs, |run, it, _| {
                 let (newer, older) = (run.trained(t - 1), run.trained(t - 2));
-                write_extrapolated_reference(&train_cfg, &it.record.pairs, &newer, &older, cfg.alpha, &with_reference)
+                write_extrapolated_reference(&train_cfg, &it.record.pairs, &newer, &older, alpha, &with_reference)
             })?;
         }
         Ok(train_cfg)
@@ -326,6 +335,35 @@ impl<'a> LoopRun<'a> {
         })
     }
 
+    /// Stage 5a, `alpha_schedule = "restart"` from iteration 2 (at t = 1 the step and the
+    /// momentum are the same, so they agree): the agreement of the step `pi_{t-1} -> pi_hat_t`
+    /// with the momentum `pi_hat_{t-1} -> pi_hat_t` on this iteration's pairs, and this
+    /// iteration's alpha: 0 when they disagree (prefopt's own rule; see
+    /// [`momentum_agreement`]).
+    fn momentum(
+        &mut self,
+        it: &mut Iteration,
+        train_cfg: &TrainConfig,
+        obs: &mut dyn LoopObserver,
+    ) -> Result<(), LoopError> {
+        let cfg = self.cfg;
+        if cfg.alpha_schedule == AlphaSchedule::Constant || cfg.alpha == 0.0 || it.t < 2 {
+            return Ok(());
+        }
+        if it.record.momentum_agreement.is_some() || it.record.extrapolated.exists() {
+            return Ok(());
+        }
+        self.stage(it, "momentum", obs, |run, it, _| {
+            let t = it.t;
+            let dirs = [run.trained(t), run.sampler(t), run.trained(t - 1)];
+            let (_, scores) = score_pair_file(train_cfg, &it.record.pairs, &dirs)?;
+            let agreement = momentum_agreement(&scores[0], &scores[1], &scores[2]);
+            it.record.momentum_agreement = Some(agreement);
+            it.record.alpha = if agreement < 0.0 { 0.0 } else { cfg.alpha };
+            Ok(())
+        })
+    }
+
     /// Stage 5: extrapolate, `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`, on the
     /// weights, or with LoRA on the stacks' coefficients (the same step on the effective
     /// weights, exactly: [`extrapolate_stack`]).
@@ -334,7 +372,7 @@ impl<'a> LoopRun<'a> {
             return Ok(());
         }
         self.stage(it, "extrapolation", obs, |run, it, _| {
-            let (alpha, older_dir) = (run.cfg.alpha, run.trained(it.t - 1));
+            let (alpha, older_dir) = (it.record.alpha, run.trained(it.t - 1));
             if prefopt_model::stack::is_stack(&it.record.trained) {
                 let (base, newer) = read_stack(&it.record.trained)?;
                 let (older_base, older) = read_stack(&older_dir)?;
@@ -385,7 +423,8 @@ impl<'a> LoopRun<'a> {
             let trained = evaluate(&it.record.trained)?;
             // At alpha 0 the extrapolated weights are the trained ones, byte for byte (tested),
             // and the evaluation is seeded, so its numbers are the same: skip the second pass.
-            let extrapolated = if run.cfg.alpha == 0.0 { trained.clone() } else { evaluate(&it.record.extrapolated)? };
+            let extrapolated =
+                if it.record.alpha == 0.0 { trained.clone() } else { evaluate(&it.record.extrapolated)? };
             let lines: Vec<serde_json::Value> = [("trained", &trained), ("extrapolated", &extrapolated)]
                 .iter()
                 .map(|(which, m)| {
@@ -414,27 +453,34 @@ fn write_extrapolated_reference(
     alpha: f64,
     out: &Path,
 ) -> Result<(), LoopError> {
-    let device = train.device()?;
-    let tok = HfTokenizer::from_dir(&train.model)?;
-    // The judge's pairs carry no reference columns; these are computed from scratch.
-    let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &train.tokenize_options())?;
-    let logps = |dir: &Path| -> Result<Vec<(f32, f32)>, LoopError> {
-        let net = Policy::load(dir, &device)?.network(Mode::Infer, train.precision())?;
-        Ok(prefopt_train::reference::compute(
-            &net,
-            &data,
-            train.batch_size,
-            train.batch_layout(tok.padding_id()),
-            |_| {},
-        )?)
-    };
-    let combined = extrapolate_logps(&logps(newer)?, &logps(older)?, alpha);
+    let (data, scores) = score_pair_file(train, pairs, &[newer.to_path_buf(), older.to_path_buf()])?;
+    let combined = extrapolate_logps(&scores[0], &scores[1], alpha);
     let mut rows: Vec<serde_json::Value> = prefopt_fs::read_jsonl(pairs)?;
     for (&row, (w, l)) in data.rows.iter().zip(combined) {
         rows[row]["ref_chosen_logps"] = w.into();
         rows[row]["ref_rejected_logps"] = l.into();
     }
     Ok(prefopt_fs::write_jsonl(out, &rows)?)
+}
+
+/// The pairs of `pairs`, tokenized as `train` will tokenize them, and their summed
+/// (chosen, rejected) log-probs under each model of `dirs`, in order.
+fn score_pair_file(
+    train: &TrainConfig,
+    pairs: &Path,
+    dirs: &[PathBuf],
+) -> Result<(prefopt_train::dataset::PairDataset, Vec<prefopt_train::reference::RefLogps>), LoopError> {
+    let device = train.device()?;
+    let tok = HfTokenizer::from_dir(&train.model)?;
+    // The judge's pairs carry no reference columns; these are computed from scratch.
+    let data = prefopt_train::dataset::PairDataset::load(pairs, &tok, &train.tokenize_options())?;
+    let layout = train.batch_layout(tok.padding_id());
+    let mut scores = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let net = Policy::load(dir, &device)?.network(Mode::Infer, train.precision())?;
+        scores.push(prefopt_train::reference::compute(&net, &data, train.batch_size, layout, |_| {})?);
+    }
+    Ok((data, scores))
 }
 
 /// Keys that change how a run is carried out but not its results: a resumed run may change

@@ -385,3 +385,40 @@ fn a_judge_failing_mid_run_loses_no_finished_stage_and_the_rerun_continues() {
     assert_eq!(trained_1, std::fs::read(out.join("iter-1/trained/model.safetensors")).unwrap());
     assert_eq!(samples_2, std::fs::read(out.join("iter-2/samples.jsonl")).unwrap());
 }
+
+#[test]
+fn the_restart_schedule_records_its_signal_and_extrapolates_with_the_alpha_it_chose() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("restart");
+    let mut cfg = config(&out, 0.6);
+    cfg.alpha_schedule = prefopt_loop::apo::AlphaSchedule::Restart;
+    let manifest = run_apo(&cfg, &mut Silent).unwrap();
+    let first = &manifest.iterations[0];
+    assert_eq!((first.alpha, first.momentum_agreement), (0.6, None), "t = 1: step and momentum are the same");
+    for t in 2..=3 {
+        let record = &manifest.iterations[t - 1];
+        let agreement = record.momentum_agreement.expect("t >= 2 records its signal");
+        assert_eq!(record.alpha, if agreement < 0.0 { 0.0 } else { 0.6 }, "iteration {t}");
+        // The signal from the three models' log-probs of the pairs, computed here.
+        let dir = |name: &str| out.join(name);
+        let pairs = dir(&format!("iter-{t}/pairs.jsonl"));
+        let hat = pair_logps(&dir(&format!("iter-{t}/trained")), &pairs);
+        let reference = pair_logps(&dir(&format!("iter-{}/extrapolated", t - 1)), &pairs);
+        let older = pair_logps(&dir(&format!("iter-{}/trained", t - 1)), &pairs);
+        let want: f64 = hat
+            .iter()
+            .zip(&reference)
+            .zip(&older)
+            .map(|((h, r), o)| ((h.0 - r.0) - (h.1 - r.1)) * ((h.0 - o.0) - (h.1 - o.1)))
+            .sum();
+        assert!((agreement - want).abs() <= 1e-3 * want.abs().max(1e-6), "iteration {t}: {agreement} vs {want}");
+        if record.alpha == 0.0 {
+            assert_eq!(
+                std::fs::read(dir(&format!("iter-{t}/trained/model.safetensors"))).unwrap(),
+                std::fs::read(dir(&format!("iter-{t}/extrapolated/model.safetensors"))).unwrap(),
+                "a restarted iteration's extrapolated model is its trained one"
+            );
+        }
+        eprintln!("iteration {t}: agreement {agreement:.3e}, alpha {}", record.alpha);
+    }
+}
