@@ -43,15 +43,10 @@ pub fn run(args: TasksArgs) -> Result<()> {
         "prompts" => prompt_records(task.as_ref(), args.count as usize, args.seed),
         _ => sft_records(task.as_ref(), args.count as usize, args.seed, args.off_format_rate, args.wrong_rate)?,
     };
-    let mut text = String::new();
-    for row in &rows {
-        text.push_str(&serde_json::to_string(row)?);
-        text.push('\n');
-    }
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
-    prefopt_fs::write_atomic(&args.out, text.as_bytes())?;
+    prefopt_fs::write_jsonl(&args.out, &rows)?;
     eprintln!("wrote {} {} lines of task `{}` -> {}", rows.len(), args.kind, args.task, args.out.display());
     Ok(())
 }

@@ -132,6 +132,28 @@ fn bad_arguments_and_outputs_are_refused() {
     refused(&["generate", "--model", &model, "--prompts", &p, "--out", &g], &["p.jsonl:1", "prompt"]);
     refused(&["tasks", "--task", "nope", "--kind", "prompts", "--count", "3", "--out", &g], &["unknown task `nope`"]);
     refused(&["tasks", "--task", "arithmetic", "--kind", "prompts", "--count", "0", "--out", &g], &["--count"]);
+    refused(&["workload", "--model", &model, "--count", "0", "--out", &g], &["--count"]);
+    refused(
+        &["workload", "--model", &model, "--count", "2", "--prompt-median", "0", "--out", &g],
+        &["--prompt-median"],
+    );
+    let no_tokenizer = d.join("empty-model");
+    std::fs::create_dir_all(&no_tokenizer).unwrap();
+    let no_tokenizer = no_tokenizer.display().to_string();
+    refused(&["workload", "--model", &no_tokenizer, "--count", "2", "--out", &g], &["tokenizer"]);
+    // And the good case writes the rows, in TRL's conversational format.
+    let ok_out = d.join("w/ragged.jsonl");
+    let done = prefopt()
+        .args(["workload", "--model", &model, "--count", "3", "--prompt-median", "20", "--completion-median", "30"])
+        .arg("--out")
+        .arg(&ok_out)
+        .output()
+        .unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(&ok_out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["chosen"][0]["role"], "assistant");
     let file = write(d, "a-file", "x").display().to_string();
     refused(&["demo", "--quick", "--out", &file], &["is a file"]);
     let bad = write(d, "bad.toml", "beta = \n").display().to_string();
