@@ -46,9 +46,18 @@ impl AlphaSchedule {
     pub fn alpha(&self, alpha: f64, reference: &LogPolicy, hat: &LogPolicy, hat_prev: &LogPolicy) -> f64 {
         match self {
             AlphaSchedule::Constant => alpha,
-            AlphaSchedule::Restart if momentum_agreement(reference, hat, hat_prev) < 0.0 => 0.0,
-            AlphaSchedule::Restart => alpha,
+            AlphaSchedule::Restart => restart_alpha(alpha, momentum_agreement(reference, hat, hat_prev)),
         }
+    }
+}
+
+/// The rule itself, for any estimate of the agreement (this module's exact one, or the
+/// loop's from its pairs): 0 when the step opposed the momentum, else `alpha`.
+pub fn restart_alpha(alpha: f64, agreement: f64) -> f64 {
+    if agreement < 0.0 {
+        0.0
+    } else {
+        alpha
     }
 }
 

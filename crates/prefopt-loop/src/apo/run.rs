@@ -359,7 +359,7 @@ impl<'a> LoopRun<'a> {
             let (_, scores) = score_pair_file(train_cfg, &it.record.pairs, &dirs)?;
             let agreement = momentum_agreement(&scores[0], &scores[1], &scores[2]);
             it.record.momentum_agreement = Some(agreement);
-            it.record.alpha = if agreement < 0.0 { 0.0 } else { cfg.alpha };
+            it.record.alpha = prefopt_sim::restart::restart_alpha(cfg.alpha, agreement);
             Ok(())
         })
     }
