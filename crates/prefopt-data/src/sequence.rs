@@ -96,6 +96,14 @@ pub struct TokenizedPair {
     pub rejected: TokenizedSequence,
 }
 
+impl TokenizedPair {
+    /// Tokens of both sequences (the prompt once per sequence): what the pair costs to run,
+    /// for balancing work across threads.
+    pub fn num_tokens(&self) -> usize {
+        self.chosen.input_ids.len() + self.rejected.input_ids.len()
+    }
+}
+
 /// A pair, or why it was left out (counted in the run's summary).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PairOutcome {

@@ -152,8 +152,7 @@ impl Objective for PreferenceObjective {
     }
 
     fn cost(&self, i: usize) -> usize {
-        let pair = &self.train.pairs[i];
-        pair.chosen.input_ids.len() + pair.rejected.input_ids.len()
+        self.train.pairs[i].num_tokens()
     }
 
     fn describe(&self, idx: &[usize]) -> String {

@@ -221,7 +221,7 @@ fn bench_dpo(
     let pairs = data.pairs.clone();
     // Reference log-probs of `indices` written into the full table (the others keep theirs).
     let reference_logps = |indices: &[usize], table: &mut Vec<(f32, f32)>| -> Result<(), prefopt_train::TrainError> {
-        let cost = |i: usize| pairs[i].chosen.input_ids.len() + pairs[i].rejected.input_ids.len();
+        let cost = |i: usize| pairs[i].num_tokens();
         let shards = run_sharded(indices, cost, |shard| {
             let mine: Vec<_> = shard.iter().map(|&i| &pairs[i]).collect();
             let scores = score_pairs(&reference, &mine, mine.len(), layout, |_| {})?;
