@@ -43,6 +43,35 @@ impl LossTypes {
     }
 }
 
+/// One reporting integration of `report_to` (transformers' names; TensorBoard is the one
+/// prefopt writes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reporter {
+    None,
+    Tensorboard,
+    /// Every integration prefopt has: TensorBoard.
+    All,
+}
+
+/// `report_to`: one name or a list, as transformers takes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ReportTo {
+    One(Reporter),
+    Many(Vec<Reporter>),
+}
+
+impl ReportTo {
+    pub fn tensorboard(&self) -> bool {
+        let has = |r: &Reporter| matches!(r, Reporter::Tensorboard | Reporter::All);
+        match self {
+            ReportTo::One(r) => has(r),
+            ReportTo::Many(rs) => rs.iter().any(has),
+        }
+    }
+}
+
 /// Every key of a training run. Defaults follow TRL's `DPOConfig` unless noted.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -128,6 +157,10 @@ pub struct TrainConfig {
     pub cache_dir: Option<PathBuf>,
     /// Log averaged metrics every N optimizer steps. Default 10.
     pub logging_steps: usize,
+    /// Where the logged metrics go besides `metrics.jsonl`: "none" (default, as in
+    /// transformers 5) or "tensorboard" (also "all", or a list): event files in
+    /// `output_dir/runs/` under transformers' tags (`train/loss`, `eval/loss`, ...).
+    pub report_to: ReportTo,
     /// Evaluate every N steps (0: only at the end). Default 0.
     pub eval_steps: usize,
     /// Checkpoint every N steps (0: never; the final model is always saved). Default 500.
@@ -219,6 +252,7 @@ impl Default for TrainConfig {
             precompute_ref_log_probs: false,
             cache_dir: None,
             logging_steps: 10,
+            report_to: ReportTo::One(Reporter::None),
             eval_steps: 0,
             save_steps: 500,
             resume_from_checkpoint: None,
@@ -240,7 +274,7 @@ impl Default for TrainConfig {
 }
 
 /// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
-pub const SFT_KEYS: [&str; 39] = [
+pub const SFT_KEYS: [&str; 40] = [
     "model",
     "train_data",
     "eval_data",
@@ -264,6 +298,7 @@ pub const SFT_KEYS: [&str; 39] = [
     "max_prompt_length",
     "prompt_boundary",
     "logging_steps",
+    "report_to",
     "eval_steps",
     "save_steps",
     "resume_from_checkpoint",
@@ -518,6 +553,11 @@ impl TrainConfig {
     }
 
     /// Whether the run trains a LoRA adapter (`use_peft`, or an `adapter` to continue).
+    /// `report_to` names TensorBoard.
+    pub fn reports_to_tensorboard(&self) -> bool {
+        self.report_to.tensorboard()
+    }
+
     pub fn uses_lora(&self) -> bool {
         self.use_peft || self.adapter.is_some()
     }

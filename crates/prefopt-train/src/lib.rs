@@ -18,6 +18,7 @@ pub mod reference;
 pub mod schedule;
 pub mod sft;
 pub mod spo;
+pub mod tensorboard;
 pub mod trainer;
 pub mod weights;
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use prefopt_fs::FsError;
 use serde::{Deserialize, Serialize};
 
+use crate::tensorboard::EventLog;
 use crate::TrainError;
 
 /// Sums of named values over the steps since the last log line, to report their means.
@@ -36,14 +37,33 @@ impl MetricAverager {
     }
 }
 
-/// Appends log lines to `output_dir/metrics.jsonl`, flushing each one.
+/// Appends log lines to `output_dir/metrics.jsonl`, flushing each one, and mirrors them into
+/// a TensorBoard event file when asked (`report_to = "tensorboard"`).
 pub struct MetricsLog {
     path: PathBuf,
+    events: EventLog,
+    tensorboard: bool,
 }
 
 impl MetricsLog {
     pub fn new(output_dir: &Path) -> Self {
-        Self { path: output_dir.join("metrics.jsonl") }
+        Self { path: output_dir.join("metrics.jsonl"), events: EventLog::new(output_dir), tensorboard: false }
+    }
+
+    /// Also write every line to `output_dir/runs/events.out.tfevents.prefopt`.
+    pub fn with_tensorboard(mut self, on: bool) -> Self {
+        self.tensorboard = on;
+        self
+    }
+
+    /// A fresh run: no log and no event file of an earlier run in this folder.
+    pub fn clear(&self) -> Result<(), TrainError> {
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FsError::io(&self.path, e).into()),
+        }
+        Ok(self.events.remove()?)
     }
 
     pub fn path(&self) -> &Path {
@@ -56,24 +76,27 @@ impl MetricsLog {
             .append(true)
             .open(&self.path)
             .map_err(|e| FsError::io(&self.path, e))?;
-        Ok(writeln!(f, "{line}").map_err(|e| FsError::io(&self.path, e))?)
+        writeln!(f, "{line}").map_err(|e| FsError::io(&self.path, e))?;
+        if self.tensorboard {
+            self.events.append(line)?;
+        }
+        Ok(())
     }
 
     /// On resume: keeps only the lines of steps up to `step` (those the checkpoint saw), so
     /// the resumed run's log equals an uninterrupted run's. Rewritten atomically.
     pub fn truncate_after(&self, step: usize) -> Result<(), TrainError> {
         let Ok(text) = std::fs::read_to_string(&self.path) else { return Ok(()) };
-        let kept: String = text
+        let kept: Vec<(&str, serde_json::Value)> = text
             .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                    .is_some_and(|s| s as usize <= step)
-            })
-            .map(|l| format!("{l}\n"))
+            .filter_map(|l| Some((l, serde_json::from_str::<serde_json::Value>(l).ok()?)))
+            .filter(|(_, v)| v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step))
             .collect();
-        prefopt_fs::write_atomic(&self.path, kept.as_bytes())?;
+        let kept_text: String = kept.iter().map(|(l, _)| format!("{l}\n")).collect();
+        prefopt_fs::write_atomic(&self.path, kept_text.as_bytes())?;
+        if self.tensorboard {
+            self.events.rewrite(&kept.into_iter().map(|(_, v)| v).collect::<Vec<_>>())?;
+        }
         Ok(())
     }
 

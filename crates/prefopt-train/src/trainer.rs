@@ -285,7 +285,7 @@ impl<'a> Run<'a> {
             adam_epsilon: cfg.adam_epsilon,
             ..OptimizerConfig::default()
         };
-        let log = MetricsLog::new(&cfg.output_dir);
+        let log = MetricsLog::new(&cfg.output_dir).with_tensorboard(cfg.reports_to_tensorboard());
         let (optimizer, state) = match &resume_dir {
             Some(dir) => {
                 let state = checkpoint::read_state(dir)?;
@@ -304,7 +304,7 @@ impl<'a> Run<'a> {
                 (Optimizer::load(opt_cfg, weights.trainable(), dir)?, state)
             }
             None => {
-                let _ = std::fs::remove_file(log.path());
+                log.clear()?;
                 let state = TrainerState {
                     step: 0,
                     total_steps: plan.total_steps,

@@ -10,5 +10,6 @@ mod hub;
 mod lora;
 mod score;
 mod simulate;
+mod tfevents;
 mod train;
 mod util;

@@ -240,3 +240,54 @@ fn sft_lowers_the_completion_loss_and_rejects_preference_keys() {
     assert!(last < 0.5 * first, "SFT loss went from {first} to {last}");
     assert!(prefopt_model::HfModel::load(&out.join("final"), &candle_core::Device::Cpu).is_ok());
 }
+
+/// `report_to = "tensorboard"`: an event file that an independent reader ([`crate::tfevents`])
+/// parses into exactly metrics.jsonl's numbers (as f32) at its steps, under transformers'
+/// tags; a run resumed from an earlier checkpoint rewrites it to the kept steps first.
+#[test]
+fn tensorboard_events_mirror_metrics_jsonl_and_follow_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let eval = format!("eval_data=\"{}\"", fixtures().join("data/plain.jsonl").display());
+    let settings = ["max_steps=6", "save_steps=3", "eval_steps=3", "report_to=\"tensorboard\"", eval.as_str()];
+    ok(train_cmd(&out, &settings).output().unwrap());
+    let events = out.join("runs/events.out.tfevents.prefopt");
+    let expected = |out: &Path| -> Vec<crate::tfevents::Scalar> {
+        let mut v = Vec::new();
+        for line in read(&out.join("metrics.jsonl")).lines() {
+            let obj: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+            let step = obj["step"].as_i64().unwrap();
+            for (k, x) in obj.iter().filter(|(k, _)| *k != "step") {
+                let tag = k.strip_prefix("eval_").map_or(format!("train/{k}"), |r| format!("eval/{r}"));
+                v.push((step, tag, x.as_f64().unwrap() as f32));
+            }
+        }
+        v
+    };
+    let (version, scalars) = crate::tfevents::read_events(&events);
+    assert_eq!(version, "brain.Event:2");
+    assert_eq!(scalars, expected(&out));
+    let tags: Vec<&str> = scalars.iter().map(|(_, t, _)| t.as_str()).collect();
+    for tag in ["train/loss", "train/rewards/margins", "train/learning_rate", "eval/loss", "train/epoch"] {
+        assert!(tags.contains(&tag), "{tag} missing from {tags:?}");
+    }
+
+    // Resume the finished run from checkpoint-3: the log and the events drop steps 4..6 and
+    // get them again, once.
+    let resume = format!("resume_from_checkpoint=\"{}\"", out.join("checkpoint-3").display());
+    let mut again = settings.to_vec();
+    again.push(resume.as_str());
+    ok(train_cmd(&out, &again).output().unwrap());
+    let (_, after) = crate::tfevents::read_events(&events);
+    assert_eq!(after, expected(&out));
+    assert_eq!(after.len(), scalars.len(), "steps 4..6 appear once");
+
+    // A fresh run without report_to leaves no stale events behind.
+    let fresh = tmp.path().join("fresh");
+    std::fs::create_dir_all(fresh.join("runs")).unwrap();
+    std::fs::copy(&events, fresh.join("runs/events.out.tfevents.prefopt")).unwrap();
+    ok(train_cmd(&fresh, &settings[..3]).output().unwrap());
+    assert!(!fresh.join("runs/events.out.tfevents.prefopt").exists(), "the old events are removed");
+    let bad = failure(train_cmd(&out, &["max_steps=1", "report_to=\"wandb\""]).output().unwrap());
+    assert!(bad.contains("report_to"), "{bad}");
+}
