@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod lock;
+pub use lock::OutputLock;
+
 /// A file-system operation that failed, with the path it was about.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -21,6 +24,12 @@ pub enum FsError {
     /// `path` is not valid JSON (or not the expected shape); `line` is 1-based for JSON Lines.
     #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
     Json { path: PathBuf, line: Option<usize>, message: String },
+    /// Another run writes into `dir` ([`lock::OutputLock`]).
+    #[error(
+        "{}: another run is writing into this folder ({holder}); wait for it to finish, stop it, or use another output folder",
+        dir.display()
+    )]
+    Locked { dir: PathBuf, holder: String },
 }
 
 impl FsError {
@@ -33,6 +42,7 @@ impl FsError {
     pub fn path(&self) -> &Path {
         match self {
             FsError::Io { path, .. } | FsError::Json { path, .. } => path,
+            FsError::Locked { dir, .. } => dir,
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::{grads, logps, TrainError};
 /// Runs a preference training job as configured.
 pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, TrainError> {
     let device = cfg.device()?;
-    let resume_dir = prepare_output(cfg)?;
+    let (_lock, resume_dir) = prepare_output(cfg, obs)?;
     let tok = HfTokenizer::from_dir(&cfg.model)?;
     let opts = cfg.tokenize_options();
     let train_data = PairDataset::load(&cfg.train_data, &tok, &opts)?;

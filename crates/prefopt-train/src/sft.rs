@@ -64,7 +64,7 @@ impl SeqDataset {
 /// Runs an SFT job as configured (the preference-only keys are rejected by
 /// [`TrainConfig::load_sft`]).
 pub fn train_sft(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, TrainError> {
-    let resume_dir = prepare_output(cfg)?;
+    let (_lock, resume_dir) = prepare_output(cfg, obs)?;
     let tok = HfTokenizer::from_dir(&cfg.model)?;
     let opts = cfg.tokenize_options();
     let train = SeqDataset::load(&cfg.train_data, &tok, &opts)?;

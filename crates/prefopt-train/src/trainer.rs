@@ -114,19 +114,27 @@ pub trait Objective: Sync {
     fn dropped(&self) -> usize;
 }
 
-/// Checks the output folder and finds the checkpoint to resume from, before any data is read.
-pub fn prepare_output(cfg: &TrainConfig) -> Result<Option<PathBuf>, TrainError> {
+/// Checks the output folder, takes its lock (held until the returned guard drops: one
+/// writer per folder) and finds the checkpoint to resume from, before any data is read.
+pub fn prepare_output(
+    cfg: &TrainConfig,
+    obs: &mut dyn Observer,
+) -> Result<(prefopt_fs::OutputLock, Option<PathBuf>), TrainError> {
     let out = &cfg.output_dir;
     let bad = |message: String| TrainError::OutputDir { dir: out.clone(), message };
     std::fs::create_dir_all(out).map_err(|e| bad(e.to_string()))?;
     let probe = out.join(".prefopt-write-test");
     std::fs::write(&probe, b"").map_err(|e| bad(format!("not writable: {e}")))?;
     let _ = std::fs::remove_file(&probe);
+    let lock = prefopt_fs::OutputLock::acquire(out)?;
+    if let Some(killed) = lock.taken_over() {
+        obs.message(&format!("{}: took over the lock left by a run that did not finish ({killed})", out.display()));
+    }
     let resume_dir = resolve_resume(cfg)?;
     if resume_dir.is_none() && (checkpoint::latest(out).is_some() || out.join("final").exists()) {
         return Err(bad("already holds a run; resume it (--resume) or choose another output_dir".into()));
     }
-    Ok(resume_dir)
+    Ok((lock, resume_dir))
 }
 
 /// Runs the optimization of `objective` as configured, from `cfg.model` or `resume_dir`:

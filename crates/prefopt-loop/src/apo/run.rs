@@ -88,6 +88,8 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
 /// prompts and the base model's held-out samples.
 struct LoopRun<'a> {
     cfg: &'a ApoConfig,
+    /// `output_dir`'s lock, held for the whole run (one writer per folder).
+    _lock: prefopt_fs::OutputLock,
     device: Device,
     manifest: Manifest,
     manifest_path: PathBuf,
@@ -115,6 +117,10 @@ impl<'a> LoopRun<'a> {
         let device = prefopt_model::parse_device(&cfg.device)?;
         let out = &cfg.output_dir;
         std::fs::create_dir_all(out).map_err(|e| LoopError::OutputDir { dir: out.clone(), message: e.to_string() })?;
+        let lock = prefopt_fs::OutputLock::acquire(out)?;
+        if let Some(killed) = lock.taken_over() {
+            obs.message(&format!("{}: took over the lock left by a run that did not finish ({killed})", out.display()));
+        }
         let manifest_path = out.join("manifest.json");
         let config = serde_json::to_value(cfg).map_err(|e| prefopt_fs::FsError::io(&manifest_path, e))?;
         let mut manifest = if manifest_path.exists() {
@@ -160,6 +166,7 @@ impl<'a> LoopRun<'a> {
         let order = fold_order(train_prompts.len(), cfg.seed);
         Ok(Self {
             cfg,
+            _lock: lock,
             device,
             manifest,
             manifest_path,

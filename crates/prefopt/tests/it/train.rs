@@ -291,3 +291,32 @@ fn tensorboard_events_mirror_metrics_jsonl_and_follow_a_resume() {
     let bad = failure(train_cmd(&out, &["max_steps=1", "report_to=\"wandb\""]).output().unwrap());
     assert!(bad.contains("report_to"), "{bad}");
 }
+
+/// One writer per output folder: a second run into a folder a live run holds fails at once
+/// naming the holder's pid; once the holder is killed, the next run takes its lock over.
+#[test]
+fn a_second_run_into_a_busy_output_dir_fails_naming_the_holder_and_a_killed_holder_is_taken_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let settings = ["max_steps=100000", "save_steps=0"];
+    let mut child = train_cmd(&out, &settings).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !out.join("metrics.jsonl").exists() {
+        assert!(Instant::now() < deadline, "the first run did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let started = Instant::now();
+    let err = failure(train_cmd(&out, &["max_steps=1"]).output().unwrap());
+    assert!(started.elapsed() < Duration::from_secs(30), "refused at once");
+    assert!(err.contains("another run is writing into this folder"), "{err}");
+    assert!(err.contains(&format!("pid {}", child.id())), "{err}");
+    child.kill().unwrap(); // SIGKILL: the kernel drops the lock, the file keeps the holder
+    child.wait().unwrap();
+    let fresh = tmp.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::copy(out.join(".prefopt.lock"), fresh.join(".prefopt.lock")).unwrap();
+    let done = ok(train_cmd(&fresh, &["max_steps=1"]).output().unwrap());
+    let said = String::from_utf8_lossy(&done.stderr);
+    assert!(said.contains("took over the lock left by a run that did not finish"), "{said}");
+    assert!(said.contains(&format!("pid {}", child.id())), "{said}");
+}
