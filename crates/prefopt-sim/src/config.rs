@@ -142,9 +142,10 @@ pub struct Config {
     pub loss: Loss,
     /// Extrapolation coefficients swept, each in [0, 1) (default `[0.0, 0.2, 0.4, 0.6, 0.8, 0.9]`).
     pub alphas: Vec<f64>,
-    /// How each alpha is applied, swept: `constant` (the paper) and/or `restart` (our
-    /// adaptive rule, [`crate::restart`]); default `["constant"]`. Restart runs are made for
-    /// the alphas above 0 (at 0 the two coincide) and compared in summary.json's `restart`.
+    /// How each alpha is applied, swept: `constant` (the paper) and/or the adaptive rules
+    /// `restart` and `monotone` (our design, [`crate::restart`]); default `["constant"]`.
+    /// Adaptive runs are made for the alphas above 0 (at 0 they coincide with constant) and
+    /// compared in summary.json's `adaptive`.
     pub alpha_schedules: Vec<AlphaSchedule>,
     /// KL coefficients swept, each > 0 (default `[1.0]`). SPPO uses `eta = 1 / beta`.
     pub betas: Vec<f64>,
@@ -253,7 +254,7 @@ impl Config {
             }
         }
         if !self.alpha_schedules.contains(&AlphaSchedule::Constant) {
-            return bad("alpha_schedules", "must include \"constant\" (restart runs are compared with it)".into());
+            return bad("alpha_schedules", "must include \"constant\" (adaptive runs are compared with it)".into());
         }
         if self.betas.is_empty() {
             return bad("betas", "must list at least one value".into());

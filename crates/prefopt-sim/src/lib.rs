@@ -70,4 +70,4 @@ pub use error::{ConfigError, SimError};
 pub use metrics::Metrics;
 pub use problem::Problem;
 pub use restart::AlphaSchedule;
-pub use sweep::{run_sweep, Record, RestartComparison, Run, RunKey, Summary, SweepOutput};
+pub use sweep::{run_sweep, AdaptiveComparison, Record, Run, RunKey, Summary, SweepOutput};

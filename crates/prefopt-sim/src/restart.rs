@@ -18,10 +18,29 @@
 //! samples (they are draws from `pi_t-1`): u from the trained and reference log-probs of
 //! each sample, m from the two trained models'. The simulator uses the exact expectation
 //! in both modes (the fitted u in sampled mode), so both modes share the rule.
+//!
+//! The gradient test sees the direction of the step, not its length: an extrapolation that
+//! goes too far along a direction the data still agrees with passes it (the demo shows
+//! exactly that: the extrapolated models are worse than the trained ones while the agreement
+//! stays positive). `monotone` is the function-value test instead (O'Donoghue and Candès'
+//! other scheme; monotone FISTA, Beck and Teboulle, keeps the better of the two points the
+//! same way): the candidate `pi_t` is kept only if it is judged at least as good as `pi_hat_t`,
+//!
+//!   advantage = mean_x ( E_{y ~ pi_t}[r(x, y)] - E_{y ~ pi_hat_t}[r(x, y)] )      (rewards)
+//!   advantage = mean_x ( P(pi_t > pi_hat_t | x) - 1/2 )                         (preferences)
+//!
+//! and `pi_t = pi_hat_t` (alpha 0) when advantage < 0. Exact mode uses the expectations;
+//! sampled mode estimates them from `n` prompts and `k` samples of each policy (one more
+//! sampling and judging round per iteration, the loop's cost too), drawn from their own
+//! random stream so the training data of a run does not depend on the rule.
 
 use serde::{Deserialize, Serialize};
 
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
 use crate::policy::{probs, LogPolicy};
+use crate::problem::Problem;
 
 /// How the extrapolation coefficient is chosen each iteration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +50,9 @@ pub enum AlphaSchedule {
     Constant,
     /// `alpha`, or 0 at an iteration whose step opposes the momentum (see the module docs).
     Restart,
+    /// `alpha`, or 0 when the extrapolated policy is judged worse than the trained one
+    /// (see the module docs).
+    Monotone,
 }
 
 impl AlphaSchedule {
@@ -38,17 +60,89 @@ impl AlphaSchedule {
         match self {
             AlphaSchedule::Constant => "constant",
             AlphaSchedule::Restart => "restart",
+            AlphaSchedule::Monotone => "monotone",
         }
     }
 
     /// The coefficient of this iteration's extrapolation from `hat` (just trained from
-    /// `reference`) and `hat_prev`.
-    pub fn alpha(&self, alpha: f64, reference: &LogPolicy, hat: &LogPolicy, hat_prev: &LogPolicy) -> f64 {
+    /// `reference`) and `hat_prev`. `monotone` judges the candidate with `judge`
+    /// ([`judged_advantage`]'s draws in sampled mode, `None` for the exact value).
+    pub fn alpha(
+        &self,
+        alpha: f64,
+        problem: &Problem,
+        (reference, hat, hat_prev): (&LogPolicy, &LogPolicy, &LogPolicy),
+        judge: Option<(usize, usize, &mut ChaCha8Rng)>,
+    ) -> f64 {
         match self {
             AlphaSchedule::Constant => alpha,
             AlphaSchedule::Restart => restart_alpha(alpha, momentum_agreement(reference, hat, hat_prev)),
+            AlphaSchedule::Monotone => {
+                let candidate = crate::policy::extrapolate(hat, hat_prev, alpha);
+                monotone_alpha(alpha, judged_advantage(problem, &candidate, hat, judge))
+            }
         }
     }
+}
+
+/// The function-value rule, for any estimate of the candidate's advantage over the trained
+/// policy (the simulator's, or the loop's from judged samples): 0 when it is worse.
+pub fn monotone_alpha(alpha: f64, advantage: f64) -> f64 {
+    if advantage < 0.0 {
+        0.0
+    } else {
+        alpha
+    }
+}
+
+/// How much better `candidate` is judged than `hat` (module docs): exactly, or from `n`
+/// uniformly drawn prompts with `k` samples of each policy and the true reward (or one
+/// Bernoulli verdict per sample pair under general preferences).
+pub fn judged_advantage(
+    problem: &Problem,
+    candidate: &LogPolicy,
+    hat: &LogPolicy,
+    draws: Option<(usize, usize, &mut ChaCha8Rng)>,
+) -> f64 {
+    let prompts = problem.num_prompts();
+    let Some((n, k, rng)) = draws else {
+        let mut total = 0.0;
+        for x in 0..prompts {
+            let (c, h) = (probs(&candidate[x]), probs(&hat[x]));
+            total += match &problem.rewards {
+                Some(r) => c.iter().zip(&h).zip(&r[x]).map(|((c, h), r)| (c - h) * r).sum::<f64>(),
+                None => {
+                    let p = &problem.prefs[x];
+                    let win: f64 = (0..c.len()).map(|i| (0..h.len()).map(|j| c[i] * h[j] * p[i][j]).sum::<f64>()).sum();
+                    win - 0.5
+                }
+            };
+        }
+        return total / prompts as f64;
+    };
+    let draw = |row: &[f64], rng: &mut ChaCha8Rng| {
+        let u: f64 = rng.gen();
+        let p = probs(row);
+        let mut acc = 0.0;
+        p.iter()
+            .position(|q| {
+                acc += q;
+                u < acc
+            })
+            .unwrap_or(p.len() - 1)
+    };
+    let mut total = 0.0;
+    for _ in 0..n {
+        let x = rng.gen_range(0..prompts);
+        for _ in 0..k {
+            let (yc, yh) = (draw(&candidate[x], rng), draw(&hat[x], rng));
+            total += match &problem.rewards {
+                Some(r) => r[x][yc] - r[x][yh],
+                None => f64::from(u8::from(rng.gen::<f64>() < problem.prefs[x][yc][yh])) - 0.5,
+            };
+        }
+    }
+    total / (n * k) as f64
 }
 
 /// The rule itself, for any estimate of the agreement (this module's exact one, or the
@@ -88,11 +182,36 @@ mod tests {
         let past = normalized(vec![vec![2.0, 0.0, -2.0]]); // reference overshot: step comes back
         assert!(momentum_agreement(&along, &hat, &prev) > 0.0);
         assert!(momentum_agreement(&past, &hat, &prev) < 0.0);
-        assert_eq!(AlphaSchedule::Restart.alpha(0.6, &along, &hat, &prev), 0.6);
-        assert_eq!(AlphaSchedule::Restart.alpha(0.6, &past, &hat, &prev), 0.0);
-        assert_eq!(AlphaSchedule::Constant.alpha(0.6, &past, &hat, &prev), 0.6);
+        let problem = Problem::bradley_terry(vec![vec![1.0, 0.0, -1.0]], prev.clone());
+        let alpha = |s: AlphaSchedule, reference: &LogPolicy| s.alpha(0.6, &problem, (reference, &hat, &prev), None);
+        assert_eq!(alpha(AlphaSchedule::Restart, &along), 0.6);
+        assert_eq!(alpha(AlphaSchedule::Restart, &past), 0.0);
+        assert_eq!(alpha(AlphaSchedule::Constant, &past), 0.6);
         // A per-prompt constant in a log-ratio (here the momentum's) changes nothing.
         let shifted = vec![prev[0].iter().map(|v| v + 3.0).collect()];
         assert!((momentum_agreement(&past, &hat, &shifted) - momentum_agreement(&past, &hat, &prev)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn monotone_keeps_an_extrapolation_that_gains_reward_and_drops_one_that_loses_it() {
+        use rand::SeedableRng;
+        let prev = normalized(vec![vec![0.0, 0.0, 0.0]]);
+        let hat = normalized(vec![vec![1.0, 0.0, -1.0]]); // momentum towards response 0
+        let ahead = Problem::bradley_terry(vec![vec![1.0, 0.0, -1.0]], prev.clone()); // 0 is best
+        let behind = Problem::bradley_terry(vec![vec![-1.0, 1.0, 0.0]], prev.clone()); // 0 is worst
+        let m = |p: &Problem| AlphaSchedule::Monotone.alpha(0.6, p, (&prev, &hat, &prev), None);
+        assert_eq!((m(&ahead), m(&behind)), (0.6, 0.0));
+        // The sampled estimate tends to the exact advantage, under rewards and preferences.
+        let candidate = crate::policy::extrapolate(&hat, &prev, 0.6);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for problem in [
+            &ahead,
+            &Problem::general(vec![vec![vec![0.5, 0.8, 0.9], vec![0.2, 0.5, 0.6], vec![0.1, 0.4, 0.5]]], prev.clone())
+                .unwrap(),
+        ] {
+            let exact = judged_advantage(problem, &candidate, &hat, None);
+            let sampled = judged_advantage(problem, &candidate, &hat, Some((4000, 4, &mut rng)));
+            assert!(exact > 0.0 && (sampled - exact).abs() < 0.02, "exact {exact}, sampled {sampled}");
+        }
     }
 }

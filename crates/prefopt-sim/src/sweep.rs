@@ -26,9 +26,9 @@ pub struct Record {
     pub loss: String,
     /// Extrapolation coefficient.
     pub alpha: f64,
-    /// `constant` or `restart` (how alpha is applied).
+    /// `constant`, `restart` or `monotone` (how alpha is applied).
     pub alpha_schedule: String,
-    /// The coefficient this iteration's extrapolation used (0 when `restart` restarted).
+    /// The coefficient this iteration's extrapolation used (0 where an adaptive rule dropped it).
     pub alpha_used: f64,
     /// KL coefficient.
     pub beta: f64,
@@ -192,7 +192,7 @@ pub struct GroupSummary {
     pub beta: f64,
     /// Extrapolation coefficient.
     pub alpha: f64,
-    /// `constant` or `restart`.
+    /// `constant`, `restart` or `monotone`.
     pub alpha_schedule: String,
     /// Iterations to reach `target_gap`.
     pub iterations_to_target: ReachStats,
@@ -247,10 +247,12 @@ pub struct Tradeoff {
     pub holds_across_seeds: bool,
 }
 
-/// For one (N, beta, alpha > 0): the restart rule against constant momentum, seed by seed
-/// (the same data seeds).
+/// For one (adaptive schedule, N, beta, alpha > 0): the rule against constant momentum,
+/// seed by seed (the same data seeds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RestartComparison {
+pub struct AdaptiveComparison {
+    /// `restart` or `monotone`.
+    pub alpha_schedule: String,
     pub n: usize,
     pub beta: f64,
     /// The alpha the rule applies when it does not restart.
@@ -295,8 +297,9 @@ pub struct Summary {
     pub groups: Vec<GroupSummary>,
     /// Sampled mode: one entry per (N, beta), constant alphas.
     pub tradeoff: Vec<Tradeoff>,
-    /// Sampled mode with `restart` swept: one entry per (N, beta, alpha > 0).
-    pub restart: Vec<RestartComparison>,
+    /// Sampled mode with an adaptive schedule swept: one entry per (schedule, N, beta,
+    /// alpha > 0).
+    pub adaptive: Vec<AdaptiveComparison>,
 }
 
 /// Everything a sweep produces.
@@ -374,6 +377,10 @@ pub fn run_one(problem: &Problem, config: &Config, key: RunKey) -> Run {
     let loss = config.loss;
     let mut rng = ChaCha8Rng::seed_from_u64(key.seed.unwrap_or(0));
     rng.set_stream(1); // stream 0 draws the problem
+                       // The monotone rule's judging draws: their own stream, so a run's training data does not
+                       // depend on the rule.
+    let mut judge_rng = ChaCha8Rng::seed_from_u64(key.seed.unwrap_or(0));
+    judge_rng.set_stream(2);
     let settings = key.n.map(|n| SampledSettings {
         loss,
         beta: key.beta,
@@ -396,7 +403,8 @@ pub fn run_one(problem: &Problem, config: &Config, key: RunKey) -> Run {
                 (hat, Some(fit))
             }
         };
-        let alpha = key.schedule.alpha(key.alpha, &cur, &hat, &hat_prev);
+        let judge = settings.as_ref().map(|s| (s.n, s.k, &mut judge_rng));
+        let alpha = key.schedule.alpha(key.alpha, problem, (&cur, &hat, &hat_prev), judge);
         let ext = extrapolate(&hat, &hat_prev, alpha);
         records.push(Record::new(&key, loss, (t, alpha), metrics(problem, &hat), metrics(problem, &ext), fit));
         hat_prev = hat;
@@ -406,7 +414,7 @@ pub fn run_one(problem: &Problem, config: &Config, key: RunKey) -> Run {
 }
 
 /// The (schedule, alpha) pairs of a sweep: every alpha constant, and the alphas above 0
-/// with `restart` when it is swept (at 0 the two are the same run).
+/// with each adaptive schedule that is swept (at 0 they are the constant run).
 fn schedules(config: &Config) -> Vec<(AlphaSchedule, f64)> {
     let mut out = Vec::new();
     for &schedule in &config.alpha_schedules {
@@ -549,7 +557,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
         }
     }
 
-    let (mut tradeoff, mut restart) = (Vec::new(), Vec::new());
+    let (mut tradeoff, mut adaptive) = (Vec::new(), Vec::new());
     for &n in ns.iter().flatten() {
         for &beta in &betas {
             let per_alpha: Vec<Vec<f64>> = alphas.iter().map(|&a| final_gaps(&constant(Some(n), beta, a))).collect();
@@ -569,35 +577,35 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                 seeds: per_alpha[last].len(),
                 holds_across_seeds: worse && best < last && 2 * seeds_worse > per_alpha[last].len(),
             });
-            if !config.alpha_schedules.contains(&AlphaSchedule::Restart) {
-                continue;
-            }
-            for &alpha in alphas.iter().filter(|&&a| a > 0.0) {
-                let group = select(runs, Some(n), beta, alpha, AlphaSchedule::Restart);
-                let mine = final_gaps(&group);
-                let paired = |other: &[f64]| mine.iter().zip(other).filter(|(m, o)| m <= o).count();
-                let restarts: Vec<f64> = group
-                    .iter()
-                    .map(|r| r.records[1..].iter().filter(|rec| rec.alpha_used == 0.0).count() as f64)
-                    .collect();
-                let reach = |g: &[&Run]| ReachStats::of(&iterations_to(g, config.target_gap), g.len());
-                restart.push(RestartComparison {
-                    n,
-                    beta,
-                    alpha,
-                    final_gap: Spread::of(&mine),
-                    constant_final_gap: Spread::of(&final_gaps(&constant(Some(n), beta, alpha))),
-                    alpha0_final_gap: Spread::of(&per_alpha[0]),
-                    best_constant_alpha: alphas[best],
-                    best_constant_final_gap: spreads[best],
-                    iterations_to_target: reach(&group),
-                    alpha0_iterations_to_target: reach(&constant(Some(n), beta, alphas[0])),
-                    best_constant_iterations_to_target: reach(&constant(Some(n), beta, alphas[best])),
-                    seeds_at_least_as_good_as_alpha0: paired(&per_alpha[0]),
-                    seeds_at_least_as_good_as_best_constant: paired(&per_alpha[best]),
-                    seeds: mine.len(),
-                    restarts_per_run: Spread::of(&restarts),
-                });
+            for &schedule in config.alpha_schedules.iter().filter(|s| **s != AlphaSchedule::Constant) {
+                for &alpha in alphas.iter().filter(|&&a| a > 0.0) {
+                    let group = select(runs, Some(n), beta, alpha, schedule);
+                    let mine = final_gaps(&group);
+                    let paired = |other: &[f64]| mine.iter().zip(other).filter(|(m, o)| m <= o).count();
+                    let restarts: Vec<f64> = group
+                        .iter()
+                        .map(|r| r.records[1..].iter().filter(|rec| rec.alpha_used == 0.0).count() as f64)
+                        .collect();
+                    let reach = |g: &[&Run]| ReachStats::of(&iterations_to(g, config.target_gap), g.len());
+                    adaptive.push(AdaptiveComparison {
+                        alpha_schedule: schedule.as_str().to_string(),
+                        n,
+                        beta,
+                        alpha,
+                        final_gap: Spread::of(&mine),
+                        constant_final_gap: Spread::of(&final_gaps(&constant(Some(n), beta, alpha))),
+                        alpha0_final_gap: Spread::of(&per_alpha[0]),
+                        best_constant_alpha: alphas[best],
+                        best_constant_final_gap: spreads[best],
+                        iterations_to_target: reach(&group),
+                        alpha0_iterations_to_target: reach(&constant(Some(n), beta, alphas[0])),
+                        best_constant_iterations_to_target: reach(&constant(Some(n), beta, alphas[best])),
+                        seeds_at_least_as_good_as_alpha0: paired(&per_alpha[0]),
+                        seeds_at_least_as_good_as_best_constant: paired(&per_alpha[best]),
+                        seeds: mine.len(),
+                        restarts_per_run: Spread::of(&restarts),
+                    });
+                }
             }
         }
     }
@@ -610,7 +618,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
         rate_margin: margin,
         groups,
         tradeoff,
-        restart,
+        adaptive,
     }
 }
 

@@ -145,7 +145,7 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
                 let path = out.join(format!("sampled_gap_vs_iteration_n{n}_beta{beta}.png"));
                 line_chart(&path, &spec)?;
                 written.push(path);
-                if let Some(path) = restart_plot(out, sweep, n, beta)? {
+                if let Some(path) = adaptive_plot(out, sweep, n, beta)? {
                     written.push(path);
                 }
             }
@@ -206,15 +206,15 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
     Ok(written)
 }
 
-/// With restart runs: the gap per iteration at N of alpha 0, the best constant alpha and the
-/// rule at every alpha above 0, each with its seed band.
-fn restart_plot(out: &Path, sweep: &SweepOutput, n: usize, beta: f64) -> Result<Option<PathBuf>> {
-    let rows: Vec<_> = sweep.summary.restart.iter().filter(|r| r.n == n && r.beta == beta).collect();
+/// With adaptive runs: the gap per iteration at N of alpha 0, the best constant alpha and
+/// each adaptive rule at every alpha above 0, each with its seed band.
+fn adaptive_plot(out: &Path, sweep: &SweepOutput, n: usize, beta: f64) -> Result<Option<PathBuf>> {
+    let rows: Vec<_> = sweep.summary.adaptive.iter().filter(|r| r.n == n && r.beta == beta).collect();
     let Some(first) = rows.first() else { return Ok(None) };
     let gap = sweep.summary.gap_metric.as_str();
     let alpha0 = sweep.summary.tradeoff.iter().find(|t| t.n == n && t.beta == beta).map_or(0.0, |t| t.alphas[0]);
     let mut spec = ChartSpec::new(
-        format!("N = {n}, beta = {beta}: constant alpha vs the restart rule (mean, band 25-75% over seeds)"),
+        format!("N = {n}, beta = {beta}: constant alpha vs adaptive rules (mean, band 25-75% over seeds)"),
         "iteration t",
         format!("{gap} of the trained policy (log)"),
     )
@@ -225,12 +225,15 @@ fn restart_plot(out: &Path, sweep: &SweepOutput, n: usize, beta: f64) -> Result<
         let best = first.best_constant_alpha;
         curves.push((format!("best constant alpha = {best}"), best, AlphaSchedule::Constant));
     }
-    curves.extend(rows.iter().map(|r| (format!("restart, alpha = {}", r.alpha), r.alpha, AlphaSchedule::Restart)));
+    for r in &rows {
+        let schedule = if r.alpha_schedule == "monotone" { AlphaSchedule::Monotone } else { AlphaSchedule::Restart };
+        curves.push((format!("{}, alpha = {}", r.alpha_schedule, r.alpha), r.alpha, schedule));
+    }
     for (name, alpha, schedule) in curves {
         let (mean, band) = sweep.gap_band(Some(n), beta, alpha, schedule);
         spec = spec.series(Series::new(name, mean).with_band(band));
     }
-    let path = out.join(format!("restart_gap_vs_iteration_n{n}_beta{beta}.png"));
+    let path = out.join(format!("adaptive_gap_vs_iteration_n{n}_beta{beta}.png"));
     line_chart(&path, &spec)?;
     Ok(Some(path))
 }
@@ -358,15 +361,18 @@ fn human_summary(
             );
         }
     }
-    if !s.restart.is_empty() {
+    if !s.adaptive.is_empty() {
         let _ = writeln!(
             o,
-            "\nalpha_schedule = \"restart\" (prefopt's own rule: alpha is 0 at an iteration whose step opposes the momentum),\nfinal gap (mean ± std over seeds) and seeds at least as good, paired by seed:"
+            "\nadaptive alpha_schedule (prefopt's own rules: alpha is 0 at an iteration whose step opposes the momentum \
+             (restart), or whose extrapolation is judged worse than the trained model (monotone)),\nfinal gap (mean ± std \
+             over seeds) and seeds at least as good, paired by seed:"
         );
-        for r in &s.restart {
+        for r in &s.adaptive {
             let _ = writeln!(
                 o,
-                "  N = {}, beta {}, alpha {}: restart {} (constant {}); >= alpha 0 ({}) in {}/{}, >= best constant alpha {} ({}) in {}/{}; {:.1} restarts per run",
+                "  {} N = {}, beta {}, alpha {}: {} (constant {}); >= alpha 0 ({}) in {}/{}, >= best constant alpha {} ({}) in {}/{}; {:.1} restarts per run",
+                r.alpha_schedule,
                 r.n,
                 r.beta,
                 r.alpha,

@@ -148,3 +148,35 @@ fn a_closed_stdout_is_an_error_not_a_panic() {
     let err = crate::util::failure(output);
     assert!(err.contains("writing to stdout"), "{err}");
 }
+
+#[test]
+fn adaptive_schedules_are_compared_with_constant_momentum_and_need_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("{TINY}alpha_schedules = [\"constant\", \"restart\", \"monotone\"]\n");
+    let o = run_config(dir.path(), &text, "adaptive");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("adaptive");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let adaptive = summary["adaptive"].as_array().unwrap();
+    let schedules: Vec<&str> = adaptive.iter().map(|a| a["alpha_schedule"].as_str().unwrap()).collect();
+    assert_eq!(schedules, ["restart", "monotone"], "one entry per rule at alpha 0.5, N = 8");
+    for a in adaptive {
+        assert_eq!((a["alpha"].as_f64(), a["seeds"].as_u64()), (Some(0.5), Some(2)), "{a}");
+    }
+    // Every monotone iteration applies alpha or drops it.
+    let results = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let used: Vec<f64> = results
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["alpha_schedule"] == "monotone" && r["iteration"].as_u64() > Some(0))
+        .map(|r| r["alpha_used"].as_f64().unwrap())
+        .collect();
+    assert!(!used.is_empty() && used.iter().all(|a| *a == 0.0 || *a == 0.5), "{used:?}");
+    assert!(out.join("adaptive_gap_vs_iteration_n8_beta1.png").is_file());
+
+    let o = run_config(dir.path(), &format!("{TINY}alpha_schedules = [\"monotone\"]\n"), "bad");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("alpha_schedules") && err.contains("must include \"constant\""), "{err}");
+}
