@@ -233,6 +233,7 @@ fn offline_row(method: &str, seed: u64, eval: &EvalMetrics, t: &LogpTrajectory) 
         experiment: "offline".into(),
         method: method.into(),
         alpha: None,
+        alpha_used: None,
         seed,
         iteration: None,
         eval_reward: eval.eval_reward,

@@ -1,23 +1,31 @@
-//! Online experiment: iterative DPO (alpha 0) against APO (alpha > 0), one `prefopt apo` run
-//! per (alpha, seed) with the same prompts, oracle, sampling and training budget.
+//! Online experiment: iterative DPO (alpha 0) against APO (alpha > 0, constant or with
+//! prefopt's restart rule), one `prefopt apo` run per (method, seed) with the same prompts,
+//! oracle, sampling and training budget.
 
 use std::path::Path;
 
 use prefopt_loop::apo::{run_apo, ApoConfig, BetaSchedule, Extrapolation};
 use prefopt_loop::evaluate::EvalMetrics;
 
-use crate::recipe::Recipe;
+use crate::recipe::{OnlineMethod, Recipe};
 use crate::summary::RunRow;
 use crate::{DemoError, DemoObserver};
 
-/// The run folder of one (alpha, seed).
-pub fn run_dir(out: &Path, alpha: f64, seed: u64) -> std::path::PathBuf {
-    out.join("online").join(format!("alpha-{alpha}")).join(format!("seed-{seed}"))
+/// The run folder of one (method, seed).
+pub fn run_dir(out: &Path, method: &OnlineMethod, seed: u64) -> std::path::PathBuf {
+    out.join("online").join(&method.name).join(format!("seed-{seed}"))
 }
 
-/// The loop's config for one (alpha, seed): training prompts and held-out prompts drawn by
-/// the task from the seed, so every alpha of a seed sees the same prompts.
-pub fn apo_config(recipe: &Recipe, base: &Path, out: &Path, device: &str, alpha: f64, seed: u64) -> ApoConfig {
+/// The loop's config for one (method, seed): training prompts and held-out prompts drawn by
+/// the task from the seed, so every method of a seed sees the same prompts.
+pub fn apo_config(
+    recipe: &Recipe,
+    base: &Path,
+    out: &Path,
+    device: &str,
+    method: &OnlineMethod,
+    seed: u64,
+) -> ApoConfig {
     let mut train = recipe.train.clone();
     train.insert("loss_type".into(), toml::Value::String("sigmoid".into()));
     train.insert("seed".into(), toml::Value::Integer(seed as i64));
@@ -29,7 +37,8 @@ pub fn apo_config(recipe: &Recipe, base: &Path, out: &Path, device: &str, alpha:
         iterations: recipe.iterations,
         prompts_per_iteration: recipe.prompts_per_iteration,
         num_samples: recipe.num_samples,
-        alpha,
+        alpha: method.alpha,
+        alpha_schedule: method.alpha_schedule,
         beta: BetaSchedule::One(recipe.beta),
         extrapolation: Extrapolation::Parameter,
         eval_prompts: None,
@@ -39,14 +48,14 @@ pub fn apo_config(recipe: &Recipe, base: &Path, out: &Path, device: &str, alpha:
         top_p: recipe.top_p,
         top_k: 0,
         max_new_tokens: recipe.max_new_tokens,
-        output_dir: run_dir(out, alpha, seed),
+        output_dir: run_dir(out, method, seed),
         device: device.to_string(),
         train,
         ..ApoConfig::default()
     }
 }
 
-/// Runs (or resumes) every (alpha, seed) and returns one row per iteration, iteration 0 being
+/// Runs (or resumes) every (method, seed) and returns one row per iteration, iteration 0 being
 /// the base model on that seed's held-out prompts.
 pub fn run_online<O: DemoObserver>(
     recipe: &Recipe,
@@ -56,16 +65,15 @@ pub fn run_online<O: DemoObserver>(
     obs: &mut O,
 ) -> Result<Vec<RunRow>, DemoError> {
     let mut rows = Vec::new();
-    let total = recipe.alphas.len() * recipe.seeds.len();
+    let total = recipe.online_methods.len() * recipe.seeds.len();
     let mut done = 0;
     for &seed in &recipe.seeds {
-        for &alpha in &recipe.alphas {
-            let method = if alpha == 0.0 { "iterative-dpo".to_string() } else { format!("apo-{alpha}") };
-            obs.run_started(done, total, &format!("online {method} seed {seed}"));
-            let cfg = apo_config(recipe, base, out, device, alpha, seed);
+        for method in &recipe.online_methods {
+            obs.run_started(done, total, &format!("online {} seed {seed}", method.name));
+            let cfg = apo_config(recipe, base, out, device, method, seed);
             let manifest = run_apo(&cfg, obs)?;
             let base_eval = manifest.base_eval.clone().unwrap_or_default();
-            rows.push(online_row(&method, alpha, seed, 0, &base_eval, &base_eval));
+            rows.push(online_row(method, seed, 0, None, &base_eval, &base_eval));
             for it in &manifest.iterations {
                 let (Some(trained), Some(extrapolated)) = (&it.eval_trained, &it.eval_extrapolated) else {
                     return Err(DemoError::Incomplete {
@@ -73,7 +81,7 @@ pub fn run_online<O: DemoObserver>(
                         message: format!("iteration {} has no evaluation", it.iteration),
                     });
                 };
-                rows.push(online_row(&method, alpha, seed, it.iteration, trained, extrapolated));
+                rows.push(online_row(method, seed, it.iteration, Some(it.alpha), trained, extrapolated));
             }
             done += 1;
         }
@@ -83,17 +91,18 @@ pub fn run_online<O: DemoObserver>(
 }
 
 fn online_row(
-    method: &str,
-    alpha: f64,
+    method: &OnlineMethod,
     seed: u64,
     iteration: usize,
+    alpha_used: Option<f64>,
     trained: &EvalMetrics,
     extrapolated: &EvalMetrics,
 ) -> RunRow {
     RunRow {
         experiment: "online".into(),
-        method: method.into(),
-        alpha: Some(alpha),
+        method: method.name.clone(),
+        alpha: Some(method.alpha),
+        alpha_used,
         seed,
         iteration: Some(iteration),
         eval_reward: trained.eval_reward,

@@ -1,6 +1,7 @@
 //! What the demo runs: one fixed recipe (and a smaller `--quick` one), recorded in
 //! `summary.json` and described in `report.md`, so every number can be traced to a setting.
 
+use prefopt_loop::apo::AlphaSchedule;
 use serde::{Deserialize, Serialize};
 
 /// An offline method: a preference loss, with or without SPO's safe-region penalty.
@@ -10,6 +11,28 @@ pub struct OfflineMethod {
     pub name: String,
     /// `[train]` keys of the method (`loss_type`, `beta`, `spo_lambda`, ...).
     pub train: toml::Table,
+}
+
+/// An online method: one `prefopt apo` configuration (alpha 0 is iterative DPO).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OnlineMethod {
+    /// Name in tables and plots (`iterative-dpo`, `apo-0.3`, `apo-0.6-restart`, ...) and the
+    /// run folder `online/<name>/seed-<s>`.
+    pub name: String,
+    pub alpha: f64,
+    /// `constant` (the APO paper) or `restart` (prefopt's own adaptive rule, docs/apo.md).
+    pub alpha_schedule: AlphaSchedule,
+}
+
+impl OnlineMethod {
+    fn new(alpha: f64, alpha_schedule: AlphaSchedule) -> Self {
+        let name = match (alpha, alpha_schedule) {
+            (0.0, _) => "iterative-dpo".to_string(),
+            (_, AlphaSchedule::Constant) => format!("apo-{alpha}"),
+            (_, schedule) => format!("apo-{alpha}-{}", schedule.as_str()),
+        };
+        OnlineMethod { name, alpha, alpha_schedule }
+    }
 }
 
 /// Every setting of a demo run.
@@ -41,8 +64,8 @@ pub struct Recipe {
     /// Offline: evaluate the chosen/rejected log-probs on the preference set every N steps.
     pub offline_eval_steps: usize,
 
-    /// Online: momentum values (0 is iterative DPO).
-    pub alphas: Vec<f64>,
+    /// Online: the methods, each run on every seed with the same prompts and budget.
+    pub online_methods: Vec<OnlineMethod>,
     pub iterations: usize,
     pub prompts_per_iteration: usize,
     /// Online: DPO's beta.
@@ -101,14 +124,21 @@ impl Recipe {
                 },
             ],
             offline_eval_steps: 4,
-            alphas: vec![0.0, 0.3, 0.6],
+            online_methods: vec![
+                OnlineMethod::new(0.0, AlphaSchedule::Constant),
+                OnlineMethod::new(0.3, AlphaSchedule::Constant),
+                OnlineMethod::new(0.6, AlphaSchedule::Constant),
+                OnlineMethod::new(0.6, AlphaSchedule::Restart),
+                OnlineMethod::new(0.6, AlphaSchedule::Monotone),
+            ],
             iterations: 4,
             prompts_per_iteration: 64,
             beta: 0.5,
         }
     }
 
-    /// `--quick` (for CI): one seed, fewer prompts, DPO and SPO only, two alphas, 2 iterations;
+    /// `--quick` (for CI): one seed, fewer prompts, DPO and SPO only, iterative DPO and APO
+    /// at alpha 0.3, 2 iterations;
     /// under 2 minutes on 2 cores.
     pub fn quick(seeds: usize) -> Self {
         let mut r = Recipe::full(seeds);
@@ -116,7 +146,7 @@ impl Recipe {
         r.offline_prompts = 64;
         r.offline_methods.truncate(2);
         r.offline_eval_steps = 2;
-        r.alphas = vec![0.0, 0.3];
+        r.online_methods.truncate(2);
         r.iterations = 2;
         r.prompts_per_iteration = 48;
         r

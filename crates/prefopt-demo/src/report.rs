@@ -4,6 +4,8 @@
 
 use std::fmt::Write;
 
+use prefopt_loop::apo::AlphaSchedule;
+
 use crate::summary::{methods, rows_of, RunRow, Spread, Summary};
 
 /// The plot files the report links (drawn by the CLI next to it).
@@ -64,12 +66,19 @@ pub fn render(s: &Summary) -> String {
     let _ = writeln!(
         md,
         "- Online: {} iterations x {} prompts x {} samples, DPO (beta {}) with the current policy as \
-         reference; alpha {} (alpha 0 is iterative DPO, the others APO with parameter extrapolation).",
+         reference; methods {} (alpha 0 is iterative DPO, the others APO with parameter extrapolation; \
+         `-restart` drops the momentum at an iteration whose step opposes it, `-monotone` when the \
+         extrapolated model's samples of the next prompts are judged worse than the trained model's: \
+         prefopt's own rules, docs/apo.md \"Adaptive momentum\").",
         r.iterations,
         r.prompts_per_iteration,
         r.num_samples,
         r.beta,
-        r.alphas.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        r.online_methods
+            .iter()
+            .map(|m| format!("`{}` (alpha {}, {})", m.name, m.alpha, m.alpha_schedule.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = writeln!(md, "- Training keys shared by every run: `{}`.\n", toml_inline(&r.train));
     let _ = writeln!(md, "Cells: mean ± standard deviation over seeds [min, max].\n");
@@ -107,15 +116,23 @@ pub fn render(s: &Summary) -> String {
     let _ = writeln!(md, "## Online: APO against iterative DPO\n");
     let _ = writeln!(
         md,
-        "Iteration 1 is the same run for every alpha: momentum enters with the first extrapolation, \
-         after it. The alpha-0 column of `extrapolated_*` in summary.json equals the trained model's.\n"
+        "Iteration 1 is the same run for every method: momentum enters with the first extrapolation, \
+         after it. As in the APO paper's Table 1, both models of each iteration are evaluated: the \
+         trained model `pi_hat_t` (the algorithm's output) and the extrapolated model \
+         `pi_t = pi_hat_t + alpha (pi_hat_t - pi_hat_t-1)` (the next iteration's sampler and \
+         reference); at alpha 0 they are the same model.\n"
     );
     let _ = writeln!(md, "Held-out accuracy of the trained model `pi_hat_t` after each iteration (0 = base):\n");
     online_table(&mut md, s, |r| r.eval_accuracy);
-    let _ = writeln!(md, "\nHeld-out reward:\n");
+    let _ = writeln!(md, "\nHeld-out reward of `pi_hat_t`:\n");
     online_table(&mut md, s, |r| Some(r.eval_reward));
-    let _ = writeln!(md, "\nMalformed rate:\n");
+    let _ = writeln!(md, "\nMalformed rate of `pi_hat_t`:\n");
     online_table(&mut md, s, |r| Some(r.malformed_rate));
+    let _ = writeln!(md, "\nHeld-out accuracy of the extrapolated model `pi_t`:\n");
+    online_table(&mut md, s, |r| if r.iteration == Some(0) { r.eval_accuracy } else { r.extrapolated_eval_accuracy });
+    let _ = writeln!(md, "\nHeld-out reward of `pi_t`:\n");
+    online_table(&mut md, s, |r| if r.iteration == Some(0) { Some(r.eval_reward) } else { r.extrapolated_eval_reward });
+    adaptive_drops(&mut md, s);
     let _ = writeln!(md, "\n![accuracy]({PLOT_ONLINE_ACCURACY})\n![reward]({PLOT_ONLINE_REWARD})\n");
 
     let _ = writeln!(md, "## What holds across seeds\n");
@@ -161,6 +178,43 @@ fn online_table(md: &mut String, s: &Summary, f: impl Fn(&RunRow) -> Option<f64>
             let _ = write!(md, " {} |", cell(&column(&rows_of(&s.runs, "online", &m, Some(t)), f), 3));
         }
         let _ = writeln!(md);
+    }
+}
+
+/// For each adaptive method: how often the rule dropped the momentum, per seed.
+fn adaptive_drops(md: &mut String, s: &Summary) {
+    for m in s.recipe.online_methods.iter().filter(|m| m.alpha > 0.0 && m.alpha_schedule != AlphaSchedule::Constant) {
+        let rows: Vec<&RunRow> = s
+            .runs
+            .iter()
+            .filter(|r| r.experiment == "online" && r.method == m.name && r.alpha_used.is_some())
+            .collect();
+        // The restart rule needs two trained models, so it acts from iteration 2 on.
+        let first = if m.alpha_schedule == AlphaSchedule::Restart { 2 } else { 1 };
+        let eligible = rows.iter().filter(|r| r.iteration.unwrap_or(0) >= first).count();
+        let dropped = |seed: u64| -> Vec<String> {
+            rows.iter()
+                .filter(|r| r.seed == seed && r.alpha_used == Some(0.0))
+                .map(|r| r.iteration.unwrap_or(0).to_string())
+                .collect()
+        };
+        let per_seed: Vec<String> = s
+            .recipe
+            .seeds
+            .iter()
+            .filter_map(|&seed| {
+                let d = dropped(seed);
+                (!d.is_empty()).then(|| format!("seed {seed} after iteration {}", d.join(", ")))
+            })
+            .collect();
+        let fired: usize = s.recipe.seeds.iter().map(|&seed| dropped(seed).len()).sum();
+        let _ = writeln!(
+            md,
+            "\n`{}`: the {} rule dropped the momentum at {fired} of {eligible} extrapolations it could act on{}.",
+            m.name,
+            m.alpha_schedule.as_str(),
+            if per_seed.is_empty() { String::new() } else { format!(" ({})", per_seed.join("; ")) }
+        );
     }
 }
 

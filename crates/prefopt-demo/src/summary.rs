@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use prefopt_loop::apo::AlphaSchedule;
+
 use crate::offline::LogpTrajectory;
 use crate::recipe::Recipe;
 
@@ -12,9 +14,15 @@ use crate::recipe::Recipe;
 pub struct RunRow {
     /// `online` or `offline`.
     pub experiment: String,
-    /// `dpo`, `dpo+spo`, `simpo`, `simpo+spo`, `base` (offline); `iterative-dpo`, `apo-<alpha>` (online).
+    /// `dpo`, `dpo+spo`, `simpo`, `simpo+spo`, `base` (offline); `iterative-dpo`, `apo-<alpha>`,
+    /// `apo-<alpha>-restart` (online).
     pub method: String,
+    /// Online: the method's momentum.
     pub alpha: Option<f64>,
+    /// Online, iterations 1..=T: the coefficient of the extrapolation that followed this
+    /// iteration's training (the method's alpha, or 0 where the restart rule fired).
+    #[serde(default)]
+    pub alpha_used: Option<f64>,
     pub seed: u64,
     pub iteration: Option<usize>,
     pub eval_reward: f64,
@@ -79,8 +87,17 @@ pub struct Claim {
 impl Claim {
     /// `a - b > 0` per seed (pairs of values on the same seed).
     pub fn greater(statement: impl Into<String>, pairs: &[(f64, f64)]) -> Claim {
+        Self::holding(statement, pairs, |d| d > 0.0)
+    }
+
+    /// `a - b >= 0` per seed: "never worse", ties included.
+    pub fn at_least(statement: impl Into<String>, pairs: &[(f64, f64)]) -> Claim {
+        Self::holding(statement, pairs, |d| d >= 0.0)
+    }
+
+    fn holding(statement: impl Into<String>, pairs: &[(f64, f64)], holds: impl Fn(f64) -> bool) -> Claim {
         let diffs: Vec<f64> = pairs.iter().map(|(a, b)| a - b).collect();
-        let held = diffs.iter().filter(|d| **d > 0.0).count();
+        let held = diffs.iter().filter(|d| holds(**d)).count();
         Claim {
             statement: statement.into(),
             held,
@@ -151,6 +168,16 @@ pub fn claims(recipe: &Recipe, runs: &[RunRow]) -> Vec<Claim> {
                 format!("{m} beats iterative DPO in held-out reward after iteration {}", recipe.iterations),
                 &paired(&end, &dpo_end, |r| r.eval_reward),
             ));
+            // The adaptive rules' promise: never behind iterative DPO (ties count).
+            if !recipe.online_methods.iter().any(|o| &o.name == m && o.alpha_schedule == AlphaSchedule::Constant) {
+                out.push(Claim::at_least(
+                    format!(
+                        "{m} is at least as good as iterative DPO in held-out reward after iteration {}",
+                        recipe.iterations
+                    ),
+                    &paired(&end, &dpo_end, |r| r.eval_reward),
+                ));
+            }
             // Acceleration: APO should be ahead early too (the paper's claim is about speed).
             let mid = recipe.iterations.div_ceil(2);
             out.push(Claim::greater(
@@ -200,5 +227,7 @@ mod tests {
         assert_eq!((c.held, c.seeds, c.holds_across_seeds), (2, 3, false));
         assert!(Claim::greater("y", &[(2.0, 1.0), (1.0, 0.5)]).holds_across_seeds);
         assert!(!Claim::greater("tie is not a win", &[(1.0, 1.0)]).holds_across_seeds);
+        assert!(Claim::at_least("a tie is not worse", &[(1.0, 1.0), (2.0, 1.0)]).holds_across_seeds);
+        assert!(!Claim::at_least("a loss is worse", &[(1.0, 1.5)]).holds_across_seeds);
     }
 }

@@ -31,6 +31,13 @@ pub struct PairRecord {
     pub win_prob_rejected: f64,
 }
 
+/// The mean judged score of every completion of `samples` (read from `source`).
+pub fn mean_score(judge: &mut dyn Judge, samples: &[SampleRecord], source: &Path, k: usize) -> Result<f64, LoopError> {
+    let scores = judged_scores(judge, samples, source, k)?;
+    let n = scores.iter().map(Vec::len).sum::<usize>();
+    Ok(scores.iter().flatten().sum::<f64>() / n.max(1) as f64)
+}
+
 /// Judges every prompt's samples (read from `source`, which errors name) and returns the
 /// pairs and the number of prompts skipped because all their samples tied.
 pub fn judge_and_pair(
@@ -39,42 +46,9 @@ pub fn judge_and_pair(
     source: &Path,
     k: usize,
 ) -> Result<(Vec<PairRecord>, usize), LoopError> {
-    let items = samples
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let text = Text::from_json(&RecordSource::line(source, i + 1), "prompt", &s.prompt)?;
-            Ok(PromptItem { text, meta: s.meta.clone() })
-        })
-        .collect::<Result<Vec<_>, LoopError>>()?;
-    // One call for the whole iteration: a command judge runs once, not once per prompt.
-    let batch: Vec<(&PromptItem, &[String])> =
-        items.iter().zip(samples).map(|(i, s)| (i, s.completions.as_slice())).collect();
-    let all = judge.judge_many(&batch)?;
     let mut pairs = Vec::new();
     let mut skipped = 0;
-    for (s, judged) in samples.iter().zip(all) {
-        if judged.len() != s.completions.len() || judged.len() != k {
-            return Err(LoopError::Verdicts {
-                judge: judge.name(),
-                message: format!(
-                    "returned {} scores for prompt {} with {} completions",
-                    judged.len(),
-                    s.prompt_index,
-                    s.completions.len()
-                ),
-            });
-        }
-        let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
-        if let Some(bad) = scores.iter().position(|x| !x.is_finite()) {
-            return Err(LoopError::Verdicts {
-                judge: judge.name(),
-                message: format!(
-                    "gave a non-finite score ({}) to completion {bad} of prompt {}",
-                    scores[bad], s.prompt_index
-                ),
-            });
-        }
+    for (s, scores) in samples.iter().zip(judged_scores(judge, samples, source, k)?) {
         // First best and first worst, so the pairing is deterministic.
         let best = (0..k).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
         let worst = (0..k).fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
@@ -115,6 +89,54 @@ pub fn judge_and_pair(
         });
     }
     Ok((pairs, skipped))
+}
+
+/// Every prompt's K scores, in one call to the judge; a wrong count or a non-finite score
+/// is an error that names the prompt.
+fn judged_scores(
+    judge: &mut dyn Judge,
+    samples: &[SampleRecord],
+    source: &Path,
+    k: usize,
+) -> Result<Vec<Vec<f64>>, LoopError> {
+    let items = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let text = Text::from_json(&RecordSource::line(source, i + 1), "prompt", &s.prompt)?;
+            Ok(PromptItem { text, meta: s.meta.clone() })
+        })
+        .collect::<Result<Vec<_>, LoopError>>()?;
+    // One call for the whole iteration: a command judge runs once, not once per prompt.
+    let batch: Vec<(&PromptItem, &[String])> =
+        items.iter().zip(samples).map(|(i, s)| (i, s.completions.as_slice())).collect();
+    let all = judge.judge_many(&batch)?;
+    let mut out = Vec::with_capacity(samples.len());
+    for (s, judged) in samples.iter().zip(all) {
+        if judged.len() != s.completions.len() || judged.len() != k {
+            return Err(LoopError::Verdicts {
+                judge: judge.name(),
+                message: format!(
+                    "returned {} scores for prompt {} with {} completions",
+                    judged.len(),
+                    s.prompt_index,
+                    s.completions.len()
+                ),
+            });
+        }
+        let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
+        if let Some(bad) = scores.iter().position(|x| !x.is_finite()) {
+            return Err(LoopError::Verdicts {
+                judge: judge.name(),
+                message: format!(
+                    "gave a non-finite score ({}) to completion {bad} of prompt {}",
+                    scores[bad], s.prompt_index
+                ),
+            });
+        }
+        out.push(scores);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -66,9 +66,12 @@ pub struct ApoConfig {
     pub num_samples: usize,
     /// Nesterov momentum alpha (default 0.3, the paper's); 0 is iterative DPO.
     pub alpha: f64,
-    /// `"constant"` (default, the paper's) or `"restart"`: prefopt's own adaptive rule (not
-    /// the paper's), alpha is 0 for an iteration whose training step opposed the momentum,
-    /// judged on that iteration's pairs (docs/apo.md, "Adaptive momentum").
+    /// `"constant"` (default, the paper's), or one of prefopt's own adaptive rules (not the
+    /// paper's; docs/apo.md, "Adaptive momentum"): `"restart"`, alpha is 0 for an iteration
+    /// whose training step opposed the momentum, judged on that iteration's pairs;
+    /// `"monotone"`, the extrapolated model is kept only if its samples on the next
+    /// iteration's prompts are judged at least as good as the trained model's (one more
+    /// sampling and judging round per iteration).
     pub alpha_schedule: AlphaSchedule,
     /// KL strength: a number or one per iteration (default 0.1).
     pub beta: BetaSchedule,

@@ -30,13 +30,18 @@ pub trait LoopObserver: prefopt_train::Observer {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct IterationRecord {
     pub iteration: usize,
-    /// The extrapolation coefficient this iteration used (`alpha`, or 0 where
-    /// `alpha_schedule = "restart"` restarted).
+    /// The extrapolation coefficient this iteration used (`alpha`, or 0 where an adaptive
+    /// `alpha_schedule` dropped the momentum).
     pub alpha: f64,
     /// `alpha_schedule = "restart"`, from iteration 2: the agreement of this iteration's step
     /// with the momentum on its pairs (negative: restarted; see `momentum_agreement`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub momentum_agreement: Option<f64>,
+    /// `alpha_schedule = "monotone"`: the mean judged score of the candidate `pi_t`'s samples
+    /// on the next iteration's prompts minus that of `pi_hat_t`'s (negative: the candidate
+    /// was dropped and `pi_t = pi_hat_t`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judged_advantage: Option<f64>,
     pub beta: f64,
     pub samples: PathBuf,
     pub pairs: PathBuf,
@@ -78,6 +83,7 @@ pub fn run_apo(cfg: &ApoConfig, obs: &mut dyn LoopObserver) -> Result<Manifest, 
         let train_cfg = run.reference(&mut it, obs)?;
         run.train(&mut it, &train_cfg, obs)?;
         run.momentum(&mut it, &train_cfg, obs)?;
+        run.safeguard(&mut it, obs)?;
         run.extrapolate(&mut it, obs)?;
         run.evaluate(&mut it, obs)?;
     }
@@ -247,18 +253,32 @@ impl<'a> LoopRun<'a> {
         if it.record.samples.exists() {
             return Ok(());
         }
+        // `monotone` sampled this fold from pi_{t-1} already, to judge it: the same model, prompts
+        // and seed, so the same samples.
+        let judged = self.manifest.iterations.iter().find(|r| r.iteration + 1 == it.t).and_then(|r| {
+            let dir = r.extrapolated.parent()?;
+            let file = if r.alpha == 0.0 { SAFEGUARD_TRAINED } else { SAFEGUARD_EXTRAPOLATED };
+            Some(dir.join(file)).filter(|p| r.judged_advantage.is_some() && p.exists())
+        });
         self.stage(it, "sampling", obs, |run, it, obs| {
-            let (cfg, t) = (run.cfg, it.t);
-            let fold: Vec<&PromptItem> = (0..cfg.prompts_per_iteration)
-                .map(|i| &run.train_prompts[run.order[((t - 1) * cfg.prompts_per_iteration + i) % run.order.len()]])
-                .collect();
-            let net = network(&run.sampler(t), &run.device)?;
-            let seed = seeds::iteration_samples(cfg.seed, t);
-            let records = sample_records(&net, &run.tok, &fold, cfg.num_samples, &run.sampling, seed, &mut |d, n| {
-                obs.samples(d, n)
-            })?;
+            if let Some(judged) = judged {
+                let records: Vec<SampleRecord> = prefopt_fs::read_jsonl(&judged)?;
+                return Ok(prefopt_fs::write_jsonl(&it.record.samples, &records)?);
+            }
+            let records = run.sample_fold(&run.sampler(it.t), it.t, obs)?;
             Ok(prefopt_fs::write_jsonl(&it.record.samples, &records)?)
         })
+    }
+
+    /// K completions per prompt of iteration t's fold from the model in `dir`, seeded by t.
+    fn sample_fold(&self, dir: &Path, t: usize, obs: &mut dyn LoopObserver) -> Result<Vec<SampleRecord>, LoopError> {
+        let cfg = self.cfg;
+        let fold: Vec<&PromptItem> = (0..cfg.prompts_per_iteration)
+            .map(|i| &self.train_prompts[self.order[((t - 1) * cfg.prompts_per_iteration + i) % self.order.len()]])
+            .collect();
+        let net = network(dir, &self.device)?;
+        let seed = seeds::iteration_samples(cfg.seed, t);
+        sample_records(&net, &self.tok, &fold, cfg.num_samples, &self.sampling, seed, &mut |d, n| obs.samples(d, n))
     }
 
     /// Stage 2: judge the samples and pair best vs worst (prompts whose samples all tie are skipped).
@@ -354,7 +374,7 @@ impl<'a> LoopRun<'a> {
         obs: &mut dyn LoopObserver,
     ) -> Result<(), LoopError> {
         let cfg = self.cfg;
-        if cfg.alpha_schedule == AlphaSchedule::Constant || cfg.alpha == 0.0 || it.t < 2 {
+        if cfg.alpha_schedule != AlphaSchedule::Restart || cfg.alpha == 0.0 || it.t < 2 {
             return Ok(());
         }
         if it.record.momentum_agreement.is_some() || it.record.extrapolated.exists() {
@@ -371,41 +391,90 @@ impl<'a> LoopRun<'a> {
         })
     }
 
-    /// Stage 5: extrapolate, `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`, on the
-    /// weights, or with LoRA on the stacks' coefficients (the same step on the effective
-    /// weights, exactly: [`extrapolate_stack`]).
+    /// Stage 5b, `alpha_schedule = "monotone"`: the candidate `pi_t` (extrapolated with
+    /// alpha) and `pi_hat_t` each sample the next iteration's prompts, the judge scores both,
+    /// and the candidate is kept only if its mean score is at least `pi_hat_t`'s; otherwise
+    /// this iteration's alpha is 0 (prefopt's own rule; see [`prefopt_sim::restart`]). The
+    /// chosen model's samples are the next iteration's (kept in this iteration's folder).
+    fn safeguard(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
+        let cfg = self.cfg;
+        if cfg.alpha_schedule != AlphaSchedule::Monotone || cfg.alpha == 0.0 {
+            return Ok(());
+        }
+        if it.record.judged_advantage.is_some() || it.record.extrapolated.exists() {
+            return Ok(());
+        }
+        self.stage(it, "safeguard", obs, |run, it, obs| {
+            let candidate = it.dir.join("candidate");
+            run.write_extrapolated(it, cfg.alpha, &candidate)?;
+            let mut mean_score = |dir: &Path, file: &str| -> Result<f64, LoopError> {
+                let path = it.dir.join(file);
+                let records = match path.exists() {
+                    true => prefopt_fs::read_jsonl(&path)?,
+                    false => {
+                        let records = run.sample_fold(dir, it.t + 1, obs)?;
+                        prefopt_fs::write_jsonl(&path, &records)?;
+                        records
+                    }
+                };
+                crate::pairing::mean_score(run.judge.as_mut(), &records, &path, cfg.num_samples)
+            };
+            let advantage =
+                mean_score(&candidate, SAFEGUARD_EXTRAPOLATED)? - mean_score(&it.record.trained, SAFEGUARD_TRAINED)?;
+            it.record.judged_advantage = Some(advantage);
+            it.record.alpha = prefopt_sim::restart::monotone_alpha(cfg.alpha, advantage);
+            if it.record.alpha == cfg.alpha {
+                std::fs::rename(&candidate, &it.record.extrapolated)
+                    .map_err(|e| prefopt_fs::FsError::io(&it.record.extrapolated, e))?;
+            } else {
+                std::fs::remove_dir_all(&candidate).map_err(|e| prefopt_fs::FsError::io(&candidate, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Stage 5: extrapolate, `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`
+    /// with this iteration's alpha.
     fn extrapolate(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
         if it.record.extrapolated.exists() {
             return Ok(());
         }
         self.stage(it, "extrapolation", obs, |run, it, _| {
-            let (alpha, older_dir) = (it.record.alpha, run.trained(it.t - 1));
-            if prefopt_model::stack::is_stack(&it.record.trained) {
-                let (base, newer) = read_stack(&it.record.trained)?;
-                let (older_base, older) = read_stack(&older_dir)?;
-                // The coefficients combine only over one base (pi_hat_0 = the base itself).
-                let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
-                if !same(&older_base, &base) {
-                    return Err(LoopError::Config {
-                        source_name: it.record.trained.display().to_string(),
-                        message: format!(
-                            "the stacks of pi_hat_t and pi_hat_(t-1) ({}) have different bases ({} and {}); \
-                             they cannot be extrapolated",
-                            older_dir.display(),
-                            base.display(),
-                            older_base.display()
-                        ),
-                    });
-                }
-                save_stack_dir(&it.record.extrapolated, &base, &extrapolate_stack(&newer, &older, alpha))?;
-                return Ok(());
-            }
-            let trained = Policy::load(&it.record.trained, &run.device)?.merged()?;
-            let older = Policy::load(&older_dir, &run.device)?.merged()?;
-            let params = extrapolate(&trained.params, &older.params, alpha)?;
-            save_model_dir(&it.record.extrapolated, &trained.raw_config, &params, Some(&it.record.trained))?;
-            Ok(())
+            let out = it.record.extrapolated.clone();
+            run.write_extrapolated(it, it.record.alpha, &out)
         })
+    }
+
+    /// `pi_hat_t + alpha (pi_hat_t - pi_hat_{t-1})` into `out`: on the weights, or with LoRA
+    /// on the stacks' coefficients (the same step on the effective weights, exactly:
+    /// [`extrapolate_stack`]).
+    fn write_extrapolated(&self, it: &Iteration, alpha: f64, out: &Path) -> Result<(), LoopError> {
+        let older_dir = self.trained(it.t - 1);
+        if prefopt_model::stack::is_stack(&it.record.trained) {
+            let (base, newer) = read_stack(&it.record.trained)?;
+            let (older_base, older) = read_stack(&older_dir)?;
+            // The coefficients combine only over one base (pi_hat_0 = the base itself).
+            let same = |a: &Path, b: &Path| std::fs::canonicalize(a).ok() == std::fs::canonicalize(b).ok();
+            if !same(&older_base, &base) {
+                return Err(LoopError::Config {
+                    source_name: it.record.trained.display().to_string(),
+                    message: format!(
+                        "the stacks of pi_hat_t and pi_hat_(t-1) ({}) have different bases ({} and {}); \
+                         they cannot be extrapolated",
+                        older_dir.display(),
+                        base.display(),
+                        older_base.display()
+                    ),
+                });
+            }
+            save_stack_dir(out, &base, &extrapolate_stack(&newer, &older, alpha))?;
+            return Ok(());
+        }
+        let trained = Policy::load(&it.record.trained, &self.device)?.merged()?;
+        let older = Policy::load(&older_dir, &self.device)?.merged()?;
+        let params = extrapolate(&trained.params, &older.params, alpha)?;
+        save_model_dir(out, &trained.raw_config, &params, Some(&it.record.trained))?;
+        Ok(())
     }
 
     /// Stage 6: evaluate `pi_hat_t` and `pi_t` on the held-out prompts.
@@ -489,6 +558,11 @@ fn score_pair_file(
     }
     Ok((data, scores))
 }
+
+/// `alpha_schedule = "monotone"`: the next iteration's samples from the candidate `pi_t` and
+/// from `pi_hat_t`, in iteration t's folder.
+const SAFEGUARD_EXTRAPOLATED: &str = "safeguard-extrapolated.jsonl";
+const SAFEGUARD_TRAINED: &str = "safeguard-trained.jsonl";
 
 /// Keys that change how a run is carried out but not its results: a resumed run may change
 /// them (e.g. raise `judge_timeout_s` after a judge timed out, or move to a GPU).

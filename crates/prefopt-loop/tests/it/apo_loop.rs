@@ -422,3 +422,76 @@ fn the_restart_schedule_records_its_signal_and_extrapolates_with_the_alpha_it_ch
         eprintln!("iteration {t}: agreement {agreement:.3e}, alpha {}", record.alpha);
     }
 }
+
+/// A judge command that prefers short completions: each completion's score is minus the
+/// length of its field in the JSON line (the same offsets for every model on a prompt).
+const SHORT_JUDGE: &str = r#"cmd:awk -F'","' '{printf "{\"scores\": ["; for (i = 1; i <= NF; i++) printf "%s%d", (i > 1 ? "," : ""), -length($i); print "]}"}'"#;
+
+#[test]
+fn the_monotone_schedule_keeps_only_extrapolations_judged_at_least_as_good_and_reuses_their_samples() {
+    use prefopt_loop::sampling::SampleRecord;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("monotone");
+    let mut cfg = config(&out, 0.6);
+    cfg.judge = SHORT_JUDGE.into();
+    cfg.alpha_schedule = prefopt_loop::apo::AlphaSchedule::Monotone;
+    let manifest = run_apo(&cfg, &mut Silent).unwrap();
+    let mut judge = prefopt_loop::judge::judge_from_spec(SHORT_JUDGE, &Device::Cpu).unwrap();
+    let mut constant_so_far = true;
+    let mut constant = cfg.clone();
+    constant.alpha_schedule = prefopt_loop::apo::AlphaSchedule::Constant;
+    constant.output_dir = tmp.path().join("constant");
+    run_apo(&constant, &mut Silent).unwrap();
+    for t in 1..=3 {
+        let record = &manifest.iterations[t - 1];
+        let dir = out.join(format!("iter-{t}"));
+        let advantage = record.judged_advantage.expect("every iteration judges its candidate");
+        assert_eq!(record.alpha, if advantage < 0.0 { 0.0 } else { 0.6 }, "iteration {t}");
+        // The recorded advantage is the judge's mean score difference of the kept samples.
+        let mut mean = |file: &str| {
+            let path = dir.join(file);
+            let samples: Vec<SampleRecord> = prefopt_fs::read_jsonl(&path).unwrap();
+            prefopt_loop::pairing::mean_score(judge.as_mut(), &samples, &path, 3).unwrap()
+        };
+        let want = mean("safeguard-extrapolated.jsonl") - mean("safeguard-trained.jsonl");
+        assert!((advantage - want).abs() < 1e-12, "iteration {t}: {advantage} vs {want}");
+        assert!(!dir.join("candidate").exists(), "the candidate is renamed or removed");
+        let (trained, extrapolated) = (weights(&dir.join("trained")), weights(&dir.join("extrapolated")));
+        if record.alpha == 0.0 {
+            assert_eq!(trained, extrapolated, "a dropped candidate leaves pi_t = pi_hat_t");
+        } else {
+            // Kept: the extrapolation identity with pi_hat_(t-1).
+            let older =
+                if t == 1 { fixtures().join("models/qwen2-tied") } else { out.join(format!("iter-{}/trained", t - 1)) };
+            for (((name, new), (_, old)), (_, ext)) in trained.iter().zip(&weights(&older)).zip(&extrapolated) {
+                for ((n, o), e) in new.iter().zip(old).zip(ext) {
+                    assert!((e - (n + 0.6 * (n - o))).abs() <= 1e-5 * (1.0 + n.abs()), "{name} at iteration {t}");
+                }
+            }
+        }
+        if t < 3 {
+            // The next iteration trains on the chosen model's judged samples, byte for byte.
+            let chosen = if record.alpha == 0.0 { "safeguard-trained.jsonl" } else { "safeguard-extrapolated.jsonl" };
+            let next = out.join(format!("iter-{}/samples.jsonl", t + 1));
+            assert_eq!(std::fs::read(dir.join(chosen)).unwrap(), std::fs::read(&next).unwrap(), "iteration {t}");
+            // While every candidate so far was kept, the run is the constant schedule's, and the
+            // reused samples are what sampling pi_t gives.
+            constant_so_far &= record.alpha == 0.6;
+            if constant_so_far {
+                let other = constant.output_dir.join(format!("iter-{}/samples.jsonl", t + 1));
+                assert_eq!(std::fs::read(&next).unwrap(), std::fs::read(other).unwrap(), "iteration {t}");
+            }
+        }
+        eprintln!("iteration {t}: judged advantage {advantage:.3}, alpha {}", record.alpha);
+    }
+    // Iteration 1 is the constant run's, so its candidate is the constant run's pi_1, whose
+    // samples of fold 2 are the constant run's iteration-2 samples, byte for byte.
+    assert_eq!(
+        std::fs::read(out.join("iter-1/safeguard-extrapolated.jsonl")).unwrap(),
+        std::fs::read(constant.output_dir.join("iter-2/samples.jsonl")).unwrap()
+    );
+    // A rerun finds every stage done.
+    let again = run_apo(&cfg, &mut Silent).unwrap();
+    let alphas = |m: &prefopt_loop::apo::Manifest| m.iterations.iter().map(|r| r.alpha).collect::<Vec<_>>();
+    assert_eq!(alphas(&again), alphas(&manifest));
+}

@@ -18,7 +18,7 @@ pub struct DemoArgs {
     /// command continues an interrupted demo.
     #[arg(long, default_value = "out/demo")]
     out: PathBuf,
-    /// Seeds per experiment (default 3; 1 with --quick).
+    /// Seeds per experiment (default 5; 1 with --quick).
     #[arg(long)]
     seeds: Option<usize>,
     /// A smaller run for CI and a first look (under 2 minutes on 2 cores).
@@ -35,7 +35,7 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> Result<()> {
     args.device.device()?; // refuse an unusable device before any work
     anyhow::ensure!(!args.out.is_file(), "--out {} is a file; the demo writes a folder there", args.out.display());
-    let seeds = args.seeds.unwrap_or(if args.quick { 1 } else { 3 });
+    let seeds = args.seeds.unwrap_or(if args.quick { 1 } else { 5 });
     anyhow::ensure!(seeds >= 1, "--seeds must be at least 1");
     let recipe = if args.quick { Recipe::quick(seeds) } else { Recipe::full(seeds) };
     let base = match args.base_model {

@@ -26,8 +26,8 @@ fn quick_demo_writes_the_summary_report_and_plots_and_online_methods_beat_the_ba
     }
     let runs = summary["runs"].as_array().unwrap();
     let iterations = summary["recipe"]["iterations"].as_u64().unwrap();
-    let alphas: Vec<f64> =
-        summary["recipe"]["alphas"].as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect();
+    let online_methods = summary["recipe"]["online_methods"].as_array().unwrap();
+    let alphas: Vec<f64> = online_methods.iter().map(|m| num(m, "alpha")).collect();
     assert!(alphas.contains(&0.0) && alphas.iter().any(|a| *a > 0.0), "alphas {alphas:?}");
     for r in runs {
         for key in ["eval_reward", "eval_accuracy", "malformed_rate"] {
@@ -36,8 +36,13 @@ fn quick_demo_writes_the_summary_report_and_plots_and_online_methods_beat_the_ba
         r["seed"].as_u64().unwrap();
         match r["experiment"].as_str().unwrap() {
             "online" => {
-                num(r, "alpha");
-                assert!(r["iteration"].as_u64().unwrap() <= iterations);
+                let t = r["iteration"].as_u64().unwrap();
+                assert!(t <= iterations);
+                // Both models of an iteration are evaluated; the alpha applied is recorded.
+                num(r, "extrapolated_eval_reward");
+                if t > 0 {
+                    assert_eq!(num(r, "alpha_used"), num(r, "alpha"), "constant schedules apply their alpha");
+                }
             }
             "offline" => {
                 num(r, "logp_chosen_delta");
@@ -46,10 +51,12 @@ fn quick_demo_writes_the_summary_report_and_plots_and_online_methods_beat_the_ba
         }
     }
     // Every online method: one row per iteration 0..=T, and above the base at the end.
-    for alpha in &alphas {
+    for m in online_methods {
+        let alpha = num(m, "alpha");
         let rows: Vec<&Value> =
-            runs.iter().filter(|r| r["experiment"] == "online" && num(r, "alpha") == *alpha).collect();
-        assert_eq!(rows.len() as u64, iterations + 1, "alpha {alpha}");
+            runs.iter().filter(|r| r["experiment"] == "online" && r["method"] == m["name"]).collect();
+        assert_eq!(rows.len() as u64, iterations + 1, "{m}");
+        assert!(out.join("online").join(m["name"].as_str().unwrap()).join("seed-1/manifest.json").is_file(), "{m}");
         let at = |t: u64| rows.iter().find(|r| r["iteration"].as_u64() == Some(t)).unwrap();
         let (base, last) = (at(0), at(iterations));
         assert!(
@@ -66,7 +73,13 @@ fn quick_demo_writes_the_summary_report_and_plots_and_online_methods_beat_the_ba
     }
 
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for section in ["## Offline", "## Online", "## What holds across seeds", "| iterative-dpo |"] {
+    for section in [
+        "## Offline",
+        "## Online",
+        "## What holds across seeds",
+        "| iterative-dpo |",
+        "Held-out accuracy of the extrapolated model `pi_t`",
+    ] {
         assert!(report.contains(section), "report lacks {section}");
     }
     for png in ["online_accuracy.png", "online_reward.png", "offline_logps.png"] {
