@@ -108,7 +108,11 @@ impl LlamaConfig {
             }
             Some(_) => {}
         }
-        let mut cfg: LlamaConfig = serde_json::from_value(raw.clone()).map_err(|e| config_err(e.to_string()))?;
+        // With the key in the message (`hidden_size: invalid value: integer -5, expected usize`).
+        let mut cfg: LlamaConfig = serde_path_to_error::deserialize(raw.clone()).map_err(|e| {
+            let key = e.path().to_string();
+            config_err(format!("`{key}`: {}", e.into_inner()))
+        })?;
         if let Some(theta) = cfg.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")) {
             cfg.rope_theta =
                 theta.as_f64().ok_or_else(|| config_err("rope_parameters.rope_theta must be a number".into()))?;
@@ -136,6 +140,31 @@ impl LlamaConfig {
             return Err(config_err(format!("head_dim ({}) must be even for RoPE", cfg.head_dim())));
         }
         cfg.llama3_rope_scaling().map_err(config_err)?;
+        // Before any tensor (or even the list of tensor shapes) exists: a config that asks for
+        // more parameters than this machine can hold is refused with what it would need.
+        let params = cfg.num_parameters().ok_or_else(|| {
+            config_err(
+                "describes more parameters than a 64-bit count holds (check vocab_size, hidden_size, \
+                        intermediate_size, num_hidden_layers, heads and head_dim)"
+                    .into(),
+            )
+        })?;
+        if let Some(limit) = crate::process::memory_limit_bytes() {
+            let bytes = params.saturating_mul(4);
+            if bytes > limit {
+                return Err(config_err(format!(
+                    "describes {params} parameters, {:.1} GB as f32 (the precision prefopt computes in), but this \
+                     process can have at most {:.1} GB (RAM + swap, or ulimit -v); check vocab_size ({}), \
+                     hidden_size ({}), intermediate_size ({}) and num_hidden_layers ({})",
+                    bytes as f64 / 1e9,
+                    limit as f64 / 1e9,
+                    cfg.vocab_size,
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    cfg.num_hidden_layers
+                )));
+            }
+        }
         // Sliding-window attention is not implemented; configs that only mention a window
         // size without enabling it (Qwen2.5, Mistral v0.2+) are fine.
         let sliding = raw.get("use_sliding_window").and_then(|v| v.as_bool()) == Some(true)
@@ -149,6 +178,25 @@ impl LlamaConfig {
             ));
         }
         Ok(cfg)
+    }
+
+    /// The parameters the architecture has (the tensors of `llama::parameter_shapes`), in
+    /// checked arithmetic: `None` when the count overflows 64 bits.
+    pub fn num_parameters(&self) -> Option<u64> {
+        let u = |x: usize| x as u64;
+        let (c, v, f) = (u(self.hidden_size), u(self.vocab_size), u(self.intermediate_size));
+        let (q, kv) = (
+            u(self.num_attention_heads).checked_mul(u(self.head_dim()))?,
+            u(self.num_kv_heads()).checked_mul(u(self.head_dim()))?,
+        );
+        let attention = q.checked_mul(c)?.checked_mul(2)?.checked_add(kv.checked_mul(c)?.checked_mul(2)?)?;
+        let qkv_bias = if self.qkv_bias() { q.checked_add(kv.checked_mul(2)?)? } else { 0 };
+        let biases = qkv_bias.checked_add(if self.o_bias() { c } else { 0 })?;
+        let mlp_bias = if self.mlp_bias { f.checked_mul(2)?.checked_add(c)? } else { 0 };
+        let mlp = f.checked_mul(c)?.checked_mul(3)?.checked_add(mlp_bias)?;
+        let layer = attention.checked_add(mlp)?.checked_add(biases)?.checked_add(c.checked_mul(2)?)?;
+        let embeddings = v.checked_mul(c)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        u(self.num_hidden_layers).checked_mul(layer)?.checked_add(embeddings)?.checked_add(c)
     }
 
     pub fn num_kv_heads(&self) -> usize {

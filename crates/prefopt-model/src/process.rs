@@ -50,3 +50,21 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
+
+/// The most memory this process can have, in bytes: the machine's RAM plus swap, or the
+/// address-space limit (`ulimit -v`) when that is lower. `None` where the system does not
+/// say (outside Linux); callers then skip their checks.
+pub fn memory_limit_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = meminfo.lines().find(|l| l.starts_with(key))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok()
+    };
+    let machine = (kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) * 1024;
+    // `Max address space  <soft> <hard> bytes`, or `unlimited`.
+    let address_space = std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+        let line = limits.lines().find(|l| l.starts_with("Max address space"))?;
+        line.trim_start_matches("Max address space").split_whitespace().next()?.parse::<u64>().ok()
+    });
+    Some(address_space.map_or(machine, |a| a.min(machine)))
+}

@@ -249,3 +249,31 @@ fn sharded_index_errors_name_the_shard() {
     assert!(msg.contains("model.layers.2") && msg.contains("missing"), "{msg}");
     matches!(HfModel::load(&dir, &device()), Err(ModelError::MissingTensor { .. }));
 }
+
+/// The parameter count the config check uses (before any shape exists) is the sum over the
+/// tensors the model loads, for every fixture architecture (biases, tying, GQA); and a config
+/// whose count cannot fit in memory is refused before anything is allocated.
+#[test]
+fn the_parameter_count_is_the_loaded_tensors_and_a_config_beyond_memory_is_refused() {
+    for name in ["llama-untied", "llama-tied", "qwen2-tied", "qwen2-untied", "mistral", "llama-deep-50k"] {
+        let (cfg, _) =
+            prefopt_model::LlamaConfig::from_file(&fixtures().join(format!("models/{name}/config.json"))).unwrap();
+        let from_shapes: u64 =
+            prefopt_model::parameter_shapes(&cfg).iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
+        assert_eq!(cfg.num_parameters(), Some(from_shapes), "{name}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("models/llama-tied/config.json")).unwrap())
+            .unwrap();
+    raw["vocab_size"] = serde_json::json!(1_000_000_000_000u64);
+    let path = dir.path().join("config.json");
+    let err = prefopt_model::LlamaConfig::from_json(&raw, &path).unwrap_err().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("GB as f32") && err.contains("vocab_size (1000000000000)"),
+        "{err}"
+    );
+    raw["num_hidden_layers"] = serde_json::json!(u64::MAX / 2);
+    let err = prefopt_model::LlamaConfig::from_json(&raw, &path).unwrap_err().to_string();
+    assert!(err.contains("more parameters than a 64-bit count holds"), "{err}");
+}

@@ -47,7 +47,16 @@ fn bad_models_are_named() {
     let m = broken_model(d, "vocab", |m| {
         edit_json(&m.join("config.json"), |c| c["vocab_size"] = 1_000_000_000_000u64.into())
     });
-    score(&m, &["model.embed_tokens.weight", "1000000000000"]);
+    score(&m, &["config.json", "GB as f32", "vocab_size (1000000000000)"]);
+    let m = broken_model(d, "negative", |m| edit_json(&m.join("config.json"), |c| c["hidden_size"] = (-5).into()));
+    score(&m, &["config.json", "`hidden_size`", "-5"]);
+    let m = broken_model(d, "string-layers", |m| {
+        edit_json(&m.join("config.json"), |c| c["num_hidden_layers"] = "four".into())
+    });
+    score(&m, &["config.json", "`num_hidden_layers`"]);
+    // The config says one vocabulary size, the weights another: the tensor is named.
+    let m = broken_model(d, "lie", |m| edit_json(&m.join("config.json"), |c| c["vocab_size"] = 1000.into()));
+    score(&m, &["model.embed_tokens.weight", "1000"]);
     let m = broken_model(d, "truncated", |m| {
         let f = std::fs::OpenOptions::new().write(true).open(m.join("model.safetensors")).unwrap();
         f.set_len(5000).unwrap();
@@ -156,6 +165,19 @@ fn bad_arguments_and_outputs_are_refused() {
     assert_eq!(rows[0]["chosen"][0]["role"], "assistant");
     let file = write(d, "a-file", "x").display().to_string();
     refused(&["demo", "--quick", "--out", &file], &["is a file"]);
+    // Architectures that would not fit in memory are refused before anything is allocated.
+    let arch = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/base_model/arch.json");
+    for (key, value) in [("vocab_size", 1_000_000_000_000u64), ("num_hidden_layers", 1_000_000_000)] {
+        let path = d.join(format!("{key}.json"));
+        std::fs::copy(&arch, &path).unwrap();
+        edit_json(&path, |c| c[key] = value.into());
+        let init_out = d.join(format!("init-{key}")).display().to_string();
+        refused(
+            &["init", "--char-tokenizer", "--arch", &path.display().to_string(), "--out", &init_out],
+            &[&format!("{key}.json"), "GB as f32", &format!("{key} ({value})")],
+        );
+        assert!(!Path::new(&init_out).exists(), "nothing written");
+    }
     let bad = write(d, "bad.toml", "beta = \n").display().to_string();
     refused(&["train", "--config", &bad], &["bad.toml", "line 1"]);
     let sim = write(d, "sim.toml", "alphas = \"x\"\n").display().to_string();
