@@ -94,9 +94,37 @@ pub fn write_dir_atomic<E: From<FsError>>(
 }
 
 /// `.NAME.KIND-PID` in the same folder, so the final rename never crosses file systems.
+/// Made fresh: the siblings a killed writer of `path` left behind are removed first.
 fn sibling(path: &Path, kind: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    remove_stale_siblings(path, &name);
     path.with_file_name(format!(".{name}.{kind}-{}", std::process::id()))
+}
+
+/// A writer killed mid-write (SIGKILL, power loss) leaves its `.NAME.tmp-PID` (or, between
+/// the two renames of a folder, `.NAME.old-PID`) beside `path`; nothing reads them, but a
+/// model folder's is as large as the model. Removed when their process no longer runs (on
+/// Linux, where `/proc` says; elsewhere they stay).
+fn remove_stale_siblings(path: &Path, name: &str) {
+    let Some(parent) = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) else {
+        return;
+    };
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let own = std::process::id().to_string();
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let pid = [".tmp-", ".old-"].iter().find_map(|kind| file.strip_prefix(&format!(".{name}{kind}")));
+        let Some(pid) = pid.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && *p != own) else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let stale = entry.path();
+            let _ = if stale.is_dir() { std::fs::remove_dir_all(&stale) } else { std::fs::remove_file(&stale) };
+        }
+    }
 }
 
 /// Writes `value` as pretty-printed JSON, atomically.
@@ -144,6 +172,35 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_killed_writer_left_is_removed_by_the_next_write_and_a_live_ones_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (path, dir) = (tmp.path().join("a.json"), tmp.path().join("final"));
+        // A pid no process has (above Linux's pid_max), and pid 1, which always runs.
+        for stale in [".a.json.tmp-999999999", ".final.old-999999999", ".a.json.tmp-1"] {
+            std::fs::write(tmp.path().join(stale), b"half").unwrap();
+        }
+        std::fs::create_dir(tmp.path().join(".final.tmp-999999999")).unwrap();
+        write_json(&path, &serde_json::json!({"a": 1})).unwrap();
+        write_dir_atomic::<FsError>(&dir, |d| write_atomic(&d.join("x"), b"x")).unwrap();
+        let mut names: Vec<String> =
+            std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        names.sort();
+        let expected = if Path::new("/proc/self").exists() {
+            vec![".a.json.tmp-1", "a.json", "final"]
+        } else {
+            vec![
+                ".a.json.tmp-1",
+                ".a.json.tmp-999999999",
+                ".final.old-999999999",
+                ".final.tmp-999999999",
+                "a.json",
+                "final",
+            ]
+        };
+        assert_eq!(names, expected);
+    }
 
     #[test]
     fn a_failed_folder_fill_keeps_the_old_folder_and_leaves_no_temp() {

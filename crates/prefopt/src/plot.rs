@@ -6,10 +6,11 @@
 //! atomically: drawn to a temporary file in the target directory, then renamed.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{anyhow, Context, Result};
+use image::ImageEncoder;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -163,19 +164,18 @@ pub fn palette(i: usize) -> (u8, u8, u8) {
     (c.0, c.1, c.2)
 }
 
-/// Draws `spec` as a PNG at `path` (written atomically).
+/// Draws `spec` as a PNG at `path`, written through `prefopt_fs::write_atomic` like every
+/// other output (drawn in memory, encoded, then one atomic write).
 pub fn line_chart(path: &Path, spec: &ChartSpec) -> Result<()> {
     register_font()?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    // The bitmap encoder picks the format from the extension, so keep `.png` last.
-    let tmp: PathBuf = dir.join(format!(".{}.tmp-{}.png", name.to_string_lossy(), std::process::id()));
-    let drawn = draw(&tmp, spec);
-    if let Err(e) = drawn {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.context(format!("drawing {}", path.display())));
-    }
-    std::fs::rename(&tmp, path).with_context(|| format!("moving {} to {}", tmp.display(), path.display()))
+    let (w, h) = spec.size;
+    let mut rgb = vec![0u8; w as usize * h as usize * 3];
+    draw(&mut rgb, spec).with_context(|| format!("drawing {}", path.display()))?;
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(&rgb, w, h, image::ColorType::Rgb8)
+        .with_context(|| format!("encoding {}", path.display()))?;
+    Ok(prefopt_fs::write_atomic(path, &png)?)
 }
 
 /// A tick label without trailing zeros: `5`, `0.25`, `1.5e-5`.
@@ -197,7 +197,7 @@ fn visible(spec: &ChartSpec, y: f64) -> bool {
     y.is_finite() && (!spec.log_y || y > spec.y_floor)
 }
 
-fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
+fn draw(rgb: &mut [u8], spec: &ChartSpec) -> Result<()> {
     // Data ranges over everything that will be drawn.
     let xs = spec.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).filter(|x| x.is_finite());
     let (mut x0, mut x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
@@ -215,7 +215,7 @@ fn draw(tmp: &Path, spec: &ChartSpec) -> Result<()> {
     if !y0.is_finite() {
         (y0, y1) = if spec.log_y { (1e-3, 1.0) } else { (0.0, 1.0) };
     }
-    let root = BitMapBackend::new(tmp, spec.size).into_drawing_area();
+    let root = BitMapBackend::with_buffer(rgb, spec.size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let axis = if spec.log_y {
         // A log axis drawn by hand on log10(y), over whole decades so that grid lines

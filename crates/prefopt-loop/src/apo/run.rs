@@ -300,9 +300,12 @@ impl<'a> LoopRun<'a> {
                     message: format!("tied every prompt's samples in iteration {}; nothing to train on", it.t),
                 });
             }
-            prefopt_fs::write_jsonl(&it.record.pairs, &pairs)?;
+            // The record first, then the file whose existence marks the stage done: a kill
+            // between the two reruns the stage instead of keeping a record without its counts.
             it.record.pair_count = pairs.len();
             it.record.skipped_prompts = skipped;
+            run.save(&it.record)?;
+            prefopt_fs::write_jsonl(&it.record.pairs, &pairs)?;
             Ok(())
         })
     }
@@ -423,24 +426,24 @@ impl<'a> LoopRun<'a> {
                 mean_score(&candidate, SAFEGUARD_EXTRAPOLATED)? - mean_score(&it.record.trained, SAFEGUARD_TRAINED)?;
             it.record.judged_advantage = Some(advantage);
             it.record.alpha = prefopt_sim::restart::monotone_alpha(cfg.alpha, advantage);
-            if it.record.alpha == cfg.alpha {
-                std::fs::rename(&candidate, &it.record.extrapolated)
-                    .map_err(|e| prefopt_fs::FsError::io(&it.record.extrapolated, e))?;
-            } else {
-                std::fs::remove_dir_all(&candidate).map_err(|e| prefopt_fs::FsError::io(&candidate, e))?;
-            }
             Ok(())
         })
     }
 
     /// Stage 5: extrapolate, `theta_t = theta_hat_t + alpha (theta_hat_t - theta_hat_{t-1})`
-    /// with this iteration's alpha.
+    /// with this iteration's alpha (a kept `monotone` candidate is that model already).
     fn extrapolate(&mut self, it: &mut Iteration, obs: &mut dyn LoopObserver) -> Result<(), LoopError> {
         if it.record.extrapolated.exists() {
             return Ok(());
         }
         self.stage(it, "extrapolation", obs, |run, it, _| {
-            let out = it.record.extrapolated.clone();
+            let (out, candidate) = (it.record.extrapolated.clone(), it.dir.join("candidate"));
+            if candidate.exists() {
+                if it.record.judged_advantage.is_some() && it.record.alpha == run.cfg.alpha {
+                    return std::fs::rename(&candidate, &out).map_err(|e| prefopt_fs::FsError::io(&out, e).into());
+                }
+                std::fs::remove_dir_all(&candidate).map_err(|e| prefopt_fs::FsError::io(&candidate, e))?;
+            }
             run.write_extrapolated(it, it.record.alpha, &out)
         })
     }

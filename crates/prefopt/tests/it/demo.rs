@@ -93,6 +93,33 @@ fn quick_demo_writes_the_summary_report_and_plots_and_online_methods_beat_the_ba
     let again: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(again["runs"], before);
 
+    // Killed at seeded moments all along (every 8 new files) and rerun each time: the
+    // finished demo is byte for byte the uninterrupted one (the report's wall-clock line
+    // and the timing fields aside).
+    let killed = dir.path().join("killed");
+    let args = ["demo", "--quick", "--out", killed.to_str().unwrap()];
+    let kills = crate::util::run_with_kills(&args, &killed, 5, 8);
+    assert!(kills >= 5, "only {kills} runs were killed before one finished");
+    eprintln!("demo --quick: {kills} kills");
+    let without_wall = |files: Vec<(String, Vec<u8>)>| -> Vec<(String, Vec<u8>)> {
+        files
+            .into_iter()
+            .map(|(name, bytes)| {
+                if name != "report.md" {
+                    return (name, bytes);
+                }
+                let text = String::from_utf8(bytes).unwrap();
+                (name, text.lines().filter(|l| !l.contains("wall-clock")).collect::<Vec<_>>().join("\n").into_bytes())
+            })
+            .collect()
+    };
+    let (a, b) = (without_wall(crate::util::snapshot(&out)), without_wall(crate::util::snapshot(&killed)));
+    let names = |s: &[(String, Vec<u8>)]| s.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&b), names(&a), "the same files, and no leftovers");
+    for ((file, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{file} differs after {kills} kills");
+    }
+
     // Other settings in the same folder are refused rather than mixed in.
     let refused = prefopt().args(["demo", "--quick", "--seeds", "2", "--out"]).arg(&out).output().unwrap();
     assert!(!refused.status.success());

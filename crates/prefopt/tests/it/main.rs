@@ -1,6 +1,7 @@
 //! The `prefopt` binary end to end, one test binary (one link step) with a module per
 //! command and shared helpers in `util`.
 
+mod apo;
 mod bad_input;
 mod demo;
 mod device;
