@@ -51,6 +51,21 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// Makes a write past the file-size limit (`ulimit -f`) an error instead of a death.
+///
+/// Why: the kernel sends SIGXFSZ to a process whose write would exceed its file-size limit,
+/// and its default action ends the process on the spot, with no message. Ignored, the
+/// write fails with EFBIG, which the atomic writers report naming the file, and the
+/// previous outputs stay as they were (the temp file is removed). No-op outside Unix.
+pub fn report_file_size_limit_as_error() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code; called
+    // from main before other threads start.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 /// The most memory this process can have, in bytes: the machine's RAM plus swap, or the
 /// address-space limit (`ulimit -v`) when that is lower. `None` where the system does not
 /// say (outside Linux); callers then skip their checks.

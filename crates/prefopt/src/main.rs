@@ -49,6 +49,7 @@ fn main() -> std::process::ExitCode {
         _ => None,
     };
     prefopt_model::process::keep_freed_memory();
+    prefopt_model::process::report_file_size_limit_as_error();
     let result = prefopt_model::process::with_compute_threads(threads, || run(cli.command));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -320,3 +320,36 @@ fn a_second_run_into_a_busy_output_dir_fails_naming_the_holder_and_a_killed_hold
     assert!(said.contains("took over the lock left by a run that did not finish"), "{said}");
     assert!(said.contains(&format!("pid {}", child.id())), "{said}");
 }
+
+/// A disk that fills up midway (here a file-size limit, `ulimit -f`, which the kernel
+/// enforces with SIGXFSZ unless the process ignores it): the run exits with an error, not a
+/// signal, the message names the file that could not be written, and the previous
+/// checkpoint and final/ are intact, with no half-written folder left beside them.
+#[test]
+fn a_write_that_fails_midway_names_the_file_and_keeps_the_previous_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    ok(train_cmd(&out, &["max_steps=2", "save_steps=1"]).output().unwrap());
+    let files = ["checkpoint-1/model.safetensors", "checkpoint-1/optimizer.safetensors", "final/model.safetensors"];
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(out.join(f)).unwrap()).collect();
+
+    // The weights are 431 KB; 300 blocks of at most 1 KB are too few for them.
+    let resume = format!("resume_from_checkpoint=\"{}\"", out.join("checkpoint-1").display());
+    let inner = train_cmd(&out, &["max_steps=4", "save_steps=1", resume.as_str()]);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg("ulimit -f 300 && exec \"$0\" \"$@\"").arg(inner.get_program()).args(inner.get_args());
+    let o = cmd.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "an error exit, not a signal: {:?}", o.status);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("File too large") && err.contains(".safetensors"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for (f, b) in files.iter().zip(&before) {
+        assert!(std::fs::read(out.join(f)).unwrap() == *b, "{f} changed");
+    }
+    let litter: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-") || n.contains(".old-"))
+        .collect();
+    assert!(litter.is_empty(), "{litter:?}");
+}
