@@ -49,9 +49,12 @@ impl FsError {
 
 pub type Result<T> = std::result::Result<T, FsError>;
 
-/// Writes `bytes` to a temp file beside `path`, syncs it, then renames it over `path`.
-/// On failure the temp file is removed and `path` is untouched.
+/// Writes `bytes` to a temp file beside `path` (creating its folder), syncs it, then renames
+/// it over `path`. On failure the temp file is removed and `path` is untouched.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| FsError::io(parent, format!("cannot create the folder: {e}")))?;
+    }
     let tmp = sibling(path, "tmp");
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;

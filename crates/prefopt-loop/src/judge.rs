@@ -68,7 +68,8 @@ pub enum JudgeError {
     #[error("judge command `{command}`: {message}")]
     CommandIo { command: String, message: String },
     #[error(
-        "judge command `{command}` timed out after {:.1} s ({replied} of {prompts} prompts answered{detail}); it was killed{}",
+        "judge command `{command}` timed out after {:.1} s ({replied} of {prompts} prompts answered{detail}); it was \
+         killed{} (a slow judge: raise `judge_timeout_s` and rerun to continue)",
         timeout.as_secs_f64(),
         stderr_note(stderr)
     )]

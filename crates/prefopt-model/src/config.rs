@@ -150,7 +150,9 @@ impl LlamaConfig {
             )
         })?;
         if let Some(limit) = crate::process::memory_limit_bytes() {
-            let bytes = params.saturating_mul(4);
+            // Plus each layer's bookkeeping (a dozen named tensors, about 2 KB): a config of
+            // 10^8 one-wide layers has few parameters but would still exhaust memory.
+            let bytes = params.saturating_mul(4).saturating_add((cfg.num_hidden_layers as u64).saturating_mul(2048));
             if bytes > limit {
                 return Err(config_err(format!(
                     "describes {params} parameters, {:.1} GB as f32 (the precision prefopt computes in), but this \

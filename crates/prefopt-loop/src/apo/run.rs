@@ -351,8 +351,14 @@ impl<'a> LoopRun<'a> {
             let lora = train_cfg.uses_lora();
             let done = if lora { it.dir.join("adapter") } else { it.record.trained.clone() };
             if !done.exists() {
-                let summary = prefopt_train::train(train_cfg, obs)?;
-                std::fs::rename(&summary.final_dir, &done).map_err(|e| prefopt_fs::FsError::io(&done, e))?;
+                // A run killed during training continues from its newest checkpoint (the config
+                // says `resume_from_checkpoint = "latest"`); one killed between the trainer's
+                // final/ and the rename below only renames.
+                let finished = train_cfg.output_dir.join("final");
+                if !finished.exists() {
+                    prefopt_train::train(train_cfg, obs)?;
+                }
+                std::fs::rename(&finished, &done).map_err(|e| prefopt_fs::FsError::io(&done, e))?;
             }
             if lora {
                 let (base, mut entries) = read_stack(&run.sampler(it.t))?;

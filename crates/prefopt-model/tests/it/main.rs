@@ -3,6 +3,7 @@
 //! tests on a GPU (a build with the `cuda` feature); the default is the CPU.
 
 mod bf16;
+mod fuzz;
 mod generate;
 mod hf_models;
 mod lora;

@@ -53,6 +53,7 @@ enum Boundary {
 
 pub fn run(args: ScoreArgs) -> Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(args.max_length >= 2, "--max-length must be at least 2 (a prompt token and a completion token)");
     let device = args.device.device()?;
     let tokenizer = HfTokenizer::from_dir(&args.model)?;
     let model = args.adapter.network(&args.model, &device)?;
@@ -77,6 +78,19 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         })
         .collect();
 
+    if kept.is_empty() {
+        let first = outcomes.iter().find_map(|o| match o {
+            PairOutcome::Dropped(reason) => Some(reason.clone()),
+            PairOutcome::Kept(_) => None,
+        });
+        anyhow::bail!(
+            "{}: all {} examples dropped by max_length {}, nothing to score (the first: {}); raise --max-length",
+            args.data.display(),
+            records.len(),
+            args.max_length,
+            first.unwrap_or_default()
+        );
+    }
     let progress = crate::progress::bar(kept.len() as u64, "pairs");
     let logps = score_pairs(&model, &kept, args.batch_size, args.layout.layout(tokenizer.padding_id()), |done| {
         progress.set_position(done as u64)

@@ -43,9 +43,6 @@ pub fn run(args: TasksArgs) -> Result<()> {
         "prompts" => prompt_records(task.as_ref(), args.count as usize, args.seed),
         _ => sft_records(task.as_ref(), args.count as usize, args.seed, args.off_format_rate, args.wrong_rate)?,
     };
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
     prefopt_fs::write_jsonl(&args.out, &rows)?;
     eprintln!("wrote {} {} lines of task `{}` -> {}", rows.len(), args.kind, args.task, args.out.display());
     Ok(())

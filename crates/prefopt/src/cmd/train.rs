@@ -38,15 +38,18 @@ pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
         Kind::Sft => TrainConfig::load_sft(args.config.as_deref(), &overrides)?,
     };
     if args.resume && cfg.resume_from_checkpoint.is_none() {
+        cfg.resume_from_checkpoint = Some("latest".into());
+    }
+    if cfg.resume_from_checkpoint.as_deref() == Some("latest")
+        && prefopt_train::checkpoint::latest(&cfg.output_dir).is_none()
+    {
         // Not an error (TRL's is): a run killed before its first checkpoint must be able to
         // restart with the same command; but say that nothing was resumed.
-        if prefopt_train::checkpoint::latest(&cfg.output_dir).is_none() {
-            eprintln!(
-                "note: --resume: no checkpoint-<step> folder in {} yet; starting from step 0",
-                cfg.output_dir.display()
-            );
-        }
-        cfg.resume_from_checkpoint = Some("latest".into());
+        eprintln!(
+            "note: --resume (resume_from_checkpoint = \"latest\"): no checkpoint-<step> folder in {} yet; starting \
+             from step 0",
+            cfg.output_dir.display()
+        );
     }
     let mut progress = BarObserver::default();
     let summary = match kind {

@@ -49,9 +49,6 @@ pub fn run(args: WorkloadArgs) -> Result<()> {
     }
     let tok = HfTokenizer::from_dir(&args.model)?;
     let rows = ragged_preferences(&tok, &workload, args.count as usize, args.seed)?;
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)?;
-    }
     prefopt_fs::write_jsonl(&args.out, &rows)?;
     eprintln!("wrote {} preference rows -> {}", rows.len(), args.out.display());
     Ok(())

@@ -25,14 +25,20 @@ fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(path, v.to_string()).unwrap();
 }
 
-/// Runs `args` and checks: non-zero exit, no panic, done within 20 s, every `needles` in stderr.
+/// Runs `args` under a 6 GB address-space limit (`ulimit -v`: an input that makes prefopt
+/// allocate what it should have refused aborts instead of erroring, which `failure` catches)
+/// and checks: non-zero exit, no panic, no signal, done within 20 s, every `needles` in stderr.
 fn refused(args: &[&str], needles: &[&str]) {
     let start = Instant::now();
-    let err = failure(prefopt().args(args).output().unwrap());
+    let bin = prefopt();
+    let mut limited = std::process::Command::new("sh");
+    limited.arg("-c").arg("ulimit -v 6000000 && exec \"$0\" \"$@\"").arg(bin.get_program()).args(args);
+    let err = failure(limited.output().unwrap());
     assert!(start.elapsed() < Duration::from_secs(20), "{args:?} took {:?}", start.elapsed());
     for n in needles {
         assert!(err.contains(n), "{args:?}: expected {n:?} in: {err}");
     }
+    eprintln!("bad-input case `{}`: {}", args[0], err.lines().next().unwrap_or(""));
 }
 
 #[test]
@@ -91,6 +97,16 @@ fn bad_chat_templates_are_named() {
         ("raises", "{{ raise_exception(\"no system role allowed\") }}", "no system role allowed"),
         ("loops", "{% for i in range(100000000) %}{{ i }}{% endfor %}", "too many elements"),
         ("syntax", "{% for m in messages %}{{ m.content", "syntax error"),
+        (
+            "forever",
+            "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(100) %}x{% endfor %}{% endfor %}{% endfor %}",
+            "template instructions",
+        ),
+        (
+            "megabytes",
+            "{% for i in range(10000) %}{% for j in range(10000) %}{{ messages[0].content * 100000 }}{% endfor %}{% endfor %}",
+            "renders more than 32 MiB",
+        ),
     ] {
         let m = broken_model(d, name, |m| {
             let _ = std::fs::remove_file(m.join("chat_template.jinja"));
@@ -207,4 +223,141 @@ fn bad_arguments_and_outputs_are_refused() {
     };
     let args = train_out(&file);
     refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), &["output_dir", "a-file"]);
+}
+
+/// The rest of the surface, command by command: every case exits non-zero, fast, under the
+/// memory limit, and names the file, line, key or flag.
+#[test]
+fn every_command_refuses_bad_input_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let p = |path: &Path| path.display().to_string();
+    let model = p(&fixtures().join("models/qwen2-tied"));
+    let plain = p(&fixtures().join("data/plain.jsonl"));
+    let out = p(&d.join("o.jsonl"));
+    let missing = p(&d.join("missing.jsonl"));
+    let file = |name: &str, text: &str| p(&write(d, name, text));
+
+    // score
+    let score =
+        |data: &str, needles: &[&str]| refused(&["score", "--model", &model, "--data", data, "--out", &out], needles);
+    score(&missing, &["missing.jsonl"]);
+    score(
+        &file("arrays.jsonl", "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"}\n[1, 2]\n"),
+        &["arrays.jsonl:2"],
+    );
+    score(&file("array.json", "[1, 2]"), &["array.json", "record 0", "JSON object"]);
+    score(
+        &file("null.jsonl", "{\"chosen\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": null}], \"rejected\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n"),
+        &["null.jsonl:1", "content"],
+    );
+    score(&file("blank.jsonl", "   \n\t\n"), &["no examples"]);
+    score(&file("no-rejected.jsonl", "{\"prompt\": \"p\", \"chosen\": \"c\"}\n"), &["no-rejected.jsonl:1", "rejected"]);
+    refused(&["score", "--model", &model, "--data", &plain, "--out", &out, "--max-length", "0"], &["--max-length"]);
+    refused(
+        &["score", "--model", &model, "--data", &plain, "--out", &out, "--max-length", "2"],
+        &["all 12 examples dropped"],
+    );
+    refused(
+        &["score", "--model", &model, "--adapter", &p(&d.join("no-adapter")), "--data", &plain, "--out", &out],
+        &["no-adapter"],
+    );
+
+    // generate
+    let gen = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["generate", "--model", &model, "--prompts", &plain, "--out", &out];
+        args.extend_from_slice(extra);
+        refused(&args, needles)
+    };
+    gen(&["--num-samples", "0"], &["--num-samples"]);
+    gen(&["--temperature=-1"], &["--temperature"]);
+    refused(
+        &["generate", "--model", &p(&d.join("nomodel")), "--prompts", &plain, "--out", &out],
+        &["nomodel", "no such model folder"],
+    );
+
+    // train and sft: keys, types, ranges, resume
+    let train_set = |cmd: &str, extra: &[String], needles: &[&str]| {
+        let mut args: Vec<String> = vec![cmd.into()];
+        for s in [format!("model=\"{model}\""), format!("output_dir=\"{}\"", p(&d.join(format!("{cmd}-out"))))]
+            .into_iter()
+            .chain(extra.iter().cloned())
+        {
+            args.push("--set".into());
+            args.push(s);
+        }
+        refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), needles)
+    };
+    let data = format!("train_data=\"{plain}\"");
+    let with = |kv: &str| vec![data.clone(), kv.to_string()];
+    train_set("train", &[], &["train_data"]);
+    train_set("train", &with("beta=-1"), &["beta"]);
+    train_set("train", &with("learning_rate=0"), &["learning_rate"]);
+    train_set("train", &with("warmup_ratio=2"), &["warmup_ratio"]);
+    train_set("train", &with("label_smoothing=0.7"), &["label_smoothing"]);
+    train_set("train", &with("betta=0.1"), &["betta"]);
+    train_set("train", &with("batch_size=\"eight\""), &["batch_size"]);
+    train_set("train", &with("loss_type=\"nope\""), &["loss_type"]);
+    train_set("train", &with("report_to=\"wandb\""), &["report_to"]);
+    train_set(
+        "train",
+        &with("resume_from_checkpoint=\"/nonexistent/checkpoint-3\""),
+        &["resume_from_checkpoint", "/nonexistent/checkpoint-3"],
+    );
+    train_set("sft", &with("beta=0.1"), &["beta", "does not apply"]);
+    train_set(
+        "sft",
+        &[format!(
+            "train_data=\"{}\"",
+            file("pairs-for-sft.jsonl", "{\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"}\n")
+        )],
+        &["pairs-for-sft.jsonl:1"],
+    );
+
+    // apo: keys, ranges, prompts, and judges that fail in every way
+    let apo = |extra: &[&str], needles: &[&str]| {
+        let apo_out = p(&d.join(format!("apo-{}", extra.len() + needles.len() + needles[0].len())));
+        let mut args: Vec<String> =
+            ["apo", "--set", &format!("model=\"{model}\""), "--set", &format!("prompts=\"{plain}\"")]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        for s in ["iterations=1", "prompts_per_iteration=2", "num_samples=2", "max_new_tokens=4", "num_eval_prompts=2"]
+        {
+            args.extend(["--set".to_string(), s.to_string()]);
+        }
+        args.extend(["--set".to_string(), format!("output_dir=\"{apo_out}\"")]);
+        for e in extra {
+            args.extend(["--set".to_string(), e.to_string()]);
+        }
+        refused(&args.iter().map(String::as_str).collect::<Vec<_>>(), needles)
+    };
+    apo(&["judge=\"arithmetic\"", "alhpa=0.3"], &["alhpa"]);
+    apo(&["judge=\"arithmetic\"", "alpha=1.5"], &["alpha"]);
+    apo(&["judge=\"nope\""], &["nope"]);
+    apo(&["judge=\"arithmetic\"", &format!("prompts=\"{missing}\"")], &["missing.jsonl"]);
+    apo(&["judge=\"cmd:echo judge broke >&2; exit 3\""], &["judge broke"]);
+    apo(&["judge=\"cmd:echo not json\""], &["not a JSON line"]);
+    apo(&[r#"judge='cmd:awk "{print \"{\\\"scores\\\": [NaN, 1]}\"}"'"#], &["NaN"]);
+    apo(&[r#"judge='cmd:awk "{print \"{\\\"scores\\\": [1]}\"}"'"#], &["1 scores"]);
+    apo(&["judge=\"cmd:sleep 30\"", "judge_timeout_s=1"], &["judge_timeout_s"]);
+
+    // simulate, init, tasks, bench, merge, demo, workload
+    refused(
+        &["simulate", "--config", &file("mode.toml", "mode = \"fast\"\n"), "--out", &p(&d.join("sim"))],
+        &["mode.toml", "mode"],
+    );
+    let arch = p(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/base_model/arch.json"));
+    refused(&["init", "--arch", &arch, "--tokenizer", &p(&d.join("no-tok")), "--out", &p(&d.join("i"))], &["no-tok"]);
+    refused(&["init", "--char-tokenizer", "--arch", &missing, "--out", &p(&d.join("i2"))], &["missing.jsonl"]);
+    refused(&["tasks", "--task", "compare", "--kind", "nope", "--count", "3", "--out", &out], &["--kind"]);
+    refused(&["bench", "dpo", "--model", &p(&d.join("nomodel"))], &["nomodel"]);
+    refused(&["bench", "dpo", "--model", &model, "--data", &missing], &["missing.jsonl"]);
+    refused(&["merge", "--model", &p(&d.join("nomodel")), "--out", &p(&d.join("m"))], &["nomodel"]);
+    refused(&["demo", "--seeds", "0", "--out", &p(&d.join("demo"))], &["--seeds"]);
+    refused(&["demo", "--quick", "--base-model", &p(&d.join("nomodel")), "--out", &p(&d.join("demo2"))], &["nomodel"]);
+    refused(
+        &["workload", "--model", &model, "--count", "2", "--out", &p(&d.join("arrays.jsonl/x.jsonl"))],
+        &["arrays.jsonl"],
+    );
 }

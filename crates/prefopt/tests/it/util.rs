@@ -29,6 +29,7 @@ pub fn ok(output: Output) -> Output {
 pub fn failure(output: Output) -> String {
     assert!(!output.status.success(), "expected failure; stderr: {}", String::from_utf8_lossy(&output.stderr));
     let err = stderr(&output);
+    assert!(output.status.code().is_some(), "died by a signal ({:?}): {err}", output.status);
     assert!(!err.contains("panicked"), "{err}");
     err
 }
@@ -124,14 +125,20 @@ pub fn run_with_kills(args: &[&str], out: &Path, seed: u64, every: usize) -> usi
     let mut killed = 0;
     for delay in delays(seed).take(200) {
         let before = count_entries(out) + every - 1;
-        let mut child = prefopt().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let log = out.with_extension("stderr.log");
+        let stderr_file = std::fs::File::create(&log).unwrap();
+        let mut child = prefopt().args(args).stdout(Stdio::null()).stderr(stderr_file).spawn().unwrap();
         while count_entries(out) <= before && child.try_wait().unwrap().is_none() {
             std::thread::sleep(Duration::from_micros(200));
         }
         std::thread::sleep(delay);
         if let Some(status) = child.try_wait().unwrap() {
             // A run that ends by itself after the kills before it must have succeeded.
-            assert!(status.success(), "{args:?} failed after {killed} kills: {status}");
+            assert!(
+                status.success(),
+                "{args:?} failed after {killed} kills: {status}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
             break;
         }
         child.kill().unwrap();
