@@ -206,11 +206,13 @@ fn write_plots(out: &Path, config: &Config, sweep: &SweepOutput) -> Result<Vec<P
     Ok(written)
 }
 
-/// With adaptive runs: the gap per iteration at N of alpha 0, the best constant alpha and
-/// each adaptive rule at every alpha above 0, each with its seed band.
+/// With adaptive runs: the gap per iteration at N of alpha 0, the best constant alpha, and the
+/// largest alpha held constant and under each adaptive rule (where the rules matter most;
+/// every alpha's numbers are in summary.json), each with its seed band.
 fn adaptive_plot(out: &Path, sweep: &SweepOutput, n: usize, beta: f64) -> Result<Option<PathBuf>> {
     let rows: Vec<_> = sweep.summary.adaptive.iter().filter(|r| r.n == n && r.beta == beta).collect();
     let Some(first) = rows.first() else { return Ok(None) };
+    let top = rows.iter().map(|r| r.alpha).fold(f64::NEG_INFINITY, f64::max);
     let gap = sweep.summary.gap_metric.as_str();
     let alpha0 = sweep.summary.tradeoff.iter().find(|t| t.n == n && t.beta == beta).map_or(0.0, |t| t.alphas[0]);
     let mut spec = ChartSpec::new(
@@ -221,13 +223,16 @@ fn adaptive_plot(out: &Path, sweep: &SweepOutput, n: usize, beta: f64) -> Result
     .log_y(PLOT_FLOOR)
     .legend(Legend::LowerLeft);
     let mut curves = vec![(format!("alpha = {alpha0} (iterative DPO)"), alpha0, AlphaSchedule::Constant)];
-    if first.best_constant_alpha != alpha0 {
-        let best = first.best_constant_alpha;
+    let best = first.best_constant_alpha;
+    if best != alpha0 && best != top {
         curves.push((format!("best constant alpha = {best}"), best, AlphaSchedule::Constant));
     }
-    for r in &rows {
+    let constant_top =
+        if best == top { format!("constant alpha = {top} (the best)") } else { format!("constant alpha = {top}") };
+    curves.push((constant_top, top, AlphaSchedule::Constant));
+    for r in rows.iter().filter(|r| r.alpha == top) {
         let schedule = if r.alpha_schedule == "monotone" { AlphaSchedule::Monotone } else { AlphaSchedule::Restart };
-        curves.push((format!("{}, alpha = {}", r.alpha_schedule, r.alpha), r.alpha, schedule));
+        curves.push((format!("{}, alpha = {top}", r.alpha_schedule), top, schedule));
     }
     for (name, alpha, schedule) in curves {
         let (mean, band) = sweep.gap_band(Some(n), beta, alpha, schedule);
