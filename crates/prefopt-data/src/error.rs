@@ -71,12 +71,13 @@ impl fmt::Display for RecordSource {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// A file could not be opened or read.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The operating system's error.
-        source: std::io::Error,
+        /// The operating system's error (in the message, not a `source`: a chain printer
+        /// would print it twice).
+        error: std::io::Error,
     },
 
     /// A tokenizer folder has no `tokenizer.json`.
@@ -191,7 +192,7 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        DataError::Io { path: path.to_path_buf(), source }
+        DataError::Io { path: path.to_path_buf(), error: source }
     }
 
     pub(crate) fn file(path: &Path, message: impl Into<String>) -> Self {

@@ -26,7 +26,7 @@ pub struct DemoArgs {
     quick: bool,
     /// Base model folder instead of the shipped one (a Llama-family folder whose tokenizer
     /// covers the task's text).
-    #[arg(long)]
+    #[arg(long, value_parser = super::model_dir)]
     base_model: Option<PathBuf>,
     #[command(flatten)]
     device: super::DeviceArg,

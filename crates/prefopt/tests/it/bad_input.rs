@@ -355,7 +355,10 @@ fn every_command_refuses_bad_input_naming_it() {
     refused(&["bench", "dpo", "--model", &model, "--data", &missing], &["missing.jsonl"]);
     refused(&["merge", "--model", &p(&d.join("nomodel")), "--out", &p(&d.join("m"))], &["nomodel"]);
     refused(&["demo", "--seeds", "0", "--out", &p(&d.join("demo"))], &["--seeds"]);
-    refused(&["demo", "--quick", "--base-model", &p(&d.join("nomodel")), "--out", &p(&d.join("demo2"))], &["nomodel"]);
+    refused(
+        &["demo", "--quick", "--base-model", &p(&d.join("nomodel")), "--out", &p(&d.join("demo2"))],
+        &["nomodel", "no such model folder"],
+    );
     refused(
         &["workload", "--model", &model, "--count", "2", "--out", &p(&d.join("arrays.jsonl/x.jsonl"))],
         &["arrays.jsonl"],
