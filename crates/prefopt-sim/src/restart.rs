@@ -41,6 +41,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::policy::{probs, LogPolicy};
 use crate::problem::Problem;
+use crate::sampled::{cdfs, sample_index};
 
 /// How the extrapolation coefficient is chosen each iteration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,22 +77,12 @@ impl AlphaSchedule {
     ) -> f64 {
         match self {
             AlphaSchedule::Constant => alpha,
-            AlphaSchedule::Restart => restart_alpha(alpha, momentum_agreement(reference, hat, hat_prev)),
+            AlphaSchedule::Restart => gated_alpha(alpha, momentum_agreement(reference, hat, hat_prev)),
             AlphaSchedule::Monotone => {
                 let candidate = crate::policy::extrapolate(hat, hat_prev, alpha);
-                monotone_alpha(alpha, judged_advantage(problem, &candidate, hat, judge))
+                gated_alpha(alpha, judged_advantage(problem, &candidate, hat, judge))
             }
         }
-    }
-}
-
-/// The function-value rule, for any estimate of the candidate's advantage over the trained
-/// policy (the simulator's, or the loop's from judged samples): 0 when it is worse.
-pub fn monotone_alpha(alpha: f64, advantage: f64) -> f64 {
-    if advantage < 0.0 {
-        0.0
-    } else {
-        alpha
     }
 }
 
@@ -120,22 +111,12 @@ pub fn judged_advantage(
         }
         return total / prompts as f64;
     };
-    let draw = |row: &[f64], rng: &mut ChaCha8Rng| {
-        let u: f64 = rng.gen();
-        let p = probs(row);
-        let mut acc = 0.0;
-        p.iter()
-            .position(|q| {
-                acc += q;
-                u < acc
-            })
-            .unwrap_or(p.len() - 1)
-    };
+    let (candidate_cdfs, hat_cdfs) = (cdfs(candidate), cdfs(hat));
     let mut total = 0.0;
     for _ in 0..n {
         let x = rng.gen_range(0..prompts);
         for _ in 0..k {
-            let (yc, yh) = (draw(&candidate[x], rng), draw(&hat[x], rng));
+            let (yc, yh) = (sample_index(&candidate_cdfs[x], rng), sample_index(&hat_cdfs[x], rng));
             total += match &problem.rewards {
                 Some(r) => r[x][yc] - r[x][yh],
                 None => f64::from(u8::from(rng.gen::<f64>() < problem.prefs[x][yc][yh])) - 0.5,
@@ -145,10 +126,12 @@ pub fn judged_advantage(
     total / (n * k) as f64
 }
 
-/// The rule itself, for any estimate of the agreement (this module's exact one, or the
-/// loop's from its pairs): 0 when the step opposed the momentum, else `alpha`.
-pub fn restart_alpha(alpha: f64, agreement: f64) -> f64 {
-    if agreement < 0.0 {
+/// Both rules' decision, for any estimate of their signal (this module's exact one, or the
+/// loop's from its pairs or judged samples): the momentum agreement for `restart`, the
+/// candidate's advantage for `monotone`. 0 when the signal is negative (the step opposed
+/// the momentum; the candidate was judged worse), else `alpha`.
+pub fn gated_alpha(alpha: f64, signal: f64) -> f64 {
+    if signal < 0.0 {
         0.0
     } else {
         alpha

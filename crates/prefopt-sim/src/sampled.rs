@@ -93,7 +93,25 @@ impl PromptData {
     }
 }
 
-fn sample_index(cdf: &[f64], rng: &mut ChaCha8Rng) -> usize {
+/// Each row's cumulative probabilities, for [`sample_index`].
+pub(crate) fn cdfs(policy: &LogPolicy) -> Vec<Vec<f64>> {
+    policy
+        .iter()
+        .map(|row| {
+            let mut acc = 0.0;
+            probs(row)
+                .into_iter()
+                .map(|p| {
+                    acc += p;
+                    acc
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A draw from the row whose cumulative probabilities are `cdf`.
+pub(crate) fn sample_index(cdf: &[f64], rng: &mut ChaCha8Rng) -> usize {
     let u: f64 = rng.gen();
     cdf.iter().position(|&c| u < c).unwrap_or(cdf.len() - 1)
 }
@@ -106,19 +124,7 @@ pub fn sampled_step(
     rng: &mut ChaCha8Rng,
 ) -> (LogPolicy, FitStats) {
     let shape = problem.shape();
-    let cdfs: Vec<Vec<f64>> = policy
-        .iter()
-        .map(|row| {
-            let mut acc = 0.0;
-            probs(row)
-                .into_iter()
-                .map(|p| {
-                    acc += p;
-                    acc
-                })
-                .collect()
-        })
-        .collect();
+    let cdfs = cdfs(policy);
     let mut data: Vec<PromptData> = shape.iter().map(|&r| PromptData::new(r)).collect();
     let mut stats = FitStats::default();
     let k = s.k;

@@ -26,8 +26,8 @@ pub struct Record {
     pub loss: String,
     /// Extrapolation coefficient.
     pub alpha: f64,
-    /// `constant`, `restart` or `monotone` (how alpha is applied).
-    pub alpha_schedule: String,
+    /// How alpha is applied.
+    pub alpha_schedule: AlphaSchedule,
     /// The coefficient this iteration's extrapolation used (0 where an adaptive rule dropped it).
     pub alpha_used: f64,
     /// KL coefficient.
@@ -81,7 +81,7 @@ impl Record {
             mode: if run.n.is_some() { "sampled" } else { "exact" }.to_string(),
             loss: loss.as_str().to_string(),
             alpha: run.alpha,
-            alpha_schedule: run.schedule.as_str().to_string(),
+            alpha_schedule: run.schedule,
             alpha_used,
             beta: run.beta,
             n: run.n,
@@ -192,8 +192,8 @@ pub struct GroupSummary {
     pub beta: f64,
     /// Extrapolation coefficient.
     pub alpha: f64,
-    /// `constant`, `restart` or `monotone`.
-    pub alpha_schedule: String,
+    /// How alpha is applied.
+    pub alpha_schedule: AlphaSchedule,
     /// Iterations to reach `target_gap`.
     pub iterations_to_target: ReachStats,
     /// Gap of the last trained policy, over seeds.
@@ -252,7 +252,7 @@ pub struct Tradeoff {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveComparison {
     /// `restart` or `monotone`.
-    pub alpha_schedule: String,
+    pub alpha_schedule: AlphaSchedule,
     pub n: usize,
     pub beta: f64,
     /// The alpha the rule applies when it does not restart.
@@ -540,7 +540,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                     n,
                     beta,
                     alpha,
-                    alpha_schedule: schedule.as_str().to_string(),
+                    alpha_schedule: schedule,
                     iterations_to_target: ReachStats::of(&hits, group.len()),
                     final_gap: Spread::of(&final_gaps(&group)),
                     fitted_slope: fit.slope,
@@ -578,7 +578,7 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                 holds_across_seeds: worse && best < last && 2 * seeds_worse > per_alpha[last].len(),
             });
             for &schedule in config.alpha_schedules.iter().filter(|s| **s != AlphaSchedule::Constant) {
-                for &alpha in alphas.iter().filter(|&&a| a > 0.0) {
+                for (i, &alpha) in alphas.iter().enumerate().filter(|(_, &a)| a > 0.0) {
                     let group = select(runs, Some(n), beta, alpha, schedule);
                     let mine = final_gaps(&group);
                     let paired = |other: &[f64]| mine.iter().zip(other).filter(|(m, o)| m <= o).count();
@@ -588,12 +588,12 @@ fn summarize(problem: &Problem, config: &Config, runs: &[Run]) -> Summary {
                         .collect();
                     let reach = |g: &[&Run]| ReachStats::of(&iterations_to(g, config.target_gap), g.len());
                     adaptive.push(AdaptiveComparison {
-                        alpha_schedule: schedule.as_str().to_string(),
+                        alpha_schedule: schedule,
                         n,
                         beta,
                         alpha,
                         final_gap: Spread::of(&mine),
-                        constant_final_gap: Spread::of(&final_gaps(&constant(Some(n), beta, alpha))),
+                        constant_final_gap: spreads[i],
                         alpha0_final_gap: Spread::of(&per_alpha[0]),
                         best_constant_alpha: alphas[best],
                         best_constant_final_gap: spreads[best],

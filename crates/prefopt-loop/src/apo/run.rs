@@ -395,7 +395,7 @@ impl<'a> LoopRun<'a> {
             let (_, scores) = score_pair_file(train_cfg, &it.record.pairs, &dirs)?;
             let agreement = momentum_agreement(&scores[0], &scores[1], &scores[2]);
             it.record.momentum_agreement = Some(agreement);
-            it.record.alpha = prefopt_sim::restart::restart_alpha(cfg.alpha, agreement);
+            it.record.alpha = prefopt_sim::restart::gated_alpha(cfg.alpha, agreement);
             Ok(())
         })
     }
@@ -431,7 +431,7 @@ impl<'a> LoopRun<'a> {
             let advantage =
                 mean_score(&candidate, SAFEGUARD_EXTRAPOLATED)? - mean_score(&it.record.trained, SAFEGUARD_TRAINED)?;
             it.record.judged_advantage = Some(advantage);
-            it.record.alpha = prefopt_sim::restart::monotone_alpha(cfg.alpha, advantage);
+            it.record.alpha = prefopt_sim::restart::gated_alpha(cfg.alpha, advantage);
             Ok(())
         })
     }

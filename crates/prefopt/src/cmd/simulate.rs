@@ -231,8 +231,7 @@ fn adaptive_plot(out: &Path, sweep: &SweepOutput, n: usize, beta: f64) -> Result
         if best == top { format!("constant alpha = {top} (the best)") } else { format!("constant alpha = {top}") };
     curves.push((constant_top, top, AlphaSchedule::Constant));
     for r in rows.iter().filter(|r| r.alpha == top) {
-        let schedule = if r.alpha_schedule == "monotone" { AlphaSchedule::Monotone } else { AlphaSchedule::Restart };
-        curves.push((format!("{}, alpha = {top}", r.alpha_schedule), top, schedule));
+        curves.push((format!("{}, alpha = {top}", r.alpha_schedule.as_str()), top, r.alpha_schedule));
     }
     for (name, alpha, schedule) in curves {
         let (mean, band) = sweep.gap_band(Some(n), beta, alpha, schedule);
@@ -308,7 +307,9 @@ fn human_summary(
                 let g = s
                     .groups
                     .iter()
-                    .find(|g| g.n == c && g.beta == beta && g.alpha == alpha && g.alpha_schedule == "constant")
+                    .find(|g| {
+                        g.n == c && g.beta == beta && g.alpha == alpha && g.alpha_schedule == AlphaSchedule::Constant
+                    })
                     .unwrap();
                 let it = &g.iterations_to_target;
                 let cell = match (it.iterations, c) {
@@ -322,7 +323,12 @@ fn human_summary(
                 let g = s
                     .groups
                     .iter()
-                    .find(|g| g.n.is_none() && g.beta == beta && g.alpha == alpha && g.alpha_schedule == "constant")
+                    .find(|g| {
+                        g.n.is_none()
+                            && g.beta == beta
+                            && g.alpha == alpha
+                            && g.alpha_schedule == AlphaSchedule::Constant
+                    })
                     .unwrap();
                 let f = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
                 let _ = write!(
@@ -377,7 +383,7 @@ fn human_summary(
             let _ = writeln!(
                 o,
                 "  {} N = {}, beta {}, alpha {}: {} (constant {}); >= alpha 0 ({}) in {}/{}, >= best constant alpha {} ({}) in {}/{}; {:.1} restarts per run",
-                r.alpha_schedule,
+                r.alpha_schedule.as_str(),
                 r.n,
                 r.beta,
                 r.alpha,
