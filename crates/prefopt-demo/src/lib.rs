@@ -79,8 +79,8 @@ pub fn run_demo<O: DemoObserver>(
     std::fs::create_dir_all(out).map_err(|e| DemoError::io(out, e))?;
     // One demo per folder; the runs inside it take their own folders' locks.
     let lock = prefopt_fs::OutputLock::acquire(out)?;
-    if let Some(killed) = lock.taken_over() {
-        obs.message(&format!("{}: took over the lock left by a demo that did not finish ({killed})", out.display()));
+    if let Some(note) = lock.takeover_note() {
+        obs.message(&note);
     }
     // A finished demo's folder holds its recipe; another recipe there would mix runs.
     let recipe_path = out.join("recipe.json");

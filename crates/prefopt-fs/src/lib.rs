@@ -106,27 +106,61 @@ fn sibling(path: &Path, kind: &str) -> PathBuf {
 
 /// A writer killed mid-write (SIGKILL, power loss) leaves its `.NAME.tmp-PID` (or, between
 /// the two renames of a folder, `.NAME.old-PID`) beside `path`; nothing reads them, but a
-/// model folder's is as large as the model. Removed when their process no longer runs (on
-/// Linux, where `/proc` says; elsewhere they stay).
+/// model folder's is as large as the model. Removed when their process no longer runs.
 fn remove_stale_siblings(path: &Path, name: &str) {
-    let Some(parent) = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p }) else {
-        return;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        Some(_) => Path::new("."),
+        None => return,
     };
-    if !Path::new("/proc/self").exists() {
-        return;
-    }
     let Ok(entries) = std::fs::read_dir(parent) else { return };
-    let own = std::process::id().to_string();
     for entry in entries.flatten() {
         let file = entry.file_name().to_string_lossy().into_owned();
-        let pid = [".tmp-", ".old-"].iter().find_map(|kind| file.strip_prefix(&format!(".{name}{kind}")));
-        let Some(pid) = pid.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && *p != own) else {
-            continue;
-        };
-        if !Path::new("/proc").join(pid).exists() {
-            let stale = entry.path();
-            let _ = if stale.is_dir() { std::fs::remove_dir_all(&stale) } else { std::fs::remove_file(&stale) };
+        let of_path = [".tmp-", ".old-"].iter().any(|kind| file.starts_with(&format!(".{name}{kind}")));
+        if of_path && is_stale_temp(&file) {
+            remove_entry(&entry.path());
         }
+    }
+}
+
+/// Every stale temporary (see [`remove_stale_siblings`]) anywhere under `dir`: what killed
+/// runs left in a folder that a new run now holds ([`OutputLock::acquire`]), including the
+/// temporaries of outputs that will not be written again.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if is_stale_temp(&entry.file_name().to_string_lossy()) {
+            remove_entry(&path);
+        } else if path.is_dir() && !path.is_symlink() {
+            remove_stale_temps(&path);
+        }
+    }
+}
+
+/// `.NAME.tmp-PID` or `.NAME.old-PID` whose process no longer runs (on Linux, where `/proc`
+/// says; elsewhere nothing counts as stale).
+fn is_stale_temp(file: &str) -> bool {
+    if !file.starts_with('.') || !Path::new("/proc/self").exists() {
+        return false;
+    }
+    let Some((_, pid)) = file.rsplit_once(".tmp-").or_else(|| file.rsplit_once(".old-")) else { return false };
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && pid != std::process::id().to_string()
+        && !Path::new("/proc").join(pid).exists()
+}
+
+fn remove_entry(path: &Path) {
+    let _ = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
+}
+
+/// Removes `path`; a file that is not there is not an error.
+pub fn remove_file_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FsError::io(path, e)),
     }
 }
 

@@ -7,7 +7,7 @@
 //! a run killed with SIGKILL leaves no lock that blocks the next one. The file stays; it
 //! holds the holder's pid and command while it runs and is emptied when the holder finishes,
 //! so a non-empty file that nobody holds is what a killed run left: the next run takes it
-//! over and says so.
+//! over and says so, and removes the temporaries killed writers left anywhere in the folder.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -22,7 +22,7 @@ pub const LOCK_FILE: &str = ".prefopt.lock";
 #[derive(Debug)]
 pub struct OutputLock {
     file: File,
-    path: PathBuf,
+    dir: PathBuf,
     /// What a killed run left in the file, when this lock took it over.
     taken_over: Option<String>,
 }
@@ -66,9 +66,11 @@ impl OutputLock {
             file.sync_all()
         };
         write(&mut file).map_err(|e| FsError::io(&path, e))?;
+        // The folder is ours now: what killed writers left in it goes.
+        crate::remove_stale_temps(dir);
         let previous = previous.trim();
         let taken_over = (!previous.is_empty()).then(|| previous.to_string());
-        Ok(OutputLock { file, path, taken_over })
+        Ok(OutputLock { file, dir: dir.to_path_buf(), taken_over })
     }
 
     /// The holder a killed run left in the lock file, if this lock took one over.
@@ -76,8 +78,10 @@ impl OutputLock {
         self.taken_over.as_deref()
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The line a run prints when it took over a killed run's lock (`None` when it did not).
+    pub fn takeover_note(&self) -> Option<String> {
+        let killed = self.taken_over()?;
+        Some(format!("{}: took over the lock left by a run that did not finish ({killed})", self.dir.display()))
     }
 }
 
@@ -113,5 +117,28 @@ mod tests {
         std::fs::write(dir.path().join(LOCK_FILE), "pid 999999 (prefopt train)").unwrap();
         let lock = OutputLock::acquire(dir.path()).unwrap();
         assert_eq!(lock.taken_over(), Some("pid 999999 (prefopt train)"));
+        let note = lock.takeover_note().unwrap();
+        assert!(note.contains("took over the lock") && note.contains("pid 999999"), "{note}");
+    }
+
+    /// A temporary a killed writer left deep in the folder, of an output no stage writes
+    /// again, goes when the next run takes the folder; a live writer's and real files stay.
+    #[test]
+    fn taking_the_folder_removes_what_killed_writers_left_anywhere_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("iter-1/train");
+        std::fs::create_dir_all(deep.join(".final.tmp-999999999")).unwrap();
+        for f in [".train_results.json.tmp-999999999", ".metrics.jsonl.tmp-1", "metrics.jsonl"] {
+            std::fs::write(deep.join(f), b"x").unwrap();
+        }
+        let _lock = OutputLock::acquire(dir.path()).unwrap();
+        let mut left: Vec<String> =
+            std::fs::read_dir(&deep).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        left.sort();
+        if Path::new("/proc/self").exists() {
+            assert_eq!(left, [".metrics.jsonl.tmp-1", "metrics.jsonl"]);
+        } else {
+            assert_eq!(left.len(), 4, "{left:?}");
+        }
     }
 }

@@ -58,11 +58,7 @@ impl MetricsLog {
 
     /// A fresh run: no log and no event file of an earlier run in this folder.
     pub fn clear(&self) -> Result<(), TrainError> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(FsError::io(&self.path, e).into()),
-        }
+        prefopt_fs::remove_file_if_exists(&self.path)?;
         Ok(self.events.remove()?)
     }
 

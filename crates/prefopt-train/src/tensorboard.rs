@@ -153,11 +153,7 @@ impl EventLog {
 
     /// A fresh run starts without the previous run's events.
     pub fn remove(&self) -> Result<(), FsError> {
-        match std::fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(FsError::io(&self.path, e)),
-        }
+        prefopt_fs::remove_file_if_exists(&self.path)
     }
 }
 

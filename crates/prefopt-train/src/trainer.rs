@@ -127,8 +127,8 @@ pub fn prepare_output(
     std::fs::write(&probe, b"").map_err(|e| bad(format!("not writable: {e}")))?;
     let _ = std::fs::remove_file(&probe);
     let lock = prefopt_fs::OutputLock::acquire(out)?;
-    if let Some(killed) = lock.taken_over() {
-        obs.message(&format!("{}: took over the lock left by a run that did not finish ({killed})", out.display()));
+    if let Some(note) = lock.takeover_note() {
+        obs.message(&note);
     }
     let resume_dir = resolve_resume(cfg)?;
     if resume_dir.is_none() && (checkpoint::latest(out).is_some() || out.join("final").exists()) {

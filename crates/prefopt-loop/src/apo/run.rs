@@ -124,8 +124,8 @@ impl<'a> LoopRun<'a> {
         let out = &cfg.output_dir;
         std::fs::create_dir_all(out).map_err(|e| LoopError::OutputDir { dir: out.clone(), message: e.to_string() })?;
         let lock = prefopt_fs::OutputLock::acquire(out)?;
-        if let Some(killed) = lock.taken_over() {
-            obs.message(&format!("{}: took over the lock left by a run that did not finish ({killed})", out.display()));
+        if let Some(note) = lock.takeover_note() {
+            obs.message(&note);
         }
         let manifest_path = out.join("manifest.json");
         let config = serde_json::to_value(cfg).map_err(|e| prefopt_fs::FsError::io(&manifest_path, e))?;
@@ -190,18 +190,22 @@ impl<'a> LoopRun<'a> {
     fn iteration(&self, t: usize) -> Result<Iteration, LoopError> {
         let dir = self.cfg.output_dir.join(format!("iter-{t}"));
         std::fs::create_dir_all(&dir).map_err(|e| prefopt_fs::FsError::io(&dir, e))?;
-        let record =
-            self.manifest.iterations.iter().find(|r| r.iteration == t).cloned().unwrap_or_else(|| IterationRecord {
-                iteration: t,
-                alpha: self.cfg.alpha,
-                beta: self.cfg.beta_at(t),
-                samples: dir.join("samples.jsonl"),
-                pairs: dir.join("pairs.jsonl"),
-                trained: dir.join("trained"),
-                extrapolated: dir.join("extrapolated"),
-                ..IterationRecord::default()
-            });
+        let record = self.record_of(t).cloned().unwrap_or_else(|| IterationRecord {
+            iteration: t,
+            alpha: self.cfg.alpha,
+            beta: self.cfg.beta_at(t),
+            samples: dir.join("samples.jsonl"),
+            pairs: dir.join("pairs.jsonl"),
+            trained: dir.join("trained"),
+            extrapolated: dir.join("extrapolated"),
+            ..IterationRecord::default()
+        });
         Ok(Iteration { t, dir, record })
+    }
+
+    /// Iteration t's record in the manifest, once an earlier stage has saved it.
+    fn record_of(&self, t: usize) -> Option<&IterationRecord> {
+        self.manifest.iterations.iter().find(|r| r.iteration == t)
     }
 
     /// `pi_{t-1}`: the sampler, training start and reference of iteration t (the base at t = 1).
@@ -255,7 +259,7 @@ impl<'a> LoopRun<'a> {
         }
         // `monotone` sampled this fold from pi_{t-1} already, to judge it: the same model, prompts
         // and seed, so the same samples.
-        let judged = self.manifest.iterations.iter().find(|r| r.iteration + 1 == it.t).and_then(|r| {
+        let judged = self.record_of(it.t - 1).and_then(|r| {
             let dir = r.extrapolated.parent()?;
             let file = if r.alpha == 0.0 { SAFEGUARD_TRAINED } else { SAFEGUARD_EXTRAPOLATED };
             Some(dir.join(file)).filter(|p| r.judged_advantage.is_some() && p.exists())
@@ -326,7 +330,7 @@ impl<'a> LoopRun<'a> {
         it.record.reference_pairs = Some(with_reference.clone());
         if !it.record.trained.exists() && !with_reference.exists() {
             // pi_{t-1} is extrapolated with iteration t-1's coefficient (0 after a restart).
-            let alpha = self.manifest.iterations.iter().find(|r| r.iteration == t - 1).map_or(cfg.alpha, |r| r.alpha);
+            let alpha = self.record_of(t - 1).map_or(cfg.alpha, |r| r.alpha);
             self.stage(it, "reference", obs, |run, it, _| {
                 let (newer, older) = (run.trained(t - 1), run.trained(t - 2));
                 write_extrapolated_reference(&train_cfg, &it.record.pairs, &newer, &older, alpha, &with_reference)
