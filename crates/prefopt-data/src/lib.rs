@@ -30,17 +30,20 @@ pub mod error;
 mod parquet_rows;
 pub mod preference;
 pub mod records;
+pub mod reward;
 pub mod sequence;
 pub mod sft;
 mod template;
 pub mod text;
 pub mod tokenizer;
+pub mod unpaired;
 pub mod workload;
 
 pub use char_tokenizer::{printable_ascii, write_char_tokenizer};
 pub use error::{DataError, Location, RecordSource};
 pub use preference::{parse_preference, PreferenceExample};
 pub use records::{read_records, Record};
+pub use reward::{tokenize_reward_pair, tokenize_scored, ScoredPair, ScoredPairOutcome};
 pub use sequence::{
     tokenize_pair, tokenize_prompt, tokenize_records, tokenize_sft, PairOutcome, PromptBoundary, SeqOutcome,
     TokenizeOptions, TokenizedPair, TokenizedSequence,
@@ -48,3 +51,4 @@ pub use sequence::{
 pub use sft::{parse_prompt, parse_sft, SftExample};
 pub use text::Text;
 pub use tokenizer::{HfTokenizer, Message};
+pub use unpaired::{parse_unpaired, UnpairedExample};

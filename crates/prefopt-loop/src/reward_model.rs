@@ -1,26 +1,17 @@
 //! `rm:<model folder>`: a Hugging Face `*ForSequenceClassification` reward model of the
 //! Llama family (`LlamaForSequenceClassification`, `MistralForSequenceClassification`,
-//! `Qwen2ForSequenceClassification`), run on prefopt's own model code.
+//! `Qwen2ForSequenceClassification`; made by TRL's `RewardTrainer` or `prefopt reward`), run
+//! on prefopt's own model code ([`prefopt_model::reward`]: where the reward is read).
 //!
-//! The checkpoint holds the base model's `model.*` tensors and a bias-free `score.weight`
-//! (num_labels, hidden); there is no `lm_head`. The reward of a completion is label 0 of
-//! `score(h)` at the rightmost token of prompt + completion that is not `config.pad_token_id`
-//! (at the last token when the config has no pad id), as transformers computes it.
-//!
-//! Prompt + completion become tokens as TRL's `RewardTrainer` makes them, so a model trained
-//! there reads what it was trained on:
-//! - plain prompt: `prompt + completion`, with the tokenizer's EOS text appended unless the
-//!   completion already ends with it, tokenized with the tokenizer's special-token rule;
-//! - conversation: the prompt's messages plus `{"role": "assistant", "content": completion}`,
-//!   rendered by the model's chat template (no generation prompt), tokenized without added
-//!   special tokens. A conversation needs a chat template; without one it is an error.
+//! Prompt + completion become tokens as TRL's `RewardTrainer` makes them
+//! ([`prefopt_data::reward`]), so a model trained there reads what it was trained on; a
+//! conversation prompt gets the completion as one assistant message.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 use prefopt_data::{HfTokenizer, Message, Text};
-use prefopt_model::config::config_path;
-use prefopt_model::{parameter_shapes, Llama, LlamaConfig, Mode, Params, Precision};
+use prefopt_model::{pooled_rewards, reward_position, Llama, Mode, Precision, RewardWeights};
 
 use crate::judge::{Judge, JudgeError, Judgement, PromptItem};
 
@@ -43,55 +34,20 @@ impl RewardModel {
     /// Loads the folder: `config.json`, safetensors weights (f32/bf16/f16, computed in f32)
     /// and the tokenizer files.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, JudgeError> {
-        let err = |message: String| JudgeError::RewardModel { dir: dir.to_path_buf(), message };
         if !dir.is_dir() {
-            return Err(err("folder not found".into()));
+            return Err(JudgeError::RewardModel { dir: dir.to_path_buf(), message: "folder not found".into() });
         }
-        let (mut cfg, raw) = LlamaConfig::from_file(&config_path(dir))?;
-        if let Some(archs) = raw.get("architectures").and_then(|a| a.as_array()) {
-            let names: Vec<&str> = archs.iter().filter_map(|a| a.as_str()).collect();
-            if !names.is_empty() && !names.iter().any(|a| a.ends_with("ForSequenceClassification")) {
-                return Err(err(format!("config.json names {names:?}, not a *ForSequenceClassification reward model")));
-            }
-        }
-        // transformers writes `id2label`; `num_labels` is its length (2 when neither is given).
-        let num_labels = match (raw.get("num_labels").and_then(|n| n.as_u64()), raw.get("id2label")) {
-            (Some(n), _) => n as usize,
-            (None, Some(serde_json::Value::Object(labels))) => labels.len(),
-            _ => 2,
-        };
-        if num_labels == 0 {
-            return Err(err("config.json has no labels (num_labels 0)".into()));
-        }
-        let pad_token_id = match raw.get("pad_token_id") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| err(format!("config.json: pad_token_id must be a token id, found {v}")))?,
-            ),
-        };
-        // No LM head: build the network as if tied, so it needs no `lm_head.weight`.
-        cfg.tie_word_embeddings = true;
-        let mut shapes = parameter_shapes(&cfg);
-        shapes.push(("score.weight".to_string(), vec![num_labels, cfg.hidden_size]));
-        let (params, unused) = Params::load(dir, &shapes, device)?;
-        if unused.iter().any(|n| n == "score.bias") {
-            return Err(err("the score head has a bias (`score.bias`); transformers' has none".into()));
-        }
-        let net = Llama::new(&cfg, &params, Mode::Infer, Precision::F32)?;
-        let score = params
-            .get("score.weight")
-            .ok_or_else(|| err("no `score.weight`".into()))?
-            .as_detached_tensor()
-            .to_dtype(DType::F32)?;
+        let weights = RewardWeights::load(dir, device)?;
+        let cfg = &weights.model.config;
+        let net = Llama::new(cfg, &weights.model.params, Mode::Infer, Precision::F32)?;
+        let score = weights.score().as_detached_tensor().to_dtype(DType::F32)?;
         let tok = HfTokenizer::from_dir(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             net,
             score,
             tok,
-            pad_token_id,
+            pad_token_id: cfg.pad_token_id,
             max_positions: cfg.max_position_embeddings,
             device: device.clone(),
         })
@@ -103,38 +59,11 @@ impl RewardModel {
 
     /// The token ids the model reads for `prompt` followed by `completion` (module doc).
     pub fn tokenize(&self, prompt: &Text, completion: &str) -> Result<Vec<u32>, JudgeError> {
-        match prompt {
-            Text::Plain(p) => {
-                let mut text = format!("{p}{completion}");
-                if let Some(eos) = self.tok.eos_token() {
-                    if !completion.ends_with(eos) {
-                        text.push_str(eos);
-                    }
-                }
-                Ok(self.tok.encode(&text, true)?)
-            }
-            Text::Conversation(messages) => {
-                if !self.tok.has_chat_template() {
-                    return Err(JudgeError::RewardModel {
-                        dir: self.dir.clone(),
-                        message: "the prompt is a conversation but the tokenizer has no chat template".into(),
-                    });
-                }
-                let mut all = messages.clone();
-                all.push(Message::new("assistant", completion));
-                let text = self.tok.apply_chat_template(&all, false)?;
-                Ok(self.tok.encode(&text, false)?)
-            }
-        }
-    }
-
-    /// Where the reward is read: the rightmost token that is not the pad id (0 if all are,
-    /// as transformers' argmax gives), or the last token when there is no pad id.
-    fn reward_position(&self, ids: &[u32]) -> usize {
-        match self.pad_token_id {
-            Some(pad) => ids.iter().rposition(|&t| t != pad).unwrap_or(0),
-            None => ids.len().saturating_sub(1),
-        }
+        let completion = match prompt {
+            Text::Plain(_) => Text::Plain(completion.to_string()),
+            Text::Conversation(_) => Text::Conversation(vec![Message::new("assistant", completion)]),
+        };
+        Ok(prefopt_data::tokenize_scored(&self.tok, prompt, &completion)?)
     }
 
     /// The reward of each token sequence.
@@ -162,13 +91,8 @@ impl RewardModel {
                 chunk.iter().flat_map(|ids| ids.iter().copied().chain(std::iter::repeat(fill)).take(width)).collect();
             let input = Tensor::from_vec(flat, (chunk.len(), width), &self.device)?;
             let h = self.net.hidden_states(&input, &[], None)?; // (B, T, C)
-            let rows = chunk
-                .iter()
-                .enumerate()
-                .map(|(b, ids)| h.i((b, self.reward_position(ids))))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let pooled = Tensor::stack(&rows, 0)?.to_dtype(DType::F32)?; // (B, C)
-            let rewards = pooled.matmul(&self.score.i(0..1)?.t()?)?.squeeze(1)?; // (B,)
+            let positions: Vec<usize> = chunk.iter().map(|ids| reward_position(ids, self.pad_token_id)).collect();
+            let rewards = pooled_rewards(&h.to_dtype(DType::F32)?, &positions, &self.score)?;
             out.extend(rewards.to_vec1::<f32>()?.into_iter().map(f64::from));
         }
         Ok(out)

@@ -34,7 +34,7 @@ pub fn init_params(cfg: &LlamaConfig, std: f64, seed: u64, device: &Device) -> R
 }
 
 /// Box-Muller: one N(0, 1) draw from two uniforms.
-fn standard_normal(rng: &mut impl Rng) -> f64 {
+pub(crate) fn standard_normal(rng: &mut impl Rng) -> f64 {
     let u1: f64 = 1.0 - rng.gen::<f64>(); // in (0, 1], so ln is finite
     let u2: f64 = rng.gen();
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()

@@ -18,6 +18,7 @@ pub mod lora;
 pub mod ops;
 pub mod params;
 pub mod process;
+pub mod reward;
 pub mod stack;
 
 pub use config::LlamaConfig;
@@ -30,4 +31,5 @@ pub use init::init_params;
 pub use llama::{parameter_shapes, AdapterUse, Checkpoints, Dropout, KvCache, Llama, Mode, Precision};
 pub use lora::{LoraAdapter, LoraConfig, TargetModules};
 pub use params::Params;
+pub use reward::{pooled_rewards, reward_position, RewardWeights};
 pub use stack::{Policy, StackEntry};

@@ -109,6 +109,13 @@ pub struct TrainConfig {
     pub cpo_alpha: f64,
     /// R-DPO's length weight per token of length difference. Default 0.01 (prefopt's choice).
     pub rdpo_alpha: f64,
+    /// KTO (`loss_type = "kto"`): weight of the desirable rows' losses (TRL's key). Default 1.0.
+    pub desirable_weight: f64,
+    /// KTO: weight of the undesirable rows' losses. Default 1.0.
+    pub undesirable_weight: f64,
+    /// Reward-model training (`prefopt reward`): weight c of TRL's centering term
+    /// `c * mean((r_chosen + r_rejected)^2)`, which keeps rewards near zero; unset: none.
+    pub center_rewards_coefficient: Option<f64>,
     /// SPO weight lambda on the safe-region term (prefopt's formulation, methods.md
     /// section 4); 0 disables SPO. Default 0.0.
     pub spo_lambda: f64,
@@ -229,6 +236,9 @@ impl Default for TrainConfig {
             dpop_lambda: 50.0,
             cpo_alpha: 1.0,
             rdpo_alpha: 0.01,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            center_rewards_coefficient: None,
             spo_lambda: 0.0,
             spo_solver: SpoSolver::Penalty,
             spo_eta: 0.1,
@@ -274,6 +284,42 @@ impl Default for TrainConfig {
 }
 
 /// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
+/// The keys `prefopt reward` takes: the trainer's, less the ones about completions
+/// (a reward model reads whole sequences: no prompt truncation or boundary, no packing yet)
+/// and LoRA (a score head is not a PEFT adapter's), plus the centering weight.
+pub const REWARD_KEYS: [&str; 30] = [
+    "model",
+    "train_data",
+    "eval_data",
+    "output_dir",
+    "seed",
+    "optimizer",
+    "learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "max_grad_norm",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_steps",
+    "max_length",
+    "logging_steps",
+    "report_to",
+    "eval_steps",
+    "save_steps",
+    "resume_from_checkpoint",
+    "on_nonfinite",
+    "bf16",
+    "device",
+    "gradient_checkpointing",
+    "center_rewards_coefficient",
+];
+
 pub const SFT_KEYS: [&str; 40] = [
     "model",
     "train_data",
@@ -377,6 +423,21 @@ impl TrainConfig {
         })
     }
 
+    /// Like [`TrainConfig::load`] for `prefopt reward`: only [`REWARD_KEYS`], and
+    /// `learning_rate` defaults to 1e-4 (TRL's `RewardConfig`).
+    pub fn load_reward(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::load_checked(path, overrides, |table| {
+            if let Some(key) = table.keys().find(|k| !REWARD_KEYS.contains(&k.as_str())) {
+                return Err(format!(
+                    "key `{key}` does not apply to `prefopt reward` (it takes: {})",
+                    REWARD_KEYS.join(", ")
+                ));
+            }
+            table.entry("learning_rate").or_insert(toml::Value::Float(1e-4));
+            Ok(())
+        })
+    }
+
     fn load_checked(
         path: Option<&Path>,
         overrides: &[String],
@@ -467,6 +528,25 @@ impl TrainConfig {
         ] {
             if v == 0 {
                 return Err(format!("`{key}` must be at least 1"));
+            }
+        }
+        let losses = self.loss_type.to_vec();
+        if losses.contains(&LossType::Kto) {
+            if losses.len() > 1 {
+                return Err("`loss_type`: `kto` trains on unpaired data and cannot be mixed with pair losses".into());
+            }
+            if self.spo_lambda > 0.0 {
+                return Err("`spo_lambda`: SPO is defined on preference pairs, not with `kto`".into());
+            }
+        }
+        for (key, w) in [("desirable_weight", self.desirable_weight), ("undesirable_weight", self.undesirable_weight)] {
+            if !(w > 0.0 && w.is_finite()) {
+                return Err(format!("`{key}` must be a positive number, got {w}"));
+            }
+        }
+        if let Some(c) = self.center_rewards_coefficient {
+            if !(c >= 0.0 && c.is_finite()) {
+                return Err(format!("`center_rewards_coefficient` must be a non-negative number, got {c}"));
             }
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {

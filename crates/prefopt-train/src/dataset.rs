@@ -79,8 +79,9 @@ impl PairDataset {
                 example: first_reason.unwrap_or_default(),
             });
         }
-        let ref_logps = read_columns(&kept, REF_COLUMNS, None)?;
-        let win_probs = read_columns(&kept, WIN_PROB_COLUMNS, Some((0.0, 1.0)))?;
+        let pairs_of = |c: Option<Vec<[f32; 2]>>| c.map(|v| v.into_iter().map(|[a, b]| (a, b)).collect());
+        let ref_logps = pairs_of(read_columns(&kept, REF_COLUMNS, None)?);
+        let win_probs = pairs_of(read_columns(&kept, WIN_PROB_COLUMNS, Some((0.0, 1.0)))?);
         let sources = kept.iter().map(|r| r.source.to_string()).collect();
         let boundary_moved = pairs.iter().filter(|p| p.chosen.boundary_moved || p.rejected.boundary_moved).count();
         Ok(Self { path: path.to_path_buf(), pairs, sources, dropped, rows, ref_logps, win_probs, boundary_moved })
@@ -95,13 +96,13 @@ impl PairDataset {
     }
 }
 
-/// Both columns of `names` from every row, or `None` when no row has either; values must be
+/// The columns `names` from every row, or `None` when no row has any of them; values must be
 /// finite and, with `range`, inside it.
-fn read_columns(
+pub(crate) fn read_columns<const N: usize>(
     rows: &[&Record],
-    names: [&'static str; 2],
+    names: [&'static str; N],
     range: Option<(f64, f64)>,
-) -> Result<Option<Vec<(f32, f32)>>, TrainError> {
+) -> Result<Option<Vec<[f32; N]>>, TrainError> {
     let has = |r: &Record, name: &str| r.value.get(name).is_some_and(|v| !v.is_null());
     let Some(first) = rows.iter().find(|r| names.iter().any(|n| has(r, n))) else {
         return Ok(None);
@@ -110,9 +111,11 @@ fn read_columns(
     let value = |r: &Record, name: &'static str| -> Result<f32, TrainError> {
         let bad = |message: String| TrainError::Column { at: r.source.clone(), field: name, message };
         let v = r.value.get(name).filter(|v| !v.is_null()).ok_or_else(|| {
+            let all: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
             bad(format!(
-                "missing, but {} has `{first_name}`; give `{}` and `{}` on every row or on none",
-                first.source, names[0], names[1]
+                "missing, but {} has `{first_name}`; give {} on every row or on none",
+                first.source,
+                all.join(" and ")
             ))
         })?;
         let x = v.as_f64().ok_or_else(|| bad(format!("expected a number, got {v}")))?;
@@ -126,7 +129,14 @@ fn read_columns(
         }
         Ok(x as f32)
     };
-    rows.iter().map(|r| Ok((value(r, names[0])?, value(r, names[1])?))).collect::<Result<Vec<_>, _>>().map(Some)
+    let row = |r: &Record| -> Result<[f32; N], TrainError> {
+        let mut out = [0f32; N];
+        for (slot, name) in out.iter_mut().zip(names) {
+            *slot = value(r, name)?;
+        }
+        Ok(out)
+    };
+    rows.iter().map(|r| row(r)).collect::<Result<Vec<_>, _>>().map(Some)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Objectives and training: completion log-probs, the pairwise loss family (methods.md
-//! section 2), SPO (section 4), optimizers, schedules, and the preference trainer with
-//! checkpoints and exact resume.
+//! section 2), SPO (section 4), SFT, reward models, optimizers, schedules, and the trainer
+//! with checkpoints and exact resume.
 //!
 //! Not here: model code and checkpoint I/O (`prefopt-model`), data parsing and
 //! tokenization (`prefopt-data`), the online loop.
@@ -9,12 +9,14 @@ pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod grads;
+pub mod kto;
 pub mod logps;
 pub mod losses;
 pub mod metrics;
 pub mod optim;
 pub mod preference;
 pub mod reference;
+pub mod reward;
 pub mod schedule;
 pub mod sft;
 pub mod spo;
@@ -27,6 +29,7 @@ use std::path::PathBuf;
 pub use config::TrainConfig;
 pub use logps::{completion_logps, score_pairs, BatchLayout, CompletionLogps, SequenceBatch};
 pub use preference::{train, PreferenceObjective};
+pub use reward::train_reward;
 pub use sft::train_sft;
 pub use trainer::{Observer, Quiet, StepStatus, TrainSummary};
 

@@ -50,6 +50,8 @@ pub enum LossError {
     BatchShape(Vec<usize>),
     #[error("`{name}` has dtype {got:?}, expected {want:?} like `chosen`")]
     DType { name: &'static str, got: DType, want: DType },
+    #[error("`{loss}` is not a loss on chosen/rejected pairs")]
+    NotPairLoss { loss: &'static str },
     #[error("no loss terms given")]
     NoTerms,
     #[error("gradient lists do not match: {0}")]
@@ -91,10 +93,14 @@ pub enum LossType {
     /// R-DPO (Park et al. 2024): DPO with a length term in the margin,
     /// `-logsig(beta h - rdpo_alpha (|y_w| - |y_l|))`.
     Rdpo,
+    /// KTO (Ethayarajh et al. 2024; TRL `KTOTrainer`): not a pair loss; on unpaired data
+    /// (`prompt`, `completion`, `label`), by its own objective (`kto.rs`).
+    Kto,
 }
 
 impl LossType {
-    pub const ALL: [LossType; 12] = [
+    /// Every loss on chosen/rejected pairs (all but `kto`).
+    pub const PAIR_LOSSES: [LossType; 12] = [
         LossType::Sigmoid,
         LossType::Robust,
         LossType::Hinge,
@@ -124,6 +130,7 @@ impl LossType {
             LossType::Sft => "sft",
             LossType::Cpo => "cpo",
             LossType::Rdpo => "rdpo",
+            LossType::Kto => "kto",
         }
     }
 
@@ -157,8 +164,9 @@ impl LossType {
 
     /// Parses a TRL `loss_type` name; the error lists the valid names.
     pub fn parse(s: &str) -> Result<Self, String> {
-        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = Self::ALL.iter().map(|k| k.name()).collect();
+        let all = || Self::PAIR_LOSSES.into_iter().chain([LossType::Kto]);
+        all().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = all().map(|k| k.name()).collect();
             format!("unknown loss type `{s}`; expected one of: {}", names.join(", "))
         })
     }
@@ -416,6 +424,7 @@ pub fn pair_loss(kind: LossType, p: &LossParams, x: &PairLogps) -> Result<Tensor
             let z = (margin(kind, x)?.affine(beta, 0.0)? - (n_w - n_l)?.affine(p.rdpo_alpha, 0.0)?)?;
             log_sigmoid(&z)?.neg()?
         }
+        LossType::Kto => return Err(LossError::NotPairLoss { loss: kind.name() }),
     };
     Ok(loss)
 }
@@ -638,7 +647,7 @@ mod tests {
             err = err.max((mean - entry["mean"].as_f64().unwrap()).abs());
             out.push((name.clone(), err));
         }
-        assert_eq!(covered.len(), LossType::ALL.len(), "every loss type has a cross-check entry");
+        assert_eq!(covered.len(), LossType::PAIR_LOSSES.len(), "every loss type has a cross-check entry");
         out
     }
 
@@ -780,7 +789,7 @@ mod tests {
         let fx = fixture();
         for dtype in [DType::F32, DType::F64] {
             let inputs = Inputs::new(&fx, dtype);
-            for kind in LossType::ALL {
+            for kind in LossType::PAIR_LOSSES {
                 let (gw, gl) = grads(kind, &params_for(kind), &inputs);
                 assert!(gw.iter().chain(&gl).all(|g| g.is_finite()), "{kind}: {gw:?} {gl:?}");
                 // Gradient descent raises lp(y_w): d loss / d lp_w < 0 for every loss here.
@@ -817,7 +826,7 @@ mod tests {
             }
             pair_loss(kind, p, &x).unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap()
         };
-        for kind in LossType::ALL {
+        for kind in LossType::PAIR_LOSSES {
             for sft_norm in [SftNorm::PerPair, SftNorm::TokenMean] {
                 let p = LossParams { sft_norm, ..params_for(kind) };
                 let (gw, gl) = grads(kind, &p, &inputs);
@@ -963,7 +972,7 @@ mod tests {
         let mut x = inputs.pairs();
         x.ref_chosen = None;
         x.ref_rejected = None;
-        for kind in LossType::ALL {
+        for kind in LossType::PAIR_LOSSES {
             let p = params_for(kind);
             match pair_loss(kind, &p, &x) {
                 Ok(_) => assert!(!kind.needs_reference(), "{kind}"),
@@ -996,7 +1005,7 @@ mod tests {
         assert!(pair_loss(LossType::Sigmoid, &robust, &x).is_err());
         for beta in [0.0, -0.1, f64::NAN] {
             let p = LossParams { beta, ..LossParams::default() };
-            for kind in LossType::ALL {
+            for kind in LossType::PAIR_LOSSES {
                 let r = pair_loss(kind, &p, &x);
                 assert_eq!(r.is_ok(), kind == LossType::Sft, "{kind} beta {beta}");
             }
@@ -1049,7 +1058,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_unknown_names_list_the_valid_ones() {
-        for kind in LossType::ALL {
+        for kind in LossType::PAIR_LOSSES {
             assert_eq!(LossType::parse(kind.name()), Ok(kind));
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(json, format!("\"{}\"", kind.name()));

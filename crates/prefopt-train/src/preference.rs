@@ -1,5 +1,6 @@
 //! The preference objective: any mix of methods.md section 2's losses on chosen/rejected
-//! pairs, with SPO (section 4) as an optional stabilizer, and `train`, its entry point.
+//! pairs, with SPO (section 4) as an optional stabilizer, and `train`, the entry point of
+//! `prefopt train` (which hands `loss_type = "kto"` to `kto.rs`).
 
 use candle_core::{Device, Tensor};
 use prefopt_data::HfTokenizer;
@@ -19,6 +20,9 @@ use crate::{grads, logps, TrainError};
 
 /// Runs a preference training job as configured.
 pub fn train(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSummary, TrainError> {
+    if crate::kto::is_kto(cfg) {
+        return crate::kto::train_kto(cfg, obs);
+    }
     let device = cfg.device()?;
     let (_lock, resume_dir) = prepare_output(cfg, obs)?;
     let tok = HfTokenizer::from_dir(&cfg.model)?;
@@ -216,7 +220,11 @@ impl Objective for PreferenceObjective {
         Ok(())
     }
 
-    fn evaluate(&mut self, model: &Llama) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError> {
+    fn evaluate(
+        &mut self,
+        model: &Llama,
+        _params: &Params,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError> {
         let Some(data) = &self.eval else { return Ok(None) };
         let mut acc = StepAccumulator::default();
         let all: Vec<usize> = (0..data.len()).collect();

@@ -174,7 +174,11 @@ impl Objective for SftObjective {
         Ok(acc)
     }
 
-    fn evaluate(&mut self, model: &Llama) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError> {
+    fn evaluate(
+        &mut self,
+        model: &Llama,
+        _params: &Params,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError> {
         let Some(data) = &self.eval else { return Ok(None) };
         let (mut nll, mut tokens) = (0.0, 0.0);
         let all: Vec<usize> = (0..data.seqs.len()).collect();

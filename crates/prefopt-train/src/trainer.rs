@@ -11,10 +11,10 @@
 //! run forward and backward at the same time, each weighted by its share of the step as
 //! micro-batches are (data parallelism inside one process; see [`run_sharded`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use prefopt_model::{Checkpoints, Llama, Mode, Params};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -104,14 +104,35 @@ pub trait Objective: Sync {
         micro: &[usize],
         dropout_seed: u64,
     ) -> Result<StepAccumulator, TrainError>;
+    /// Before the step's first micro-batch, with the step's `micro_batches`: work that needs
+    /// a whole micro-batch while [`Objective::micro_step`] sees a shard of one (KTO's KL
+    /// estimate).
+    fn prepare_step(&mut self, _policy: &Llama, _micro_batches: &[&[usize]]) -> Result<(), TrainError> {
+        Ok(())
+    }
+    /// Whether each epoch visits the examples in a fresh shuffle (the default) or in file
+    /// order (KTO, whose KL pairs are built per batch of consecutive rows, as TRL's).
+    fn shuffles(&self) -> bool {
+        true
+    }
     /// After the last micro-batch, before clipping (e.g. SPO's dynamic weighting).
     fn finish_step(&mut self, _acc: &mut StepAccumulator) -> Result<(), TrainError> {
         Ok(())
     }
-    /// Held-out metrics (`eval_`-prefixed), or `None` without evaluation data.
-    fn evaluate(&mut self, model: &Llama) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError>;
+    /// Held-out metrics (`eval_`-prefixed) of `model` (a graph-free network over the current
+    /// `params`, the trainable tensors), or `None` without evaluation data.
+    fn evaluate(
+        &mut self,
+        model: &Llama,
+        params: &Params,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, TrainError>;
     /// Examples dropped by truncation when loading.
     fn dropped(&self) -> usize;
+    /// The weights a run of this objective trains, from `cfg.model` or the checkpoint
+    /// `resume`: a language model's by default ([`Weights::load`]).
+    fn load_weights(&self, cfg: &TrainConfig, resume: Option<&Path>, device: &Device) -> Result<Weights, TrainError> {
+        Weights::load(cfg, resume, device)
+    }
 }
 
 /// Checks the output folder, takes its lock (held until the returned guard drops: one
@@ -146,7 +167,7 @@ pub fn run_loop(
     objective: &mut dyn Objective,
     obs: &mut dyn Observer,
 ) -> Result<TrainSummary, TrainError> {
-    let mut run = Run::start_or_resume(cfg, resume_dir, objective.len(), obs)?;
+    let mut run = Run::start_or_resume(cfg, resume_dir, &*objective, obs)?;
     let policy = run.weights.network(Mode::Train, cfg.precision())?;
     obs.start(run.state.step, run.plan.total_steps);
     let (loop_started, first_step, mut loss_sum) = (Instant::now(), run.state.step, 0f64);
@@ -168,7 +189,10 @@ pub fn run_loop(
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let status = StepStatus {
             loss: update.loss,
-            reward_accuracy: acc.metric("rewards/accuracies"),
+            // A preference objective's name, or a reward model's (TRL's `accuracy`).
+            reward_accuracy: Some(acc.metric("rewards/accuracies"))
+                .filter(|a| !a.is_nan())
+                .unwrap_or(acc.metric("accuracy")),
             tokens_per_s: acc.num_tokens as f64 / secs,
         };
         obs.step(run.state.step, &status);
@@ -208,8 +232,10 @@ pub fn accumulate_step(
     dropout_seed: u64,
 ) -> Result<StepAccumulator, TrainError> {
     let mut acc = StepAccumulator::default();
+    let micro_batches: Vec<&[usize]> = indices.chunks(batch_size).collect();
+    objective.prepare_step(policy, &micro_batches)?;
     let shared = &*objective;
-    for micro in indices.chunks(batch_size) {
+    for micro in micro_batches {
         let cost = |i: usize| shared.cost(i);
         for shard in run_sharded(micro, cost, |shard| shared.micro_step(policy, params, indices, shard, dropout_seed))?
         {
@@ -226,10 +252,12 @@ struct Plan {
     per_step: usize,
     steps_per_epoch: usize,
     total_steps: usize,
+    /// A fresh shuffle per epoch, or file order.
+    shuffle: bool,
 }
 
 impl Plan {
-    fn new(cfg: &TrainConfig, examples: usize) -> Self {
+    fn new(cfg: &TrainConfig, examples: usize, shuffle: bool) -> Self {
         let per_step = cfg.batch_size * cfg.gradient_accumulation_steps;
         let steps_per_epoch = examples.div_ceil(per_step);
         let total_steps = if cfg.max_steps > 0 {
@@ -237,11 +265,15 @@ impl Plan {
         } else {
             ((cfg.num_train_epochs * steps_per_epoch as f64).ceil() as usize).max(1)
         };
-        Self { per_step, steps_per_epoch, total_steps }
+        Self { per_step, steps_per_epoch, total_steps, shuffle }
     }
 
     /// The examples of optimizer step `step` (see [`step_indices`]).
     fn indices(&self, seed: u64, step: usize, examples: usize) -> Vec<usize> {
+        if !self.shuffle {
+            let pos = step % self.steps_per_epoch;
+            return (pos * self.per_step..((pos + 1) * self.per_step).min(examples)).collect();
+        }
         step_indices(seed, step, self.steps_per_epoch, self.per_step, examples)
     }
 
@@ -279,12 +311,12 @@ impl<'a> Run<'a> {
     fn start_or_resume(
         cfg: &'a TrainConfig,
         resume_dir: Option<PathBuf>,
-        examples: usize,
+        objective: &dyn Objective,
         obs: &mut dyn Observer,
     ) -> Result<Self, TrainError> {
         let device = cfg.device()?;
-        let plan = Plan::new(cfg, examples);
-        let weights = Weights::load(cfg, resume_dir.as_deref(), &device)?;
+        let plan = Plan::new(cfg, objective.len(), objective.shuffles());
+        let weights = objective.load_weights(cfg, resume_dir.as_deref(), &device)?;
         let opt_cfg = OptimizerConfig {
             kind: cfg.optimizer,
             weight_decay: cfg.weight_decay,
@@ -405,7 +437,7 @@ impl<'a> Run<'a> {
         // A graph-free network over the current weights (built now: a frozen network holds
         // copies of its weights, laid out for inference).
         let network = self.weights.network(Mode::Infer, self.cfg.precision())?;
-        if let Some(mut line) = objective.evaluate(&network)? {
+        if let Some(mut line) = objective.evaluate(&network, self.weights.trainable())? {
             line.insert("step".into(), self.state.step.into());
             line.insert("epoch".into(), self.plan.epoch(self.state.step).into());
             self.log.append(&serde_json::Value::Object(line))?;
@@ -585,8 +617,17 @@ pub struct StepAccumulator {
     /// A second gradient, for objectives that combine two levels (SPO's dynamic solver).
     pub grads_aux: Vec<Tensor>,
     metrics: Vec<(String, f64)>,
+    /// Metrics that are a minimum or maximum over the step's examples, not a share-weighted mean.
+    extremes: Vec<(String, Extreme, f64)>,
     logits: LogitSums,
     pub num_tokens: u64,
+}
+
+/// Which end an extreme metric keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extreme {
+    Min,
+    Max,
 }
 
 impl StepAccumulator {
@@ -594,6 +635,18 @@ impl StepAccumulator {
         match self.metrics.iter_mut().find(|(n, _)| n == name) {
             Some((_, v)) => *v += value * share,
             None => self.metrics.push((name.to_string(), value * share)),
+        }
+    }
+
+    /// Keeps the smallest (or largest) value of metric `name` seen in the step.
+    pub fn add_extreme(&mut self, name: &str, kind: Extreme, value: f64) {
+        let keep = |old: f64| match kind {
+            Extreme::Min => old.min(value),
+            Extreme::Max => old.max(value),
+        };
+        match self.extremes.iter_mut().find(|(n, _, _)| n == name) {
+            Some((_, _, v)) => *v = keep(*v),
+            None => self.extremes.push((name.to_string(), kind, value)),
         }
     }
 
@@ -609,13 +662,17 @@ impl StepAccumulator {
         for (name, value) in other.metrics {
             self.add_metric(&name, value, 1.0);
         }
+        for (name, kind, value) in other.extremes {
+            self.add_extreme(&name, kind, value);
+        }
         self.logits.add(&other.logits);
         self.num_tokens += other.num_tokens;
         Ok(())
     }
 
     pub fn metric(&self, name: &str) -> f64 {
-        self.metrics.iter().find(|(n, _)| n == name).map_or(f64::NAN, |(_, v)| *v)
+        let extreme = || self.extremes.iter().find(|(n, _, _)| n == name).map(|(_, _, v)| *v);
+        self.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v).or_else(extreme).unwrap_or(f64::NAN)
     }
 
     pub fn add_logits(&mut self, sums: &LogitSums) {
@@ -625,6 +682,7 @@ impl StepAccumulator {
     /// All metrics of the step, TRL's `logits/*` included when any were added.
     pub fn metrics(&self) -> Vec<(String, f64)> {
         let mut all = self.metrics.clone();
+        all.extend(self.extremes.iter().map(|(n, _, v)| (n.clone(), *v)));
         if self.logits.chosen_tokens > 0.0 {
             all.push(("logits/chosen".into(), self.logits.chosen / self.logits.chosen_tokens));
         }

@@ -24,6 +24,9 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Supervised fine-tuning on prompt/completion or messages data, from a TOML config.
     Sft(cmd::train::TrainArgs),
+    /// Reward-model training (Bradley-Terry, TRL's RewardTrainer) on preference pairs, from a
+    /// TOML config: a *ForSequenceClassification folder for the `rm:` judge.
+    Reward(cmd::train::TrainArgs),
     /// Sample completions of a prompt file with a KV cache, with their log-probs (JSONL out).
     Generate(cmd::generate::GenerateArgs),
     /// Throughput of the forward and forward+backward passes (one JSON line).
@@ -70,6 +73,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Train(args) => cmd::train::run(args, cmd::train::Kind::Preference),
         Command::Sft(args) => cmd::train::run(args, cmd::train::Kind::Sft),
+        Command::Reward(args) => cmd::train::run(args, cmd::train::Kind::Reward),
         Command::Init(args) => cmd::init::run(args),
         Command::Merge(args) => cmd::merge::run(args),
         Command::Tasks(args) => cmd::tasks::run(args),

@@ -187,6 +187,14 @@ impl ApoConfig {
         if let Some(key) = self.train.keys().find(|k| LOOP_SET_KEYS.contains(&k.as_str())) {
             return Err(format!("`train.{key}` is set by the loop itself; remove it"));
         }
+        let names_kto = |v: &toml::Value| {
+            v.as_str() == Some("kto") || v.as_array().is_some_and(|a| a.iter().any(|x| x.as_str() == Some("kto")))
+        };
+        if self.train.get("loss_type").is_some_and(names_kto) {
+            return Err("`train.loss_type` `kto`: the loop ranks samples into preference pairs, which KTO does not \
+                        read (it trains on unpaired rows); use a pair loss"
+                .into());
+        }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) || self.temperature < 0.0 {
             return Err("`top_p` must be in (0, 1] and `temperature` >= 0".into());
         }

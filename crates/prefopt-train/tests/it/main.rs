@@ -3,7 +3,9 @@
 //! the `cuda` feature); the default is the CPU.
 
 mod deep;
+mod kto;
 mod layout;
 mod lora;
+mod reward;
 mod trajectory;
 mod util;

@@ -1,11 +1,11 @@
-//! `prefopt train` (offline preference training: DPO family, SPO) and `prefopt sft`
-//! (supervised fine-tuning), both from a TOML config.
+//! `prefopt train` (offline preference training: DPO family, SPO), `prefopt sft`
+//! (supervised fine-tuning) and `prefopt reward` (reward-model training), from a TOML config.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use indicatif::ProgressBar;
-use prefopt_train::{metrics::MetricsLog, train, train_sft, Observer, StepStatus, TrainConfig};
+use prefopt_train::{metrics::MetricsLog, train, train_reward, train_sft, Observer, StepStatus, TrainConfig};
 
 use crate::plot::{line_chart, ChartSpec, Series};
 
@@ -29,6 +29,7 @@ pub struct TrainArgs {
 pub enum Kind {
     Preference,
     Sft,
+    Reward,
 }
 
 pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
@@ -36,6 +37,7 @@ pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
     let mut cfg = match kind {
         Kind::Preference => TrainConfig::load(args.config.as_deref(), &overrides)?,
         Kind::Sft => TrainConfig::load_sft(args.config.as_deref(), &overrides)?,
+        Kind::Reward => TrainConfig::load_reward(args.config.as_deref(), &overrides)?,
     };
     if args.resume && cfg.resume_from_checkpoint.is_none() {
         cfg.resume_from_checkpoint = Some("latest".into());
@@ -55,6 +57,7 @@ pub fn run(args: TrainArgs, kind: Kind) -> Result<()> {
     let summary = match kind {
         Kind::Preference => train(&cfg, &mut progress)?,
         Kind::Sft => train_sft(&cfg, &mut progress)?,
+        Kind::Reward => train_reward(&cfg, &mut progress)?,
     };
     let plots = plot_training_curves(&summary.metrics_path, &cfg.output_dir)?;
     let mut notes = Vec::new();
@@ -152,6 +155,12 @@ fn plot_training_curves(metrics: &Path, out: &Path) -> Result<Vec<PathBuf>> {
             "Completion log-probs (nats)",
             "log-prob",
             vec!["logps/chosen", "logps/rejected", "eval_logps/chosen", "eval_logps/rejected"],
+        ),
+        (
+            "reward_model.png",
+            "Reward model: pairs ranked right, reward margin",
+            "value",
+            vec!["accuracy", "eval_accuracy", "margin", "eval_margin"],
         ),
     ];
     let mut written = Vec::new();

@@ -313,6 +313,40 @@ fn every_command_refuses_bad_input_naming_it() {
         )],
         &["pairs-for-sft.jsonl:1"],
     );
+    // reward: keys, the margin column, the length rule, the head
+    train_set("reward", &with("beta=0.1"), &["beta", "does not apply to `prefopt reward`"]);
+    train_set("reward", &with("center_rewards_coefficient=-0.5"), &["center_rewards_coefficient"]);
+    let pair = "\"prompt\": \"p\", \"chosen\": \"c\", \"rejected\": \"r\"";
+    train_set(
+        "reward",
+        &[format!("train_data=\"{}\"", file("half-margin.jsonl", &format!("{{{pair}, \"margin\": 1}}\n{{{pair}}}\n")))],
+        &["half-margin.jsonl:2", "field `margin`: missing"],
+    );
+    train_set(
+        "reward",
+        &[format!("train_data=\"{}\"", file("text-margin.jsonl", &format!("{{{pair}, \"margin\": \"big\"}}\n")))],
+        &["text-margin.jsonl:1", "field `margin`: expected a number"],
+    );
+    train_set("reward", &with("max_length=3"), &["all 12 examples were dropped", "not cut"]);
+    let two_labels = d.join("two-labels");
+    std::fs::create_dir_all(&two_labels).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("models/qwen2-rm")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), two_labels.join(entry.file_name())).unwrap();
+    }
+    edit_json(&two_labels.join("config.json"), |c| c["num_labels"] = 2.into());
+    refused(
+        &[
+            "reward",
+            "--set",
+            &format!("model=\"{}\"", p(&two_labels)),
+            "--set",
+            &data,
+            "--set",
+            &format!("output_dir=\"{}\"", p(&d.join("reward-two"))),
+        ],
+        &["two-labels", "score.weight"],
+    );
 
     // apo: keys, ranges, prompts, and judges that fail in every way
     let apo = |extra: &[&str], needles: &[&str]| {
@@ -334,6 +368,7 @@ fn every_command_refuses_bad_input_naming_it() {
     };
     apo(&["judge=\"arithmetic\"", "alhpa=0.3"], &["alhpa"]);
     apo(&["judge=\"arithmetic\"", "alpha=1.5"], &["alpha"]);
+    apo(&["judge=\"arithmetic\"", "train.loss_type=\"kto\""], &["`train.loss_type` `kto`", "use a pair loss"]);
     apo(&["judge=\"nope\""], &["nope"]);
     apo(&["judge=\"arithmetic\"", &format!("prompts=\"{missing}\"")], &["missing.jsonl"]);
     apo(&["judge=\"cmd:echo judge broke >&2; exit 3\""], &["judge broke"]);

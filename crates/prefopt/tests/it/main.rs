@@ -9,6 +9,7 @@ mod examples;
 mod generate;
 mod hub;
 mod lora;
+mod reward;
 mod score;
 mod simulate;
 mod tfevents;
