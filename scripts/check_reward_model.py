@@ -33,34 +33,19 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_reward_fixtures import split_implicit, tokenize  # noqa: E402
+from make_reward_fixtures import load_pairs  # noqa: E402
 
 KEYS = ["loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward"]
 
 
-def pairs_of(tok, data: Path):
-    out = []
-    for line in data.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "prompt" in row:
-            prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-        else:
-            prompt, chosen, rejected = split_implicit(row["chosen"], row["rejected"])
-        out.append((tokenize(tok, prompt, chosen), tokenize(tok, prompt, rejected), row.get("margin")))
-    return out
-
-
 def transformers_metrics(model_dir: Path, data: Path, center: float | None) -> dict:
-    tok = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     rw, rl, margins = [], [], []
     with torch.no_grad():
-        for chosen, rejected, margin in pairs_of(tok, data):
-            rw.append(float(model(input_ids=torch.tensor([chosen])).logits[0, 0]))
-            rl.append(float(model(input_ids=torch.tensor([rejected])).logits[0, 0]))
-            margins.append(margin or 0.0)
+        for pair in load_pairs(model_dir, data):
+            rw.append(float(model(input_ids=torch.tensor([pair["chosen"]])).logits[0, 0]))
+            rl.append(float(model(input_ids=torch.tensor([pair["rejected"]])).logits[0, 0]))
+            margins.append(pair["margin"] or 0.0)
     w, l, m = (torch.tensor(x, dtype=torch.float64) for x in (rw, rl, margins))
     loss = -torch.nn.functional.logsigmoid(w - l - m).mean()
     if center is not None:

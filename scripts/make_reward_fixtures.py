@@ -107,10 +107,11 @@ def tokenize(tok, prompt, completion) -> list[int]:
     return list(out["input_ids"])
 
 
-def load_pairs(model_dir: Path, data: str):
+def load_pairs(model_dir: Path, data: Path):
+    """Every pair of `data` as TRL's RewardTrainer tokenizes it for `model_dir`'s tokenizer."""
     tok = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
     pairs = []
-    for line in (FIX / "data" / data).read_text().splitlines():
+    for line in data.read_text().splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
@@ -183,7 +184,7 @@ def main() -> None:
     write_margin_data()
     OUT.mkdir(parents=True, exist_ok=True)
     for model_name, data, center in TRAJECTORIES:
-        pairs = load_pairs(FIX / "models" / model_name, data)
+        pairs = load_pairs(FIX / "models" / model_name, FIX / "data" / data)
         r32 = run(model_name, pairs, center, torch.float32)
         r64 = run(model_name, pairs, center, torch.float64)
         out = {

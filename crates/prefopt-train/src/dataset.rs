@@ -49,36 +49,16 @@ impl PairDataset {
     /// Reads and tokenizes `path`. An empty file, or one whose every example is dropped by
     /// truncation, is an error: training on nothing is never what the user meant.
     pub fn load(path: &Path, tok: &HfTokenizer, opts: &TokenizeOptions) -> Result<Self, TrainError> {
-        let records = read_records(path)?;
-        if records.is_empty() {
-            return Err(TrainError::EmptyData { path: path.to_path_buf() });
-        }
+        let records = read_nonempty(path)?;
         let outcomes = tokenize_records(path, &records, |r| tokenize_pair(tok, &parse_preference(r)?, opts))?;
-        let mut pairs = Vec::new();
-        let mut kept = Vec::new();
-        let mut rows = Vec::new();
-        let mut dropped = 0;
-        let mut first_reason = None;
-        for (row, (record, outcome)) in records.iter().zip(outcomes).enumerate() {
-            match outcome {
-                PairOutcome::Kept(pair) => {
-                    pairs.push(pair);
-                    kept.push(record);
-                    rows.push(row);
-                }
-                PairOutcome::Dropped(reason) => {
-                    dropped += 1;
-                    first_reason.get_or_insert(format!("{}: {reason}", record.source));
-                }
-            }
-        }
-        if pairs.is_empty() {
-            return Err(TrainError::AllDropped {
-                path: path.to_path_buf(),
-                dropped,
-                example: first_reason.unwrap_or_default(),
-            });
-        }
+        let outcomes = outcomes.into_iter().map(|o| match o {
+            PairOutcome::Kept(pair) => Ok(pair),
+            PairOutcome::Dropped(reason) => Err(reason),
+        });
+        let (kept_rows, dropped) = keep(path, &records, outcomes)?;
+        let rows: Vec<usize> = kept_rows.iter().map(|k| k.row).collect();
+        let kept: Vec<&Record> = kept_rows.iter().map(|k| k.record).collect();
+        let pairs: Vec<TokenizedPair> = kept_rows.into_iter().map(|k| k.example).collect();
         let pairs_of = |c: Option<Vec<[f32; 2]>>| c.map(|v| v.into_iter().map(|[a, b]| (a, b)).collect());
         let ref_logps = pairs_of(read_columns(&kept, REF_COLUMNS, None)?);
         let win_probs = pairs_of(read_columns(&kept, WIN_PROB_COLUMNS, Some((0.0, 1.0)))?);
@@ -94,6 +74,51 @@ impl PairDataset {
     pub fn is_empty(&self) -> bool {
         self.pairs.is_empty()
     }
+}
+
+/// A data file's records; an error when it holds none (training on nothing is never what
+/// the user meant).
+pub(crate) fn read_nonempty(path: &Path) -> Result<Vec<Record>, TrainError> {
+    let records = read_records(path)?;
+    if records.is_empty() {
+        return Err(TrainError::EmptyData { path: path.to_path_buf() });
+    }
+    Ok(records)
+}
+
+/// An example kept by the length budget, and where it came from.
+pub(crate) struct Kept<'r, T> {
+    /// Its position among the file's records (0-based).
+    pub row: usize,
+    pub record: &'r Record,
+    pub example: T,
+}
+
+/// The examples of `records` that each outcome keeps (`Ok`) and how many were dropped
+/// (`Err(reason)`); when none is kept, an error with the count and the first reason.
+pub(crate) fn keep<'r, T>(
+    path: &Path,
+    records: &'r [Record],
+    outcomes: impl IntoIterator<Item = Result<T, String>>,
+) -> Result<(Vec<Kept<'r, T>>, usize), TrainError> {
+    let (mut kept, mut dropped, mut first_reason) = (Vec::new(), 0, None);
+    for (row, (record, outcome)) in records.iter().zip(outcomes).enumerate() {
+        match outcome {
+            Ok(example) => kept.push(Kept { row, record, example }),
+            Err(reason) => {
+                dropped += 1;
+                first_reason.get_or_insert(format!("{}: {reason}", record.source));
+            }
+        }
+    }
+    if kept.is_empty() {
+        return Err(TrainError::AllDropped {
+            path: path.to_path_buf(),
+            dropped,
+            example: first_reason.unwrap_or_default(),
+        });
+    }
+    Ok((kept, dropped))
 }
 
 /// The columns `names` from every row, or `None` when no row has any of them; values must be

@@ -24,12 +24,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use prefopt_data::{
-    parse_unpaired, read_records, tokenize_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions,
-    TokenizedSequence,
+    parse_unpaired, tokenize_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions, TokenizedSequence,
 };
 use prefopt_model::{Checkpoints, Dropout, Llama, Params};
 
 use crate::config::TrainConfig;
+use crate::dataset::{keep, read_nonempty};
 use crate::logps::{BatchLayout, Checkpointing, SequenceBatch};
 use crate::losses::log_sigmoid;
 use crate::trainer::{
@@ -55,47 +55,26 @@ pub struct UnpairedDataset {
 impl UnpairedDataset {
     /// Reads and tokenizes `path` and builds the mismatched pairs in chunks of `kl_chunk` rows.
     pub fn load(path: &Path, tok: &HfTokenizer, opts: &TokenizeOptions, kl_chunk: usize) -> Result<Self, TrainError> {
-        let records = read_records(path)?;
-        if records.is_empty() {
-            return Err(TrainError::EmptyData { path: path.to_path_buf() });
-        }
+        let records = read_nonempty(path)?;
         // Whole sequences first: a mismatched pair takes another row's uncut completion.
         let whole = TokenizeOptions { max_length: None, ..*opts };
         let outcomes = tokenize_records(path, &records, |r| {
             let row = parse_unpaired(r)?;
             Ok((tokenize_sft(tok, &row.example, &whole)?, row.desirable))
         })?;
-        let (mut full, mut desirable, mut sources, mut dropped, mut first_reason) =
-            (Vec::new(), Vec::new(), Vec::new(), 0, None);
-        for (record, (outcome, label)) in records.iter().zip(outcomes) {
-            let kept = match outcome {
-                SeqOutcome::Kept(seq) => match opts.max_length {
-                    Some(max) if seq.completion_start >= max => {
-                        Err(format!("the prompt has {} tokens, max_length is {max}", seq.completion_start))
-                    }
-                    _ => Ok(seq),
-                },
-                SeqOutcome::Dropped(reason) => Err(reason),
-            };
-            match kept {
-                Ok(seq) => {
-                    full.push(seq);
-                    desirable.push(label);
-                    sources.push(record.source.to_string());
+        // TRL's filter: the prompt must leave room for a completion token.
+        let outcomes = outcomes.into_iter().map(|(outcome, label)| match outcome {
+            SeqOutcome::Kept(seq) => match opts.max_length {
+                Some(max) if seq.completion_start >= max => {
+                    Err(format!("the prompt has {} tokens, max_length is {max}", seq.completion_start))
                 }
-                Err(reason) => {
-                    dropped += 1;
-                    first_reason.get_or_insert(format!("{}: {reason}", record.source));
-                }
-            }
-        }
-        if full.is_empty() {
-            return Err(TrainError::AllDropped {
-                path: path.to_path_buf(),
-                dropped,
-                example: first_reason.unwrap_or_default(),
-            });
-        }
+                _ => Ok((seq, label)),
+            },
+            SeqOutcome::Dropped(reason) => Err(reason),
+        });
+        let (kept, dropped) = keep(path, &records, outcomes)?;
+        let sources = kept.iter().map(|k| k.record.source.to_string()).collect();
+        let (full, desirable): (Vec<TokenizedSequence>, Vec<bool>) = kept.into_iter().map(|k| k.example).unzip();
         let cut = |mut ids: Vec<u32>, start: usize| {
             if let Some(max) = opts.max_length {
                 ids.truncate(max);

@@ -18,12 +18,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use prefopt_data::{parse_preference, read_records, tokenize_records, HfTokenizer, ScoredPair, ScoredPairOutcome};
+use prefopt_data::{parse_preference, tokenize_records, HfTokenizer, Record, ScoredPair, ScoredPairOutcome};
 use prefopt_model::config::config_path;
 use prefopt_model::{pooled_rewards, reward_position, Checkpoints, Llama, LlamaConfig, Params, RewardWeights};
 
 use crate::config::TrainConfig;
-use crate::dataset::read_columns;
+use crate::dataset::{keep, read_columns, read_nonempty};
 use crate::logps::Checkpointing;
 use crate::losses::log_sigmoid;
 use crate::trainer::{
@@ -51,33 +51,17 @@ impl RewardDataset {
     /// Reads and tokenizes `path`; an empty file or one whose every pair is too long is an
     /// error.
     pub fn load(path: &Path, tok: &HfTokenizer, max_length: usize) -> Result<Self, TrainError> {
-        let records = read_records(path)?;
-        if records.is_empty() {
-            return Err(TrainError::EmptyData { path: path.to_path_buf() });
-        }
+        let records = read_nonempty(path)?;
         let outcomes = tokenize_records(path, &records, |r| {
             prefopt_data::tokenize_reward_pair(tok, &parse_preference(r)?, Some(max_length))
         })?;
-        let (mut pairs, mut kept, mut dropped, mut first_reason) = (Vec::new(), Vec::new(), 0, None);
-        for (record, outcome) in records.iter().zip(outcomes) {
-            match outcome {
-                ScoredPairOutcome::Kept(pair) => {
-                    pairs.push(pair);
-                    kept.push(record);
-                }
-                ScoredPairOutcome::Dropped(reason) => {
-                    dropped += 1;
-                    first_reason.get_or_insert(format!("{}: {reason}", record.source));
-                }
-            }
-        }
-        if pairs.is_empty() {
-            return Err(TrainError::AllDropped {
-                path: path.to_path_buf(),
-                dropped,
-                example: first_reason.unwrap_or_default(),
-            });
-        }
+        let outcomes = outcomes.into_iter().map(|o| match o {
+            ScoredPairOutcome::Kept(pair) => Ok(pair),
+            ScoredPairOutcome::Dropped(reason) => Err(reason),
+        });
+        let (kept_rows, dropped) = keep(path, &records, outcomes)?;
+        let kept: Vec<&Record> = kept_rows.iter().map(|k| k.record).collect();
+        let pairs = kept_rows.into_iter().map(|k| k.example).collect();
         let margins = read_columns(&kept, [MARGIN_COLUMN], None)?.map(|m| m.into_iter().map(|[v]| v).collect());
         let sources = kept.iter().map(|r| r.source.to_string()).collect();
         Ok(Self { path: path.to_path_buf(), pairs, margins, sources, dropped })

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use prefopt_data::{
-    parse_sft, read_records, tokenize_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions,
-    TokenizedSequence,
+    parse_sft, tokenize_records, tokenize_sft, HfTokenizer, SeqOutcome, TokenizeOptions, TokenizedSequence,
 };
 use prefopt_model::{Checkpoints, Dropout, Llama, Params};
 
 use crate::config::TrainConfig;
+use crate::dataset::{keep, read_nonempty};
 use crate::logps::{BatchLayout, Checkpointing};
 use crate::trainer::{
     backward, describe_sources, prepare_output, run_loop, scalar, Objective, Observer, StepAccumulator, TrainSummary,
@@ -31,31 +31,15 @@ pub struct SeqDataset {
 impl SeqDataset {
     /// Reads and tokenizes `path`; empty or fully-dropped data is an error.
     pub fn load(path: &Path, tok: &HfTokenizer, opts: &TokenizeOptions) -> Result<Self, TrainError> {
-        let records = read_records(path)?;
-        if records.is_empty() {
-            return Err(TrainError::EmptyData { path: path.to_path_buf() });
-        }
+        let records = read_nonempty(path)?;
         let outcomes = tokenize_records(path, &records, |r| tokenize_sft(tok, &parse_sft(r)?, opts))?;
-        let (mut seqs, mut sources, mut dropped, mut first_reason) = (Vec::new(), Vec::new(), 0, None);
-        for (record, outcome) in records.iter().zip(outcomes) {
-            match outcome {
-                SeqOutcome::Kept(seq) => {
-                    seqs.push(seq);
-                    sources.push(record.source.to_string());
-                }
-                SeqOutcome::Dropped(reason) => {
-                    dropped += 1;
-                    first_reason.get_or_insert(format!("{}: {reason}", record.source));
-                }
-            }
-        }
-        if seqs.is_empty() {
-            return Err(TrainError::AllDropped {
-                path: path.to_path_buf(),
-                dropped,
-                example: first_reason.unwrap_or_default(),
-            });
-        }
+        let outcomes = outcomes.into_iter().map(|o| match o {
+            SeqOutcome::Kept(seq) => Ok(seq),
+            SeqOutcome::Dropped(reason) => Err(reason),
+        });
+        let (kept, dropped) = keep(path, &records, outcomes)?;
+        let sources = kept.iter().map(|k| k.record.source.to_string()).collect();
+        let seqs: Vec<TokenizedSequence> = kept.into_iter().map(|k| k.example).collect();
         let boundary_moved = seqs.iter().filter(|s: &&TokenizedSequence| s.boundary_moved).count();
         Ok(Self { path: path.to_path_buf(), seqs, sources, dropped, boundary_moved })
     }
