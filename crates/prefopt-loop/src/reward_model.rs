@@ -91,8 +91,9 @@ impl RewardModel {
                 chunk.iter().flat_map(|ids| ids.iter().copied().chain(std::iter::repeat(fill)).take(width)).collect();
             let input = Tensor::from_vec(flat, (chunk.len(), width), &self.device)?;
             let h = self.net.hidden_states(&input, &[], None)?; // (B, T, C)
-            let positions: Vec<usize> = chunk.iter().map(|ids| reward_position(ids, self.pad_token_id)).collect();
-            let rewards = pooled_rewards(&h.to_dtype(DType::F32)?, &positions, &self.score)?;
+            let rows: Vec<usize> =
+                chunk.iter().enumerate().map(|(b, ids)| b * width + reward_position(ids, self.pad_token_id)).collect();
+            let rewards = pooled_rewards(&h.to_dtype(DType::F32)?, &rows, &self.score)?;
             out.extend(rewards.to_vec1::<f32>()?.into_iter().map(f64::from));
         }
         Ok(out)

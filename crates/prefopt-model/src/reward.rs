@@ -153,12 +153,13 @@ pub fn reward_position(ids: &[u32], pad: Option<u32>) -> usize {
     }
 }
 
-/// Label 0 of the head at one position per row: hidden states h (B, T, C), `positions[b]` the
-/// row's reward position, head `score` (L, C) -> rewards (B,), differentiable in h and the head.
-pub fn pooled_rewards(h: &Tensor, positions: &[usize], score: &Tensor) -> Result<Tensor> {
+/// Label 0 of the head at one state per sequence: hidden states h (B, T, C) (padded rows, or
+/// one packed row), `rows[i]` the index of sequence i's reward position among the B*T states,
+/// head `score` (L, C) -> rewards (N,), differentiable in h and the head.
+pub fn pooled_rewards(h: &Tensor, rows: &[usize], score: &Tensor) -> Result<Tensor> {
     let (b, t, c) = h.dims3()?;
-    let rows: Vec<u32> = positions.iter().enumerate().map(|(i, &p)| (i * t + p) as u32).collect();
-    let rows = Tensor::from_vec(rows, b, h.device())?;
-    let pooled = h.reshape((b * t, c))?.index_select(&rows, 0)?; // (B, C)
+    let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    let rows = Tensor::from_vec(rows.clone(), rows.len(), h.device())?;
+    let pooled = h.reshape((b * t, c))?.index_select(&rows, 0)?; // (N, C)
     Ok(pooled.matmul(&score.i(0..1)?.t()?)?.squeeze(1)?)
 }

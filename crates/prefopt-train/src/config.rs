@@ -285,9 +285,9 @@ impl Default for TrainConfig {
 
 /// The keys `prefopt sft` accepts: the shared optimization and I/O keys.
 /// The keys `prefopt reward` takes: the trainer's, less the ones about completions
-/// (a reward model reads whole sequences: no prompt truncation or boundary, no packing yet)
+/// (a reward model reads whole sequences: no prompt truncation or boundary)
 /// and LoRA (a score head is not a PEFT adapter's), plus the centering weight.
-pub const REWARD_KEYS: [&str; 30] = [
+pub const REWARD_KEYS: [&str; 31] = [
     "model",
     "train_data",
     "eval_data",
@@ -317,6 +317,7 @@ pub const REWARD_KEYS: [&str; 30] = [
     "bf16",
     "device",
     "gradient_checkpointing",
+    "padding_free",
     "center_rewards_coefficient",
 ];
 

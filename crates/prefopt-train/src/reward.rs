@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use prefopt_data::{parse_preference, tokenize_records, HfTokenizer, Record, ScoredPair, ScoredPairOutcome};
 use prefopt_model::config::config_path;
+use prefopt_model::ops::PackedSpan;
 use prefopt_model::{pooled_rewards, reward_position, Checkpoints, Llama, LlamaConfig, Params, RewardWeights};
 
 use crate::config::TrainConfig;
@@ -99,6 +100,7 @@ pub fn train_reward(cfg: &TrainConfig, obs: &mut dyn Observer) -> Result<TrainSu
         center: cfg.center_rewards_coefficient,
         batch_size: cfg.batch_size,
         checkpointing: cfg.checkpointing(),
+        padding_free: cfg.padding_free,
     };
     run_loop(cfg, resume_dir, &mut objective, obs)
 }
@@ -110,6 +112,8 @@ struct RewardObjective {
     center: Option<f64>,
     batch_size: usize,
     checkpointing: Checkpointing,
+    /// Pack each batch's sequences into one row (`padding_free`) instead of padding them.
+    padding_free: bool,
 }
 
 /// One micro-batch's rewards, chosen and rejected, and the checkpoints of a checkpointed pass.
@@ -123,8 +127,9 @@ struct RewardForward {
 
 impl RewardObjective {
     /// Runs `model` and the head `score` on the chosen then the rejected sequences of pairs
-    /// `idx`, right-padded with the pad id in one batch (causal attention: the padding after
-    /// a sequence cannot change its states).
+    /// `idx` in one batch: packed side by side without padding (`padding_free`), or
+    /// right-padded with the pad id (causal attention: the padding after a sequence cannot
+    /// change its states). Either way a sequence's states are those of it run alone.
     fn forward(
         &self,
         model: &Llama,
@@ -140,16 +145,26 @@ impl RewardObjective {
             .map(|&i| data.pairs[i].chosen.as_slice())
             .chain(idx.iter().map(|&i| data.pairs[i].rejected.as_slice()))
             .collect();
+        let (mut flat, mut spans, mut rows) = (Vec::new(), Vec::new(), Vec::with_capacity(seqs.len()));
         let width = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        let flat: Vec<u32> =
-            seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(self.pad_id)).take(width)).collect();
-        let input = Tensor::from_vec(flat, (seqs.len(), width), device)?;
-        let (h, checkpoints) = match training {
-            None => (model.hidden_states(&input, &[], None)?, None),
-            Some(c) => model.hidden_states_for_training(&input, &[], c == Checkpointing::On, None)?,
+        for s in &seqs {
+            let start = flat.len();
+            rows.push(start + reward_position(s, Some(self.pad_id)));
+            flat.extend_from_slice(s);
+            if self.padding_free {
+                spans.push(PackedSpan::single(start, s.len()));
+            } else {
+                flat.resize(start + width, self.pad_id);
+            }
+        }
+        let shape = if self.padding_free { (1, flat.len()) } else { (seqs.len(), width) };
+        let input = Tensor::from_vec(flat, shape, device)?;
+        let (h, checkpoints) = match (training, self.padding_free) {
+            (None, false) => (model.hidden_states(&input, &[], None)?, None),
+            (None, true) => (model.hidden_states_packed(&input, &spans)?, None),
+            (Some(c), _) => model.hidden_states_for_training(&input, &spans, c == Checkpointing::On, None)?,
         };
-        let positions: Vec<usize> = seqs.iter().map(|s| reward_position(s, Some(self.pad_id))).collect();
-        let rewards = pooled_rewards(&h, &positions, score)?;
+        let rewards = pooled_rewards(&h, &rows, score)?;
         let margins = data
             .margins
             .as_ref()

@@ -47,14 +47,17 @@ fn reward_pairs_tokenize_as_trl_makes_them() {
 
 #[test]
 fn reward_model_trajectories_match_pytorch() {
-    for (model, data, center) in [
+    let cases = [
         ("qwen2-rm", "chat.jsonl", None),
         ("qwen2-rm", "chat_implicit.jsonl", None),
         ("llama-rm", "plain_margin.jsonl", Some(0.01)),
-    ] {
+    ];
+    // Packed (the default) and right-padded batches.
+    for ((model, data, center), padding_free) in cases.into_iter().flat_map(|c| [(c, true), (c, false)]) {
         let want = expected(model, data);
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = TrainConfig { center_rewards_coefficient: center, ..reward_config(model, data, tmp.path()) };
+        let cfg =
+            TrainConfig { center_rewards_coefficient: center, padding_free, ..reward_config(model, data, tmp.path()) };
         let summary = train_reward(&cfg, &mut Quiet).unwrap_or_else(|e| panic!("{e}"));
         let got = MetricsLog::read_all(&summary.metrics_path);
         let steps = want["steps"].as_array().unwrap();
@@ -62,7 +65,7 @@ fn reward_model_trajectories_match_pytorch() {
         assert_eq!(got.len(), steps.len(), "{model} {data}: logged lines");
         let (mut worst_loss, mut worst_norm) = (0f64, 0f64);
         for ((g, w), w64) in got.iter().zip(steps).zip(steps64) {
-            let at = format!("{model} {data} step {}", w["step"]);
+            let at = format!("{model} {data} padding_free {padding_free} step {}", w["step"]);
             let value = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{at}: no `{k}`"));
             // 1e-5, or twice torch's own float32 error against float64 where that is larger.
             let (gl, wl) = (value(g, "loss"), value(w, "loss"));
@@ -77,7 +80,10 @@ fn reward_model_trajectories_match_pytorch() {
                 assert!((a - b).abs() < 1e-4, "{at}: {key} {a} vs torch {b}");
             }
         }
-        eprintln!("{model} {data}: |loss - torch| <= {worst_loss:.1e}, grad_norm relative <= {worst_norm:.1e}");
+        eprintln!(
+            "{model} {data} padding_free {padding_free}: |loss - torch| <= {worst_loss:.1e}, grad_norm relative <= \
+             {worst_norm:.1e}"
+        );
 
         // Every tensor moved (each got a gradient), the head included; the saved folder is a
         // sequence classifier with one label and the pad id the reward was read with.
