@@ -18,6 +18,9 @@ pub enum LoopError {
     /// The judge answered, but its verdicts cannot be used (wrong count, not finite, all tied).
     #[error("judge `{judge}` {message}")]
     Verdicts { judge: String, message: String },
+    /// An inference server (`sampler = "openai"`) failed: the URL and what went wrong.
+    #[error("sampler server {url}: {message}")]
+    Remote { url: String, message: String },
     #[error(transparent)]
     Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]

@@ -8,7 +8,6 @@ use std::path::Path;
 use candle_core::Device;
 use prefopt_data::{tokenize_prompt, HfTokenizer, TokenizedSequence};
 use prefopt_model::{Llama, Mode, Policy, Precision, SamplingParams};
-use prefopt_train::{completion_logps, SequenceBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::judge::{self, Judge, Judgement, PromptItem};
@@ -162,12 +161,5 @@ fn sequence_logps(
         let input_ids = [prompt_ids, s.tokens[0].clone()].concat();
         seqs.push(TokenizedSequence::new(input_ids, completion_start));
     }
-    let mut out = Vec::with_capacity(seqs.len());
-    for chunk in seqs.chunks(16) {
-        let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
-        let batch = SequenceBatch::packed(&refs, net.device())?;
-        let lp: Vec<f32> = completion_logps(net, &batch)?.logps.to_vec1()?;
-        out.extend(lp.into_iter().map(f64::from));
-    }
-    Ok(out)
+    crate::sampling::score_sequences(net, &seqs)
 }

@@ -17,6 +17,7 @@ pub mod evaluate;
 pub mod extrapolate;
 pub mod judge;
 pub mod pairing;
+pub mod remote;
 pub mod reward_model;
 pub mod sampling;
 pub mod seeds;

@@ -1,11 +1,15 @@
 //! Sampling K completions per prompt: the one sampling loop of prefopt, shared by
 //! `prefopt generate` and the online loop's stages (training samples, held-out evaluation).
 
-use prefopt_data::{tokenize_prompt, HfTokenizer};
+use std::path::Path;
+
+use prefopt_data::{tokenize_prompt, HfTokenizer, Text, TokenizedSequence};
 use prefopt_model::{generate, sample_rng, Generated, Llama, SamplingParams};
+use prefopt_train::{completion_logps, SequenceBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::judge::PromptItem;
+use crate::remote::{CompletionRequest, RemoteSampler};
 use crate::LoopError;
 
 /// Prompts per generation batch in the loop's stages (each with its K samples).
@@ -106,6 +110,89 @@ pub fn sample_records(
             record.tokens.push(g.tokens);
         }
         out.push(record);
+    }
+    Ok(out)
+}
+
+/// K samples of each prompt from an OpenAI-compatible server ([`crate::remote`]) as the
+/// loop's records: the prompt rendered as [`tokenize_prompt`] renders it (the chat template
+/// with the generation prompt for conversations), the server's token ids or the text
+/// tokenized here, and log-probs under `net`, the local copy of the served model. Sample j of
+/// prompt i asks with seed `seed + i * k + j`. Also returns how many completions' tokens do
+/// not decode back to their text (a re-tokenization that may differ from the server's).
+#[allow(clippy::too_many_arguments)]
+pub fn remote_sample_records(
+    remote: &RemoteSampler,
+    model: &str,
+    net: &Llama,
+    tok: &HfTokenizer,
+    prompts: &[&PromptItem],
+    k: usize,
+    params: &SamplingParams,
+    seed: u64,
+    partial: &Path,
+    progress: &mut (dyn FnMut(usize, usize) + Send),
+) -> Result<(Vec<SampleRecord>, usize), LoopError> {
+    let texts = prompts
+        .iter()
+        .map(|p| match &p.text {
+            Text::Plain(s) => Ok(s.clone()),
+            Text::Conversation(m) => tok.apply_chat_template(m, true),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let request = CompletionRequest {
+        model,
+        n: k,
+        temperature: params.temperature,
+        top_p: params.top_p,
+        max_tokens: params.max_new_tokens,
+    };
+    // Seeds as OpenAI's API takes them: non-negative 32-bit integers.
+    let base = seed & 0x7fff_ffff;
+    let answers = remote.sample(&request, &texts, |i| base + (i * k) as u64, partial, progress)?;
+    let (mut out, mut mismatched) = (Vec::with_capacity(prompts.len()), 0);
+    for (i, (p, answer)) in prompts.iter().zip(answers).enumerate() {
+        let tokens = match answer.token_ids {
+            Some(ids) => ids,
+            None => {
+                let mut all = Vec::with_capacity(k);
+                for text in &answer.texts {
+                    let ids = tok.encode(text, false)?;
+                    mismatched += usize::from(tok.decode(&ids, false)? != *text);
+                    all.push(ids);
+                }
+                all
+            }
+        };
+        let prompt_ids = tokenize_prompt(tok, &p.text)?;
+        let logprobs = score_completions(net, &prompt_ids, &tokens)?;
+        out.push(SampleRecord {
+            prompt_index: i,
+            prompt: p.text.to_json(),
+            meta: p.meta.clone(),
+            completions: answer.texts,
+            tokens,
+            logprobs,
+        });
+    }
+    Ok((out, mismatched))
+}
+
+/// Summed log-probs under `net` of each completion (token ids) after `prompt_ids`.
+pub fn score_completions(net: &Llama, prompt_ids: &[u32], completions: &[Vec<u32>]) -> Result<Vec<f64>, LoopError> {
+    let seqs: Vec<TokenizedSequence> =
+        completions.iter().map(|c| TokenizedSequence::new([prompt_ids, c].concat(), prompt_ids.len())).collect();
+    score_sequences(net, &seqs)
+}
+
+/// Summed completion log-probs of `seqs` under `net`, 16 packed sequences per pass.
+pub fn score_sequences(net: &Llama, seqs: &[TokenizedSequence]) -> Result<Vec<f64>, LoopError> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(16) {
+        let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
+        let batch = SequenceBatch::packed(&refs, net.device())?;
+        let lp: Vec<f32> = completion_logps(net, &batch)?.logps.to_vec1()?;
+        out.extend(lp.into_iter().map(f64::from));
     }
     Ok(out)
 }

@@ -42,6 +42,32 @@ pub enum Extrapolation {
     Logprob,
 }
 
+/// Where the loop's training samples come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// In-process, with prefopt's own generation (the default).
+    #[default]
+    Local,
+    /// An OpenAI-compatible completion server at `sampler_url` (vLLM, SGLang,
+    /// `transformers serve`; docs/apo.md).
+    Openai,
+}
+
+/// How the server comes to serve the current policy before each sampling round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerSync {
+    /// The policy's folder is the request's `model` (`transformers serve` loads a folder on
+    /// demand).
+    #[default]
+    Path,
+    /// `sampler_sync_command` runs with `{model_dir}` replaced by the folder (a restart of
+    /// `vllm serve`, SGLang's `/update_weights_from_disk`); then the loop waits until
+    /// `<sampler_url>/models` answers, and sends `sampler_model` as the model.
+    Command,
+}
+
 /// Every key of an APO run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -89,6 +115,28 @@ pub struct ApoConfig {
     pub top_p: f64,
     pub top_k: usize,
     pub max_new_tokens: usize,
+    /// `"local"` (default) or `"openai"`: the training samples (and the `monotone` rule's)
+    /// from an OpenAI-compatible server; held-out evaluation samples stay local.
+    pub sampler: Sampler,
+    /// The server's base URL, ending in `/v1` (plain `http://`: this build has no TLS).
+    pub sampler_url: Option<String>,
+    /// Name of the environment variable that holds the server's API key (never the key).
+    pub sampler_api_key_env: Option<String>,
+    /// Requests in flight at once (default 4).
+    pub sampler_concurrency: usize,
+    /// Longest wait for one answer, in seconds (default 300).
+    pub sampler_timeout_s: f64,
+    /// Retries of a request after a 429, a 5xx, a timeout or a refused connection (default 5).
+    pub sampler_retries: usize,
+    /// First retry's wait in seconds, doubled each time, at most 30 (default 1.0); a 429's
+    /// `Retry-After` wins.
+    pub sampler_backoff_s: f64,
+    /// `"path"` (default) or `"command"`; see [`SamplerSync`].
+    pub sampler_sync: SamplerSync,
+    /// With `sampler_sync = "command"`: the shell command, `{model_dir}` replaced.
+    pub sampler_sync_command: Option<String>,
+    /// With `sampler_sync = "command"`: the model name the server serves (default: the folder).
+    pub sampler_model: Option<String>,
     /// Where iterations go. Required.
     pub output_dir: PathBuf,
     /// Where the tensors live: "cpu", "cuda" or "cuda:N" (default "cpu"); the inner training
@@ -121,6 +169,16 @@ impl Default for ApoConfig {
             top_p: 0.9,
             top_k: 0,
             max_new_tokens: 64,
+            sampler: Sampler::Local,
+            sampler_url: None,
+            sampler_api_key_env: None,
+            sampler_concurrency: 4,
+            sampler_timeout_s: 300.0,
+            sampler_retries: 5,
+            sampler_backoff_s: 1.0,
+            sampler_sync: SamplerSync::Path,
+            sampler_sync_command: None,
+            sampler_model: None,
             output_dir: PathBuf::new(),
             device: "cpu".into(),
             train: toml::Table::new(),
@@ -201,7 +259,63 @@ impl ApoConfig {
         if self.extrapolation == Extrapolation::Logprob && self.alpha > 0.0 {
             self.check_logprob_losses()?;
         }
+        if self.sampler == Sampler::Openai {
+            self.check_remote_sampler()?;
+        }
         Ok(())
+    }
+
+    fn check_remote_sampler(&self) -> Result<(), String> {
+        let url = self
+            .sampler_url
+            .as_deref()
+            .ok_or("`sampler = \"openai\"` needs `sampler_url` (e.g. \"http://localhost:8000/v1\")")?;
+        if !url.starts_with("http://") {
+            return Err(format!(
+                "`sampler_url` {url}: only plain http:// URLs (a local or tunnelled server); this build has no TLS"
+            ));
+        }
+        let timeout_ok = self.sampler_timeout_s > 0.0 && self.sampler_timeout_s.is_finite();
+        let backoff_ok = self.sampler_backoff_s >= 0.0 && self.sampler_backoff_s.is_finite();
+        if self.sampler_concurrency == 0 || !timeout_ok || !backoff_ok {
+            return Err(
+                "`sampler_concurrency` must be at least 1, `sampler_timeout_s` positive and `sampler_backoff_s` \
+                        not negative"
+                    .into(),
+            );
+        }
+        if self.sampler_sync == SamplerSync::Command && self.sampler_sync_command.is_none() {
+            return Err("`sampler_sync = \"command\"` needs `sampler_sync_command` (with `{model_dir}`)".into());
+        }
+        let lora = |k: &str| self.train.get(k).is_some_and(|v| v.as_bool() == Some(true) || v.is_str());
+        if lora("use_peft") {
+            return Err("`sampler = \"openai\"` with `train.use_peft`: the extrapolated policy is an adapter stack \
+                        folder, which inference servers do not load; train full weights, or sample locally"
+                .into());
+        }
+        Ok(())
+    }
+
+    /// The remote sampler of `sampler = "openai"`, with the API key read from its variable.
+    pub fn remote_sampler(&self) -> Result<Option<crate::remote::RemoteSampler>, LoopError> {
+        if self.sampler != Sampler::Openai {
+            return Ok(None);
+        }
+        let api_key = match &self.sampler_api_key_env {
+            None => None,
+            Some(var) => Some(std::env::var(var).map_err(|_| LoopError::Config {
+                source_name: "sampler_api_key_env".into(),
+                message: format!("environment variable `{var}` is not set"),
+            })?),
+        };
+        Ok(Some(crate::remote::RemoteSampler {
+            url: self.sampler_url.clone().unwrap_or_default().trim_end_matches('/').to_string(),
+            api_key,
+            concurrency: self.sampler_concurrency,
+            timeout: std::time::Duration::from_secs_f64(self.sampler_timeout_s),
+            retries: self.sampler_retries,
+            backoff_s: self.sampler_backoff_s,
+        }))
     }
 
     /// `extrapolation = "logprob"` drops the normalizer `log Z'(x)` of the extrapolated

@@ -20,5 +20,5 @@
 mod config;
 mod run;
 
-pub use config::{AlphaSchedule, ApoConfig, BetaSchedule, Extrapolation};
+pub use config::{AlphaSchedule, ApoConfig, BetaSchedule, Extrapolation, Sampler, SamplerSync};
 pub use run::{load_prompts, run_apo, IterationRecord, LoopObserver, Manifest};

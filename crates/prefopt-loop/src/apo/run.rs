@@ -13,11 +13,12 @@ use prefopt_model::{save_model_dir, Mode, Policy, SamplingParams};
 use prefopt_train::TrainConfig;
 use serde::{Deserialize, Serialize};
 
-use super::config::{AlphaSchedule, ApoConfig, Extrapolation};
+use super::config::{AlphaSchedule, ApoConfig, Extrapolation, SamplerSync};
 use crate::evaluate::{evaluate_model, network, BaseSamples, EvalMetrics};
 use crate::extrapolate::{extrapolate, extrapolate_logps, extrapolate_stack, momentum_agreement};
 use crate::judge::{judge_from_spec_with, Judge, JudgeOptions, PromptItem};
-use crate::sampling::{sample_records, SampleRecord};
+use crate::remote::RemoteSampler;
+use crate::sampling::{remote_sample_records, sample_records, SampleRecord};
 use crate::{seeds, LoopError};
 
 /// What the loop reports as it goes (the CLI draws progress from it).
@@ -107,6 +108,9 @@ struct LoopRun<'a> {
     /// The shuffled prompt indices; iteration t takes the t-th fold.
     order: Vec<usize>,
     base: BaseSamples,
+    /// `sampler = "openai"`: the server, and the policy folder it was last synced to.
+    remote: Option<RemoteSampler>,
+    synced: std::sync::Mutex<Option<PathBuf>>,
 }
 
 /// One iteration in progress: its record and its folder.
@@ -170,6 +174,7 @@ impl<'a> LoopRun<'a> {
             prefopt_fs::write_json(&manifest_path, &manifest)?;
         }
         let order = fold_order(train_prompts.len(), cfg.seed);
+        let remote = cfg.remote_sampler()?;
         Ok(Self {
             cfg,
             _lock: lock,
@@ -183,6 +188,8 @@ impl<'a> LoopRun<'a> {
             eval_prompts,
             order,
             base,
+            remote,
+            synced: std::sync::Mutex::new(None),
         })
     }
 
@@ -269,20 +276,110 @@ impl<'a> LoopRun<'a> {
                 let records: Vec<SampleRecord> = prefopt_fs::read_jsonl(&judged)?;
                 return Ok(prefopt_fs::write_jsonl(&it.record.samples, &records)?);
             }
-            let records = run.sample_fold(&run.sampler(it.t), it.t, obs)?;
-            Ok(prefopt_fs::write_jsonl(&it.record.samples, &records)?)
+            run.sample_fold(&run.sampler(it.t), it.t, &it.record.samples, obs)?;
+            Ok(())
         })
     }
 
-    /// K completions per prompt of iteration t's fold from the model in `dir`, seeded by t.
-    fn sample_fold(&self, dir: &Path, t: usize, obs: &mut dyn LoopObserver) -> Result<Vec<SampleRecord>, LoopError> {
+    /// K completions per prompt of iteration t's fold from the model in `dir`, seeded by t,
+    /// written to `out`: sampled here, or asked of the server (`sampler = "openai"`, its answers
+    /// kept in `<out>.partial.jsonl` until `out` is written).
+    fn sample_fold(
+        &self,
+        dir: &Path,
+        t: usize,
+        out: &Path,
+        obs: &mut dyn LoopObserver,
+    ) -> Result<Vec<SampleRecord>, LoopError> {
         let cfg = self.cfg;
         let fold: Vec<&PromptItem> = (0..cfg.prompts_per_iteration)
             .map(|i| &self.train_prompts[self.order[((t - 1) * cfg.prompts_per_iteration + i) % self.order.len()]])
             .collect();
         let net = network(dir, &self.device)?;
         let seed = seeds::iteration_samples(cfg.seed, t);
-        sample_records(&net, &self.tok, &fold, cfg.num_samples, &self.sampling, seed, &mut |d, n| obs.samples(d, n))
+        let Some(remote) = &self.remote else {
+            let records =
+                sample_records(&net, &self.tok, &fold, cfg.num_samples, &self.sampling, seed, &mut |d, n| {
+                    obs.samples(d, n)
+                })?;
+            prefopt_fs::write_jsonl(out, &records)?;
+            return Ok(records);
+        };
+        let model = self.sync_sampler(remote, dir)?;
+        let partial = out.with_extension("partial.jsonl");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (tok, params, fold, net, model, partial_ref) = (&self.tok, &self.sampling, &fold, &net, &model, &partial);
+        let (records, mismatched) = std::thread::scope(|s| {
+            // The sender lives in the sampling thread: when it ends, the progress loop ends.
+            let sampling = s.spawn(move || {
+                let mut report = move |d: usize, n: usize| {
+                    let _ = tx.send((d, n));
+                };
+                remote_sample_records(
+                    remote,
+                    model,
+                    net,
+                    tok,
+                    fold,
+                    cfg.num_samples,
+                    params,
+                    seed,
+                    partial_ref,
+                    &mut report,
+                )
+            });
+            for (d, n) in rx {
+                obs.samples(d, n);
+            }
+            sampling.join().unwrap_or_else(|_| {
+                Err(LoopError::Remote { url: remote.url.clone(), message: "the sampler thread panicked".into() })
+            })
+        })?;
+        if mismatched > 0 {
+            obs.message(&format!(
+                "iteration {t}: {mismatched} of {} sampled completions do not re-tokenize to the same text (the server \
+                 returned no token ids)",
+                records.len() * cfg.num_samples
+            ));
+        }
+        prefopt_fs::write_jsonl(out, &records)?;
+        prefopt_fs::remove_file_if_exists(&partial)?;
+        Ok(records)
+    }
+
+    /// Makes the server serve the policy in `dir` (`sampler_sync`) and returns the model name
+    /// to ask for.
+    fn sync_sampler(&self, remote: &RemoteSampler, dir: &Path) -> Result<String, LoopError> {
+        let folder = std::fs::canonicalize(dir).map_err(|e| prefopt_fs::FsError::io(dir, e))?;
+        let cfg = self.cfg;
+        if cfg.sampler_sync == SamplerSync::Path {
+            return Ok(folder.display().to_string());
+        }
+        let mut synced = self
+            .synced
+            .lock()
+            .map_err(|_| LoopError::Remote { url: remote.url.clone(), message: "lock poisoned".into() })?;
+        if synced.as_deref() != Some(folder.as_path()) {
+            let command = cfg
+                .sampler_sync_command
+                .clone()
+                .unwrap_or_default()
+                .replace("{model_dir}", &folder.display().to_string());
+            let status =
+                std::process::Command::new("sh").arg("-c").arg(&command).status().map_err(|e| LoopError::Remote {
+                    url: remote.url.clone(),
+                    message: format!("sampler_sync_command `{command}` did not start: {e}"),
+                })?;
+            if !status.success() {
+                return Err(LoopError::Remote {
+                    url: remote.url.clone(),
+                    message: format!("sampler_sync_command `{command}` failed ({status})"),
+                });
+            }
+            remote.wait_until_up(std::time::Duration::from_secs_f64(cfg.sampler_timeout_s))?;
+            *synced = Some(folder.clone());
+        }
+        Ok(cfg.sampler_model.clone().unwrap_or_else(|| folder.display().to_string()))
     }
 
     /// Stage 2: judge the samples and pair best vs worst (prompts whose samples all tie are skipped).
@@ -424,11 +521,7 @@ impl<'a> LoopRun<'a> {
                 let path = it.dir.join(file);
                 let records = match path.exists() {
                     true => prefopt_fs::read_jsonl(&path)?,
-                    false => {
-                        let records = run.sample_fold(dir, it.t + 1, obs)?;
-                        prefopt_fs::write_jsonl(&path, &records)?;
-                        records
-                    }
+                    false => run.sample_fold(dir, it.t + 1, &path, obs)?,
                 };
                 crate::pairing::mean_score(run.judge.as_mut(), &records, &path, cfg.num_samples)
             };
@@ -579,7 +672,16 @@ const SAFEGUARD_TRAINED: &str = "safeguard-trained.jsonl";
 
 /// Keys that change how a run is carried out but not its results: a resumed run may change
 /// them (e.g. raise `judge_timeout_s` after a judge timed out, or move to a GPU).
-const OPERATIONAL_KEYS: [&str; 2] = ["judge_timeout_s", "device"];
+const OPERATIONAL_KEYS: [&str; 8] = [
+    "judge_timeout_s",
+    "device",
+    "sampler_url",
+    "sampler_api_key_env",
+    "sampler_concurrency",
+    "sampler_timeout_s",
+    "sampler_retries",
+    "sampler_backoff_s",
+];
 
 fn without_operational_keys(config: &serde_json::Value) -> serde_json::Value {
     let mut config = config.clone();

@@ -3,5 +3,6 @@
 
 mod apo_loop;
 mod apo_lora;
+mod remote_sampler;
 mod tabular_limit;
 mod util;

@@ -369,6 +369,17 @@ fn every_command_refuses_bad_input_naming_it() {
     apo(&["judge=\"arithmetic\"", "alhpa=0.3"], &["alhpa"]);
     apo(&["judge=\"arithmetic\"", "alpha=1.5"], &["alpha"]);
     apo(&["judge=\"arithmetic\"", "train.loss_type=\"kto\""], &["`train.loss_type` `kto`", "use a pair loss"]);
+    apo(&["judge=\"arithmetic\"", "sampler=\"openai\""], &["needs `sampler_url`"]);
+    apo(&["judge=\"arithmetic\"", "sampler=\"openai\"", "sampler_url=\"https://api.example.com/v1\""], &["no TLS"]);
+    apo(
+        &[
+            "judge=\"arithmetic\"",
+            "sampler=\"openai\"",
+            "sampler_url=\"http://127.0.0.1:9/v1\"",
+            "sampler_sync=\"command\"",
+        ],
+        &["needs `sampler_sync_command`"],
+    );
     apo(&["judge=\"nope\""], &["nope"]);
     apo(&["judge=\"arithmetic\"", &format!("prompts=\"{missing}\"")], &["missing.jsonl"]);
     apo(&["judge=\"cmd:echo judge broke >&2; exit 3\""], &["judge broke"]);

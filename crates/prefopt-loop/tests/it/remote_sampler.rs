@@ -1,0 +1,252 @@
+//! `sampler = "openai"` against an HTTP server inside the test that speaks the
+//! `/v1/completions` protocol and shows the faults real servers show: 500s, 429 with
+//! Retry-After, timeouts, malformed JSON, fewer choices than asked, a server that dies
+//! mid-stage (the rerun asks only for what is missing), and a bad request. Then the loop
+//! itself, twice with the same seed: the same pairs.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prefopt_loop::apo::{run_apo, ApoConfig, Sampler};
+use prefopt_loop::remote::{CompletionRequest, RemoteSampler};
+use serde_json::{json, Value};
+
+use crate::util::Silent;
+
+/// What the server answers to one request.
+struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+    delay: Duration,
+}
+
+impl Reply {
+    fn ok(body: Value) -> Self {
+        Reply { status: 200, headers: vec![], body: body.to_string(), delay: Duration::ZERO }
+    }
+    fn status(status: u16, body: &str) -> Self {
+        Reply { status, headers: vec![], body: body.into(), delay: Duration::ZERO }
+    }
+}
+
+/// A server on a free local port; `behave(n, request)` answers the n-th request (0-based).
+struct Server {
+    url: String,
+    requests: Arc<Mutex<Vec<Value>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn start(behave: impl Fn(usize, &Value) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, stopped) = (requests.clone(), stop.clone());
+        let behave = Arc::new(behave);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return; // drops the listener: later connections are refused
+                }
+                let Ok(mut stream) = stream else { continue };
+                let (seen, behave) = (seen.clone(), behave.clone());
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let (mut length, mut line) = (0usize, String::new());
+                    while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap();
+                        }
+                        line.clear();
+                    }
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).unwrap();
+                    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let n = {
+                        let mut all = seen.lock().unwrap();
+                        all.push(request.clone());
+                        all.len() - 1
+                    };
+                    let reply = behave(n, &request);
+                    std::thread::sleep(reply.delay);
+                    let mut head = format!(
+                        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        reply.status,
+                        reply.body.len()
+                    );
+                    for (k, v) in &reply.headers {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                    let _ = stream.write_all(format!("{head}\r\n{}", reply.body).as_bytes());
+                });
+            }
+        });
+        Server { url, requests, stop }
+    }
+
+    fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// Stops accepting: the next connection is answered and then the port is closed.
+    fn kill(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.url.trim_start_matches("http://").trim_end_matches("/v1"));
+    }
+}
+
+/// A deterministic sampler: choice j of a request with seed s is " s<s>-<j>".
+fn completions(request: &Value, limit: usize) -> Value {
+    let (n, seed) = (request["n"].as_u64().unwrap() as usize, request["seed"].as_u64().unwrap());
+    let choices: Vec<Value> = (0..n.min(limit))
+        .map(|j| json!({"index": j, "text": format!(" s{seed}-{j}"), "finish_reason": "length"}))
+        .collect();
+    json!({"object": "text_completion", "choices": choices})
+}
+
+fn sampler(url: &str) -> RemoteSampler {
+    RemoteSampler {
+        url: url.to_string(),
+        api_key: Some("test-key".into()),
+        concurrency: 2,
+        timeout: Duration::from_millis(500),
+        retries: 3,
+        backoff_s: 0.01,
+    }
+}
+
+const REQUEST: CompletionRequest = CompletionRequest { model: "m", n: 3, temperature: 0.7, top_p: 0.9, max_tokens: 8 };
+
+fn prompts(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("prompt {i}")).collect()
+}
+
+fn run(sampler: &RemoteSampler, n: usize, partial: &Path) -> Result<Vec<prefopt_loop::remote::RemoteAnswer>, String> {
+    sampler.sample(&REQUEST, &prompts(n), |i| 100 * i as u64, partial, &mut |_, _| {}).map_err(|e| e.to_string())
+}
+
+#[test]
+fn transient_failures_are_retried_and_short_answers_completed() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two 500s, then a 429 with Retry-After 0, then answers of one choice each (`n` ignored).
+    let server = Server::start(|n, req| match n {
+        0 | 1 => Reply::status(500, "busy"),
+        2 => Reply { headers: vec![("Retry-After", "0".into())], ..Reply::status(429, "slow down") },
+        _ => Reply::ok(completions(req, 1)),
+    });
+    let answers = run(&sampler(&server.url), 1, &tmp.path().join("a.partial.jsonl")).unwrap();
+    assert_eq!(answers[0].texts, [" s0-0", " s1-0", " s2-0"], "the missing choices asked again with the next seeds");
+    assert_eq!(answers[0].token_ids, None);
+    assert_eq!(server.count(), 6);
+    let first = &server.requests.lock().unwrap()[3];
+    assert_eq!(
+        (first["model"].as_str(), first["n"].as_u64(), first["max_tokens"].as_u64()),
+        (Some("m"), Some(3), Some(8))
+    );
+}
+
+#[test]
+fn timeouts_bad_json_bad_requests_and_too_many_errors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let slow = Server::start(|_, req| Reply { delay: Duration::from_secs(2), ..Reply::ok(completions(req, 3)) });
+    let e = run(&sampler(&slow.url), 1, &tmp.path().join("t.jsonl")).unwrap_err();
+    assert!(e.contains(&slow.url) && e.contains("prompt 0") && e.contains("gave up after 4 attempts"), "{e}");
+
+    let garbled = Server::start(|_, _| Reply::status(200, "<html>proxy error</html>"));
+    let e = run(&sampler(&garbled.url), 1, &tmp.path().join("g.jsonl")).unwrap_err();
+    assert!(e.contains("not completions JSON") && e.contains("<html>proxy error") && e.contains("prompt 0"), "{e}");
+    assert_eq!(garbled.count(), 1, "malformed JSON is not retried");
+
+    let refused = Server::start(|_, _| Reply::status(400, "{\"error\": \"model not found\"}"));
+    let e = run(&sampler(&refused.url), 1, &tmp.path().join("r.jsonl")).unwrap_err();
+    assert!(e.contains("HTTP 400") && e.contains("model not found"), "{e}");
+    assert_eq!(refused.count(), 1, "a 400 is not retried");
+
+    let failing = Server::start(|_, _| Reply::status(503, "down"));
+    let e = run(&sampler(&failing.url), 1, &tmp.path().join("f.jsonl")).unwrap_err();
+    assert!(e.contains("HTTP 503") && e.contains("gave up after 4 attempts"), "{e}");
+    assert_eq!(failing.count(), 4);
+}
+
+#[test]
+fn a_server_dying_mid_stage_loses_no_answer_and_the_rerun_asks_only_for_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let partial = tmp.path().join("samples.partial.jsonl");
+    let server = Server::start(|_, req| Reply::ok(completions(req, 3)));
+    // Answers 3 of 6 prompts, then the port closes.
+    let one_at_a_time = RemoteSampler { concurrency: 1, ..sampler(&server.url) };
+    let mut seen = 0;
+    let e = one_at_a_time
+        .sample(&REQUEST, &prompts(6), |i| 100 * i as u64, &partial, &mut |done, _| {
+            seen = done;
+            if done == 3 {
+                server.kill();
+            }
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prompt 3"), "{e}");
+    assert_eq!(seen, 3);
+    let kept = std::fs::read_to_string(&partial).unwrap();
+    assert_eq!(kept.lines().count(), 3, "{kept}");
+
+    let healthy = Server::start(|_, req| Reply::ok(completions(req, 3)));
+    let answers = run(&sampler(&healthy.url), 6, &partial).unwrap();
+    assert_eq!(healthy.count(), 3, "only the unanswered prompts are asked again");
+    let fresh = Server::start(|_, req| Reply::ok(completions(req, 3)));
+    let whole = run(&sampler(&fresh.url), 6, &tmp.path().join("whole.partial.jsonl")).unwrap();
+    assert_eq!(answers, whole, "resumed answers equal an uninterrupted stage's");
+}
+
+#[test]
+fn the_loop_samples_from_the_server_and_a_rerun_gives_the_same_pairs() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Token ids for every choice (vLLM's `return_token_ids`): the chatml fixture's byte ids.
+    let server = Server::start(|_, req| {
+        let mut body = completions(req, 3);
+        for c in body["choices"].as_array_mut().unwrap() {
+            let ids: Vec<u32> = c["text"].as_str().unwrap().bytes().map(u32::from).collect();
+            c["token_ids"] = json!(ids);
+        }
+        Reply::ok(body)
+    });
+    let run_loop = |out: &Path| {
+        let cfg = ApoConfig {
+            sampler: Sampler::Openai,
+            sampler_url: Some(server.url.clone()),
+            sampler_backoff_s: 0.01,
+            iterations: 2,
+            ..crate::apo_loop::config(out, 0.3)
+        };
+        run_apo(&cfg, &mut Silent).unwrap_or_else(|e| panic!("{e}"));
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    run_loop(&a);
+    run_loop(&b);
+    for t in 1..=2 {
+        let read = |dir: &Path| std::fs::read_to_string(dir.join(format!("iter-{t}/pairs.jsonl"))).unwrap();
+        assert_eq!(read(&a), read(&b), "iteration {t}: pairs differ between two runs with the same seed");
+        assert!(!a.join(format!("iter-{t}/samples.partial.jsonl")).exists(), "the partial file is removed");
+    }
+    let samples: Vec<Value> = std::fs::read_to_string(a.join("iter-1/samples.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(samples[0]["completions"][0].as_str().unwrap().starts_with(" s"), "{}", samples[0]);
+    let ids: Vec<u64> = samples[0]["tokens"][0].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert_eq!(ids, samples[0]["completions"][0].as_str().unwrap().bytes().map(u64::from).collect::<Vec<_>>());
+    // Iteration 1 asks for the base folder, iteration 2 for pi_1 (`sampler_sync = "path"`).
+    let models: Vec<String> =
+        server.requests.lock().unwrap().iter().map(|r| r["model"].as_str().unwrap().to_string()).collect();
+    let base = std::fs::canonicalize(crate::util::fixtures().join("models/qwen2-tied")).unwrap();
+    assert!(models.iter().any(|m| *m == base.display().to_string()), "{models:?}");
+    let pi_1 = std::fs::canonicalize(a.join("iter-1/extrapolated")).unwrap();
+    assert!(models.iter().any(|m| *m == pi_1.display().to_string()), "{models:?}");
+}
