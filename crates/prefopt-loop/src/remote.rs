@@ -103,11 +103,15 @@ impl RemoteSampler {
         let todo: Vec<usize> = (0..prompts.len()).filter(|&i| answers[i].is_none()).collect();
         let done = AtomicUsize::new(prompts.len() - todo.len());
         let next = AtomicUsize::new(0);
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(partial)
             .map_err(|e| prefopt_fs::FsError::io(partial, e))?;
+        // A line cut by a kill ends the file without a newline: start the next one on its own.
+        if std::fs::read(partial).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
+            writeln!(file).map_err(|e| prefopt_fs::FsError::io(partial, e))?;
+        }
         let shared = Mutex::new((file, answers, progress));
         let first_error: Mutex<Option<LoopError>> = Mutex::new(None);
         std::thread::scope(|s| {

@@ -4,8 +4,8 @@
 //! the epoch's shuffle; the objective runs each micro-batch forward and backward and adds
 //! its gradients weighted by the micro-batch's share of the step (so the update equals the
 //! large-batch one); then clip, check for NaN/inf, apply the optimizer at the scheduled
-//! rate, log, evaluate and checkpoint. Objectives: preference pairs (`preference.rs`) and
-//! SFT (`sft.rs`).
+//! rate, log, evaluate and checkpoint. Objectives: preference pairs (`preference.rs`), SFT
+//! (`sft.rs`), KTO on unpaired rows (`kto.rs`) and reward models (`reward.rs`).
 //!
 //! On the CPU each micro-batch is split into one shard per compute thread, and the shards
 //! run forward and backward at the same time, each weighted by its share of the step as

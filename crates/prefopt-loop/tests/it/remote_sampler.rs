@@ -195,6 +195,9 @@ fn a_server_dying_mid_stage_loses_no_answer_and_the_rerun_asks_only_for_the_rest
     assert_eq!(seen, 3);
     let kept = std::fs::read_to_string(&partial).unwrap();
     assert_eq!(kept.lines().count(), 3, "{kept}");
+    // A kill in the middle of a fourth line: that line is ignored, and the rerun's appends
+    // start on a line of their own.
+    std::fs::write(&partial, format!("{kept}{{\"prompt_index\": 3, \"te")).unwrap();
 
     let healthy = Server::start(|_, req| Reply::ok(completions(req, 3)));
     let answers = run(&sampler(&healthy.url), 6, &partial).unwrap();
