@@ -114,6 +114,8 @@ impl RemoteSampler {
         }
         let shared = Mutex::new((file, answers, progress));
         let first_error: Mutex<Option<LoopError>> = Mutex::new(None);
+        // One agent for the stage: its workers share a pool of kept-alive connections.
+        let agent = ureq::AgentBuilder::new().timeout(self.timeout).build();
         std::thread::scope(|s| {
             for _ in 0..self.concurrency.clamp(1, todo.len().max(1)) {
                 s.spawn(|| loop {
@@ -122,7 +124,7 @@ impl RemoteSampler {
                     }
                     let k = next.fetch_add(1, Ordering::SeqCst);
                     let Some(&i) = todo.get(k) else { return };
-                    let result = self.complete(request, i, &prompts[i], seed_of(i)).and_then(|answer| {
+                    let result = self.complete(&agent, request, i, &prompts[i], seed_of(i)).and_then(|answer| {
                         let mut guard = shared.lock().map_err(|_| remote_error(&self.url, i, "a worker panicked"))?;
                         let (file, answers, progress) = &mut *guard;
                         let line = serde_json::to_string(&answer).map_err(|e| remote_error(&self.url, i, e))?;
@@ -152,6 +154,7 @@ impl RemoteSampler {
     /// All `request.n` completions of prompt `i`: asks again for what a short answer lacks.
     fn complete(
         &self,
+        agent: &ureq::Agent,
         request: &CompletionRequest,
         i: usize,
         prompt: &str,
@@ -171,7 +174,7 @@ impl RemoteSampler {
                 "seed": seed + texts.len() as u64,
                 "return_token_ids": true,
             });
-            match self.post("completions", &body) {
+            match self.post(agent, "completions", &body) {
                 Ok(text) => {
                     let parsed: Completions = serde_json::from_str(&text).map_err(|e| {
                         remote_error(
@@ -211,8 +214,7 @@ impl RemoteSampler {
     }
 
     /// One POST to `<url>/<path>`: the body on 2xx, else why it failed.
-    fn post(&self, path: &str, body: &serde_json::Value) -> Result<String, Failure> {
-        let agent = ureq::AgentBuilder::new().timeout(self.timeout).build();
+    fn post(&self, agent: &ureq::Agent, path: &str, body: &serde_json::Value) -> Result<String, Failure> {
         let mut req = agent.post(&format!("{}/{path}", self.url));
         if let Some(key) = &self.api_key {
             req = req.set("Authorization", &format!("Bearer {key}"));

@@ -292,7 +292,10 @@ impl Objective for RewardObjective {
             });
         }
         weights.set_pad_token_id(self.pad_id);
-        weights.model.config.pad_token_id = LlamaConfig::from_file(&config_path(&cfg.model))?.0.pad_token_id;
+        if resume.is_some() {
+            // A checkpoint's config carries the pad id set above; the network keeps cfg.model's.
+            weights.model.config.pad_token_id = LlamaConfig::from_file(&config_path(&cfg.model))?.0.pad_token_id;
+        }
         Ok(Weights::Full(weights.model))
     }
 }

@@ -287,8 +287,7 @@ impl ApoConfig {
         if self.sampler_sync == SamplerSync::Command && self.sampler_sync_command.is_none() {
             return Err("`sampler_sync = \"command\"` needs `sampler_sync_command` (with `{model_dir}`)".into());
         }
-        let lora = |k: &str| self.train.get(k).is_some_and(|v| v.as_bool() == Some(true) || v.is_str());
-        if lora("use_peft") {
+        if self.train.get("use_peft").and_then(|v| v.as_bool()) == Some(true) {
             return Err("`sampler = \"openai\"` with `train.use_peft`: the extrapolated policy is an adapter stack \
                         folder, which inference servers do not load; train full weights, or sample locally"
                 .into());
