@@ -73,7 +73,8 @@ pub fn run_offline<O: DemoObserver>(
             let samples =
                 sample_records(&net, &tok, &refs, recipe.num_samples, &sampling, seed, &mut |d, t| obs.samples(d, t))?;
             let samples_path = dir.join("samples.jsonl");
-            let (pairs, _) = judge_and_pair(judge.as_mut(), &samples, &samples_path, recipe.num_samples)?;
+            let (pairs, _) =
+                judge_and_pair(judge.as_mut(), &samples, &samples_path, recipe.num_samples, &mut |_, _| {})?;
             write_jsonl(&samples_path, &samples)?;
             write_jsonl(&pairs_path, &pairs)?;
         }

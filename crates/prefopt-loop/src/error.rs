@@ -19,8 +19,8 @@ pub enum LoopError {
     #[error("judge `{judge}` {message}")]
     Verdicts { judge: String, message: String },
     /// An inference server (`sampler = "openai"`) failed: the URL and what went wrong.
-    #[error("sampler server {url}: {message}")]
-    Remote { url: String, message: String },
+    #[error("sampler server {0}")]
+    Remote(#[from] crate::remote::RemoteError),
     #[error(transparent)]
     Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]

@@ -2,6 +2,11 @@
 //! oracle: mean reward, accuracy where the task has one, malformed-answer rate, win rate
 //! against the base model's sample for the same prompt (ties half), and the KL estimate
 //! `mean(lp_pi(y) - lp_base(y))` over the model's samples.
+//!
+//! A pairwise judge (`llm:`) scores no single completion: it compares each model sample with
+//! the base model's for the same prompt, both orders, and the model's points (1 win, 1/2
+//! tie, 0 loss, averaged over the two orders) are its `eval_reward`; `win_rate_vs_base` is
+//! the share of prompts it wins on balance (ties half). The base scores 1/2 on both.
 
 use std::path::Path;
 
@@ -10,7 +15,7 @@ use prefopt_data::{tokenize_prompt, HfTokenizer, TokenizedSequence};
 use prefopt_model::{Llama, Mode, Policy, Precision, SamplingParams};
 use serde::{Deserialize, Serialize};
 
-use crate::judge::{self, Judge, Judgement, PromptItem};
+use crate::judge::{self, Judge, JudgeCall, Judgement, PromptItem};
 use crate::sampling::{sample_records, SampleRecord};
 use crate::{seeds, LoopError};
 
@@ -56,7 +61,12 @@ impl BaseSamples {
             prefopt_fs::write_jsonl(path, &s)?;
             s
         };
-        let judged = judge_all(judge, prompts, &samples)?;
+        // A pairwise judge's baseline is even by definition: nothing to ask.
+        let judged = if judge.as_pairwise().is_some() {
+            vec![Judgement::score_only(0.5); samples.len()]
+        } else {
+            judge_all(judge, prompts, &samples)?
+        };
         let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
         let metrics = summarize(&judged, &scores, &scores, 0.0);
         Ok(Self { samples, scores, base_dir: base_dir.to_path_buf(), metrics })
@@ -94,7 +104,23 @@ pub fn evaluate_model(
     device: &Device,
 ) -> Result<EvalMetrics, LoopError> {
     let samples = held_out_samples(&network(dir, device)?, tok, prompts, sampling, seed)?;
-    let judged = judge_all(judge, prompts, &samples)?;
+    let judged = match judge.as_pairwise() {
+        Some(pairwise) => {
+            let items: Vec<(&PromptItem, &str, &str)> = prompts
+                .iter()
+                .zip(&samples)
+                .zip(&base.samples)
+                .map(|((p, s), b)| (p, s.completions[0].as_str(), b.completions[0].as_str()))
+                .collect();
+            // Kept next to the model folder until done: a rerun asks only for the rest.
+            let journal = dir.with_extension("eval-verdicts.partial.jsonl");
+            let points =
+                pairwise.compare(&items, &mut JudgeCall { journal: Some(&journal), progress: &mut |_, _| {} })?;
+            prefopt_fs::remove_file_if_exists(&journal)?;
+            points.into_iter().map(Judgement::score_only).collect()
+        }
+        None => judge_all(judge, prompts, &samples)?,
+    };
     let scores: Vec<f64> = judged.iter().map(|j| j.score).collect();
     let lp_base = sequence_logps(&network(&base.base_dir, device)?, tok, prompts, &samples)?;
     let kl = samples.iter().zip(&lp_base).map(|(s, b)| s.logprobs[0] - b).sum::<f64>() / samples.len().max(1) as f64;

@@ -5,14 +5,17 @@
 //!   graded rewards, exact-answer accuracy and malformed-answer detection ([`crate::tasks`]);
 //! - `rm:<model folder>`: a Hugging Face `*ForSequenceClassification` reward model
 //!   ([`crate::reward_model`]);
-//! - `cmd:<shell command>`: any external program speaking JSON Lines ([`crate::command`]).
+//! - `cmd:<shell command>`: any external program speaking JSON Lines ([`crate::command`]);
+//! - `llm:<base url>`: a chat model behind an OpenAI-compatible server, comparing two
+//!   completions at a time ([`crate::llm_judge`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prefopt_data::Text;
 
 use crate::command::CommandJudge;
+pub use crate::llm_judge::{LlmOptions, PairwiseJudge, VerdictStats};
 use crate::reward_model::RewardModel;
 use crate::tasks::{task_by_name, Task, TASK_NAMES};
 
@@ -91,6 +94,14 @@ pub enum JudgeError {
     CommandReply { command: String, prompt: usize, problem: String, stderr: String },
     #[error("judge `{judge}` returned {got} judgements for prompt {prompt} with {expected} completions")]
     Count { judge: String, prompt: usize, expected: usize, got: usize },
+    /// An `llm:` judge's replies cannot be used (too many that are not a verdict).
+    #[error("judge `{judge}`: {message}")]
+    Replies { judge: String, message: String },
+    /// An `llm:` judge's server failed.
+    #[error("judge server {0}")]
+    Remote(#[from] crate::remote::RemoteError),
+    #[error(transparent)]
+    Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]
     Model(#[from] Box<prefopt_model::ModelError>),
     #[error(transparent)]
@@ -144,8 +155,46 @@ pub trait Judge: Send {
         Ok(out)
     }
 
+    /// [`Judge::judge_many`] with a journal and progress, for judges that ask a server (the
+    /// `llm:` judge keeps its replies in `call.journal` as they arrive); the others ignore both.
+    fn judge_many_with(
+        &mut self,
+        batch: &[(&PromptItem, &[String])],
+        _call: &mut JudgeCall,
+    ) -> Result<Vec<Vec<Judgement>>, JudgeError> {
+        self.judge_many(batch)
+    }
+
+    /// A judge that compares two completions rather than scoring one: held-out evaluation
+    /// then compares the model's sample with the base model's directly.
+    fn as_pairwise(&mut self) -> Option<&mut dyn PairwiseJudge> {
+        None
+    }
+
+    /// The verdict counts since the last call, for judges that give verdicts (`llm:`).
+    fn take_verdict_stats(&mut self) -> Option<VerdictStats> {
+        None
+    }
+
     /// How the judge is named in messages and metrics (`arithmetic`, `rm:<dir>`, `cmd:<command>`).
     fn name(&self) -> String;
+}
+
+/// Where a judge that asks a server keeps what it was told while a call runs, and who
+/// hears its progress.
+pub struct JudgeCall<'a> {
+    /// The journal of replies: a rerun of an interrupted call asks only for the rest.
+    pub journal: Option<&'a Path>,
+    /// Hears (requests answered, requests).
+    pub progress: &'a mut (dyn FnMut(usize, usize) + Send),
+}
+
+impl JudgeCall<'_> {
+    /// No journal, no progress.
+    pub fn quiet() -> JudgeCall<'static> {
+        // A leaked zero-sized closure: nothing is allocated.
+        JudgeCall { journal: None, progress: Box::leak(Box::new(|_, _| {})) }
+    }
 }
 
 /// `Err(JudgeError::Count)` unless a judge returned one judgement per completion.
@@ -162,16 +211,18 @@ pub(crate) fn check_count(judge: &str, prompt: usize, expected: usize, got: usiz
 pub struct JudgeOptions {
     /// Longest a `cmd:` judge may take for one call (all prompts of the call), default 300 s.
     pub command_timeout: Duration,
+    /// The `llm:` judge's model, template and connection settings.
+    pub llm: LlmOptions,
 }
 
 impl Default for JudgeOptions {
     fn default() -> Self {
-        Self { command_timeout: CommandJudge::DEFAULT_TIMEOUT }
+        Self { command_timeout: CommandJudge::DEFAULT_TIMEOUT, llm: LlmOptions::default() }
     }
 }
 
 /// The judge a config string names: a built-in task name (optionally as `task:<name>`),
-/// `rm:<model folder>` or `cmd:<shell command>`, with default options.
+/// `rm:<model folder>`, `cmd:<shell command>` or `llm:<base url>`, with default options.
 pub fn judge_from_spec(spec: &str, device: &candle_core::Device) -> Result<Box<dyn Judge>, JudgeError> {
     judge_from_spec_with(spec, device, &JudgeOptions::default())
 }
@@ -195,11 +246,17 @@ pub fn judge_from_spec_with(
         }
         return Ok(Box::new(CommandJudge::new(command).with_timeout(options.command_timeout)));
     }
+    if let Some(url) = spec.strip_prefix("llm:") {
+        return Ok(Box::new(crate::llm_judge::LlmJudge::from_options(url, &options.llm).map_err(|e| match e {
+            JudgeError::Spec { message, .. } => bad(message),
+            other => other,
+        })?));
+    }
     let name = spec.strip_prefix("task:").unwrap_or(spec);
     match task_by_name(name) {
         Ok(task) => Ok(Box::new(TaskJudge::new(task))),
         Err(_) => Err(bad(format!(
-            "expected a built-in task ({}), `rm:<model folder>` or `cmd:<shell command>`",
+            "expected a built-in task ({}), `rm:<model folder>`, `cmd:<shell command>` or `llm:<base url>`",
             TASK_NAMES.join(", ")
         ))),
     }
@@ -271,6 +328,9 @@ mod tests {
         let unknown = msg("poetry");
         assert!(unknown.contains("poetry") && unknown.contains("arithmetic, compare, reverse"), "{unknown}");
         assert!(unknown.contains("rm:<model folder>") && unknown.contains("cmd:<shell command>"), "{unknown}");
+        assert!(unknown.contains("llm:<base url>"), "{unknown}");
+        assert!(msg("llm:http://localhost:8000/v1").contains("needs `judge_model`"));
+        assert!(msg("llm:localhost:8000").contains("http://"));
         assert!(msg("cmd:  ").contains("needs a shell command"));
         assert!(msg("rm:").contains("needs a model folder"));
         assert!(msg("rm:/no/such/folder").contains("/no/such/folder"));

@@ -8,7 +8,9 @@
 //! Judges (`judge`): built-in task oracles (`tasks`: arithmetic, compare, reverse, with
 //! graded rewards and malformed-answer detection), Hugging Face reward models
 //! (`reward_model`, `rm:<folder>`) and external commands speaking JSON Lines (`command`,
-//! `cmd:<shell command>`), all behind the `Judge` trait.
+//! `cmd:<shell command>`) and chat models behind an OpenAI-compatible server (`llm_judge`,
+//! `llm:<base url>`), all behind the `Judge` trait. Inference servers (`remote`) can also
+//! do the sampling.
 
 pub mod apo;
 pub mod command;
@@ -16,6 +18,7 @@ pub mod error;
 pub mod evaluate;
 pub mod extrapolate;
 pub mod judge;
+pub mod llm_judge;
 pub mod pairing;
 pub mod remote;
 pub mod reward_model;

@@ -14,7 +14,7 @@ use std::path::Path;
 use prefopt_data::{RecordSource, Text};
 use serde::{Deserialize, Serialize};
 
-use crate::judge::{Judge, PromptItem};
+use crate::judge::{Judge, JudgeCall, PairwiseJudge, PromptItem};
 use crate::sampling::SampleRecord;
 use crate::LoopError;
 
@@ -31,11 +31,56 @@ pub struct PairRecord {
     pub win_prob_rejected: f64,
 }
 
+/// Hears a judge's progress: (requests answered, requests), for judges that ask a server.
+pub type Progress<'a> = &'a mut (dyn FnMut(usize, usize) + Send);
+
 /// The mean judged score of every completion of `samples` (read from `source`).
-pub fn mean_score(judge: &mut dyn Judge, samples: &[SampleRecord], source: &Path, k: usize) -> Result<f64, LoopError> {
-    let scores = judged_scores(judge, samples, source, k)?;
+pub fn mean_score(
+    judge: &mut dyn Judge,
+    samples: &[SampleRecord],
+    source: &Path,
+    k: usize,
+    progress: Progress,
+) -> Result<f64, LoopError> {
+    let scores = judged_scores(judge, samples, source, k, progress)?;
     let n = scores.iter().map(Vec::len).sum::<usize>();
     Ok(scores.iter().flatten().sum::<f64>() / n.max(1) as f64)
+}
+
+/// The prompts of `samples` (read from `source`, which errors name).
+fn prompt_items(samples: &[SampleRecord], source: &Path) -> Result<Vec<PromptItem>, LoopError> {
+    samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let text = Text::from_json(&RecordSource::line(source, i + 1), "prompt", &s.prompt)?;
+            Ok(PromptItem { text, meta: s.meta.clone() })
+        })
+        .collect()
+}
+
+/// A pairwise judge's verdict on two sets of samples of the same prompts (`a` read from
+/// `source`): `a`'s mean points against `b`, sample j against sample j of each prompt, both
+/// orders, minus 1/2 (positive: `a` is judged better). The replies are kept in
+/// `<source>.verdicts.partial.jsonl` until done.
+pub fn pairwise_advantage(
+    judge: &mut dyn PairwiseJudge,
+    a: &[SampleRecord],
+    b: &[SampleRecord],
+    source: &Path,
+    progress: Progress,
+) -> Result<f64, LoopError> {
+    let prompts = prompt_items(a, source)?;
+    let mut items = Vec::new();
+    for ((p, x), y) in prompts.iter().zip(a).zip(b) {
+        for (cx, cy) in x.completions.iter().zip(&y.completions) {
+            items.push((p, cx.as_str(), cy.as_str()));
+        }
+    }
+    let journal = source.with_extension("verdicts.partial.jsonl");
+    let points = judge.compare(&items, &mut JudgeCall { journal: Some(&journal), progress })?;
+    prefopt_fs::remove_file_if_exists(&journal)?;
+    Ok(points.iter().sum::<f64>() / points.len().max(1) as f64 - 0.5)
 }
 
 /// Judges every prompt's samples (read from `source`, which errors name) and returns the
@@ -45,10 +90,11 @@ pub fn judge_and_pair(
     samples: &[SampleRecord],
     source: &Path,
     k: usize,
+    progress: Progress,
 ) -> Result<(Vec<PairRecord>, usize), LoopError> {
     let mut pairs = Vec::new();
     let mut skipped = 0;
-    for (s, scores) in samples.iter().zip(judged_scores(judge, samples, source, k)?) {
+    for (s, scores) in samples.iter().zip(judged_scores(judge, samples, source, k, progress)?) {
         // First best and first worst, so the pairing is deterministic.
         let best = (0..k).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
         let worst = (0..k).fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
@@ -92,25 +138,22 @@ pub fn judge_and_pair(
 }
 
 /// Every prompt's K scores, in one call to the judge; a wrong count or a non-finite score
-/// is an error that names the prompt.
+/// is an error that names the prompt. A judge that asks a server keeps its replies in
+/// `<source>.verdicts.partial.jsonl` until it is done (a rerun asks only for the rest).
 fn judged_scores(
     judge: &mut dyn Judge,
     samples: &[SampleRecord],
     source: &Path,
     k: usize,
+    progress: Progress,
 ) -> Result<Vec<Vec<f64>>, LoopError> {
-    let items = samples
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let text = Text::from_json(&RecordSource::line(source, i + 1), "prompt", &s.prompt)?;
-            Ok(PromptItem { text, meta: s.meta.clone() })
-        })
-        .collect::<Result<Vec<_>, LoopError>>()?;
+    let items = prompt_items(samples, source)?;
     // One call for the whole iteration: a command judge runs once, not once per prompt.
     let batch: Vec<(&PromptItem, &[String])> =
         items.iter().zip(samples).map(|(i, s)| (i, s.completions.as_slice())).collect();
-    let all = judge.judge_many(&batch)?;
+    let journal = source.with_extension("verdicts.partial.jsonl");
+    let all = judge.judge_many_with(&batch, &mut JudgeCall { journal: Some(&journal), progress })?;
+    prefopt_fs::remove_file_if_exists(&journal)?;
     let mut out = Vec::with_capacity(samples.len());
     for (s, judged) in samples.iter().zip(all) {
         if judged.len() != s.completions.len() || judged.len() != k {
@@ -170,7 +213,8 @@ mod tests {
     fn best_vs_worst_with_empirical_win_rates_and_ties_skipped() {
         let samples =
             [sample(0, &["1", "3", "3", "0"]), sample(1, &["2", "2", "2", "2"]), sample(2, &["5", "1", "4", "9"])];
-        let (pairs, skipped) = judge_and_pair(&mut Table, &samples, Path::new("samples.jsonl"), 4).unwrap();
+        let (pairs, skipped) =
+            judge_and_pair(&mut Table, &samples, Path::new("samples.jsonl"), 4, &mut |_, _| {}).unwrap();
         assert_eq!((pairs.len(), skipped), (2, 1));
         // Prompt 0: the first of the tied best ("3" at 1) beats 1 and 0, ties the other 3.
         assert_eq!((pairs[0].chosen.as_str(), pairs[0].rejected.as_str()), (Some("3"), Some("0")));
@@ -182,12 +226,19 @@ mod tests {
 
     #[test]
     fn wrong_counts_and_non_finite_scores_name_the_prompt() {
-        let err = judge_and_pair(&mut Table, &[sample(0, &["1", "2"]), sample(1, &["1", "x"])], Path::new("s"), 2)
-            .unwrap_err();
+        let err = judge_and_pair(
+            &mut Table,
+            &[sample(0, &["1", "2"]), sample(1, &["1", "x"])],
+            Path::new("s"),
+            2,
+            &mut |_, _| {},
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("non-finite score (NaN) to completion 1 of prompt 1"), "{msg}");
-        let err =
-            judge_and_pair(&mut Table, &[sample(3, &["1", "2", "3"])], Path::new("s"), 2).unwrap_err().to_string();
+        let err = judge_and_pair(&mut Table, &[sample(3, &["1", "2", "3"])], Path::new("s"), 2, &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("3 scores for prompt 3 with 3 completions"), "{err}");
     }
 }

@@ -78,11 +78,29 @@ pub struct ApoConfig {
     pub prompts: String,
     /// Prompts generated for `task:<name>` (default 256).
     pub num_prompts: usize,
-    /// Oracle: a built-in task name, `rm:<folder>` or `cmd:<shell command>`. Required.
+    /// Oracle: a built-in task name, `rm:<folder>`, `cmd:<shell command>` or
+    /// `llm:<base url>` (a chat model on an OpenAI-compatible server, comparing two samples at
+    /// a time; docs/apo.md). Required.
     pub judge: String,
     /// Longest one call of a `cmd:` judge may run (all prompts of a stage), in seconds;
-    /// then its whole process group is killed and the run stops (default 300).
+    /// then its whole process group is killed and the run stops. For an `llm:` judge, the
+    /// longest wait for one reply (default 300).
     pub judge_timeout_s: f64,
+    /// `llm:` judges: the model name the server serves (a folder for `transformers serve`).
+    pub judge_model: Option<String>,
+    /// `llm:` judges: a file with the pairwise template (`{prompt}`, `{response_a}`,
+    /// `{response_b}`); default: the built-in one (docs/apo.md).
+    pub judge_template: Option<PathBuf>,
+    /// `llm:` judges: name of the environment variable that holds the server's API key.
+    pub judge_api_key_env: Option<String>,
+    /// `llm:` judges: requests in flight, retries and first backoff as the sampler's
+    /// (defaults 4, 5, 1.0), the longest reply in tokens (default 8), and the share of
+    /// replies that may fail to parse before a stage stops (default 0.1).
+    pub judge_concurrency: usize,
+    pub judge_retries: usize,
+    pub judge_backoff_s: f64,
+    pub judge_max_tokens: usize,
+    pub judge_max_failure_rate: f64,
     /// Iterations T (default 3, as the paper).
     pub iterations: usize,
     /// Prompts per iteration (default 64); iteration t takes the next fold of the shuffled
@@ -155,6 +173,14 @@ impl Default for ApoConfig {
             num_prompts: 256,
             judge: String::new(),
             judge_timeout_s: 300.0,
+            judge_model: None,
+            judge_template: None,
+            judge_api_key_env: None,
+            judge_concurrency: 4,
+            judge_retries: 5,
+            judge_backoff_s: 1.0,
+            judge_max_tokens: 8,
+            judge_max_failure_rate: 0.1,
             iterations: 3,
             prompts_per_iteration: 64,
             num_samples: 5,
@@ -184,6 +210,15 @@ impl Default for ApoConfig {
             train: toml::Table::new(),
         }
     }
+}
+
+/// The API key in the environment variable `var` names (`key` is the config key naming it).
+fn read_key(key: &str, var: Option<&str>) -> Result<Option<String>, LoopError> {
+    let Some(var) = var else { return Ok(None) };
+    std::env::var(var).map(Some).map_err(|_| LoopError::Config {
+        source_name: key.into(),
+        message: format!("environment variable `{var}` is not set"),
+    })
 }
 
 /// `[train]` keys the loop sets itself.
@@ -234,6 +269,9 @@ impl ApoConfig {
                 self.judge_timeout_s
             ));
         }
+        if self.judge.starts_with("llm:") {
+            self.check_llm_judge()?;
+        }
         if !(0.0..1.0).contains(&self.alpha) {
             return Err(format!("`alpha` must be in [0, 1), got {}", self.alpha));
         }
@@ -263,6 +301,41 @@ impl ApoConfig {
             self.check_remote_sampler()?;
         }
         Ok(())
+    }
+
+    fn check_llm_judge(&self) -> Result<(), String> {
+        if self.judge_model.is_none() {
+            return Err("`judge = \"llm:...\"` needs `judge_model`, the model name the server serves".into());
+        }
+        if self.judge_concurrency == 0 || self.judge_max_tokens == 0 {
+            return Err("`judge_concurrency` and `judge_max_tokens` must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.judge_max_failure_rate) {
+            return Err(format!("`judge_max_failure_rate` must be in [0, 1], got {}", self.judge_max_failure_rate));
+        }
+        if !(self.judge_backoff_s >= 0.0 && self.judge_backoff_s.is_finite()) {
+            return Err("`judge_backoff_s` must not be negative".into());
+        }
+        Ok(())
+    }
+
+    /// The judge's options, with the `llm:` judge's API key read from its variable.
+    pub fn judge_options(&self) -> Result<crate::judge::JudgeOptions, LoopError> {
+        let timeout = std::time::Duration::from_secs_f64(self.judge_timeout_s);
+        Ok(crate::judge::JudgeOptions {
+            command_timeout: timeout,
+            llm: crate::judge::LlmOptions {
+                model: self.judge_model.clone(),
+                template: self.judge_template.clone(),
+                api_key: read_key("judge_api_key_env", self.judge_api_key_env.as_deref())?,
+                timeout,
+                retries: self.judge_retries,
+                backoff_s: self.judge_backoff_s,
+                concurrency: self.judge_concurrency,
+                max_tokens: self.judge_max_tokens,
+                max_failure_rate: self.judge_max_failure_rate,
+            },
+        })
     }
 
     fn check_remote_sampler(&self) -> Result<(), String> {
@@ -300,20 +373,15 @@ impl ApoConfig {
         if self.sampler != Sampler::Openai {
             return Ok(None);
         }
-        let api_key = match &self.sampler_api_key_env {
-            None => None,
-            Some(var) => Some(std::env::var(var).map_err(|_| LoopError::Config {
-                source_name: "sampler_api_key_env".into(),
-                message: format!("environment variable `{var}` is not set"),
-            })?),
-        };
         Ok(Some(crate::remote::RemoteSampler {
-            url: self.sampler_url.clone().unwrap_or_default().trim_end_matches('/').to_string(),
-            api_key,
+            client: crate::remote::ApiClient {
+                url: self.sampler_url.clone().unwrap_or_default().trim_end_matches('/').to_string(),
+                api_key: read_key("sampler_api_key_env", self.sampler_api_key_env.as_deref())?,
+                timeout: std::time::Duration::from_secs_f64(self.sampler_timeout_s),
+                retries: self.sampler_retries,
+                backoff_s: self.sampler_backoff_s,
+            },
             concurrency: self.sampler_concurrency,
-            timeout: std::time::Duration::from_secs_f64(self.sampler_timeout_s),
-            retries: self.sampler_retries,
-            backoff_s: self.sampler_backoff_s,
         }))
     }
 

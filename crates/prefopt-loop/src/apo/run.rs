@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{AlphaSchedule, ApoConfig, Extrapolation, SamplerSync};
 use crate::evaluate::{evaluate_model, network, BaseSamples, EvalMetrics};
 use crate::extrapolate::{extrapolate, extrapolate_logps, extrapolate_stack, momentum_agreement};
-use crate::judge::{judge_from_spec_with, Judge, JudgeOptions, PromptItem};
+use crate::judge::{judge_from_spec_with, Judge, PromptItem};
 use crate::remote::RemoteSampler;
 use crate::sampling::{remote_sample_records, sample_records, SampleRecord};
 use crate::{seeds, LoopError};
@@ -25,6 +25,8 @@ use crate::{seeds, LoopError};
 pub trait LoopObserver: prefopt_train::Observer {
     fn stage(&mut self, _iteration: usize, _stage: &str) {}
     fn samples(&mut self, _done: usize, _total: usize) {}
+    /// A judge that asks a server (`llm:`): requests answered so far, of `total`.
+    fn judged(&mut self, _done: usize, _total: usize) {}
 }
 
 /// One iteration's record in `manifest.json`.
@@ -54,6 +56,10 @@ pub struct IterationRecord {
     pub adapter: Option<PathBuf>,
     pub pair_count: usize,
     pub skipped_prompts: usize,
+    /// An `llm:` judge's verdicts on this iteration's samples: requests, first and second
+    /// place wins, ties, and replies that were not a verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_verdicts: Option<crate::judge::VerdictStats>,
     /// `extrapolation = "logprob"`, from iteration 2: the pairs with the extrapolated
     /// reference's log-probs, which training reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,8 +155,7 @@ impl<'a> LoopRun<'a> {
         };
 
         let tok = HfTokenizer::from_dir(&cfg.model)?;
-        let judge_options = JudgeOptions { command_timeout: std::time::Duration::from_secs_f64(cfg.judge_timeout_s) };
-        let mut judge = judge_from_spec_with(&cfg.judge, &device, &judge_options)?;
+        let mut judge = judge_from_spec_with(&cfg.judge, &device, &cfg.judge_options()?)?;
         let train_prompts = load_prompts(&cfg.prompts, cfg.num_prompts, cfg.seed)?;
         if train_prompts.is_empty() {
             return Err(LoopError::Prompts { spec: cfg.prompts.clone(), message: "no prompts".into() });
@@ -332,7 +337,7 @@ impl<'a> LoopRun<'a> {
                 obs.samples(d, n);
             }
             sampling.join().unwrap_or_else(|_| {
-                Err(LoopError::Remote { url: remote.url.clone(), message: "the sampler thread panicked".into() })
+                Err(remote.client.error("completions", "sampling", "the sampler thread panicked").into())
             })
         })?;
         if mismatched > 0 {
@@ -355,28 +360,21 @@ impl<'a> LoopRun<'a> {
         if cfg.sampler_sync == SamplerSync::Path {
             return Ok(folder.display().to_string());
         }
-        let mut synced = self
-            .synced
-            .lock()
-            .map_err(|_| LoopError::Remote { url: remote.url.clone(), message: "lock poisoned".into() })?;
+        let mut synced = self.synced.lock().map_err(|_| remote.client.error("models", "sync", "lock poisoned"))?;
         if synced.as_deref() != Some(folder.as_path()) {
             let command = cfg
                 .sampler_sync_command
                 .clone()
                 .unwrap_or_default()
                 .replace("{model_dir}", &folder.display().to_string());
-            let status =
-                std::process::Command::new("sh").arg("-c").arg(&command).status().map_err(|e| LoopError::Remote {
-                    url: remote.url.clone(),
-                    message: format!("sampler_sync_command `{command}` did not start: {e}"),
-                })?;
+            let status = std::process::Command::new("sh").arg("-c").arg(&command).status().map_err(|e| {
+                remote.client.error("models", "sync", format!("sampler_sync_command `{command}` did not start: {e}"))
+            })?;
             if !status.success() {
-                return Err(LoopError::Remote {
-                    url: remote.url.clone(),
-                    message: format!("sampler_sync_command `{command}` failed ({status})"),
-                });
+                let message = format!("sampler_sync_command `{command}` failed ({status})");
+                return Err(remote.client.error("models", "sync", message).into());
             }
-            remote.wait_until_up(std::time::Duration::from_secs_f64(cfg.sampler_timeout_s))?;
+            remote.client.wait_until_up(std::time::Duration::from_secs_f64(cfg.sampler_timeout_s))?;
             *synced = Some(folder.clone());
         }
         Ok(cfg.sampler_model.clone().unwrap_or_else(|| folder.display().to_string()))
@@ -391,10 +389,28 @@ impl<'a> LoopRun<'a> {
             }
             return Ok(());
         }
-        self.stage(it, "judging", obs, |run, it, _| {
+        self.stage(it, "judging", obs, |run, it, obs| {
             let samples: Vec<SampleRecord> = prefopt_fs::read_jsonl(&it.record.samples)?;
-            let (pairs, skipped) =
-                crate::pairing::judge_and_pair(run.judge.as_mut(), &samples, &it.record.samples, run.cfg.num_samples)?;
+            // Count this stage's verdicts alone (evaluation's came before).
+            let _ = run.judge.take_verdict_stats();
+            let (pairs, skipped) = judge_reporting(obs, |progress| {
+                crate::pairing::judge_and_pair(
+                    run.judge.as_mut(),
+                    &samples,
+                    &it.record.samples,
+                    run.cfg.num_samples,
+                    progress,
+                )
+            })?;
+            if let Some(stats) = run.judge.take_verdict_stats() {
+                if stats.failures > 0 {
+                    obs.message(&format!(
+                        "iteration {}: {} of {} judge replies were not a verdict (left out of the scores)",
+                        it.t, stats.failures, stats.requests
+                    ));
+                }
+                it.record.judge_verdicts = Some(stats);
+            }
             if pairs.is_empty() {
                 return Err(LoopError::Verdicts {
                     judge: run.cfg.judge.clone(),
@@ -517,16 +533,28 @@ impl<'a> LoopRun<'a> {
         self.stage(it, "safeguard", obs, |run, it, obs| {
             let candidate = it.dir.join("candidate");
             run.write_extrapolated(it, cfg.alpha, &candidate)?;
-            let mut mean_score = |dir: &Path, file: &str| -> Result<f64, LoopError> {
+            let mut samples_of = |dir: &Path, file: &str| -> Result<(Vec<SampleRecord>, PathBuf), LoopError> {
                 let path = it.dir.join(file);
                 let records = match path.exists() {
                     true => prefopt_fs::read_jsonl(&path)?,
                     false => run.sample_fold(dir, it.t + 1, &path, obs)?,
                 };
-                crate::pairing::mean_score(run.judge.as_mut(), &records, &path, cfg.num_samples)
+                Ok((records, path))
             };
-            let advantage =
-                mean_score(&candidate, SAFEGUARD_EXTRAPOLATED)? - mean_score(&it.record.trained, SAFEGUARD_TRAINED)?;
+            let (candidate, candidate_path) = samples_of(&candidate, SAFEGUARD_EXTRAPOLATED)?;
+            let (trained, trained_path) = samples_of(&it.record.trained, SAFEGUARD_TRAINED)?;
+            let judge = run.judge.as_mut();
+            // A pairwise judge compares the two models' samples directly; a scorer scores each.
+            let advantage = judge_reporting(obs, |progress| match judge.as_pairwise() {
+                Some(pairwise) => {
+                    crate::pairing::pairwise_advantage(pairwise, &candidate, &trained, &candidate_path, progress)
+                }
+                None => {
+                    let k = cfg.num_samples;
+                    Ok(crate::pairing::mean_score(judge, &candidate, &candidate_path, k, progress)?
+                        - crate::pairing::mean_score(judge, &trained, &trained_path, k, &mut |_, _| {})?)
+                }
+            })?;
             it.record.judged_advantage = Some(advantage);
             it.record.alpha = prefopt_sim::restart::gated_alpha(cfg.alpha, advantage);
             Ok(())
@@ -588,7 +616,7 @@ impl<'a> LoopRun<'a> {
         if it.record.eval_trained.is_some() && it.record.eval_extrapolated.is_some() {
             return Ok(());
         }
-        self.stage(it, "evaluation", obs, |run, it, _| {
+        self.stage(it, "evaluation", obs, |run, it, obs| {
             let seed = seeds::loop_evaluation(run.cfg.seed);
             let mut evaluate = |dir: &Path| {
                 evaluate_model(
@@ -607,6 +635,12 @@ impl<'a> LoopRun<'a> {
             // and the evaluation is seeded, so its numbers are the same: skip the second pass.
             let extrapolated =
                 if it.record.alpha == 0.0 { trained.clone() } else { evaluate(&it.record.extrapolated)? };
+            if let Some(stats) = run.judge.take_verdict_stats().filter(|s| s.failures > 0) {
+                obs.message(&format!(
+                    "iteration {}: {} of {} judge replies in evaluation were not a verdict (left out)",
+                    it.t, stats.failures, stats.requests
+                ));
+            }
             let lines: Vec<serde_json::Value> = [("trained", &trained), ("extrapolated", &extrapolated)]
                 .iter()
                 .map(|(which, m)| {
@@ -672,8 +706,13 @@ const SAFEGUARD_TRAINED: &str = "safeguard-trained.jsonl";
 
 /// Keys that change how a run is carried out but not its results: a resumed run may change
 /// them (e.g. raise `judge_timeout_s` after a judge timed out, or move to a GPU).
-const OPERATIONAL_KEYS: [&str; 8] = [
+const OPERATIONAL_KEYS: [&str; 13] = [
     "judge_timeout_s",
+    "judge_api_key_env",
+    "judge_concurrency",
+    "judge_retries",
+    "judge_backoff_s",
+    "judge_max_failure_rate",
     "device",
     "sampler_url",
     "sampler_api_key_env",
@@ -682,6 +721,30 @@ const OPERATIONAL_KEYS: [&str; 8] = [
     "sampler_retries",
     "sampler_backoff_s",
 ];
+
+/// Runs `judging` with a progress callback that reaches `obs` from the judge's worker
+/// threads: the judging runs on a thread of its own while this one draws the progress.
+fn judge_reporting<T: Send>(
+    obs: &mut dyn LoopObserver,
+    judging: impl FnOnce(crate::pairing::Progress) -> Result<T, LoopError> + Send,
+) -> Result<T, LoopError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        // The sender lives in the judging thread: when it ends, the progress loop ends.
+        let handle = s.spawn(move || {
+            let mut report = move |d: usize, n: usize| {
+                let _ = tx.send((d, n));
+            };
+            judging(&mut report)
+        });
+        for (d, n) in rx {
+            obs.judged(d, n);
+        }
+        handle.join().unwrap_or_else(|_| {
+            Err(LoopError::Verdicts { judge: "(judging thread)".into(), message: "panicked".into() })
+        })
+    })
+}
 
 fn without_operational_keys(config: &serde_json::Value) -> serde_json::Value {
     let mut config = config.clone();

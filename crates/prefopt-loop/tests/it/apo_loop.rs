@@ -451,7 +451,7 @@ fn the_monotone_schedule_keeps_only_extrapolations_judged_at_least_as_good_and_r
         let mut mean = |file: &str| {
             let path = dir.join(file);
             let samples: Vec<SampleRecord> = prefopt_fs::read_jsonl(&path).unwrap();
-            prefopt_loop::pairing::mean_score(judge.as_mut(), &samples, &path, 3).unwrap()
+            prefopt_loop::pairing::mean_score(judge.as_mut(), &samples, &path, 3, &mut |_, _| {}).unwrap()
         };
         let want = mean("safeguard-extrapolated.jsonl") - mean("safeguard-trained.jsonl");
         assert!((advantage - want).abs() < 1e-12, "iteration {t}: {advantage} vs {want}");

@@ -3,6 +3,8 @@
 
 mod apo_loop;
 mod apo_lora;
+mod fake_server;
+mod llm_judge;
 mod remote_sampler;
 mod tabular_limit;
 mod util;

@@ -22,7 +22,9 @@ pub struct ApoArgs {
     /// uses the exact reference `(1+alpha) lp(pi_hat_t) - alpha lp(pi_hat_t-1)`, from the two
     /// last trained models, exact only for `sigmoid`/cDPO, `robust`, `hinge` (other losses
     /// are refused with alpha > 0: the dropped normalizer would bias them; docs/apo.md).
-    /// `judge_timeout_s` (default 300) bounds one run of a `cmd:` judge.
+    /// `judge_timeout_s` (default 300) bounds one run of a `cmd:` judge, or one reply of an
+    /// `llm:<base url>` judge (a chat model on an OpenAI-compatible server, pairwise, both
+    /// orders; `judge_model` names it). `sampler = "openai"` samples from such a server.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override a key: `--set alpha=0.6 --set train.learning_rate=1e-6` (TOML values).
@@ -43,10 +45,12 @@ pub fn run(args: ApoArgs) -> Result<()> {
     Ok(())
 }
 
-/// One bar at a time: sampling, then training steps; stage names as messages.
+/// One bar at a time: sampling, judge requests, then training steps; stage names as messages.
 #[derive(Default)]
 struct Progress {
     bar: Option<ProgressBar>,
+    /// What the bar counts (`prompts sampled`, `judge requests`, `steps`).
+    unit: &'static str,
     iteration: usize,
 }
 
@@ -55,6 +59,16 @@ impl Progress {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
+    }
+
+    /// The bar counting `unit`, a new one when the last counted something else.
+    fn counting(&mut self, unit: &'static str, done: usize, total: usize) {
+        if self.unit != unit {
+            self.clear();
+            self.unit = unit;
+        }
+        let bar = self.bar.get_or_insert_with(|| crate::progress::bar(total as u64, unit));
+        bar.set_position(done as u64);
     }
 }
 
@@ -69,6 +83,7 @@ impl Observer for Progress {
     fn start(&mut self, start_step: usize, total_steps: usize) {
         self.clear();
         let bar = crate::progress::bar(total_steps as u64, "steps");
+        self.unit = "steps";
         bar.set_position(start_step as u64);
         bar.set_prefix(format!("iter {} train", self.iteration));
         self.bar = Some(bar);
@@ -94,8 +109,11 @@ impl LoopObserver for Progress {
     }
 
     fn samples(&mut self, done: usize, total: usize) {
-        let bar = self.bar.get_or_insert_with(|| crate::progress::bar(total as u64, "prompts sampled"));
-        bar.set_position(done as u64);
+        self.counting("prompts sampled", done, total);
+    }
+
+    fn judged(&mut self, done: usize, total: usize) {
+        self.counting("judge requests", done, total);
     }
 }
 
