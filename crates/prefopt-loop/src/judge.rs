@@ -15,7 +15,7 @@ use std::time::Duration;
 use prefopt_data::Text;
 
 use crate::command::CommandJudge;
-pub use crate::llm_judge::{LlmOptions, PairwiseJudge, VerdictStats};
+pub use crate::llm_judge::{JudgeEndpoint, LlmOptions, PairwiseJudge, VerdictStats};
 use crate::reward_model::RewardModel;
 use crate::tasks::{task_by_name, Task, TASK_NAMES};
 

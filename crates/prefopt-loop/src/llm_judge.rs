@@ -3,7 +3,10 @@
 //! The judge compares two completions of a prompt at a time: the template (a documented
 //! default, or a file) gets the prompt and both completions, goes to
 //! `POST <url>/chat/completions` as one user message (temperature 0, a fixed seed), and the
-//! reply must be a verdict:
+//! reply must be a verdict. With `judge_endpoint = "completions"` the filled template is sent
+//! as a raw prompt to `POST <url>/completions` instead (a template with its own chat markup,
+//! or one that ends where the verdict goes, e.g. `The better response is Response`), and the
+//! completion's text is the reply.
 //!
 //! - **Strict parser**: after trimming whitespace and one trailing `.`, the reply is `A`,
 //!   `B` or `tie` (any case). Anything else is a failure: counted, reported in the
@@ -53,11 +56,23 @@ they are equally good. Do not explain.";
 /// The placeholders a template must contain.
 const PLACEHOLDERS: [&str; 3] = ["{prompt}", "{response_a}", "{response_b}"];
 
+/// Which endpoint the judge asks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JudgeEndpoint {
+    /// `/chat/completions`, the template as one user message (the default).
+    #[default]
+    Chat,
+    /// `/completions`, the template as a raw prompt.
+    Completions,
+}
+
 /// How to reach the judge's server and what to ask it.
 #[derive(Clone, Debug)]
 pub struct LlmJudgeSettings {
     /// `judge_model`: the model name the server serves (or a folder, for `transformers serve`).
     pub model: String,
+    pub endpoint: JudgeEndpoint,
     /// The template text (the default, or a file's content).
     pub template: String,
     pub concurrency: usize,
@@ -72,6 +87,8 @@ pub struct LlmJudgeSettings {
 pub struct LlmOptions {
     /// `judge_model` (required).
     pub model: Option<String>,
+    /// `judge_endpoint`.
+    pub endpoint: JudgeEndpoint,
     /// `judge_template`: a file with the template (default [`DEFAULT_TEMPLATE`]).
     pub template: Option<PathBuf>,
     /// The key, read from the variable `judge_api_key_env` names.
@@ -89,6 +106,7 @@ impl Default for LlmOptions {
     fn default() -> Self {
         Self {
             model: None,
+            endpoint: JudgeEndpoint::Chat,
             template: None,
             api_key: None,
             timeout: Duration::from_secs(300),
@@ -176,9 +194,13 @@ struct ChatCompletion {
     choices: Vec<ChatChoice>,
 }
 
+/// A choice of either endpoint: a chat `message`, or a completion's `text`.
 #[derive(Deserialize)]
 struct ChatChoice {
-    message: ChatMessage,
+    #[serde(default)]
+    message: Option<ChatMessage>,
+    #[serde(default)]
+    text: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -233,6 +255,7 @@ impl LlmJudge {
         };
         let settings = LlmJudgeSettings {
             model,
+            endpoint: o.endpoint,
             template: load_template(o.template.as_deref())?,
             concurrency: o.concurrency.max(1),
             max_tokens: o.max_tokens,
@@ -278,25 +301,36 @@ impl LlmJudge {
     /// The server's replies to `messages` (rendered templates), asked concurrently and kept in
     /// `call.journal` as they arrive.
     fn ask_all(&self, messages: &[String], call: &mut JudgeCall) -> Result<Vec<String>, JudgeError> {
-        let keys: Vec<String> = messages.iter().map(|m| request_key(&self.settings.model, m)).collect();
+        let endpoint = format!("{}:{:?}", self.settings.model, self.settings.endpoint);
+        let keys: Vec<String> = messages.iter().map(|m| request_key(&endpoint, m)).collect();
         let agent = self.client.agent();
+        let (path, shape) = match self.settings.endpoint {
+            JudgeEndpoint::Chat => ("chat/completions", "chat completion"),
+            JudgeEndpoint::Completions => ("completions", "completions"),
+        };
         let ask = |i: usize| -> Result<Reply, JudgeError> {
             let what = format!("comparison {i}");
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "model": self.settings.model,
-                "messages": [{"role": "user", "content": messages[i]}],
                 "temperature": 0.0,
                 "max_tokens": self.settings.max_tokens,
                 "seed": 0,
-                "stream": false,
             });
-            let text = self.client.post_json(&agent, "chat/completions", &body, &what)?;
-            let bad = |why: String| self.client.error("chat/completions", &what, why);
+            match self.settings.endpoint {
+                JudgeEndpoint::Chat => {
+                    body["messages"] = serde_json::json!([{"role": "user", "content": messages[i]}]);
+                    body["stream"] = false.into();
+                }
+                JudgeEndpoint::Completions => body["prompt"] = messages[i].clone().into(),
+            }
+            let text = self.client.post_json(&agent, path, &body, &what)?;
+            let bad = |why: String| self.client.error(path, &what, why);
             let parsed: ChatCompletion = serde_json::from_str(&text).map_err(|e| {
-                bad(format!("the answer is not chat completion JSON ({e}): {}", crate::remote::client::snippet(&text)))
+                bad(format!("the answer is not {shape} JSON ({e}): {}", crate::remote::client::snippet(&text)))
             })?;
-            let reply = parsed.choices.into_iter().next().ok_or_else(|| bad("the answer has no choices".into()))?;
-            Ok(Reply { index: i, key: keys[i].clone(), reply: reply.message.content.unwrap_or_default() })
+            let choice = parsed.choices.into_iter().next().ok_or_else(|| bad("the answer has no choices".into()))?;
+            let reply = choice.message.and_then(|m| m.content).or(choice.text).unwrap_or_default();
+            Ok(Reply { index: i, key: keys[i].clone(), reply })
         };
         let keep = |r: &Reply| keys.get(r.index).is_some_and(|k| *k == r.key).then_some(r.index);
         let replies = run_journaled(call.journal, messages.len(), self.settings.concurrency, keep, ask, call.progress)?;
@@ -478,6 +512,7 @@ mod tests {
         };
         let settings = LlmJudgeSettings {
             model: "m".into(),
+            endpoint: JudgeEndpoint::Chat,
             template: template.into(),
             concurrency: 1,
             max_tokens: 4,

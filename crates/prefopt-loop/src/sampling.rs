@@ -117,7 +117,8 @@ pub fn sample_records(
 /// K samples of each prompt from an OpenAI-compatible server ([`crate::remote`]) as the
 /// loop's records: the prompt rendered as [`tokenize_prompt`] renders it (the chat template
 /// with the generation prompt for conversations), the server's token ids or the text
-/// tokenized here, and log-probs under `net`, the local copy of the served model. Sample j of
+/// tokenized here (with the EOS token where the server says it stopped), and log-probs under
+/// `net`, the local copy of the served model. Sample j of
 /// prompt i asks with seed `seed + i * k + j`. Also returns how many completions' tokens do
 /// not decode back to their text (a re-tokenization that may differ from the server's).
 #[allow(clippy::too_many_arguments)]
@@ -156,9 +157,15 @@ pub fn remote_sample_records(
             Some(ids) => ids,
             None => {
                 let mut all = Vec::with_capacity(k);
-                for text in &answer.texts {
-                    let ids = tok.encode(text, false)?;
+                for (j, text) in answer.texts.iter().enumerate() {
+                    let mut ids = tok.encode(text, false)?;
                     mismatched += usize::from(tok.decode(&ids, false)? != *text);
+                    // The server leaves the stop token out of the text; the local sampler's
+                    // tokens (and log-probs) include it.
+                    let stopped = answer.finish_reasons.get(j).is_some_and(|r| r.as_deref() == Some("stop"));
+                    if let (true, Some(&eos)) = (stopped, tok.eos_token_ids().first()) {
+                        ids.push(eos);
+                    }
                     all.push(ids);
                 }
                 all

@@ -88,6 +88,9 @@ pub struct ApoConfig {
     pub judge_timeout_s: f64,
     /// `llm:` judges: the model name the server serves (a folder for `transformers serve`).
     pub judge_model: Option<String>,
+    /// `llm:` judges: `"chat"` (default; `/chat/completions`, the template as a user message)
+    /// or `"completions"` (`/completions`, the template as a raw prompt).
+    pub judge_endpoint: crate::judge::JudgeEndpoint,
     /// `llm:` judges: a file with the pairwise template (`{prompt}`, `{response_a}`,
     /// `{response_b}`); default: the built-in one (docs/apo.md).
     pub judge_template: Option<PathBuf>,
@@ -174,6 +177,7 @@ impl Default for ApoConfig {
             judge: String::new(),
             judge_timeout_s: 300.0,
             judge_model: None,
+            judge_endpoint: crate::judge::JudgeEndpoint::Chat,
             judge_template: None,
             judge_api_key_env: None,
             judge_concurrency: 4,
@@ -326,6 +330,7 @@ impl ApoConfig {
             command_timeout: timeout,
             llm: crate::judge::LlmOptions {
                 model: self.judge_model.clone(),
+                endpoint: self.judge_endpoint,
                 template: self.judge_template.clone(),
                 api_key: read_key("judge_api_key_env", self.judge_api_key_env.as_deref())?,
                 timeout,

@@ -28,12 +28,14 @@ pub struct ApiClient {
 pub struct RemoteError {
     pub url: String,
     pub message: String,
+    /// The HTTP status of an answer that was refused for good (a 4xx), if that was the failure.
+    pub status: Option<u16>,
 }
 
 /// Why one attempt failed: worth another try (after how long, if the server said), or not.
 enum Failure {
     Retry { message: String, after: Option<f64> },
-    Fatal(String),
+    Fatal { status: Option<u16>, message: String },
 }
 
 /// The longest wait between two attempts, in seconds.
@@ -47,7 +49,7 @@ impl ApiClient {
 
     /// The error of request `what` (e.g. `prompt 3`) at `<url>/<path>`.
     pub fn error(&self, path: &str, what: &str, message: impl std::fmt::Display) -> RemoteError {
-        RemoteError { url: format!("{}/{path}", self.url), message: format!("{what}: {message}") }
+        RemoteError { url: format!("{}/{path}", self.url), message: format!("{what}: {message}"), status: None }
     }
 
     /// POSTs `body` to `<url>/<path>` and returns the answer's body, retrying transient
@@ -63,7 +65,9 @@ impl ApiClient {
         loop {
             match self.post_once(agent, path, body) {
                 Ok(text) => return Ok(text),
-                Err(Failure::Fatal(message)) => return Err(self.error(path, what, message)),
+                Err(Failure::Fatal { status, message }) => {
+                    return Err(RemoteError { status, ..self.error(path, what, message) })
+                }
                 Err(Failure::Retry { message, after }) => {
                     if attempt >= self.retries {
                         let message = format!("{message} (gave up after {} attempts)", attempt + 1);
@@ -93,7 +97,7 @@ impl ApiClient {
                 if code == 429 || code >= 500 {
                     Err(Failure::Retry { message, after: if code == 429 { after } else { None } })
                 } else {
-                    Err(Failure::Fatal(message))
+                    Err(Failure::Fatal { status: Some(code), message })
                 }
             }
             Err(ureq::Error::Transport(t)) => Err(Failure::Retry { message: t.to_string(), after: None }),
@@ -118,6 +122,7 @@ impl ApiClient {
                 return Err(RemoteError {
                     url: format!("{}/models", self.url),
                     message: format!("the server did not answer within {:.0} s: {last}", limit.as_secs_f64()),
+                    status: None,
                 });
             }
             std::thread::sleep(Duration::from_millis(250));

@@ -11,9 +11,12 @@
 //!
 //! Answers go to a journal as they arrive ([`run_journaled`]); a rerun of an interrupted
 //! stage asks only for the prompts not in it. Token ids come from the server when it returns
-//! them (vLLM's `return_token_ids`); otherwise the caller tokenizes the text.
+//! them (vLLM's `return_token_ids`); otherwise the caller tokenizes the text. A server that
+//! refuses the `return_token_ids` field (`transformers serve` answers 422 to unknown fields)
+//! is asked again without it, and so is every later request of the stage.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +69,11 @@ struct Completions {
     choices: Vec<Choice>,
 }
 
+/// A 400 or 422 that names the `return_token_ids` field: the server does not know it.
+fn refuses_token_ids(e: &RemoteError) -> bool {
+    matches!(e.status, Some(400 | 422)) && e.message.contains("return_token_ids")
+}
+
 impl RemoteSampler {
     /// The K completions of every prompt of `prompts` (rendered text), prompt i asking with
     /// seeds `seed_of(i) + j`. Answers in the journal `partial` (from an interrupted run) are
@@ -80,12 +88,13 @@ impl RemoteSampler {
         progress: &mut (dyn FnMut(usize, usize) + Send),
     ) -> Result<Vec<RemoteAnswer>, LoopError> {
         let agent = self.client.agent();
+        let ask_ids = AtomicBool::new(true);
         run_journaled(
             Some(partial),
             prompts.len(),
             self.concurrency,
             |a: &RemoteAnswer| (a.texts.len() == request.n).then_some(a.prompt_index),
-            |i| Ok(self.complete(&agent, request, i, &prompts[i], seed_of(i))?),
+            |i| Ok(self.complete(&agent, request, i, &prompts[i], seed_of(i), &ask_ids)?),
             progress,
         )
     }
@@ -98,6 +107,7 @@ impl RemoteSampler {
         i: usize,
         prompt: &str,
         seed: u64,
+        ask_ids: &AtomicBool,
     ) -> Result<RemoteAnswer, RemoteError> {
         let what = format!("prompt {i}");
         let mut answer = RemoteAnswer {
@@ -109,7 +119,7 @@ impl RemoteSampler {
         let mut empty = 0;
         while answer.texts.len() < request.n {
             let missing = request.n - answer.texts.len();
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "model": request.model,
                 "prompt": prompt,
                 "n": missing,
@@ -117,9 +127,17 @@ impl RemoteSampler {
                 "top_p": request.top_p,
                 "max_tokens": request.max_tokens,
                 "seed": seed + answer.texts.len() as u64,
-                "return_token_ids": true,
             });
-            let text = self.client.post_json(agent, "completions", &body, &what)?;
+            if ask_ids.load(Ordering::SeqCst) {
+                body["return_token_ids"] = true.into();
+            }
+            let text = match self.client.post_json(agent, "completions", &body, &what) {
+                Err(e) if refuses_token_ids(&e) && body.get("return_token_ids").is_some() => {
+                    ask_ids.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                other => other?,
+            };
             let parsed: Completions = serde_json::from_str(&text).map_err(|e| {
                 self.client.error(
                     "completions",

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use prefopt_loop::apo::{run_apo, ApoConfig, Sampler};
-use prefopt_loop::judge::{judge_from_spec_with, Judge, JudgeCall, JudgeOptions, LlmOptions, PromptItem};
+use prefopt_loop::judge::{
+    judge_from_spec_with, Judge, JudgeCall, JudgeEndpoint, JudgeOptions, LlmOptions, PromptItem,
+};
 use serde_json::{json, Value};
 
 use crate::fake_server::{Reply, Server};
@@ -16,7 +18,7 @@ use crate::util::Silent;
 
 /// Response A and B of a request rendered with the default template.
 fn responses(request: &Value) -> (String, String) {
-    let text = request["messages"][0]["content"].as_str().unwrap();
+    let text = request["messages"][0]["content"].as_str().or(request["prompt"].as_str()).unwrap();
     let between = |start: &str, end: &str| {
         let from = text.find(start).unwrap() + start.len();
         let to = from + text[from..].find(end).unwrap();
@@ -100,6 +102,31 @@ fn samples_are_ranked_by_their_win_rates_over_both_orders() {
     let stats = judge.take_verdict_stats().unwrap();
     assert_eq!((stats.requests, stats.first, stats.second, stats.ties, stats.failures), (12, 5, 5, 2, 0));
     assert_eq!(judge.take_verdict_stats().unwrap().requests, 0, "taken stats start again");
+}
+
+#[test]
+fn the_completions_endpoint_sends_the_template_as_a_raw_prompt() {
+    // A completion's text, as `/v1/completions` answers: " A" or " B".
+    let server = Server::start(|_, req| {
+        let (a, b) = responses(req);
+        Reply::ok(json!({"choices": [{"index": 0, "text": if a.len() > b.len() { " A" } else { " B" }}]}))
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let template = tmp.path().join("raw.txt");
+    std::fs::write(&template, "{prompt}\n[Response A]\n{response_a}\n[Response B]\n{response_b}\nReply with exactly one word: the better is Response").unwrap();
+    let o = options(0.0);
+    let raw = JudgeOptions {
+        llm: LlmOptions { endpoint: JudgeEndpoint::Completions, template: Some(template), ..o.llm },
+        ..options(0.0)
+    };
+    let mut judge = judge_from_spec_with(&format!("llm:{}", server.url), &candle_core::Device::Cpu, &raw).unwrap();
+    let got = scores(judge.as_mut(), &[PromptItem::plain("p")], &[strings(&["a", "bb"])], None).unwrap();
+    assert_eq!(got[0], [0.0, 1.0]);
+    let first = server.requests.lock().unwrap()[0].clone();
+    assert!(
+        first.get("messages").is_none() && first["prompt"].as_str().unwrap().starts_with("p\n[Response A]"),
+        "{first}"
+    );
 }
 
 #[test]

@@ -67,6 +67,23 @@ fn transient_failures_are_retried_and_short_answers_completed() {
 }
 
 #[test]
+fn a_server_that_refuses_return_token_ids_is_asked_without_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    // `transformers serve` answers 422 to fields it does not know.
+    let server = Server::start(|_, req| match req.get("return_token_ids") {
+        Some(_) => Reply::status(422, r#"{"detail":"Unexpected fields in the request: {'return_token_ids'}"}"#),
+        None => Reply::ok(completions(req, 3)),
+    });
+    let one_at_a_time = RemoteSampler { concurrency: 1, ..sampler(&server.url) };
+    let answers = one_at_a_time
+        .sample(&REQUEST, &prompts(3), |i| 100 * i as u64, &tmp.path().join("p.jsonl"), &mut |_, _| {})
+        .unwrap();
+    assert_eq!(answers.len(), 3);
+    assert!(answers.iter().all(|a| a.token_ids.is_none()));
+    assert_eq!(server.count(), 1 + 3, "one refusal, then the stage asks without the field");
+}
+
+#[test]
 fn timeouts_bad_json_bad_requests_and_too_many_errors_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let slow = Server::start(|_, req| Reply { delay: Duration::from_secs(2), ..Reply::ok(completions(req, 3)) });

@@ -1,12 +1,16 @@
 //! `prefopt generate`: sample completions of a prompt file with a KV cache, batched across
-//! prompts, and write them as JSONL with their sequence log-probs.
+//! prompts, and write them as JSONL with their sequence log-probs; or ask an OpenAI-compatible
+//! server for them (`--sampler-url`) and score them with the local copy of the model.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use prefopt_data::{parse_prompt, read_records, tokenize_prompt, HfTokenizer};
-use prefopt_loop::sampling::{sample_completions, sampling_params};
+use prefopt_loop::judge::PromptItem;
+use prefopt_loop::remote::{ApiClient, RemoteSampler};
+use prefopt_loop::sampling::{remote_sample_records, sample_completions, sampling_params};
+use prefopt_model::Generated;
 
 use super::{AdapterArg, DeviceArg};
 
@@ -52,6 +56,67 @@ pub struct GenerateArgs {
     adapter: AdapterArg,
     #[command(flatten)]
     device: DeviceArg,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
+/// Sampling from an inference server instead of in-process.
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Ask an OpenAI-compatible server (vLLM, SGLang, `transformers serve`) at this base URL,
+    /// `http://host:port/v1`, for the completions (`POST /completions`, the prompt rendered by
+    /// --model's chat template, a seed per sample); --model stays the local copy that renders
+    /// the prompts and scores the log-probs, so it must be the model the server serves.
+    /// Answers are kept in `<out>.partial.jsonl` as they arrive: rerun the same command after
+    /// an interruption and only the missing prompts are asked for (docs/apo.md).
+    #[arg(long)]
+    sampler_url: Option<String>,
+    /// The `model` of each request (default: --model's absolute path, which `transformers
+    /// serve` loads).
+    #[arg(long, requires = "sampler_url")]
+    sampler_model: Option<String>,
+    /// Name of the environment variable holding the server's API key (never the key).
+    #[arg(long, requires = "sampler_url")]
+    sampler_api_key_env: Option<String>,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    sampler_concurrency: usize,
+    /// Longest wait for one answer, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    sampler_timeout_s: f64,
+    /// Retries of a request after a 429, a 5xx, a timeout or a refused connection, after
+    /// 1, 2, 4, ... seconds (a 429's Retry-After wins).
+    #[arg(long, default_value_t = 5)]
+    sampler_retries: usize,
+}
+
+impl ServerArgs {
+    /// The server's client, or `None` when sampling in-process.
+    fn sampler(&self) -> Result<Option<RemoteSampler>> {
+        let Some(url) = &self.sampler_url else { return Ok(None) };
+        if !url.starts_with("http://") {
+            bail!("--sampler-url {url}: only plain http:// URLs (a local or tunnelled server); this build has no TLS");
+        }
+        if self.sampler_concurrency == 0 || !(self.sampler_timeout_s > 0.0 && self.sampler_timeout_s.is_finite()) {
+            bail!("--sampler-concurrency must be at least 1 and --sampler-timeout-s positive");
+        }
+        let api_key = match &self.sampler_api_key_env {
+            None => None,
+            Some(var) => {
+                Some(std::env::var(var).with_context(|| format!("--sampler-api-key-env: `{var}` is not set"))?)
+            }
+        };
+        Ok(Some(RemoteSampler {
+            client: ApiClient {
+                url: url.trim_end_matches('/').to_string(),
+                api_key,
+                timeout: std::time::Duration::from_secs_f64(self.sampler_timeout_s),
+                retries: self.sampler_retries,
+                backoff_s: 1.0,
+            },
+            concurrency: self.sampler_concurrency,
+        }))
+    }
 }
 
 /// One output line, fields in this order.
@@ -122,9 +187,56 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let k = args.num_samples;
     let progress = crate::progress::bar((prompts.len() * k) as u64, "samples");
     let start = Instant::now();
-    let results = sample_completions(&model, &prompts, k, &params, args.seed, args.batch_size, &mut |done| {
-        progress.set_position((done * k) as u64)
-    })?;
+    let results = match args.server.sampler()? {
+        None => sample_completions(&model, &prompts, k, &params, args.seed, args.batch_size, &mut |done| {
+            progress.set_position((done * k) as u64)
+        })?,
+        Some(remote) => {
+            if args.adapter.adapter.is_some() || args.top_k != 0 {
+                bail!("--sampler-url: --adapter and --top-k are not sent to the server; serve the adapted model, and leave --top-k at 0");
+            }
+            let items = records
+                .iter()
+                .map(|r| Ok(PromptItem { text: parse_prompt(r)?, meta: serde_json::Value::Null }))
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&PromptItem> = items.iter().collect();
+            let served = match &args.server.sampler_model {
+                Some(name) => name.clone(),
+                None => std::fs::canonicalize(&args.model)?.display().to_string(),
+            };
+            let partial = args.out.with_extension("partial.jsonl");
+            let bar = progress.clone();
+            let (records, mismatched) = remote_sample_records(
+                &remote,
+                &served,
+                &model,
+                &tokenizer,
+                &refs,
+                k,
+                &params,
+                args.seed,
+                &partial,
+                &mut move |done, _| bar.set_position((done * k) as u64),
+            )?;
+            if mismatched > 0 {
+                eprintln!("note: {mismatched} completions do not re-tokenize to the same text (the server returned no token ids)");
+            }
+            prefopt_fs::remove_file_if_exists(&partial)?;
+            records
+                .into_iter()
+                .map(|r| {
+                    r.tokens
+                        .into_iter()
+                        .zip(r.logprobs)
+                        .map(|(tokens, logprob)| {
+                            let stopped = tokens.last().is_some_and(|t| params.stop_ids.contains(t));
+                            Generated { tokens, logprob, stopped }
+                        })
+                        .collect()
+                })
+                .collect()
+        }
+    };
     progress.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
 

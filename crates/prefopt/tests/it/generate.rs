@@ -187,3 +187,81 @@ fn bad_inputs_fail_with_a_message_naming_the_file_or_flag() {
     // A failed run leaves no output behind.
     assert!(!Path::new(out).exists());
 }
+
+/// A server that answers every prompt with `n` choices " ok <seed>", stopped.
+fn answering() -> crate::fake_server::Server {
+    crate::fake_server::Server::start(|_, req| {
+        let (n, seed) = (req["n"].as_u64().unwrap(), req["seed"].as_u64().unwrap());
+        let choices: Vec<Value> = (0..n)
+            .map(|j| serde_json::json!({"index": j, "text": format!(" ok {}", seed + j), "finish_reason": "stop"}))
+            .collect();
+        crate::fake_server::Reply::ok(serde_json::json!({"choices": choices}))
+    })
+}
+
+#[test]
+fn a_server_samples_and_the_local_model_scores_and_a_rerun_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = write(tmp.path(), "p.jsonl", PROMPTS);
+    let server = answering();
+    let flags = ["--num-samples", "2", "--seed", "7", "--sampler-url", &server.url];
+    let got = lines(&run(tmp.path(), &prompts, "o.jsonl", &flags));
+    assert_eq!(got.len(), 5 * 2);
+    // Sample j of prompt i asks with seed `seed + 2 i + j`.
+    assert_eq!(got[3]["completion"], " ok 10");
+    assert_eq!(got[3]["finish_reason"], "stop");
+    assert!(got.iter().all(|l| l["logprob"].as_f64().unwrap() < 0.0));
+    let requests = server.requests.lock().unwrap().clone();
+    let served = std::fs::canonicalize(model()).unwrap().display().to_string();
+    assert!(requests.iter().all(|r| r["model"] == served.as_str()), "{:?}", requests[0]);
+    let chat = requests.iter().find(|r| r["seed"] == 9).unwrap();
+    assert!(chat["prompt"].as_str().unwrap().contains("What is 2+2?<|im_end|>"), "the chat template: {chat}");
+    // " ok 10": its 5 tokens plus the EOS the server stopped on.
+    assert_eq!(got[3]["n_tokens"], 5 + 1);
+
+    // A server that dies after two prompts: a clear error, the answers kept, and the rerun
+    // asks only for the other three.
+    let dying = std::sync::Arc::new(std::sync::OnceLock::<crate::fake_server::Server>::new());
+    let handle = dying.clone();
+    let server = crate::fake_server::Server::start(move |n, req| {
+        if n == 2 {
+            handle.get().unwrap().kill();
+            return crate::fake_server::Reply::status(503, "going away");
+        }
+        let seed = req["seed"].as_u64().unwrap();
+        let choices: Vec<Value> =
+            (0..2).map(|j| serde_json::json!({"text": format!(" ok {}", seed + j), "finish_reason": "stop"})).collect();
+        crate::fake_server::Reply::ok(serde_json::json!({"choices": choices}))
+    });
+    let url = server.url.clone();
+    let _ = dying.set(server);
+    let out = tmp.path().join("r.jsonl");
+    let e = failure(run_prefopt(&[
+        "generate",
+        "--model",
+        &model(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--num-samples",
+        "2",
+        "--seed",
+        "7",
+        "--sampler-url",
+        &url,
+        "--sampler-concurrency",
+        "1",
+        "--sampler-retries",
+        "1",
+    ]));
+    assert!(e.contains(&url) && e.contains("prompt 2"), "{e}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_to_string(tmp.path().join("r.partial.jsonl")).unwrap().lines().count(), 2);
+    let healthy = answering();
+    let resumed =
+        run(tmp.path(), &prompts, "r.jsonl", &["--num-samples", "2", "--seed", "7", "--sampler-url", &healthy.url]);
+    assert_eq!(healthy.count(), 3);
+    assert_eq!(lines(&resumed), got, "the resumed output equals an uninterrupted run's");
+    assert!(!tmp.path().join("r.partial.jsonl").exists());
+}

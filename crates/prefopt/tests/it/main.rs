@@ -6,6 +6,9 @@ mod bad_input;
 mod demo;
 mod device;
 mod examples;
+/// The OpenAI-protocol test server of prefopt-loop's tests.
+#[path = "../../../prefopt-loop/tests/it/fake_server.rs"]
+mod fake_server;
 mod generate;
 mod hub;
 mod lora;
