@@ -379,6 +379,47 @@ impl LoraAdapter {
     }
 }
 
+/// Weighted adapters as one adapter of their summed rank, exactly: `sum_k c_k scale_k B_k A_k
+/// = [c_1 scale_1 B_1, .., c_n scale_n B_n] [A_1; ..; A_n]`, with `lora_alpha = r` (scale 1).
+/// For servers that apply one adapter per request (vLLM's `/v1/load_lora_adapter`). Every
+/// adapter must adapt the same modules (the APO loop's do: one config for all iterations).
+pub fn concatenate(adapters: &[(&LoraAdapter, f64)]) -> Result<LoraAdapter> {
+    let Some((first, _)) = adapters.first() else {
+        return Err(ModelError::Config { path: "adapters".into(), message: "no adapter to concatenate".into() });
+    };
+    if let Some((other, _)) = adapters.iter().find(|(a, _)| a.modules != first.modules) {
+        return Err(ModelError::Config {
+            path: "adapters".into(),
+            message: format!(
+                "adapters of different modules ({} and {}) do not concatenate",
+                first.config.targets.join(","),
+                other.config.targets.join(",")
+            ),
+        });
+    }
+    let mut vars = BTreeMap::new();
+    for m in &first.modules {
+        let get = |a: &LoraAdapter, n: String| {
+            a.params
+                .get(&n)
+                .map(|v| v.as_tensor().detach())
+                .ok_or(ModelError::MissingTensor { path: "adapter".into(), name: n })
+        };
+        let mut a_parts = Vec::with_capacity(adapters.len());
+        let mut b_parts = Vec::with_capacity(adapters.len());
+        for (adapter, coefficient) in adapters {
+            a_parts.push(get(adapter, m.a_name())?);
+            b_parts.push(get(adapter, m.b_name())?.affine(coefficient * adapter.config.scale(), 0.0)?);
+        }
+        vars.insert(m.a_name(), Var::from_tensor(&Tensor::cat(&a_parts, 0)?)?);
+        vars.insert(m.b_name(), Var::from_tensor(&Tensor::cat(&b_parts, 1)?)?);
+    }
+    let r: usize = adapters.iter().map(|(a, _)| a.config.r).sum();
+    let config =
+        LoraConfig { r, alpha: r as f64, targets: first.config.targets.clone(), use_rslora: false, dropout: 0.0 };
+    Ok(LoraAdapter { config, params: Params::new(vars), modules: first.modules.clone() })
+}
+
 /// The base weights with weighted adapters folded in: `W + sum_k c_k scale_k B_k A_k` for
 /// every adapted module (`prefopt merge`, and a model the online loop keeps as a stack).
 pub fn merge(base: &Params, adapters: &[(&LoraAdapter, f64)]) -> Result<Params> {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{io_error, ModelError, Result};
 use crate::hf::{copy_tokenizer_files, HfModel};
 use crate::llama::{AdapterUse, Llama, Mode, Precision};
-use crate::lora::{merge, LoraAdapter};
+use crate::lora::{concatenate, merge, LoraAdapter};
 
 pub const ADAPTER_STACK: &str = "adapter_stack.json";
 
@@ -149,6 +149,18 @@ impl Policy {
         let params = merge(&self.base.params, &pairs)?;
         Ok(HfModel { params, ..self.base })
     }
+}
+
+/// Writes the adapters of the stack `stack` as one PEFT adapter folder at `out`, atomically
+/// ([`concatenate`]: the same weights, rank the sum of the adapters' ranks), over the stack's
+/// base model; returns its rank.
+pub fn save_concatenated_adapter(stack: &Path, out: &Path, device: &Device) -> Result<usize> {
+    let policy = Policy::load(stack, device)?;
+    let pairs: Vec<(&LoraAdapter, f64)> = policy.adapters.iter().map(|(a, c)| (a, *c)).collect();
+    let adapter = concatenate(&pairs)?;
+    let (base, _) = read_stack(stack)?;
+    prefopt_fs::write_dir_atomic(out, |tmp| adapter.fill_dir(tmp, &base.display().to_string()))?;
+    Ok(adapter.config.r)
 }
 
 /// Writes a stack folder at `out` atomically: `adapter_stack.json` over the model folder

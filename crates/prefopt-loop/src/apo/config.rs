@@ -66,6 +66,11 @@ pub enum SamplerSync {
     /// `vllm serve`, SGLang's `/update_weights_from_disk`); then the loop waits until
     /// `<sampler_url>/models` answers, and sends `sampler_model` as the model.
     Command,
+    /// LoRA runs (`train.use_peft`): the policy's adapter stack is written as one PEFT adapter
+    /// (`<folder>-lora/`, the adapters concatenated, rank = their ranks summed) and loaded with
+    /// `POST <sampler_url>/load_lora_adapter` (vLLM's runtime LoRA updating); requests name
+    /// it. The base itself (iteration 1) is `sampler_model`, the name the server serves it by.
+    Lora,
 }
 
 /// Every key of an APO run.
@@ -152,11 +157,12 @@ pub struct ApoConfig {
     /// First retry's wait in seconds, doubled each time, at most 30 (default 1.0); a 429's
     /// `Retry-After` wins.
     pub sampler_backoff_s: f64,
-    /// `"path"` (default) or `"command"`; see [`SamplerSync`].
+    /// `"path"` (default), `"command"` or `"lora"`; see [`SamplerSync`].
     pub sampler_sync: SamplerSync,
     /// With `sampler_sync = "command"`: the shell command, `{model_dir}` replaced.
     pub sampler_sync_command: Option<String>,
-    /// With `sampler_sync = "command"`: the model name the server serves (default: the folder).
+    /// With `sampler_sync = "command"`: the model name the server serves (default: the
+    /// folder); with `"lora"`: the base model's name on the server (required).
     pub sampler_model: Option<String>,
     /// Where iterations go. Required.
     pub output_dir: PathBuf,
@@ -365,10 +371,25 @@ impl ApoConfig {
         if self.sampler_sync == SamplerSync::Command && self.sampler_sync_command.is_none() {
             return Err("`sampler_sync = \"command\"` needs `sampler_sync_command` (with `{model_dir}`)".into());
         }
-        if self.train.get("use_peft").and_then(|v| v.as_bool()) == Some(true) {
-            return Err("`sampler = \"openai\"` with `train.use_peft`: the extrapolated policy is an adapter stack \
-                        folder, which inference servers do not load; train full weights, or sample locally"
-                .into());
+        let lora = self.train.get("use_peft").and_then(|v| v.as_bool()) == Some(true);
+        match (lora, self.sampler_sync) {
+            (true, SamplerSync::Path | SamplerSync::Command) => {
+                return Err("`sampler = \"openai\"` with `train.use_peft`: the extrapolated policy is an adapter \
+                            stack folder, which inference servers do not load; use `sampler_sync = \"lora\"` (a \
+                            server with runtime LoRA loading, e.g. vLLM), train full weights, or sample locally"
+                    .into());
+            }
+            (false, SamplerSync::Lora) => {
+                return Err(
+                    "`sampler_sync = \"lora\"` needs `train.use_peft = true` (it loads the policy's adapters)".into()
+                );
+            }
+            (true, SamplerSync::Lora) if self.sampler_model.is_none() => {
+                return Err("`sampler_sync = \"lora\"` needs `sampler_model`, the name the server serves the base \
+                            model by"
+                    .into());
+            }
+            _ => {}
         }
         Ok(())
     }

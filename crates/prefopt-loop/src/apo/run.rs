@@ -360,6 +360,9 @@ impl<'a> LoopRun<'a> {
         if cfg.sampler_sync == SamplerSync::Path {
             return Ok(folder.display().to_string());
         }
+        if cfg.sampler_sync == SamplerSync::Lora {
+            return self.sync_adapter(remote, &folder);
+        }
         let mut synced = self.synced.lock().map_err(|_| remote.client.error("models", "sync", "lock poisoned"))?;
         if synced.as_deref() != Some(folder.as_path()) {
             let command = cfg
@@ -378,6 +381,29 @@ impl<'a> LoopRun<'a> {
             *synced = Some(folder.clone());
         }
         Ok(cfg.sampler_model.clone().unwrap_or_else(|| folder.display().to_string()))
+    }
+
+    /// `sampler_sync = "lora"`: the base is served as `sampler_model`; a stack's adapters are
+    /// written as one adapter next to it (`<folder>-lora/`, once), loaded into the server
+    /// under the name `prefopt-<iteration folder>-<folder>` and asked for by that name.
+    fn sync_adapter(&self, remote: &RemoteSampler, folder: &Path) -> Result<String, LoopError> {
+        if !prefopt_model::stack::is_stack(folder) {
+            return Ok(self.cfg.sampler_model.clone().unwrap_or_default());
+        }
+        let leaf = folder.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = folder.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned());
+        let name = format!("prefopt-{}-{leaf}", parent.unwrap_or_default());
+        let adapter = folder.with_file_name(format!("{leaf}-lora"));
+        if !adapter.exists() {
+            prefopt_model::stack::save_concatenated_adapter(folder, &adapter, &self.device)?;
+        }
+        let mut synced =
+            self.synced.lock().map_err(|_| remote.client.error("load_lora_adapter", "sync", "lock poisoned"))?;
+        if synced.as_deref() != Some(folder) {
+            remote.load_lora_adapter(&name, &adapter)?;
+            *synced = Some(folder.to_path_buf());
+        }
+        Ok(name)
     }
 
     /// Stage 2: judge the samples and pair best vs worst (prompts whose samples all tie are skipped).

@@ -99,6 +99,18 @@ impl RemoteSampler {
         )
     }
 
+    /// Loads the PEFT adapter folder `dir` into the server as `name` (vLLM's
+    /// `POST /v1/load_lora_adapter`, which needs `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and
+    /// `--enable-lora`); an adapter already loaded under that name (a resumed run) is fine.
+    pub fn load_lora_adapter(&self, name: &str, dir: &Path) -> Result<(), RemoteError> {
+        let path = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        let body = serde_json::json!({"lora_name": name, "lora_path": path.display().to_string()});
+        match self.client.post_json(&self.client.agent(), "load_lora_adapter", &body, &format!("adapter {name}")) {
+            Err(e) if e.status == Some(400) && e.message.contains("already been loaded") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// All `request.n` completions of prompt `i`: asks again for what a short answer lacks.
     fn complete(
         &self,

@@ -19,7 +19,7 @@ use crate::util::{fixtures, Silent};
 /// so that an element whose gradient is ~1e-6 does not move by +-lr on the sign of float
 /// noise (the LoRA fixtures' script says more): the alpha = 0 test compares a stack with a
 /// merged model, whose float32 sums differ in the last bits.
-fn lora_config(out: &Path, alpha: f64) -> ApoConfig {
+pub(crate) fn lora_config(out: &Path, alpha: f64) -> ApoConfig {
     let mut cfg = config(out, alpha);
     for (key, value) in [
         ("use_peft", toml::Value::Boolean(true)),

@@ -185,3 +185,69 @@ fn the_loop_samples_from_the_server_and_a_rerun_gives_the_same_pairs() {
     let pi_1 = std::fs::canonicalize(a.join("iter-1/extrapolated")).unwrap();
     assert!(models.iter().any(|m| *m == pi_1.display().to_string()), "{models:?}");
 }
+
+#[test]
+fn lora_runs_load_each_policy_as_one_adapter_with_the_stack_s_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    // vLLM's runtime LoRA loading: `load_lora_adapter` answers 200, a second load of one name 400.
+    let loaded = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = loaded.clone();
+    let server = Server::start(move |_, req| {
+        if let Some(name) = req["lora_name"].as_str() {
+            let mut names = seen.lock().unwrap();
+            if names.iter().any(|n| n == name) {
+                return Reply::status(400, &format!("The lora adapter '{name}' has already been loaded."));
+            }
+            names.push(name.to_string());
+            return Reply::ok(json!("Success"));
+        }
+        Reply::ok(completions(req, 3))
+    });
+    let out = tmp.path().join("apo");
+    let cfg = ApoConfig {
+        sampler: Sampler::Openai,
+        sampler_url: Some(server.url.clone()),
+        sampler_backoff_s: 0.01,
+        sampler_sync: prefopt_loop::apo::SamplerSync::Lora,
+        sampler_model: Some("base".into()),
+        iterations: 2,
+        ..crate::apo_lora::lora_config(&out, 0.3)
+    };
+    run_apo(&cfg, &mut Silent).unwrap_or_else(|e| panic!("{e}"));
+    let requests = server.requests.lock().unwrap().clone();
+    let models: Vec<&str> = requests.iter().filter_map(|r| r["prompt"].as_str().and(r["model"].as_str())).collect();
+    assert!(models[..4].iter().all(|m| *m == "base"), "iteration 1 asks for the base: {models:?}");
+    assert!(models[4..].iter().all(|m| *m == "prefopt-iter-1-extrapolated"), "{models:?}");
+    let load = requests.iter().find(|r| r.get("lora_name").is_some()).unwrap();
+    let adapter = out.join("iter-1/extrapolated-lora");
+    assert_eq!(load["lora_path"], std::fs::canonicalize(&adapter).unwrap().display().to_string().as_str());
+    // The one adapter over the base has the stack's effective weights.
+    let base = crate::util::fixtures().join("models/qwen2-tied");
+    let device = candle_core::Device::Cpu;
+    let flat = prefopt_model::Policy::load(&base, &device).unwrap().with_adapter(&adapter, 1.0, &device).unwrap();
+    let stack = prefopt_model::Policy::load(&out.join("iter-1/extrapolated"), &device).unwrap();
+    assert_eq!(stack.adapters.len(), 1, "iteration 1's extrapolated policy: one adapter, coefficient 1.3");
+    let worst = |flat: prefopt_model::Policy, stack: prefopt_model::Policy| {
+        let (flat, stack) = (flat.merged().unwrap(), stack.merged().unwrap());
+        let mut worst = 0f32;
+        for (name, v) in stack.params.iter() {
+            let w = flat.params.get(name).unwrap().as_tensor();
+            let d = (v.as_tensor() - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            worst = worst.max(d);
+        }
+        worst
+    };
+    let err = worst(flat, stack);
+    assert!(err < 1e-6, "the concatenated adapter differs from the stack by {err}");
+    // Iteration 2's policy stacks two adapters (D_1 and D_2, weighted): one adapter of rank 8.
+    let two = out.join("iter-2/extrapolated");
+    let concatenated = tmp.path().join("two-lora");
+    assert_eq!(prefopt_model::stack::save_concatenated_adapter(&two, &concatenated, &device).unwrap(), 8);
+    let stack = prefopt_model::Policy::load(&two, &device).unwrap();
+    assert_eq!(stack.adapters.len(), 2);
+    let flat = prefopt_model::Policy::load(&base, &device).unwrap().with_adapter(&concatenated, 1.0, &device).unwrap();
+    let err = worst(flat, stack);
+    assert!(err < 1e-6, "two concatenated adapters differ from their stack by {err}");
+    // A rerun (everything done) loads nothing new and fails on nothing.
+    run_apo(&cfg, &mut Silent).unwrap_or_else(|e| panic!("{e}"));
+}
