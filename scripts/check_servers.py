@@ -71,6 +71,7 @@ def write_jsonl(path: Path, prompts: list[str]) -> None:
 
 
 def config(model: Path, out: Path, url: str, sampler: str) -> Path:
+    eos = json.loads((model / "config.json").read_text())["eos_token_id"]
     lines = [
         f'model = "{model}"',
         f'prompts = "{out.parent / "prompts.jsonl"}"',
@@ -84,13 +85,20 @@ def config(model: Path, out: Path, url: str, sampler: str) -> Path:
         "seed = 0",
         f'sampler = "{sampler}"',
         f'sampler_url = "{url}"',
-        "sampler_concurrency = 2",
+        # One request at a time: `transformers serve` seeds torch's global generator per
+        # request, so concurrent requests would not be reproducible.
+        "sampler_concurrency = 1",
         f'judge = "llm:{url}"',
         f'judge_model = "{model}"',
         'judge_endpoint = "completions"',
         f'judge_template = "{ROOT / "scripts/servers/judge_completions.txt"}"',
         "judge_max_tokens = 1",
         "judge_concurrency = 2",
+        # `transformers serve` maps `temperature` but not `do_sample`: without this it decodes
+        # greedily (the model's generation_config.json does not ask for sampling) and every
+        # seed gives the same completion.
+        "[sampler_extra_body]",
+        f"generation_config = {json.dumps(json.dumps({'do_sample': True, 'eos_token_id': eos, 'pad_token_id': eos}))}",
         "[train]",
         "learning_rate = 1e-5",
         'lr_scheduler_type = "constant"',

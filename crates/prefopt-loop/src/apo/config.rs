@@ -157,6 +157,10 @@ pub struct ApoConfig {
     /// First retry's wait in seconds, doubled each time, at most 30 (default 1.0); a 429's
     /// `Retry-After` wins.
     pub sampler_backoff_s: f64,
+    /// Fields added to every completion request, for what a server takes beyond OpenAI's
+    /// API (vLLM's `top_k`, `transformers serve`'s `generation_config`); not the fields the
+    /// sampler sets (`model`, `prompt`, `n`, `temperature`, `top_p`, `max_tokens`, `seed`).
+    pub sampler_extra_body: toml::Table,
     /// `"path"` (default), `"command"` or `"lora"`; see [`SamplerSync`].
     pub sampler_sync: SamplerSync,
     /// With `sampler_sync = "command"`: the shell command, `{model_dir}` replaced.
@@ -212,6 +216,7 @@ impl Default for ApoConfig {
             sampler_timeout_s: 300.0,
             sampler_retries: 5,
             sampler_backoff_s: 1.0,
+            sampler_extra_body: toml::Table::new(),
             sampler_sync: SamplerSync::Path,
             sampler_sync_command: None,
             sampler_model: None,
@@ -368,6 +373,11 @@ impl ApoConfig {
                     .into(),
             );
         }
+        if let Some(key) =
+            self.sampler_extra_body.keys().find(|k| crate::remote::sampler::REQUEST_FIELDS.contains(&k.as_str()))
+        {
+            return Err(format!("`sampler_extra_body.{key}`: the sampler sets `{key}` itself (from the loop's keys)"));
+        }
         if self.sampler_sync == SamplerSync::Command && self.sampler_sync_command.is_none() {
             return Err("`sampler_sync = \"command\"` needs `sampler_sync_command` (with `{model_dir}`)".into());
         }
@@ -408,6 +418,10 @@ impl ApoConfig {
                 backoff_s: self.sampler_backoff_s,
             },
             concurrency: self.sampler_concurrency,
+            extra_body: match serde_json::to_value(&self.sampler_extra_body) {
+                Ok(serde_json::Value::Object(map)) => map,
+                _ => serde_json::Map::new(),
+            },
         }))
     }
 

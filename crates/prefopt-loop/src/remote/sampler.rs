@@ -30,7 +30,14 @@ pub struct RemoteSampler {
     pub client: ApiClient,
     /// Requests in flight at once.
     pub concurrency: usize,
+    /// Fields added to every request (`sampler_extra_body`), for what a server takes beyond
+    /// OpenAI's API: vLLM's `top_k` or `min_p`, `transformers serve`'s `generation_config`.
+    pub extra_body: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The request fields the sampler sets itself (`sampler_extra_body` may not).
+pub const REQUEST_FIELDS: [&str; 8] =
+    ["model", "prompt", "n", "temperature", "top_p", "max_tokens", "seed", "return_token_ids"];
 
 /// What one request asks for.
 #[derive(Clone, Debug)]
@@ -142,6 +149,9 @@ impl RemoteSampler {
             });
             if ask_ids.load(Ordering::SeqCst) {
                 body["return_token_ids"] = true.into();
+            }
+            for (key, value) in &self.extra_body {
+                body[key] = value.clone();
             }
             let text = match self.client.post_json(agent, "completions", &body, &what) {
                 Err(e) if refuses_token_ids(&e) && body.get("return_token_ids").is_some() => {

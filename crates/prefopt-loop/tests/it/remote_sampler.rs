@@ -33,6 +33,7 @@ fn sampler(url: &str) -> RemoteSampler {
             backoff_s: 0.01,
         },
         concurrency: 2,
+        extra_body: serde_json::Map::new(),
     }
 }
 
@@ -64,6 +65,19 @@ fn transient_failures_are_retried_and_short_answers_completed() {
         (first["model"].as_str(), first["n"].as_u64(), first["max_tokens"].as_u64()),
         (Some("m"), Some(3), Some(8))
     );
+}
+
+#[test]
+fn extra_body_fields_reach_every_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(|_, req| Reply::ok(completions(req, 1)));
+    let mut extra = serde_json::Map::new();
+    extra.insert("generation_config".into(), json!("{\"do_sample\": true}"));
+    let with_extra = RemoteSampler { extra_body: extra, ..sampler(&server.url) };
+    with_extra.sample(&REQUEST, &prompts(2), |i| i as u64, &tmp.path().join("x.jsonl"), &mut |_, _| {}).unwrap();
+    let requests = server.requests.lock().unwrap();
+    assert_eq!(requests.len(), 6);
+    assert!(requests.iter().all(|r| r["generation_config"] == "{\"do_sample\": true}"), "{:?}", requests[0]);
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use prefopt_data::{parse_prompt, read_records, tokenize_prompt, HfTokenizer};
 use prefopt_loop::judge::PromptItem;
+use prefopt_loop::remote::sampler::REQUEST_FIELDS;
 use prefopt_loop::remote::{ApiClient, RemoteSampler};
 use prefopt_loop::sampling::{remote_sample_records, sample_completions, sampling_params};
 use prefopt_model::Generated;
@@ -88,6 +89,12 @@ struct ServerArgs {
     /// 1, 2, 4, ... seconds (a 429's Retry-After wins).
     #[arg(long, default_value_t = 5)]
     sampler_retries: usize,
+    /// A JSON object of fields added to every request, for what a server takes beyond
+    /// OpenAI's API, e.g. `'{"generation_config": "{\"do_sample\": true}"}'` for
+    /// `transformers serve`, which otherwise decodes greedily when the model's
+    /// generation_config.json does not set do_sample.
+    #[arg(long, requires = "sampler_url")]
+    sampler_extra_body: Option<String>,
 }
 
 impl ServerArgs {
@@ -115,6 +122,18 @@ impl ServerArgs {
                 backoff_s: 1.0,
             },
             concurrency: self.sampler_concurrency,
+            extra_body: match &self.sampler_extra_body {
+                None => serde_json::Map::new(),
+                Some(text) => match serde_json::from_str(text) {
+                    Ok(serde_json::Value::Object(map)) => {
+                        if let Some(key) = map.keys().find(|k| REQUEST_FIELDS.contains(&k.as_str())) {
+                            bail!("--sampler-extra-body: `{key}` is set from the other flags");
+                        }
+                        map
+                    }
+                    _ => bail!("--sampler-extra-body must be a JSON object, got {text}"),
+                },
+            },
         }))
     }
 }

@@ -155,6 +155,13 @@ fn bad_arguments_and_outputs_are_refused() {
     refused(&["generate", "--model", &model, "--prompts", &prompts, "--out", &g, "--top-p", "2"], &["--top-p"]);
     let p = write(d, "p.jsonl", "{\"prompt\": 5}\n").display().to_string();
     refused(&["generate", "--model", &model, "--prompts", &p, "--out", &g], &["p.jsonl:1", "prompt"]);
+    let gen = ["generate", "--model", &model, "--prompts", &prompts, "--out", &g];
+    refused(&[&gen[..], &["--sampler-url", "https://api.example.com/v1"]].concat(), &["--sampler-url", "no TLS"]);
+    let served = ["--sampler-url", "http://127.0.0.1:9/v1"];
+    refused(&[&gen[..], &served[..], &["--sampler-extra-body", "[1]"]].concat(), &["must be a JSON object"]);
+    refused(&[&gen[..], &served[..], &["--sampler-extra-body", "{\"n\": 2}"]].concat(), &["`n` is set from"]);
+    refused(&[&gen[..], &served[..], &["--top-k", "5"]].concat(), &["--top-k"]);
+    refused(&[&gen[..], &served[..], &["--sampler-retries", "0"]].concat(), &["127.0.0.1:9", "prompt 0"]);
     refused(&["tasks", "--task", "nope", "--kind", "prompts", "--count", "3", "--out", &g], &["unknown task `nope`"]);
     refused(&["tasks", "--task", "arithmetic", "--kind", "prompts", "--count", "0", "--out", &g], &["--count"]);
     refused(&["workload", "--model", &model, "--count", "0", "--out", &g], &["--count"]);
@@ -379,6 +386,25 @@ fn every_command_refuses_bad_input_naming_it() {
             "sampler_sync=\"command\"",
         ],
         &["needs `sampler_sync_command`"],
+    );
+    let served = ["judge=\"arithmetic\"", "sampler=\"openai\"", "sampler_url=\"http://127.0.0.1:9/v1\""];
+    apo(&[&served[..], &["sampler_extra_body.seed=3"]].concat(), &["`sampler_extra_body.seed`", "sets `seed` itself"]);
+    apo(&[&served[..], &["sampler_sync=\"lora\""]].concat(), &["needs `train.use_peft = true`"]);
+    apo(&[&served[..], &["sampler_sync=\"lora\"", "train.use_peft=true"]].concat(), &["needs `sampler_model`"]);
+    apo(&[&served[..], &["train.use_peft=true"]].concat(), &["adapter stack", "sampler_sync = \"lora\""]);
+    apo(&["judge=\"llm:http://127.0.0.1:9/v1\""], &["needs `judge_model`"]);
+    apo(&["judge=\"llm:localhost:9\"", "judge_model=\"j\""], &["plain http://", "localhost:9"]);
+    apo(
+        &["judge=\"llm:http://127.0.0.1:9/v1\"", "judge_model=\"j\"", "judge_max_failure_rate=-1"],
+        &["judge_max_failure_rate"],
+    );
+    apo(
+        &["judge=\"llm:http://127.0.0.1:9/v1\"", "judge_model=\"j\"", &format!("judge_template=\"{missing}\"")],
+        &["judge_template", "missing.jsonl"],
+    );
+    apo(
+        &["judge=\"llm:http://127.0.0.1:9/v1\"", "judge_model=\"j\"", "judge_api_key_env=\"PREFOPT_NO_SUCH_VAR\""],
+        &["PREFOPT_NO_SUCH_VAR", "not set"],
     );
     apo(&["judge=\"nope\""], &["nope"]);
     apo(&["judge=\"arithmetic\"", &format!("prompts=\"{missing}\"")], &["missing.jsonl"]);
