@@ -20,7 +20,7 @@ pub enum LoopError {
     Verdicts { judge: String, message: String },
     /// An inference server (`sampler = "openai"`) failed: the URL and what went wrong.
     #[error("sampler server {0}")]
-    Remote(#[from] crate::remote::RemoteError),
+    Remote(crate::remote::RemoteError),
     #[error(transparent)]
     Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]
@@ -35,4 +35,12 @@ pub enum LoopError {
     Extrapolate(#[from] crate::extrapolate::ExtrapolateError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+// Not `#[from]`: that would make the server's error this one's source too, and an error
+// chain would print it twice.
+impl From<crate::remote::RemoteError> for LoopError {
+    fn from(e: crate::remote::RemoteError) -> Self {
+        LoopError::Remote(e)
+    }
 }

@@ -99,7 +99,7 @@ pub enum JudgeError {
     Replies { judge: String, message: String },
     /// An `llm:` judge's server failed.
     #[error("judge server {0}")]
-    Remote(#[from] crate::remote::RemoteError),
+    Remote(crate::remote::RemoteError),
     #[error(transparent)]
     Fs(#[from] prefopt_fs::FsError),
     #[error(transparent)]
@@ -108,6 +108,13 @@ pub enum JudgeError {
     Data(#[from] Box<prefopt_data::DataError>),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+}
+
+// Not `#[from]`: an error chain would print the server's error twice.
+impl From<crate::remote::RemoteError> for JudgeError {
+    fn from(e: crate::remote::RemoteError) -> Self {
+        JudgeError::Remote(e)
+    }
 }
 
 impl From<prefopt_model::ModelError> for JudgeError {
@@ -330,7 +337,7 @@ mod tests {
         assert!(unknown.contains("rm:<model folder>") && unknown.contains("cmd:<shell command>"), "{unknown}");
         assert!(unknown.contains("llm:<base url>"), "{unknown}");
         assert!(msg("llm:http://localhost:8000/v1").contains("needs `judge_model`"));
-        assert!(msg("llm:localhost:8000").contains("http://"));
+        assert!(msg("llm:localhost:8000").contains("is not an http:// or https:// URL"));
         assert!(msg("cmd:  ").contains("needs a shell command"));
         assert!(msg("rm:").contains("needs a model folder"));
         assert!(msg("rm:/no/such/folder").contains("/no/such/folder"));

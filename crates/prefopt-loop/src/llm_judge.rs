@@ -233,12 +233,7 @@ impl LlmJudge {
     /// The judge `llm:<url>` with the `judge_*` keys.
     pub fn from_options(url: &str, o: &LlmOptions) -> Result<Self, JudgeError> {
         let spec = |message: String| JudgeError::Spec { spec: format!("llm:{url}"), message };
-        if !url.starts_with("http://") {
-            return Err(spec(format!(
-                "`llm:` needs the server's base URL, plain http:// (this build has no TLS), ending in /v1, e.g. \
-                 `llm:http://localhost:8000/v1`; got `{url}`"
-            )));
-        }
+        crate::remote::check_base_url(url).map_err(|e| spec(format!("`llm:` needs the server's base URL: {e}")))?;
         let model = o.model.clone().ok_or_else(|| {
             spec(
                 "an `llm:` judge needs `judge_model`, the model name the server serves (or a folder, for \

@@ -144,7 +144,7 @@ pub struct ApoConfig {
     /// `"local"` (default) or `"openai"`: the training samples (and the `monotone` rule's)
     /// from an OpenAI-compatible server; held-out evaluation samples stay local.
     pub sampler: Sampler,
-    /// The server's base URL, ending in `/v1` (plain `http://`: this build has no TLS).
+    /// The server's base URL, ending in `/v1` (`http://` or `https://`).
     pub sampler_url: Option<String>,
     /// Name of the environment variable that holds the server's API key (never the key).
     pub sampler_api_key_env: Option<String>,
@@ -359,11 +359,7 @@ impl ApoConfig {
             .sampler_url
             .as_deref()
             .ok_or("`sampler = \"openai\"` needs `sampler_url` (e.g. \"http://localhost:8000/v1\")")?;
-        if !url.starts_with("http://") {
-            return Err(format!(
-                "`sampler_url` {url}: only plain http:// URLs (a local or tunnelled server); this build has no TLS"
-            ));
-        }
+        crate::remote::check_base_url(url).map_err(|e| format!("`sampler_url`: {e}"))?;
         let timeout_ok = self.sampler_timeout_s > 0.0 && self.sampler_timeout_s.is_finite();
         let backoff_ok = self.sampler_backoff_s >= 0.0 && self.sampler_backoff_s.is_finite();
         if self.sampler_concurrency == 0 || !timeout_ok || !backoff_ok {

@@ -38,6 +38,19 @@ enum Failure {
     Fatal { status: Option<u16>, message: String },
 }
 
+/// Checks a base URL: `http://` or `https://` (TLS by rustls with Mozilla's root
+/// certificates, bundled: no system store needed). The error says what is expected.
+pub fn check_base_url(url: &str) -> Result<(), String> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{url}` is not an http:// or https:// URL; give the server's base URL ending in /v1, e.g. \
+             http://localhost:8000/v1"
+        ))
+    }
+}
+
 /// The longest wait between two attempts, in seconds.
 const MAX_WAIT_S: f64 = 30.0;
 
@@ -100,7 +113,7 @@ impl ApiClient {
                     Err(Failure::Fatal { status: Some(code), message })
                 }
             }
-            Err(ureq::Error::Transport(t)) => Err(Failure::Retry { message: t.to_string(), after: None }),
+            Err(ureq::Error::Transport(t)) => Err(Failure::Retry { message: describe_transport(&t), after: None }),
         }
     }
 
@@ -128,6 +141,18 @@ impl ApiClient {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+}
+
+/// A transport error without the URL, which ureq's own message repeats (ours names it once).
+fn describe_transport(t: &ureq::Transport) -> String {
+    let mut out = t.kind().to_string();
+    for part in
+        [t.message().map(str::to_string), std::error::Error::source(t).map(|s| s.to_string())].into_iter().flatten()
+    {
+        out.push_str(": ");
+        out.push_str(&part);
+    }
+    out
 }
 
 /// The start of a body, for messages.

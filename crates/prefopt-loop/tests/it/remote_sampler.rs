@@ -81,6 +81,22 @@ fn extra_body_fields_reach_every_request() {
 }
 
 #[test]
+fn https_urls_speak_tls() {
+    // A plain-HTTP server behind an https:// URL: the TLS handshake fails, and the error
+    // names the URL (the request went through the TLS stack, not around it).
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(|_, req| match req.is_null() {
+        true => Reply::status(400, "not HTTP"),
+        false => Reply::ok(completions(req, 3)),
+    });
+    let https = server.url.replacen("http://", "https://", 1);
+    let e = run(&sampler(&https), 1, &tmp.path().join("s.jsonl")).unwrap_err();
+    assert!(e.contains(&https) && e.contains("gave up after 4 attempts"), "{e}");
+    let requests = server.requests.lock().unwrap();
+    assert!(requests.iter().all(Value::is_null), "only TLS handshakes reached the plain server: {requests:?}");
+}
+
+#[test]
 fn a_server_that_refuses_return_token_ids_is_asked_without_it() {
     let tmp = tempfile::tempdir().unwrap();
     // `transformers serve` answers 422 to fields it does not know.

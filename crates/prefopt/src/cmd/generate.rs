@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use prefopt_data::{parse_prompt, read_records, tokenize_prompt, HfTokenizer};
 use prefopt_loop::judge::PromptItem;
 use prefopt_loop::remote::sampler::REQUEST_FIELDS;
-use prefopt_loop::remote::{ApiClient, RemoteSampler};
+use prefopt_loop::remote::{check_base_url, ApiClient, RemoteSampler};
 use prefopt_loop::sampling::{remote_sample_records, sample_completions, sampling_params};
 use prefopt_model::Generated;
 
@@ -65,7 +65,7 @@ pub struct GenerateArgs {
 #[derive(clap::Args)]
 struct ServerArgs {
     /// Ask an OpenAI-compatible server (vLLM, SGLang, `transformers serve`) at this base URL,
-    /// `http://host:port/v1`, for the completions (`POST /completions`, the prompt rendered by
+    /// `http://host:port/v1` (or https), for the completions (`POST /completions`, the prompt rendered by
     /// --model's chat template, a seed per sample); --model stays the local copy that renders
     /// the prompts and scores the log-probs, so it must be the model the server serves.
     /// Answers are kept in `<out>.partial.jsonl` as they arrive: rerun the same command after
@@ -101,9 +101,7 @@ impl ServerArgs {
     /// The server's client, or `None` when sampling in-process.
     fn sampler(&self) -> Result<Option<RemoteSampler>> {
         let Some(url) = &self.sampler_url else { return Ok(None) };
-        if !url.starts_with("http://") {
-            bail!("--sampler-url {url}: only plain http:// URLs (a local or tunnelled server); this build has no TLS");
-        }
+        check_base_url(url).map_err(|e| anyhow::anyhow!("--sampler-url: {e}"))?;
         if self.sampler_concurrency == 0 || !(self.sampler_timeout_s > 0.0 && self.sampler_timeout_s.is_finite()) {
             bail!("--sampler-concurrency must be at least 1 and --sampler-timeout-s positive");
         }
