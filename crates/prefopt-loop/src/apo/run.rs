@@ -312,14 +312,11 @@ impl<'a> LoopRun<'a> {
         };
         let model = self.sync_sampler(remote, dir)?;
         let partial = out.with_extension("partial.jsonl");
-        let (tx, rx) = std::sync::mpsc::channel();
         let (tok, params, fold, net, model, partial_ref) = (&self.tok, &self.sampling, &fold, &net, &model, &partial);
-        let (records, mismatched) = std::thread::scope(|s| {
-            // The sender lives in the sampling thread: when it ends, the progress loop ends.
-            let sampling = s.spawn(move || {
-                let mut report = move |d: usize, n: usize| {
-                    let _ = tx.send((d, n));
-                };
+        let (records, mismatched) = with_progress(
+            obs,
+            |o, d, n| o.samples(d, n),
+            |progress| {
                 remote_sample_records(
                     remote,
                     model,
@@ -330,16 +327,10 @@ impl<'a> LoopRun<'a> {
                     params,
                     seed,
                     partial_ref,
-                    &mut report,
+                    progress,
                 )
-            });
-            for (d, n) in rx {
-                obs.samples(d, n);
-            }
-            sampling.join().unwrap_or_else(|_| {
-                Err(remote.client.error("completions", "sampling", "the sampler thread panicked").into())
-            })
-        })?;
+            },
+        )?;
         if mismatched > 0 {
             obs.message(&format!(
                 "iteration {t}: {mismatched} of {} sampled completions do not re-tokenize to the same text (the server \
@@ -419,15 +410,19 @@ impl<'a> LoopRun<'a> {
             let samples: Vec<SampleRecord> = prefopt_fs::read_jsonl(&it.record.samples)?;
             // Count this stage's verdicts alone (evaluation's came before).
             let _ = run.judge.take_verdict_stats();
-            let (pairs, skipped) = judge_reporting(obs, |progress| {
-                crate::pairing::judge_and_pair(
-                    run.judge.as_mut(),
-                    &samples,
-                    &it.record.samples,
-                    run.cfg.num_samples,
-                    progress,
-                )
-            })?;
+            let (pairs, skipped) = with_progress(
+                obs,
+                |o, d, n| o.judged(d, n),
+                |progress| {
+                    crate::pairing::judge_and_pair(
+                        run.judge.as_mut(),
+                        &samples,
+                        &it.record.samples,
+                        run.cfg.num_samples,
+                        progress,
+                    )
+                },
+            )?;
             if let Some(stats) = run.judge.take_verdict_stats() {
                 if stats.failures > 0 {
                     obs.message(&format!(
@@ -571,16 +566,20 @@ impl<'a> LoopRun<'a> {
             let (trained, trained_path) = samples_of(&it.record.trained, SAFEGUARD_TRAINED)?;
             let judge = run.judge.as_mut();
             // A pairwise judge compares the two models' samples directly; a scorer scores each.
-            let advantage = judge_reporting(obs, |progress| match judge.as_pairwise() {
-                Some(pairwise) => {
-                    crate::pairing::pairwise_advantage(pairwise, &candidate, &trained, &candidate_path, progress)
-                }
-                None => {
-                    let k = cfg.num_samples;
-                    Ok(crate::pairing::mean_score(judge, &candidate, &candidate_path, k, progress)?
-                        - crate::pairing::mean_score(judge, &trained, &trained_path, k, &mut |_, _| {})?)
-                }
-            })?;
+            let advantage = with_progress(
+                obs,
+                |o, d, n| o.judged(d, n),
+                |progress| match judge.as_pairwise() {
+                    Some(pairwise) => {
+                        crate::pairing::pairwise_advantage(pairwise, &candidate, &trained, &candidate_path, progress)
+                    }
+                    None => {
+                        let k = cfg.num_samples;
+                        Ok(crate::pairing::mean_score(judge, &candidate, &candidate_path, k, progress)?
+                            - crate::pairing::mean_score(judge, &trained, &trained_path, k, &mut |_, _| {})?)
+                    }
+                },
+            )?;
             it.record.judged_advantage = Some(advantage);
             it.record.alpha = prefopt_sim::restart::gated_alpha(cfg.alpha, advantage);
             Ok(())
@@ -748,26 +747,28 @@ const OPERATIONAL_KEYS: [&str; 13] = [
     "sampler_backoff_s",
 ];
 
-/// Runs `judging` with a progress callback that reaches `obs` from the judge's worker
-/// threads: the judging runs on a thread of its own while this one draws the progress.
-fn judge_reporting<T: Send>(
+/// Runs `work` on a thread of its own with a progress callback that its worker threads may
+/// call, while this thread hands (done, total) to `report` on `obs` (a server's requests
+/// finish on many threads; the observer draws on one).
+fn with_progress<T: Send>(
     obs: &mut dyn LoopObserver,
-    judging: impl FnOnce(crate::pairing::Progress) -> Result<T, LoopError> + Send,
+    report: impl Fn(&mut dyn LoopObserver, usize, usize),
+    work: impl FnOnce(crate::pairing::Progress) -> Result<T, LoopError> + Send,
 ) -> Result<T, LoopError> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::scope(|s| {
-        // The sender lives in the judging thread: when it ends, the progress loop ends.
+        // The sender lives in the work's thread: when it ends, the progress loop ends.
         let handle = s.spawn(move || {
-            let mut report = move |d: usize, n: usize| {
+            let mut send = move |d: usize, n: usize| {
                 let _ = tx.send((d, n));
             };
-            judging(&mut report)
+            work(&mut send)
         });
         for (d, n) in rx {
-            obs.judged(d, n);
+            report(obs, d, n);
         }
         handle.join().unwrap_or_else(|_| {
-            Err(LoopError::Verdicts { judge: "(judging thread)".into(), message: "panicked".into() })
+            Err(LoopError::Config { source_name: "the loop".into(), message: "a worker thread panicked".into() })
         })
     })
 }
