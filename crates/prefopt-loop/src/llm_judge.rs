@@ -294,8 +294,8 @@ impl LlmJudge {
     }
 
     /// The server's replies to `messages` (rendered templates), asked concurrently and kept in
-    /// `call.journal` as they arrive.
-    fn ask_all(&self, messages: &[String], call: &mut JudgeCall) -> Result<Vec<String>, JudgeError> {
+    /// `call.journal` as they arrive; `labels` name each request in errors.
+    fn ask_all(&self, messages: &[String], labels: &[String], call: &mut JudgeCall) -> Result<Vec<String>, JudgeError> {
         let endpoint = format!("{}:{:?}", self.settings.model, self.settings.endpoint);
         let keys: Vec<String> = messages.iter().map(|m| request_key(&endpoint, m)).collect();
         let agent = self.client.agent();
@@ -304,7 +304,7 @@ impl LlmJudge {
             JudgeEndpoint::Completions => ("completions", "completions"),
         };
         let ask = |i: usize| -> Result<Reply, JudgeError> {
-            let what = format!("comparison {i}");
+            let what = format!("comparison {i} ({})", labels[i]);
             let mut body = serde_json::json!({
                 "model": self.settings.model,
                 "temperature": 0.0,
@@ -387,15 +387,17 @@ impl Judge for LlmJudge {
         // Every ordered pair (i, j), i != j, of every prompt: (prompt, first, second).
         let mut asks = Vec::new();
         let mut messages = Vec::new();
+        let mut labels = Vec::new();
         for (p, (prompt, completions)) in batch.iter().enumerate() {
             for i in 0..completions.len() {
                 for j in (0..completions.len()).filter(|&j| j != i) {
                     asks.push((p, i, j));
                     messages.push(self.render(prompt, &completions[i], &completions[j]));
+                    labels.push(format!("prompt {p}, sample {i} as A, {j} as B"));
                 }
             }
         }
-        let replies = self.ask_all(&messages, call)?;
+        let replies = self.ask_all(&messages, &labels, call)?;
         let verdicts = self.verdicts(&replies)?;
         // (points, verdicts counted) per sample.
         let mut points: Vec<Vec<(f64, usize)>> = batch.iter().map(|(_, c)| vec![(0.0, 0); c.len()]).collect();
@@ -431,7 +433,10 @@ impl PairwiseJudge for LlmJudge {
     fn compare(&mut self, items: &[(&PromptItem, &str, &str)], call: &mut JudgeCall) -> Result<Vec<f64>, JudgeError> {
         let messages: Vec<String> =
             items.iter().flat_map(|(prompt, a, b)| [self.render(prompt, a, b), self.render(prompt, b, a)]).collect();
-        let replies = self.ask_all(&messages, call)?;
+        let labels: Vec<String> = (0..items.len())
+            .flat_map(|p| [format!("prompt {p}, first order"), format!("prompt {p}, second order")])
+            .collect();
+        let replies = self.ask_all(&messages, &labels, call)?;
         let verdicts = self.verdicts(&replies)?;
         Ok(verdicts
             .chunks(2)

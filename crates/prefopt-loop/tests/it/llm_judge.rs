@@ -208,7 +208,7 @@ fn a_server_dying_mid_stage_loses_no_verdict() {
     let one_at_a_time = JudgeOptions { llm: LlmOptions { concurrency: 1, ..options(0.0).llm }, ..options(0.0) };
     let mut first = judge_from_spec_with(&format!("llm:{url}"), &candle_core::Device::Cpu, &one_at_a_time).unwrap();
     let e = scores(first.as_mut(), &prompts, &completions, Some(&journal)).unwrap_err();
-    assert!(e.contains("comparison 9"), "{e}");
+    assert!(e.contains("comparison 9 (prompt 1, sample 1 as A, 2 as B)"), "{e}");
     assert_eq!(std::fs::read_to_string(&journal).unwrap().lines().count(), 9);
 
     let healthy = Server::start(|_, req| longer(req));
