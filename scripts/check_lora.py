@@ -12,7 +12,10 @@ What it checks:
    against `prefopt score --adapter final` on chat and long (400+ token) data.
 2. `prefopt merge` folds the adapter into a plain folder that `transformers` loads without
    PEFT, with the log-probs of `prefopt score` on it and of base + adapter under PEFT.
-3. The 3-step DPO trajectory itself (loss, grad norm) against plain torch + PEFT from the
+3. A stack of that adapter twice (coefficients 1.3 and -0.5, as the APO loop's stacks weigh
+   adapters) written as one adapter by `prefopt merge --as-adapter` (concatenated, rank 32):
+   PEFT on base + that adapter against transformers on the stack's `prefopt merge` folder.
+4. The 3-step DPO trajectory itself (loss, grad norm) against plain torch + PEFT from the
    same fresh adapter (prefopt's seeded initialization, written by a 1-step run at learning
    rate 1e-30: B moves from 0 to +-1e-30) with the adapter disabled as the reference, in
    float32 and float64. Dropout is 0 here, so both sides run the same network.
@@ -181,6 +184,27 @@ def check_loading(binary: Path, model_dir: Path, adapter: Path, work: Path) -> d
     return results
 
 
+def check_concatenated(binary: Path, model_dir: Path, adapter: Path, work: Path) -> dict:
+    stack, one, folded = work / "lora-stack", work / "lora-one", work / "lora-folded"
+    for d in (stack, one, folded):
+        if d.exists():
+            shutil.rmtree(d)
+    stack.mkdir()
+    entries = [{"adapter": str(adapter.resolve()), "coefficient": c} for c in (1.3, -0.5)]
+    (stack / "adapter_stack.json").write_text(json.dumps({"base_model": str(model_dir.resolve()), "adapters": entries}))
+    prefopt(binary, "merge", "--model", str(stack), "--out", str(one), "--as-adapter")
+    prefopt(binary, "merge", "--model", str(stack), "--out", str(folded))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    rows = datasets()["chat"]
+    concatenated = reference_logps(peft_model(model_dir, one, torch.float64).eval(), tok, rows)
+    merged = reference_logps(load(folded, torch.float64), tok, rows)
+    return {
+        "rank": json.loads((one / "adapter_config.json").read_text())["r"],
+        "sequences": 2 * len(rows),
+        "peft_concatenated_vs_transformers_merged_stack": max_diff_ref(concatenated, merged),
+    }
+
+
 def markdown(results: dict) -> str:
     lines = [
         "| data | sequences | prefopt `score --adapter` vs PEFT-f64 | PEFT-f32 vs f64 | `prefopt merge` folder: prefopt vs transformers | transformers on merged vs PEFT-f64 | adapter's effect (max) |",
@@ -215,10 +239,17 @@ def main() -> int:
     results["trajectory"] = check_trajectory(args.prefopt, args.model, tok, args.out)
     print("PEFT and transformers loading prefopt's adapter and merge ...", file=sys.stderr)
     results["loading"] = check_loading(args.prefopt, args.model, Path(results["trajectory"]["final_dir"]), args.out)
+    print("A stack written as one adapter (merge --as-adapter) under PEFT ...", file=sys.stderr)
+    results["concatenated"] = check_concatenated(
+        args.prefopt, args.model, Path(results["trajectory"]["final_dir"]), args.out
+    )
+    print(f"  {results['concatenated']}", file=sys.stderr)
     results["seconds"] = time.time() - started
     (args.out / "lora_check.json").write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
     ok = all(r["prefopt_adapter_vs_peft_f64"] <= max(2 * r["peft_f32_vs_f64"], 1e-4) for r in results["loading"].values())
+    # The merged folder holds float32 weights; the concatenated adapter f32 A and B.
+    ok = ok and results["concatenated"]["peft_concatenated_vs_transformers_merged_stack"] <= 1e-3
     return 0 if ok else 1
 
 

@@ -139,6 +139,16 @@ impl Policy {
         Llama::with_adapters(&self.base.config, &self.base.params, mode, precision, &self.frozen_adapters())
     }
 
+    /// Writes the adapters as one PEFT adapter folder at `out`, atomically, over the base
+    /// ([`concatenate`]: the same weights, rank the sum of the adapters' ranks); returns its rank.
+    pub fn save_as_adapter(&self, out: &Path) -> Result<usize> {
+        let pairs: Vec<(&LoraAdapter, f64)> = self.adapters.iter().map(|(a, c)| (a, *c)).collect();
+        let adapter = concatenate(&pairs)?;
+        let base = self.base.dir.display().to_string();
+        prefopt_fs::write_dir_atomic(out, |tmp| adapter.fill_dir(tmp, &base))?;
+        Ok(adapter.config.r)
+    }
+
     /// The effective weights as a plain model (`W + sum_k c_k scale_k B_k A_k`); the base
     /// itself when there are no adapters.
     pub fn merged(self) -> Result<HfModel> {
@@ -151,16 +161,10 @@ impl Policy {
     }
 }
 
-/// Writes the adapters of the stack `stack` as one PEFT adapter folder at `out`, atomically
-/// ([`concatenate`]: the same weights, rank the sum of the adapters' ranks), over the stack's
-/// base model; returns its rank.
+/// Writes the adapters of the stack `stack` as one PEFT adapter folder at `out`
+/// ([`Policy::save_as_adapter`]); returns its rank.
 pub fn save_concatenated_adapter(stack: &Path, out: &Path, device: &Device) -> Result<usize> {
-    let policy = Policy::load(stack, device)?;
-    let pairs: Vec<(&LoraAdapter, f64)> = policy.adapters.iter().map(|(a, c)| (a, *c)).collect();
-    let adapter = concatenate(&pairs)?;
-    let (base, _) = read_stack(stack)?;
-    prefopt_fs::write_dir_atomic(out, |tmp| adapter.fill_dir(tmp, &base.display().to_string()))?;
-    Ok(adapter.config.r)
+    Policy::load(stack, device)?.save_as_adapter(out)
 }
 
 /// Writes a stack folder at `out` atomically: `adapter_stack.json` over the model folder

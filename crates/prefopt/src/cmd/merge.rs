@@ -22,6 +22,10 @@ pub struct MergeArgs {
     /// Output model folder (written atomically; must not exist yet).
     #[arg(long)]
     out: PathBuf,
+    /// Write one PEFT LoRA adapter over the base (the adapters concatenated, `lora_alpha =
+    /// r` = the sum of their ranks, exactly the merged weights) instead of a model folder.
+    #[arg(long)]
+    as_adapter: bool,
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
@@ -42,6 +46,16 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .zip(&policy.entries)
         .map(|((a, c), e)| format!("{} x {} (r {}, scale {})", c, e.adapter.display(), a.config.r, a.config.scale()))
         .collect();
+    if args.as_adapter {
+        let rank = policy.save_as_adapter(&args.out)?;
+        eprintln!(
+            "concatenated {} into one adapter of rank {rank} over {} -> {}",
+            summary.join(" + "),
+            policy.base.dir.display(),
+            args.out.display()
+        );
+        return Ok(());
+    }
     let merged = policy.merged()?;
     // The base's other files (tokenizer, generation config) beside the merged weights.
     save_model_dir(&args.out, &merged.raw_config, &merged.params, Some(&merged.dir))?;

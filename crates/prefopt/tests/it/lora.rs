@@ -101,6 +101,27 @@ fn a_trained_adapter_scores_generates_and_merges_from_the_cli() {
     };
     assert_eq!(generate(&base(), Some(&adapter), "ga.jsonl"), generate(&merged, None, "gm.jsonl"));
 
+    // A stack of the adapter twice (1.3 and -0.5) as one adapter of rank 8: base + it scores
+    // as the stack's merged folder.
+    let stack = tmp.path().join("stack");
+    std::fs::create_dir(&stack).unwrap();
+    let entries = serde_json::json!({"base_model": std::fs::canonicalize(base()).unwrap(), "adapters": [
+        {"adapter": std::fs::canonicalize(&adapter).unwrap(), "coefficient": 1.3},
+        {"adapter": std::fs::canonicalize(&adapter).unwrap(), "coefficient": -0.5}]});
+    std::fs::write(stack.join("adapter_stack.json"), entries.to_string()).unwrap();
+    let (one, folded) = (tmp.path().join("one"), tmp.path().join("folded"));
+    ok(run_prefopt(&["merge", "--model", s(&stack), "--out", s(&one), "--as-adapter"]));
+    ok(run_prefopt(&["merge", "--model", s(&stack), "--out", s(&folded)]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(one.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(8), Some(8.0)));
+    for (a, m) in score(&base(), Some(&one), "one.jsonl").iter().zip(&score(&folded, None, "folded.jsonl")) {
+        for key in ["logp_chosen", "logp_rejected"] {
+            let (a, m) = (a[key].as_f64().unwrap(), m[key].as_f64().unwrap());
+            assert!((a - m).abs() < 1e-4, "{key}: base + concatenated adapter {a} vs merged stack {m}");
+        }
+    }
+
     // Merging again into the same folder is refused; merging a plain model alone is nothing.
     let err = failure(run_prefopt(&["merge", "--model", s(&base()), "--adapter", s(&adapter), "--out", s(&merged)]));
     assert!(err.contains("already exists"), "{err}");
