@@ -112,11 +112,11 @@ pub fn evaluate_model(
                 .zip(&base.samples)
                 .map(|((p, s), b)| (p, s.completions[0].as_str(), b.completions[0].as_str()))
                 .collect();
-            // Kept next to the model folder until done: a rerun asks only for the rest.
-            let journal = dir.with_extension("eval-verdicts.partial.jsonl");
+            // Kept next to the model folder until the caller has written the metrics: a rerun
+            // asks only for the rest.
+            let journal = eval_journal(dir);
             let points =
                 pairwise.compare(&items, &mut JudgeCall { journal: Some(&journal), progress: &mut |_, _| {} })?;
-            prefopt_fs::remove_file_if_exists(&journal)?;
             points.into_iter().map(Judgement::score_only).collect()
         }
         None => judge_all(judge, prompts, &samples)?,
@@ -125,6 +125,12 @@ pub fn evaluate_model(
     let lp_base = sequence_logps(&network(&base.base_dir, device)?, tok, prompts, &samples)?;
     let kl = samples.iter().zip(&lp_base).map(|(s, b)| s.logprobs[0] - b).sum::<f64>() / samples.len().max(1) as f64;
     Ok(summarize(&judged, &scores, &base.scores, kl))
+}
+
+/// Where a pairwise judge keeps its replies on the held-out samples of the model in `dir`:
+/// `<dir>.eval-verdicts.partial.jsonl`, beside the folder.
+pub fn eval_journal(dir: &Path) -> std::path::PathBuf {
+    dir.with_extension("eval-verdicts.partial.jsonl")
 }
 
 fn judge_all(

@@ -9,7 +9,7 @@
 //! scores), so prefopt counts wins. The pairs carry these as `win_prob_chosen` and
 //! `win_prob_rejected`, the columns the soft `sppo` loss reads.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use prefopt_data::{RecordSource, Text};
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,12 @@ pub fn mean_score(
     Ok(scores.iter().flatten().sum::<f64>() / n.max(1) as f64)
 }
 
+/// Where a judge that asks a server keeps its replies on the samples of `source` while it
+/// works: `<source>.verdicts.partial.jsonl`.
+pub fn verdict_journal(source: &Path) -> PathBuf {
+    source.with_extension("verdicts.partial.jsonl")
+}
+
 /// The prompts of `samples` (read from `source`, which errors name).
 fn prompt_items(samples: &[SampleRecord], source: &Path) -> Result<Vec<PromptItem>, LoopError> {
     samples
@@ -62,7 +68,8 @@ fn prompt_items(samples: &[SampleRecord], source: &Path) -> Result<Vec<PromptIte
 /// A pairwise judge's verdict on two sets of samples of the same prompts (`a` read from
 /// `source`): `a`'s mean points against `b`, sample j against sample j of each prompt, both
 /// orders, minus 1/2 (positive: `a` is judged better). The replies are kept in
-/// `<source>.verdicts.partial.jsonl` until done.
+/// [`verdict_journal`]`(source)`, which the caller removes once it has written what it made
+/// of them.
 pub fn pairwise_advantage(
     judge: &mut dyn PairwiseJudge,
     a: &[SampleRecord],
@@ -77,9 +84,8 @@ pub fn pairwise_advantage(
             items.push((p, cx.as_str(), cy.as_str()));
         }
     }
-    let journal = source.with_extension("verdicts.partial.jsonl");
+    let journal = verdict_journal(source);
     let points = judge.compare(&items, &mut JudgeCall { journal: Some(&journal), progress })?;
-    prefopt_fs::remove_file_if_exists(&journal)?;
     Ok(points.iter().sum::<f64>() / points.len().max(1) as f64 - 0.5)
 }
 
@@ -139,7 +145,8 @@ pub fn judge_and_pair(
 
 /// Every prompt's K scores, in one call to the judge; a wrong count or a non-finite score
 /// is an error that names the prompt. A judge that asks a server keeps its replies in
-/// `<source>.verdicts.partial.jsonl` until it is done (a rerun asks only for the rest).
+/// [`verdict_journal`]`(source)` (a rerun asks only for the rest), which the caller removes
+/// once it has written what it made of them.
 fn judged_scores(
     judge: &mut dyn Judge,
     samples: &[SampleRecord],
@@ -151,9 +158,8 @@ fn judged_scores(
     // One call for the whole iteration: a command judge runs once, not once per prompt.
     let batch: Vec<(&PromptItem, &[String])> =
         items.iter().zip(samples).map(|(i, s)| (i, s.completions.as_slice())).collect();
-    let journal = source.with_extension("verdicts.partial.jsonl");
+    let journal = verdict_journal(source);
     let all = judge.judge_many_with(&batch, &mut JudgeCall { journal: Some(&journal), progress })?;
-    prefopt_fs::remove_file_if_exists(&journal)?;
     let mut out = Vec::with_capacity(samples.len());
     for (s, judged) in samples.iter().zip(all) {
         if judged.len() != s.completions.len() || judged.len() != k {

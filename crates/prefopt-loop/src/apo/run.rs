@@ -444,6 +444,8 @@ impl<'a> LoopRun<'a> {
             it.record.skipped_prompts = skipped;
             run.save(&it.record)?;
             prefopt_fs::write_jsonl(&it.record.pairs, &pairs)?;
+            // The verdicts are in the pairs now.
+            prefopt_fs::remove_file_if_exists(&crate::pairing::verdict_journal(&it.record.samples))?;
             Ok(())
         })
     }
@@ -582,6 +584,10 @@ impl<'a> LoopRun<'a> {
             )?;
             it.record.judged_advantage = Some(advantage);
             it.record.alpha = prefopt_sim::restart::gated_alpha(cfg.alpha, advantage);
+            run.save(&it.record)?;
+            for path in [&candidate_path, &trained_path] {
+                prefopt_fs::remove_file_if_exists(&crate::pairing::verdict_journal(path))?;
+            }
             Ok(())
         })
     }
@@ -678,6 +684,10 @@ impl<'a> LoopRun<'a> {
             prefopt_fs::write_jsonl(&it.dir.join("metrics.jsonl"), &lines)?;
             it.record.eval_trained = Some(trained);
             it.record.eval_extrapolated = Some(extrapolated);
+            run.save(&it.record)?;
+            for dir in [&it.record.trained, &it.record.extrapolated] {
+                prefopt_fs::remove_file_if_exists(&crate::evaluate::eval_journal(dir))?;
+            }
             Ok(())
         })
     }

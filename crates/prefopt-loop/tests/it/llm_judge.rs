@@ -266,6 +266,9 @@ fn the_loop_samples_and_judges_on_servers_and_evaluates_against_the_base() {
             assert!(p["chosen"].as_str().unwrap().len() > p["rejected"].as_str().unwrap().len(), "{p}");
         }
         assert!(!r.samples.with_extension("verdicts.partial.jsonl").exists(), "the journal is removed when done");
+        for dir in [&r.trained, &r.extrapolated] {
+            assert!(!dir.with_extension("eval-verdicts.partial.jsonl").exists(), "{}", dir.display());
+        }
         let eval = r.eval_trained.as_ref().unwrap();
         assert!((0.0..=1.0).contains(&eval.eval_reward) && eval.num_prompts == 5, "{eval:?}");
     }

@@ -238,7 +238,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             if mismatched > 0 {
                 eprintln!("note: {mismatched} completions do not re-tokenize to the same text (the server returned no token ids)");
             }
-            prefopt_fs::remove_file_if_exists(&partial)?;
             records
                 .into_iter()
                 .map(|r| {
@@ -277,6 +276,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     prefopt_fs::write_jsonl(&args.out, &lines)
         .with_context(|| format!("writing completions to {}", args.out.display()))?;
+    // The server's answers are kept until the output holds them.
+    if args.server.sampler_url.is_some() {
+        prefopt_fs::remove_file_if_exists(&args.out.with_extension("partial.jsonl"))?;
+    }
     eprintln!(
         "generated {} completions of {} prompts, {new_tokens} new tokens in {seconds:.1}s ({:.0} tokens/s) -> {}",
         prompts.len() * k,
