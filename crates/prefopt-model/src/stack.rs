@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::config::{config_path, LlamaConfig};
 use crate::error::{io_error, ModelError, Result};
 use crate::hf::{copy_tokenizer_files, HfModel};
 use crate::llama::{AdapterUse, Llama, Mode, Precision};
@@ -139,16 +140,6 @@ impl Policy {
         Llama::with_adapters(&self.base.config, &self.base.params, mode, precision, &self.frozen_adapters())
     }
 
-    /// Writes the adapters as one PEFT adapter folder at `out`, atomically, over the base
-    /// ([`concatenate`]: the same weights, rank the sum of the adapters' ranks); returns its rank.
-    pub fn save_as_adapter(&self, out: &Path) -> Result<usize> {
-        let pairs: Vec<(&LoraAdapter, f64)> = self.adapters.iter().map(|(a, c)| (a, *c)).collect();
-        let adapter = concatenate(&pairs)?;
-        let base = self.base.dir.display().to_string();
-        prefopt_fs::write_dir_atomic(out, |tmp| adapter.fill_dir(tmp, &base))?;
-        Ok(adapter.config.r)
-    }
-
     /// The effective weights as a plain model (`W + sum_k c_k scale_k B_k A_k`); the base
     /// itself when there are no adapters.
     pub fn merged(self) -> Result<HfModel> {
@@ -161,10 +152,21 @@ impl Policy {
     }
 }
 
-/// Writes the adapters of the stack `stack` as one PEFT adapter folder at `out`
-/// ([`Policy::save_as_adapter`]); returns its rank.
-pub fn save_concatenated_adapter(stack: &Path, out: &Path, device: &Device) -> Result<usize> {
-    Policy::load(stack, device)?.save_as_adapter(out)
+/// Writes the weighted adapters `entries` over the model folder `base` as one PEFT adapter
+/// folder at `out`, atomically ([`concatenate`]: the same weights, rank the sum of the
+/// adapters' ranks); returns its rank. Reads the base's `config.json` (the adapters' shapes),
+/// not its weights.
+pub fn save_concatenated_adapter(base: &Path, entries: &[StackEntry], out: &Path, device: &Device) -> Result<usize> {
+    let (config, _) = LlamaConfig::from_file(&config_path(base))?;
+    let adapters = entries
+        .iter()
+        .map(|e| Ok((LoraAdapter::load(&e.adapter, &config, device)?, e.coefficient)))
+        .collect::<Result<Vec<_>>>()?;
+    let pairs: Vec<(&LoraAdapter, f64)> = adapters.iter().map(|(a, c)| (a, *c)).collect();
+    let adapter = concatenate(&pairs)?;
+    let base = base.display().to_string();
+    prefopt_fs::write_dir_atomic(out, |tmp| adapter.fill_dir(tmp, &base))?;
+    Ok(adapter.config.r)
 }
 
 /// Writes a stack folder at `out` atomically: `adapter_stack.json` over the model folder

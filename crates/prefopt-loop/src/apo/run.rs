@@ -386,7 +386,8 @@ impl<'a> LoopRun<'a> {
         let name = format!("prefopt-{}-{leaf}", parent.unwrap_or_default());
         let adapter = folder.with_file_name(format!("{leaf}-lora"));
         if !adapter.exists() {
-            prefopt_model::stack::save_concatenated_adapter(folder, &adapter, &self.device)?;
+            let (base, entries) = read_stack(folder)?;
+            prefopt_model::stack::save_concatenated_adapter(&base, &entries, &adapter, &self.device)?;
         }
         let mut synced =
             self.synced.lock().map_err(|_| remote.client.error("load_lora_adapter", "sync", "lock poisoned"))?;

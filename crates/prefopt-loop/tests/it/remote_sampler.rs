@@ -272,7 +272,11 @@ fn lora_runs_load_each_policy_as_one_adapter_with_the_stack_s_weights() {
     // Iteration 2's policy stacks two adapters (D_1 and D_2, weighted): one adapter of rank 8.
     let two = out.join("iter-2/extrapolated");
     let concatenated = tmp.path().join("two-lora");
-    assert_eq!(prefopt_model::stack::save_concatenated_adapter(&two, &concatenated, &device).unwrap(), 8);
+    let (two_base, two_entries) = prefopt_model::stack::read_stack(&two).unwrap();
+    assert_eq!(
+        prefopt_model::stack::save_concatenated_adapter(&two_base, &two_entries, &concatenated, &device).unwrap(),
+        8
+    );
     let stack = prefopt_model::Policy::load(&two, &device).unwrap();
     assert_eq!(stack.adapters.len(), 2);
     let flat = prefopt_model::Policy::load(&base, &device).unwrap().with_adapter(&concatenated, 1.0, &device).unwrap();

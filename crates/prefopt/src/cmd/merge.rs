@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use prefopt_model::{save_model_dir, Policy};
+use prefopt_model::stack::{read_stack, save_concatenated_adapter};
+use prefopt_model::{save_model_dir, Policy, StackEntry};
 
 #[derive(clap::Args)]
 pub struct MergeArgs {
@@ -33,6 +34,26 @@ pub fn run(args: MergeArgs) -> Result<()> {
         bail!("{}: already exists; `prefopt merge` does not overwrite a folder", args.out.display());
     }
     let device = candle_core::Device::Cpu;
+    if args.as_adapter {
+        // The adapters alone: the base's weights are not needed to concatenate them.
+        let (base, mut entries) = read_stack(&args.model)?;
+        if let Some(dir) = &args.adapter {
+            entries.push(StackEntry { adapter: dir.clone(), coefficient: 1.0 });
+        }
+        if entries.is_empty() {
+            bail!("{}: a plain model folder and no --adapter: nothing to merge", args.model.display());
+        }
+        let rank = save_concatenated_adapter(&base, &entries, &args.out, &device)?;
+        let summary: Vec<String> =
+            entries.iter().map(|e| format!("{} x {}", e.coefficient, e.adapter.display())).collect();
+        eprintln!(
+            "concatenated {} into one adapter of rank {rank} over {} -> {}",
+            summary.join(" + "),
+            base.display(),
+            args.out.display()
+        );
+        return Ok(());
+    }
     let mut policy = Policy::load(&args.model, &device)?;
     if let Some(dir) = &args.adapter {
         policy = policy.with_adapter(dir, 1.0, &device)?;
@@ -46,16 +67,6 @@ pub fn run(args: MergeArgs) -> Result<()> {
         .zip(&policy.entries)
         .map(|((a, c), e)| format!("{} x {} (r {}, scale {})", c, e.adapter.display(), a.config.r, a.config.scale()))
         .collect();
-    if args.as_adapter {
-        let rank = policy.save_as_adapter(&args.out)?;
-        eprintln!(
-            "concatenated {} into one adapter of rank {rank} over {} -> {}",
-            summary.join(" + "),
-            policy.base.dir.display(),
-            args.out.display()
-        );
-        return Ok(());
-    }
     let merged = policy.merged()?;
     // The base's other files (tokenizer, generation config) beside the merged weights.
     save_model_dir(&args.out, &merged.raw_config, &merged.params, Some(&merged.dir))?;
