@@ -229,11 +229,7 @@ impl Default for ApoConfig {
 
 /// The API key in the environment variable `var` names (`key` is the config key naming it).
 fn read_key(key: &str, var: Option<&str>) -> Result<Option<String>, LoopError> {
-    let Some(var) = var else { return Ok(None) };
-    std::env::var(var).map(Some).map_err(|_| LoopError::Config {
-        source_name: key.into(),
-        message: format!("environment variable `{var}` is not set"),
-    })
+    crate::remote::api_key_from_env(var).map_err(|message| LoopError::Config { source_name: key.into(), message })
 }
 
 /// `[train]` keys the loop sets itself.

@@ -51,6 +51,13 @@ pub fn check_base_url(url: &str) -> Result<(), String> {
     }
 }
 
+/// The API key in the environment variable `var` names (a config never holds the key itself);
+/// `None` without a variable.
+pub fn api_key_from_env(var: Option<&str>) -> Result<Option<String>, String> {
+    let Some(var) = var else { return Ok(None) };
+    std::env::var(var).map(Some).map_err(|_| format!("environment variable `{var}` is not set"))
+}
+
 /// The longest wait between two attempts, in seconds.
 const MAX_WAIT_S: f64 = 30.0;
 

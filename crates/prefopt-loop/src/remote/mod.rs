@@ -8,6 +8,6 @@ pub mod client;
 pub mod journal;
 pub mod sampler;
 
-pub use client::{check_base_url, ApiClient, RemoteError};
+pub use client::{api_key_from_env, check_base_url, ApiClient, RemoteError};
 pub use journal::run_journaled;
 pub use sampler::{CompletionRequest, RemoteAnswer, RemoteSampler};

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use prefopt_data::{parse_prompt, read_records, tokenize_prompt, HfTokenizer};
 use prefopt_loop::judge::PromptItem;
 use prefopt_loop::remote::sampler::REQUEST_FIELDS;
-use prefopt_loop::remote::{check_base_url, ApiClient, RemoteSampler};
+use prefopt_loop::remote::{api_key_from_env, check_base_url, ApiClient, RemoteSampler};
 use prefopt_loop::sampling::{remote_sample_records, sample_completions, sampling_params};
 use prefopt_model::Generated;
 
@@ -105,12 +105,8 @@ impl ServerArgs {
         if self.sampler_concurrency == 0 || !(self.sampler_timeout_s > 0.0 && self.sampler_timeout_s.is_finite()) {
             bail!("--sampler-concurrency must be at least 1 and --sampler-timeout-s positive");
         }
-        let api_key = match &self.sampler_api_key_env {
-            None => None,
-            Some(var) => {
-                Some(std::env::var(var).with_context(|| format!("--sampler-api-key-env: `{var}` is not set"))?)
-            }
-        };
+        let api_key = api_key_from_env(self.sampler_api_key_env.as_deref())
+            .map_err(|e| anyhow::anyhow!("--sampler-api-key-env: {e}"))?;
         Ok(Some(RemoteSampler {
             client: ApiClient {
                 url: url.trim_end_matches('/').to_string(),

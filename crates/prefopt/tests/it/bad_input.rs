@@ -162,6 +162,10 @@ fn bad_arguments_and_outputs_are_refused() {
     refused(&[&gen[..], &served[..], &["--sampler-extra-body", "{\"n\": 2}"]].concat(), &["`n` is set from"]);
     refused(&[&gen[..], &served[..], &["--top-k", "5"]].concat(), &["--top-k"]);
     refused(
+        &[&gen[..], &served[..], &["--sampler-api-key-env", "PREFOPT_NO_SUCH_VAR"]].concat(),
+        &["--sampler-api-key-env", "PREFOPT_NO_SUCH_VAR", "not set"],
+    );
+    refused(
         &[&gen[..], &served[..], &["--sampler-retries", "0"]].concat(),
         &["127.0.0.1:9/v1/completions: prompt ", "Connection Failed"],
     );
