@@ -36,18 +36,30 @@ pub fn with_compute_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() ->
 
 /// Keeps freed memory in the process instead of handing it back to the kernel.
 ///
-/// Why: a training step allocates and frees a few hundred tensors of 0.1-3 MB. glibc serves
-/// large ones with fresh `mmap`s and trims the heap's top after frees, so the next step
-/// page-faults the same memory in again and the kernel zeroes it: 6% of a DPO step at one
-/// thread (perf). Raising the mmap and trim thresholds lets freed blocks be reused; peak
-/// memory stays the high-water mark of one step. No-op outside glibc.
+/// Why: a training step allocates and frees a few hundred tensors, from a few MB up to a few
+/// hundred (a real model's attention probabilities and logits). glibc serves large ones with
+/// fresh `mmap`s, unmaps them on free and trims the heap's top after frees, so the next step
+/// page-faults the same memory in again and the kernel zeroes it: at 135M parameters and a
+/// ragged batch of 4 pairs, a 2-step run faulted in 20 GB (5.3 million pages) where its peak
+/// memory is 10 GB, and a sixth of its CPU time was the kernel's (BENCHMARKS.md "Ragged
+/// data"). So: no `mmap` for
+/// allocations (every block comes from the heap and is reused once freed), one arena (the
+/// compute threads' blocks go back to the same heap, not to per-thread arenas that glibc
+/// trims on its own), and the heap's top trimmed only past 1 GiB free (the most `mallopt`
+/// takes is 2 GiB). Peak memory stays the high-water mark of one step. The user's own
+/// `GLIBC_TUNABLES` for malloc take precedence. No-op outside glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before other threads start.
-    unsafe {
-        // 32 MiB is the largest mmap threshold glibc accepts on 64-bit.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    {
+        if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+            return;
+        }
+        // SAFETY: mallopt only changes allocator parameters; called before other threads start.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
     }
 }
 
