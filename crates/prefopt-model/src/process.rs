@@ -42,12 +42,11 @@ pub fn with_compute_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() ->
 /// page-faults the same memory in again and the kernel zeroes it: at 135M parameters and a
 /// ragged batch of 4 pairs, a 2-step run faulted in 20 GB (5.3 million pages) where its peak
 /// memory is 10 GB, and a sixth of its CPU time was the kernel's (BENCHMARKS.md "Ragged
-/// data"). So: no `mmap` for
-/// allocations (every block comes from the heap and is reused once freed), one arena (the
-/// compute threads' blocks go back to the same heap, not to per-thread arenas that glibc
-/// trims on its own), and the heap's top trimmed only past 1 GiB free (the most `mallopt`
-/// takes is 2 GiB). Peak memory stays the high-water mark of one step. The user's own
-/// `GLIBC_TUNABLES` for malloc take precedence. No-op outside glibc.
+/// data"). So: no `mmap` for allocations (every block comes from the heap and is reused once
+/// freed), one arena (the compute threads' blocks go back to the same heap, not to
+/// per-thread arenas that glibc trims on its own), and the heap's top trimmed only past 1 GiB
+/// free (the most `mallopt` takes is 2 GiB). Peak memory stays the high-water mark of one
+/// step. The user's own `GLIBC_TUNABLES` for malloc take precedence. No-op outside glibc.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
