@@ -109,10 +109,7 @@ impl Policy {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let (base_dir, entries) = read_stack(dir)?;
         let base = HfModel::load(&base_dir, device)?;
-        let adapters = entries
-            .iter()
-            .map(|e| Ok((LoraAdapter::load(&e.adapter, &base.config, device)?, e.coefficient)))
-            .collect::<Result<Vec<_>>>()?;
+        let adapters = load_adapters(&entries, &base.config, device)?;
         Ok(Self { base, adapters, entries })
     }
 
@@ -152,16 +149,18 @@ impl Policy {
     }
 }
 
+/// The stack's adapters, each with its coefficient, shaped for a base of `config`.
+fn load_adapters(entries: &[StackEntry], config: &LlamaConfig, device: &Device) -> Result<Vec<(LoraAdapter, f64)>> {
+    entries.iter().map(|e| Ok((LoraAdapter::load(&e.adapter, config, device)?, e.coefficient))).collect()
+}
+
 /// Writes the weighted adapters `entries` over the model folder `base` as one PEFT adapter
 /// folder at `out`, atomically ([`concatenate`]: the same weights, rank the sum of the
 /// adapters' ranks); returns its rank. Reads the base's `config.json` (the adapters' shapes),
 /// not its weights.
 pub fn save_concatenated_adapter(base: &Path, entries: &[StackEntry], out: &Path, device: &Device) -> Result<usize> {
     let (config, _) = LlamaConfig::from_file(&config_path(base))?;
-    let adapters = entries
-        .iter()
-        .map(|e| Ok((LoraAdapter::load(&e.adapter, &config, device)?, e.coefficient)))
-        .collect::<Result<Vec<_>>>()?;
+    let adapters = load_adapters(entries, &config, device)?;
     let pairs: Vec<(&LoraAdapter, f64)> = adapters.iter().map(|(a, c)| (a, *c)).collect();
     let adapter = concatenate(&pairs)?;
     let base = base.display().to_string();
