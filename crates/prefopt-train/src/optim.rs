@@ -5,13 +5,17 @@
 //! whose names are not biases or norm weights: see [`hf_decays`].
 //!
 //! Each update is a handful of element-wise candle ops per parameter, on the parameter's device,
-//! in the order torch performs them, so results agree with torch to float32 rounding.
+//! in the order torch performs them, so results agree with torch to float32 rounding. AdamW on
+//! f32 CPU tensors runs the same arithmetic as three fused in-place passes (`fused_adamw`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use prefopt_model::Params;
+
+mod fused_adamw;
+use fused_adamw::AdamwScalars;
 
 /// File names inside a checkpoint folder.
 pub const STATE_FILE: &str = "optimizer.safetensors";
@@ -235,45 +239,34 @@ impl Optimizer {
         }
         self.steps += 1;
         for (i, ((_, var), g)) in params.iter().zip(grads).enumerate() {
-            let p = var.as_tensor().detach();
             let g = g.detach().to_dtype(DType::F32)?;
             let new_p = match self.cfg.kind {
-                OptimizerKind::Adamw => self.adamw(i, p, &g, lr)?,
-                OptimizerKind::Rmsprop => self.rmsprop(i, p, g, lr)?,
-                OptimizerKind::Sgd => self.sgd(i, p, g, lr)?,
+                OptimizerKind::Adamw => {
+                    self.adamw(i, var, &g, lr)?;
+                    continue;
+                }
+                OptimizerKind::Rmsprop => self.rmsprop(i, var.as_tensor().detach(), g, lr)?,
+                OptimizerKind::Sgd => self.sgd(i, var.as_tensor().detach(), g, lr)?,
             };
             var.set(&new_p)?;
         }
         Ok(())
     }
 
-    /// torch `_single_tensor_adam` with `decoupled_weight_decay=True`.
-    fn adamw(&mut self, i: usize, mut p: Tensor, g: &Tensor, lr: f64) -> candle_core::Result<Tensor> {
+    /// torch `_single_tensor_adam` with `decoupled_weight_decay=True`: in place on f32 CPU
+    /// tensors ([`fused_adamw`]), otherwise as the composition [`adamw_composed`].
+    fn adamw(&mut self, i: usize, var: &candle_core::Var, g: &Tensor, lr: f64) -> candle_core::Result<()> {
         let c = &self.cfg;
-        let (b1, b2) = (c.adam_beta1, c.adam_beta2);
-        let wd = self.weight_decay[i];
-        if wd != 0.0 {
-            p = p.affine(1.0 - lr * wd, 0.0)?;
+        let s = AdamwScalars::new(c.adam_beta1, c.adam_beta2, c.adam_epsilon, self.weight_decay[i], lr, self.steps);
+        let (p, m, v) = (var.as_tensor(), &self.state[0][i], &self.state[1][i]);
+        if fused_adamw::applies(p, m, v) {
+            return fused_adamw::update(p, m, v, g, s);
         }
-        // exp_avg.lerp_(grad, 1 - beta1), with torch's two-sided lerp formula.
-        let m = &self.state[0][i];
-        let w = 1.0 - b1;
-        let diff = (g - m)?;
-        let m = if w < 0.5 { (m + diff.affine(w, 0.0)?)? } else { (g - diff.affine(1.0 - w, 0.0)?)? };
-        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let v = (self.state[1][i].affine(b2, 0.0)? + g.affine(1.0 - b2, 0.0)?.mul(g)?)?;
-        let step = self.steps as f64;
-        let bias_correction1 = 1.0 - b1.powf(step);
-        let bias_correction2 = 1.0 - b2.powf(step);
-        let step_size = lr / bias_correction1;
-        let bias_correction2_sqrt = bias_correction2.powf(0.5);
-        // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        let denom = v.sqrt()?.affine(1.0 / bias_correction2_sqrt, c.adam_epsilon)?;
-        // param.addcdiv_(exp_avg, denom, value=-step_size)
-        let p = (p + m.div(&denom)?.affine(-step_size, 0.0)?)?;
+        let (p, m, v) = adamw_composed(p.detach(), m, v, g, s)?;
+        var.set(&p)?;
         self.state[0][i] = m;
         self.state[1][i] = v;
-        Ok(p)
+        Ok(())
     }
 
     /// torch `_single_tensor_rmsprop`, not centered.
@@ -417,6 +410,31 @@ impl Optimizer {
         opt.steps = meta.steps_taken;
         Ok(opt)
     }
+}
+
+/// One AdamW update as candle ops, in the order torch performs them: the new parameter and
+/// moments. What runs on other devices, and what the fused CPU passes are tested against.
+fn adamw_composed(
+    mut p: Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    s: AdamwScalars,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    if let Some(decay) = s.decay {
+        p = p.affine(decay, 0.0)?;
+    }
+    // exp_avg.lerp_(grad, 1 - beta1), with torch's two-sided lerp formula.
+    let w = s.lerp_weight;
+    let diff = (g - m)?;
+    let m = if w < 0.5 { (m + diff.affine(w, 0.0)?)? } else { (g - diff.affine(1.0 - w, 0.0)?)? };
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let v = (v.affine(s.beta2, 0.0)? + g.affine(1.0 - s.beta2, 0.0)?.mul(g)?)?;
+    // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    let denom = v.sqrt()?.affine(s.inv_bias_correction2_sqrt, s.eps)?;
+    // param.addcdiv_(exp_avg, denom, value=-step_size)
+    let p = (p + m.div(&denom)?.affine(s.neg_step_size, 0.0)?)?;
+    Ok((p, m, v))
 }
 
 #[cfg(test)]
