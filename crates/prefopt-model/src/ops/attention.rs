@@ -6,7 +6,8 @@
 //! backward pass allocates a gradient for each. Here the heads are read in place from the
 //! projections' (rows, heads * D) layout by strided matmuls (the `gemm` crate candle uses),
 //! a key/value head serves its query heads without being copied, the mask is a range per
-//! query row, and the softmax probabilities are kept from the forward pass for the backward:
+//! query row, and the softmax probabilities are kept from the forward pass for the backward
+//! (only the key ranges each block of query rows may see: about half of a causal T x S):
 //!   P = softmax(s Q K^T + mask),  Y = P V                    (s = 1/sqrt(D))
 //!   dP = dY V^T,  dS = P * (dP - rowsum(P * dP)),  dQ = s dS K,  dK = s dS^T Q,  dV = P^T dY
 //! (dK and dV summed over the query heads sharing a key/value head).
@@ -78,18 +79,22 @@ impl AttentionMask {
     /// batch row, or one per span of a packed row.
     fn problems(&self, batch: usize, t: usize, heads: usize) -> Result<Vec<Problem>> {
         if self.spans.is_empty() {
-            let s = self.past + t;
+            let mut probs = 0;
             return Ok((0..batch)
-                .map(|b| Problem {
-                    b,
-                    start: 0,
-                    q0: b * t,
-                    t,
-                    past: self.past,
-                    pad: self.pad_lens.get(b).copied().unwrap_or(0),
-                    prefix: t,
-                    fork: t,
-                    probs: b * heads * t * s,
+                .map(|b| {
+                    let p = Problem {
+                        b,
+                        start: 0,
+                        q0: b * t,
+                        t,
+                        past: self.past,
+                        pad: self.pad_lens.get(b).copied().unwrap_or(0),
+                        prefix: t,
+                        fork: t,
+                        probs,
+                    };
+                    probs += heads * p.probs_per_head();
+                    p
                 })
                 .collect());
         }
@@ -104,7 +109,7 @@ impl AttentionMask {
             {
                 bail!("attention: packed spans {:?} do not tile a row of {t} (batch {batch})", self.spans);
             }
-            out.push(Problem {
+            let p = Problem {
                 b: 0,
                 start: sp.start,
                 q0: sp.start,
@@ -114,9 +119,10 @@ impl AttentionMask {
                 prefix: sp.prefix,
                 fork: sp.fork,
                 probs,
-            });
+            };
+            out.push(p);
             next += sp.len;
-            probs += heads * sp.len * sp.len;
+            probs += heads * p.probs_per_head();
         }
         if next != t {
             bail!("attention: packed spans cover {next} of {t} slots");
@@ -155,16 +161,12 @@ struct Problem {
     /// A shared prompt's length and where the second completion starts (`fork == t`: none).
     prefix: usize,
     fork: usize,
-    /// Offset of its (heads, t, past + t) probabilities in the kept buffer.
+    /// Offset of its heads' probabilities (each [`Problem::probs_per_head`] long) in the
+    /// kept buffer.
     probs: usize,
 }
 
 impl Problem {
-    /// Keys, S = past + t.
-    fn s(&self) -> usize {
-        self.past + self.t
-    }
-
     /// The key ranges (half-open, the second possibly empty) query i attends to.
     fn keys(&self, i: usize) -> [(usize, usize); 2] {
         if i >= self.fork {
@@ -175,18 +177,56 @@ impl Problem {
         }
     }
 
-    /// The row blocks (i0, i1) of the queries, none straddling the fork, with the key ranges
-    /// their gemms compute: rows i0..i1 see keys below `past + i1` only (or the prompt and
-    /// the second completion's keys below i1), so the masked upper triangle is skipped block
-    /// by block (smaller blocks skip more, but each gemm call has a fixed cost).
-    fn row_blocks(&self) -> impl Iterator<Item = (usize, usize, [(usize, usize); 2])> + '_ {
+    /// The row blocks of the queries, none straddling the fork, with the key ranges their
+    /// gemms compute: rows i0..i1 see keys below `past + i1` only (or the prompt and the
+    /// second completion's keys below i1), so the masked upper triangle is skipped block by
+    /// block (smaller blocks skip more, but each gemm call has a fixed cost), and one head's
+    /// probabilities are the blocks' `rows x width` matrices one after the other.
+    fn row_blocks(&self) -> impl Iterator<Item = RowBlock> + '_ {
         let first = (0..self.fork).step_by(ROW_BLOCK).map(|i0| (i0, (i0 + ROW_BLOCK).min(self.fork)));
         let second = (self.fork..self.t).step_by(ROW_BLOCK).map(|i0| (i0, (i0 + ROW_BLOCK).min(self.t)));
-        first.chain(second).map(|(i0, i1)| {
-            let ranges =
+        let mut offset = 0;
+        first.chain(second).map(move |(i0, i1)| {
+            let keys =
                 if i0 >= self.fork { [(0, self.prefix), (self.fork, i1)] } else { [(0, self.past + i1), (0, 0)] };
-            (i0, i1, ranges)
+            let block = RowBlock { i0, i1, keys, offset, width: keys.iter().map(|(lo, hi)| hi - lo).sum() };
+            offset += (i1 - i0) * block.width;
+            block
         })
+    }
+
+    /// One head's probabilities: the row blocks' stored keys.
+    fn probs_per_head(&self) -> usize {
+        self.row_blocks().map(|b| (b.i1 - b.i0) * b.width).sum()
+    }
+}
+
+/// Query rows `i0..i1` of a problem and the keys their gemms compute: `keys[0]`, then
+/// `keys[1]` (possibly empty). Their probabilities (and the backward pass's dS) are a
+/// `rows x width` row-major matrix at `offset` of the head's buffer, whose columns are
+/// those keys in order; the masked ones among them are stored as zeros.
+#[derive(Clone, Copy, Debug)]
+struct RowBlock {
+    i0: usize,
+    i1: usize,
+    keys: [(usize, usize); 2],
+    offset: usize,
+    width: usize,
+}
+
+impl RowBlock {
+    /// The non-empty key ranges `(lo, hi)`, each with the column where key `lo` sits.
+    fn segments(&self) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (k, skip) = (self.keys, self.keys[0].1 - self.keys[0].0);
+        [(k[0].0, k[0].1, 0), (k[1].0, k[1].1, skip)].into_iter().filter(|(lo, hi, _)| lo < hi)
+    }
+
+    /// The key ranges query `i` (a row of this block) attends to, each with its column.
+    fn row_segments(&self, pr: &Problem, i: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        let (keys, skip) = (pr.keys(i), self.keys[0].1 - self.keys[0].0);
+        let col = |m: usize| if m == 0 { keys[0].0 - self.keys[0].0 } else { skip + keys[1].0 - self.keys[1].0 };
+        let segs = [(keys[0].0, keys[0].1, col(0)), (keys[1].0, keys[1].1, col(1))];
+        segs.into_iter().filter(|(lo, hi, _)| lo < hi)
     }
 }
 
@@ -210,7 +250,7 @@ pub fn causal_attention(
     let d = f / heads;
     let t = rows / batch;
     let problems = mask.problems(batch, t, heads)?;
-    let probs_len = problems.iter().map(|p| heads * p.t * p.s()).sum();
+    let probs_len = problems.iter().map(|p| heads * p.probs_per_head()).sum();
     let op = Attention {
         batch,
         t,
@@ -271,7 +311,7 @@ struct Attention {
     past: usize,
     /// The independent problems (batch rows, or a packed row's spans).
     problems: Vec<Problem>,
-    /// Their probabilities' total size, heads * t * s summed.
+    /// Their probabilities' total size, heads * [`Problem::probs_per_head`] summed.
     probs_len: usize,
     /// Keep the probabilities for the backward pass (only when one is possible).
     keep_probs: bool,
@@ -334,66 +374,65 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The non-empty key ranges of a pair.
-fn ranges(r: &[(usize, usize); 2]) -> impl Iterator<Item = (usize, usize)> + '_ {
-    r.iter().copied().filter(|(lo, hi)| lo < hi)
-}
-
 impl Attention {
-    /// P = softmax(scale Q_h K_g^T + mask) of problem `pr` into `p` (t x s, row-major).
+    /// P = softmax(scale Q_h K_g^T + mask) of problem `pr` into `p` (one head's row blocks,
+    /// see [`RowBlock`]).
     ///
     /// SAFETY: q, k point at this op's arguments with the given views.
     unsafe fn probs_into(&self, p: &mut [f32], pr: &Problem, h: usize, q: &[f32], k: &[f32], kv: View) {
-        let (t, s, d, f) = (pr.t, pr.s(), self.d, self.heads * self.d);
+        let (d, f) = (self.d, self.heads * self.d);
         let g = h / (self.heads / self.kv_heads);
         let q_h = q.as_ptr().add(pr.q0 * f + h * d);
         let k_g = k.as_ptr().add(kv.base(pr, g));
-        if t <= SMALL_T {
-            // Decoding: a few query rows, where gemm's packing costs more than dot products.
-            for i in 0..t {
-                let qi = std::slice::from_raw_parts(q_h.add(i * f), d);
-                for (lo, hi) in ranges(&pr.keys(i)) {
-                    for (j, x) in p[i * s + lo..i * s + hi].iter_mut().enumerate() {
-                        *x = self.scale * dot(qi, std::slice::from_raw_parts(k_g.add((lo + j) * kv.s), d));
+        for blk in pr.row_blocks() {
+            let p_blk = p.as_mut_ptr().add(blk.offset);
+            if pr.t <= SMALL_T {
+                // Decoding: a few query rows, where gemm's packing costs more than dot products.
+                for i in blk.i0..blk.i1 {
+                    let qi = std::slice::from_raw_parts(q_h.add(i * f), d);
+                    let row = p_blk.add((i - blk.i0) * blk.width);
+                    for (lo, hi, col) in blk.row_segments(pr, i) {
+                        for j in lo..hi {
+                            let kj = std::slice::from_raw_parts(k_g.add(j * kv.s), d);
+                            *row.add(col + j - lo) = self.scale * dot(qi, kj);
+                        }
                     }
                 }
-            }
-        } else {
-            // K^T as a (D x S) matrix: row stride 1, column stride kv.s; per row block, only
-            // the keys it may see (the rest of each row is zeroed below).
-            for (i0, i1, blk) in pr.row_blocks() {
-                for (lo, hi) in ranges(&blk) {
+            } else {
+                // K^T as a (D x S) matrix: row stride 1, column stride kv.s; only the keys the
+                // block may see (the masked ones among them are zeroed below).
+                for (lo, hi, col) in blk.segments() {
                     matmul_serial(
-                        (i1 - i0, hi - lo, d),
-                        p.as_mut_ptr().add(i0 * s + lo),
-                        s,
+                        (blk.i1 - blk.i0, hi - lo, d),
+                        p_blk.add(col),
+                        blk.width,
                         false,
-                        (q_h.add(i0 * f), f, 1),
+                        (q_h.add(blk.i0 * f), f, 1),
                         (k_g.add(lo * kv.s), 1, kv.s),
                         self.scale,
                     );
                 }
             }
-        }
-        for i in 0..t {
-            let keys = pr.keys(i);
-            let row = &mut p[i * s..(i + 1) * s];
-            let max = ranges(&keys).flat_map(|(lo, hi)| row[lo..hi].iter().copied()).fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for (lo, hi) in ranges(&keys) {
-                row[lo..hi].iter_mut().for_each(|x| *x -= max);
-                exp_in_place(&mut row[lo..hi]);
-                sum += sum_f64(&row[lo..hi]);
+            for i in blk.i0..blk.i1 {
+                let row = std::slice::from_raw_parts_mut(p_blk.add((i - blk.i0) * blk.width), blk.width);
+                let cols = || blk.row_segments(pr, i).map(|(lo, hi, col)| (col, col + hi - lo));
+                let max = cols().flat_map(|(a, b)| row[a..b].iter().copied()).fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f64;
+                for (a, b) in cols() {
+                    row[a..b].iter_mut().for_each(|x| *x -= max);
+                    exp_in_place(&mut row[a..b]);
+                    sum += sum_f64(&row[a..b]);
+                }
+                let sum = sum as f32;
+                // Zero the masked keys: before, between and after the ranges.
+                let mut next = 0;
+                for (a, b) in cols() {
+                    row[next..a].fill(0.0);
+                    row[a..b].iter_mut().for_each(|x| *x /= sum);
+                    next = b;
+                }
+                row[next..].fill(0.0);
             }
-            let sum = sum as f32;
-            // Zero the masked keys: before, between and after the ranges.
-            let mut next = 0;
-            for (lo, hi) in ranges(&keys) {
-                row[next..lo].fill(0.0);
-                row[lo..hi].iter_mut().for_each(|x| *x /= sum);
-                next = hi;
-            }
-            row[next..].fill(0.0);
         }
     }
 }
@@ -423,42 +462,48 @@ impl CustomOp3 for Attention {
         let mut y = vec![0f32; q.len()];
         let mut probs = if self.keep_probs { vec![0f32; self.probs_len] } else { Vec::new() };
         let (y_ptr, p_ptr) = (SharedMut(y.as_mut_ptr()), SharedMut(probs.as_mut_ptr()));
-        let scratch_len = self.problems.iter().map(|p| p.t * p.s()).max().unwrap_or(0);
+        let scratch_len = self.problems.iter().map(Problem::probs_per_head).max().unwrap_or(0);
         // One task per (problem, kv head); it writes its query heads' columns of y and their
         // probability blocks only.
         par_chunks(self.problems.len() * kv_n, 1, |start, end| {
             let mut scratch = if self.keep_probs { Vec::new() } else { vec![0f32; scratch_len] };
             for task in start..end {
                 let (pr, g) = (&self.problems[task / kv_n], task % kv_n);
-                let (t, s) = (pr.t, pr.s());
+                let n = pr.probs_per_head();
                 for h in g * rep..(g + 1) * rep {
                     // SAFETY: block (problem, h) of probs and columns h of the problem's rows
                     // of y are this task's; q, k, v are read as described by their layouts.
                     unsafe {
                         let p = if self.keep_probs {
-                            std::slice::from_raw_parts_mut(p_ptr.get().add(pr.probs + h * t * s), t * s)
+                            std::slice::from_raw_parts_mut(p_ptr.get().add(pr.probs + h * n), n)
                         } else {
-                            &mut scratch[..t * s]
+                            &mut scratch[..n]
                         };
                         self.probs_into(p, pr, h, q, k, kv);
                         let v_g = v.as_ptr().add(vv.base(pr, g));
                         let y_h = y_ptr.get().add(pr.q0 * f + h * d);
-                        if t <= SMALL_T {
-                            for i in 0..t {
-                                let yi = std::slice::from_raw_parts_mut(y_h.add(i * f), d);
-                                for (lo, hi) in ranges(&pr.keys(i)) {
-                                    for (j, &pj) in p[i * s + lo..i * s + hi].iter().enumerate() {
-                                        let vj = std::slice::from_raw_parts(v_g.add((lo + j) * vv.s), d);
-                                        yi.iter_mut().zip(vj).for_each(|(y, v)| *y += pj * v);
+                        for blk in pr.row_blocks() {
+                            let p_blk = p.as_ptr().add(blk.offset);
+                            if pr.t <= SMALL_T {
+                                for i in blk.i0..blk.i1 {
+                                    let yi = std::slice::from_raw_parts_mut(y_h.add(i * f), d);
+                                    let row = p_blk.add((i - blk.i0) * blk.width);
+                                    for (lo, hi, col) in blk.row_segments(pr, i) {
+                                        for j in lo..hi {
+                                            let (pj, vj) = (
+                                                *row.add(col + j - lo),
+                                                std::slice::from_raw_parts(v_g.add(j * vv.s), d),
+                                            );
+                                            yi.iter_mut().zip(vj).for_each(|(y, v)| *y += pj * v);
+                                        }
                                     }
                                 }
-                            }
-                        } else {
-                            for (i0, i1, blk) in pr.row_blocks() {
-                                for (lo, hi) in ranges(&blk) {
-                                    let p_rows = (p.as_ptr().add(i0 * s + lo), s, 1);
+                            } else {
+                                for (lo, hi, col) in blk.segments() {
+                                    let p_rows = (p_blk.add(col), blk.width, 1);
                                     let v_rows = (v_g.add(lo * vv.s), vv.s, 1);
-                                    matmul_serial((i1 - i0, d, hi - lo), y_h.add(i0 * f), f, true, p_rows, v_rows, 1.0);
+                                    let y_rows = y_h.add(blk.i0 * f);
+                                    matmul_serial((blk.i1 - blk.i0, d, hi - lo), y_rows, f, true, p_rows, v_rows, 1.0);
                                 }
                             }
                         }
@@ -487,7 +532,7 @@ impl CustomOp3 for Attention {
         let (k_c, v_c) = (k.contiguous()?, v.contiguous()?);
         let (kv, vv) = (kv_view(k_c.layout(), b_n, kv_n, d)?, kv_view(v_c.layout(), b_n, kv_n, d)?);
         let (kv, vv) = (View { offset: 0, ..kv }, View { offset: 0, ..vv });
-        let scratch_len = self.problems.iter().map(|p| p.t * p.s()).max().unwrap_or(0);
+        let scratch_len = self.problems.iter().map(Problem::probs_per_head).max().unwrap_or(0);
         let (dq, dk, dv) = with_f32([q, &k_c, &v_c, dy], "attention", |[q, k, v, dy]| {
             let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
             let ptrs = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
@@ -498,55 +543,52 @@ impl CustomOp3 for Attention {
                 let mut ds = vec![0f32; scratch_len];
                 for task in start..end {
                     let (pr, g) = (&self.problems[task / kv_n], task % kv_n);
-                    let (t, s) = (pr.t, pr.s());
+                    let n = pr.probs_per_head();
                     // SAFETY: this task owns query heads g*rep.. of the problem's rows (their
                     // columns of dq) and kv head g of its keys (their columns of dk, dv).
                     unsafe {
                         let (kg, vg) = (kv.base(pr, g), vv.base(pr, g));
                         for h in g * rep..(g + 1) * rep {
                             let p: &[f32] = match saved {
-                                Some(all) => &all[pr.probs + h * t * s..pr.probs + (h + 1) * t * s],
+                                Some(all) => &all[pr.probs + h * n..pr.probs + (h + 1) * n],
                                 None => {
-                                    self.probs_into(&mut p_buf[..t * s], pr, h, q, k, kv);
-                                    &p_buf[..t * s]
+                                    self.probs_into(&mut p_buf[..n], pr, h, q, k, kv);
+                                    &p_buf[..n]
                                 }
                             };
                             let qh = pr.q0 * f + h * d;
-                            for (i0, i1, blk) in pr.row_blocks() {
-                                let rows = i1 - i0;
-                                let (p_blk, ds_blk) = (p.as_ptr().add(i0 * s), ds.as_mut_ptr().add(i0 * s));
-                                let dy_blk = (dy.as_ptr().add(qh + i0 * f), f, 1);
+                            for blk in pr.row_blocks() {
+                                let (rows, w) = (blk.i1 - blk.i0, blk.width);
+                                let (p_blk, ds_blk) = (p.as_ptr().add(blk.offset), ds.as_mut_ptr().add(blk.offset));
+                                let dy_blk = (dy.as_ptr().add(qh + blk.i0 * f), f, 1);
                                 // dP = dY V^T (rows x the keys these rows see).
-                                for (lo, hi) in ranges(&blk) {
+                                for (lo, hi, col) in blk.segments() {
                                     let v_t = (v.as_ptr().add(vg + lo * vv.s), 1, vv.s);
-                                    matmul_serial((rows, hi - lo, d), ds_blk.add(lo), s, false, dy_blk, v_t, 1.0);
+                                    matmul_serial((rows, hi - lo, d), ds_blk.add(col), w, false, dy_blk, v_t, 1.0);
                                 }
-                                // dS = P * (dP - rowsum(P * dP)).
+                                // dS = P * (dP - rowsum(P * dP)), over the block's stored keys
+                                // (the masked ones have P = 0).
                                 for r in 0..rows {
-                                    let (pr_row, dr_row) = (p_blk.add(r * s), ds_blk.add(r * s));
+                                    let pr_row = std::slice::from_raw_parts(p_blk.add(r * w), w);
+                                    let dr_row = std::slice::from_raw_parts_mut(ds_blk.add(r * w), w);
                                     let mut dot = 0f64;
-                                    for (lo, hi) in ranges(&blk) {
-                                        let pr = std::slice::from_raw_parts(pr_row.add(lo), hi - lo);
-                                        dot += dot_f64(pr, std::slice::from_raw_parts(dr_row.add(lo), hi - lo));
+                                    for (lo, hi, col) in blk.segments() {
+                                        dot += dot_f64(&pr_row[col..col + hi - lo], &dr_row[col..col + hi - lo]);
                                     }
                                     let dot = dot as f32;
-                                    for (lo, hi) in ranges(&blk) {
-                                        let pr = std::slice::from_raw_parts(pr_row.add(lo), hi - lo);
-                                        let dr = std::slice::from_raw_parts_mut(dr_row.add(lo), hi - lo);
-                                        dr.iter_mut().zip(pr).for_each(|(x, pv)| *x = pv * (*x - dot));
-                                    }
+                                    dr_row.iter_mut().zip(pr_row).for_each(|(x, pv)| *x = pv * (*x - dot));
                                 }
                                 // dV += P^T dY, dQ = s dS K, dK += s dS^T Q.
-                                let dq_blk = dq_p.get().add(qh + i0 * f);
-                                let q_blk = (q.as_ptr().add(qh + i0 * f), f, 1);
-                                for (n, (lo, hi)) in ranges(&blk).enumerate() {
-                                    let p_t = (p_blk.add(lo), 1, s);
+                                let dq_blk = dq_p.get().add(qh + blk.i0 * f);
+                                let q_blk = (q.as_ptr().add(qh + blk.i0 * f), f, 1);
+                                for (m, (lo, hi, col)) in blk.segments().enumerate() {
+                                    let p_t = (p_blk.add(col), 1, w);
                                     let dv_dst = dv_p.get().add(vg + lo * vv.s);
                                     matmul_serial((hi - lo, d, rows), dv_dst, vv.s, true, p_t, dy_blk, 1.0);
                                     let k_g = (k.as_ptr().add(kg + lo * kv.s), kv.s, 1);
-                                    let ds_rows = (ds_blk.add(lo) as *const f32, s, 1);
-                                    matmul_serial((rows, d, hi - lo), dq_blk, f, n > 0, ds_rows, k_g, self.scale);
-                                    let ds_t = (ds_blk.add(lo) as *const f32, 1, s);
+                                    let ds_rows = (ds_blk.add(col) as *const f32, w, 1);
+                                    matmul_serial((rows, d, hi - lo), dq_blk, f, m > 0, ds_rows, k_g, self.scale);
+                                    let ds_t = (ds_blk.add(col) as *const f32, 1, w);
                                     let dk_dst = dk_p.get().add(kg + lo * kv.s);
                                     matmul_serial((hi - lo, d, rows), dk_dst, kv.s, true, ds_t, q_blk, self.scale);
                                 }
@@ -563,5 +605,41 @@ impl CustomOp3 for Attention {
             Some(Tensor::from_vec(dk, k.shape(), dev)?),
             Some(Tensor::from_vec(dv, v.shape(), dev)?),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_probabilities_are_the_row_blocks_visible_keys() {
+        // One causal sequence of 100 queries: blocks of 32, 32, 32 and 4 rows seeing 32, 64,
+        // 96 and 100 keys, not 100 x 100.
+        let single = AttentionMask::packed(vec![PackedSpan::single(0, 100)]).problems(1, 100, 1).unwrap();
+        assert_eq!(single[0].probs_per_head(), 32 * 32 + 32 * 64 + 32 * 96 + 4 * 100);
+        // A shared prompt of 40, a chosen completion of 30 (rows 0..70, blocks 32/32/6) and a
+        // rejected one of 20 (rows 70..90, one block seeing the prompt and its 20 keys): the
+        // rejected rows keep no columns for the chosen keys.
+        let pair = AttentionMask::packed(vec![PackedSpan { start: 0, len: 90, prefix: 40, fork: 70 }]);
+        let p = pair.problems(1, 90, 2).unwrap();
+        assert_eq!(p[0].probs_per_head(), 32 * 32 + 32 * 64 + 6 * 70 + 20 * (40 + 20));
+        // The next problem's heads start after this one's.
+        let two = AttentionMask::packed(vec![PackedSpan::single(0, 10), PackedSpan::single(10, 5)]);
+        let p = two.problems(1, 15, 3).unwrap();
+        assert_eq!((p[0].probs, p[1].probs), (0, 3 * 10 * 10));
+        // Every query's visible keys lie in its block's stored columns, in order.
+        for blk in pair.problems(1, 90, 1).unwrap()[0].row_blocks() {
+            for i in blk.i0..blk.i1 {
+                let segs: Vec<_> = blk.row_segments(&p_of(&pair), i).collect();
+                for (lo, hi, col) in segs {
+                    assert!(col + hi - lo <= blk.width, "row {i}: keys {lo}..{hi} at column {col} of {}", blk.width);
+                }
+            }
+        }
+    }
+
+    fn p_of(mask: &AttentionMask) -> Problem {
+        mask.problems(1, mask.spans.iter().map(|s| s.len).sum(), 1).unwrap()[0]
     }
 }
