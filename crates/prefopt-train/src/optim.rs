@@ -240,15 +240,11 @@ impl Optimizer {
         self.steps += 1;
         for (i, ((_, var), g)) in params.iter().zip(grads).enumerate() {
             let g = g.detach().to_dtype(DType::F32)?;
-            let new_p = match self.cfg.kind {
-                OptimizerKind::Adamw => {
-                    self.adamw(i, var, &g, lr)?;
-                    continue;
-                }
-                OptimizerKind::Rmsprop => self.rmsprop(i, var.as_tensor().detach(), g, lr)?,
-                OptimizerKind::Sgd => self.sgd(i, var.as_tensor().detach(), g, lr)?,
-            };
-            var.set(&new_p)?;
+            match self.cfg.kind {
+                OptimizerKind::Adamw => self.adamw(i, var, &g, lr)?,
+                OptimizerKind::Rmsprop => var.set(&self.rmsprop(i, var.as_tensor().detach(), g, lr)?)?,
+                OptimizerKind::Sgd => var.set(&self.sgd(i, var.as_tensor().detach(), g, lr)?)?,
+            }
         }
         Ok(())
     }
