@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """TRL's DPOTrainer on a preference file, for `prefopt bench dpo --data` to compare against.
 
-    /work/pyenv/bin/python scripts/bench_trl_dpo.py --model DIR --data FILE --batch B --steps S [--threads N]
+    /work/pyenv/bin/python scripts/bench_trl_dpo.py --model DIR --data FILE --batch B --steps S [--threads N] [--micro-batch M]
 
 Runs `DPOTrainer.train()` for S steps of B pairs on the first S*B rows of FILE (JSONL, TRL's
 conversational or standard format), in the order of the file (`train_sampling_strategy =
@@ -9,7 +9,9 @@ conversational or standard format), in the order of the file (`train_sampling_st
 f32 on the CPU, sigmoid loss, beta 0.1, AdamW, max_length 1024 (`truncation_mode =
 keep_start`), no gradient checkpointing, reference model on and reference log-probs computed
 in every step (`precompute_ref_log_probs = False`), padding (TRL's `padding_free` needs
-flash-attention, which the CPU lacks), no logging to trackers, no checkpoints.
+flash-attention, which the CPU lacks), no logging to trackers, no checkpoints. --micro-batch M
+(a divisor of B) runs each step as B/M micro-batches of M with gradient accumulation, as a
+TRL user does when a batch of B does not fit in memory (here: B = 8 on 24 GB).
 
 Output: ONE JSON line with TRL's own `train_runtime` and `train_samples_per_second` (from
 its log, which times the whole `train()` loop, first step included), `examples_per_s` =
@@ -31,7 +33,11 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--micro-batch", type=int, default=None)
     args = ap.parse_args()
+    micro = args.batch if args.micro_batch is None else args.micro_batch
+    if micro <= 0 or args.batch % micro:
+        ap.error(f"--micro-batch {micro} must divide --batch {args.batch}")
 
     import torch
 
@@ -57,7 +63,8 @@ def main():
     steps = StepTimes()
     cfg = DPOConfig(
         output_dir="/tmp/bench-trl-dpo",
-        per_device_train_batch_size=args.batch,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=args.batch // micro,
         max_steps=args.steps,
         learning_rate=1e-6,
         beta=0.1,
@@ -94,6 +101,7 @@ def main():
                 "steady_step_s": sum(gaps) / len(gaps) if gaps else None,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "pairs": args.batch,
+                "micro_batch": micro,
                 "steps": args.steps,
                 "threads": args.threads,
                 "max_length": args.max_length,

@@ -261,6 +261,7 @@ fn bench_dpo(
     // it), unique tokens (a pair's prompt once), and FLOPs both ways.
     let passes = if args.cached_ref { 3.0 } else { 4.0 }; // policy fwd+bwd = 3, reference fwd = 1
     let (mut tokens, mut unique, mut separate_flops, mut useful_flops) = (0usize, 0usize, 0f64, 0f64);
+    let mut first_step_useful_flops = 0f64;
     for k in warmup..warmup + steps {
         for i in batch_of(k) {
             let pair = pair_tokens(&pairs, i);
@@ -269,7 +270,13 @@ fn bench_dpo(
             separate_flops += passes * (flops.sequence(pair.0) + flops.sequence(pair.1));
             useful_flops += passes * flops.shared_pair(pair.2, pair.0 - pair.2, pair.1 - pair.2);
         }
+        if k == warmup {
+            first_step_useful_flops = useful_flops;
+        }
     }
+    // The steps after the first: their own work over their own time.
+    let steady_useful_gflops =
+        times.steady.map(|s| (useful_flops - first_step_useful_flops) / 1e9 / (s * (steps - 1) as f64));
     let total = times.total;
     let mut line = serde_json::json!({
         "impl": "prefopt",
@@ -294,6 +301,9 @@ fn bench_dpo(
         })),
         "median_step_s": times.median,
         "min_step_s": times.min,
+        "steady_step_s": times.steady,
+        "steady_examples_per_s": times.steady.map(|s| p as f64 / s),
+        "steady_useful_gflops": steady_useful_gflops,
         "steps": steps,
         "warmup": warmup,
         "model": args.model,
@@ -411,6 +421,9 @@ struct Times {
     min: f64,
     /// All timed steps together.
     total: f64,
+    /// The mean of the timed steps after the first (TRL's script's `steady_step_s`): what a
+    /// long run's steps cost once the first one has faulted in its memory. None for one step.
+    steady: Option<f64>,
 }
 
 /// Runs `warmup` untimed then `steps` timed calls.
@@ -424,9 +437,17 @@ fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>)
         step()?;
         times.push(start.elapsed().as_secs_f64());
     }
-    let total = times.iter().sum();
-    times.sort_by(f64::total_cmp);
-    Ok(Times { median: times[times.len() / 2], min: times[0], total })
+    Ok(Times::of(times))
+}
+
+impl Times {
+    /// The summary of step times in the order they ran (at least one).
+    fn of(mut times: Vec<f64>) -> Self {
+        let total = times.iter().sum();
+        let steady = (times.len() > 1).then(|| times[1..].iter().sum::<f64>() / (times.len() - 1) as f64);
+        times.sort_by(f64::total_cmp);
+        Times { median: times[times.len() / 2], min: times[0], total, steady }
+    }
 }
 
 /// The torch script's FLOP estimate for one sequence of `t` tokens: 2*N*T + 4*L*T^2*d, with
@@ -474,4 +495,19 @@ pub fn peak_rss_mb() -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Times;
+
+    #[test]
+    fn steady_state_is_the_mean_of_the_steps_after_the_first() {
+        // The first step is the slow one (it faults in the step's memory); the order matters.
+        let t = Times::of(vec![9.0, 2.0, 4.0]);
+        assert_eq!((t.median, t.min, t.total, t.steady), (4.0, 2.0, 15.0, Some(3.0)));
+        let t = Times::of(vec![2.0, 9.0, 4.0]);
+        assert_eq!(t.steady, Some(6.5));
+        assert_eq!(Times::of(vec![5.0]).steady, None);
+    }
 }
