@@ -13,7 +13,7 @@
 # target-bench/ragged-<model>.jsonl, written by `prefopt workload --count 96 --seed 0` when
 # missing); BATCHES: pairs per step (default "4 8"); TRL_BATCHES: those TRL runs at too
 # (default "4 8"); TRL_MICRO (default 4): TRL runs a batch above it as micro-batches of it
-# with gradient accumulation (its step peaks at 19.9 GB at 4 pairs, so 8 at once does not fit
+# with gradient accumulation (its step peaks at 20-21 GB at 4 pairs, so 8 at once does not fit
 # in this machine's 24 GB; prefopt runs 8 at once); batches without TRL and the layout runs
 # (ABLATION=0 skips them) run in the first round only; THREADS (default 2); APPEND=1 keeps
 # the earlier runs' log (to add rounds); FIXED_BATCHES: the fixed-length runs' batches
