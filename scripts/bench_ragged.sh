@@ -93,8 +93,6 @@ for b in sorted({r["pairs"] for r in runs}):
         print("batch %d: prefopt %.4f examples/s (runs %s), TRL%s %.4f (runs %s), ratio %.2fx; peak RSS prefopt %.0f MiB, TRL %.0f MiB"
               % (b, o, each(ragged, "examples_per_s"), how, t, each(trl, "examples_per_s"), o / t, rss, med([r["peak_rss_mb"] for r in trl])))
         # Steady state: the steps after the first, on both sides the same pairs.
-        for r in trl:
-            r["steady_examples_per_s"] = b / r["steady_step_s"] if r.get("steady_step_s") else None
         os_ = [r for r in ragged if r.get("steady_examples_per_s")]
         ts = [r for r in trl if r.get("steady_examples_per_s")]
         if os_ and ts:

@@ -16,7 +16,8 @@ TRL user does when a batch of B does not fit in memory (here: B = 8 on 24 GB).
 Output: ONE JSON line with TRL's own `train_runtime` and `train_samples_per_second` (from
 its log, which times the whole `train()` loop, first step included), `examples_per_s` =
 pairs / train_runtime (the same figure unrounded), the mean step time of the steps after
-the first (`steady_step_s`, from a callback), and the peak RSS (MiB).
+the first (`steady_step_s`, from a callback) and its examples/s (`steady_examples_per_s`, the
+field `prefopt bench dpo` reports), and the peak RSS (MiB).
 """
 
 import argparse
@@ -88,6 +89,7 @@ def main():
     out = trainer.train()
     m = out.metrics
     gaps = [b - a for a, b in zip(steps.times, steps.times[1:])]
+    steady = sum(gaps) / len(gaps) if gaps else None
     print(
         json.dumps(
             {
@@ -98,7 +100,8 @@ def main():
                 "examples_per_s": args.batch * args.steps / m["train_runtime"],
                 "train_samples_per_second": m["train_samples_per_second"],
                 "train_runtime": m["train_runtime"],
-                "steady_step_s": sum(gaps) / len(gaps) if gaps else None,
+                "steady_step_s": steady,
+                "steady_examples_per_s": args.batch / steady if steady else None,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "pairs": args.batch,
                 "micro_batch": micro,
