@@ -46,12 +46,13 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // First: it may re-execute the binary (see its docs).
+    prefopt_model::process::keep_freed_memory();
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Bench(args) => args.threads,
         _ => None,
     };
-    prefopt_model::process::keep_freed_memory();
     prefopt_model::process::report_file_size_limit_as_error();
     let result = prefopt_model::process::with_compute_threads(threads, || run(cli.command));
     match result {

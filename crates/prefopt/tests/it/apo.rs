@@ -81,3 +81,45 @@ fn apo_killed_at_random_moments_and_rerun_ends_byte_identical_to_an_uninterrupte
         }
     }
 }
+
+/// prefopt runs under its allocator settings (it re-executes itself with them as glibc
+/// tunables: `process::keep_freed_memory`), and the commands it starts get the caller's own
+/// environment back. The judge logs what it sees, and the mark the re-executed prefopt (its
+/// parent) started with, which holds the caller's tunables. (glibc rewrites
+/// `GLIBC_TUNABLES` in the environment it parses, so that one cannot be read back there.)
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn commands_prefopt_starts_see_the_callers_glibc_tunables_not_prefopts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("env.log");
+    let judge = format!(
+        "cmd:{{ echo \"judge=${{GLIBC_TUNABLES-unset}} ${{PREFOPT_CALLER_GLIBC_TUNABLES-no mark}}\"; \
+         tr '\\0' '\\n' < /proc/$PPID/environ | grep '^PREFOPT_CALLER_GLIBC_TUNABLES=' || echo not re-executed; }} >> {log}; {}",
+        RANK_JUDGE.strip_prefix("cmd:").unwrap(),
+        log = log.display(),
+    );
+    for (caller, judge_sees, prefopt_started_with) in [
+        (None, "judge=unset no mark", "PREFOPT_CALLER_GLIBC_TUNABLES="),
+        // Another subsystem's tunable: kept (prefopt adds its own after it).
+        (Some("glibc.rtld.nns=4"), "judge=glibc.rtld.nns=4 no mark", "PREFOPT_CALLER_GLIBC_TUNABLES=glibc.rtld.nns=4"),
+        // The caller's own malloc settings: prefopt leaves the allocator alone.
+        (Some("glibc.malloc.mmap_max=65536"), "judge=glibc.malloc.mmap_max=65536 no mark", "not re-executed"),
+    ] {
+        let _ = std::fs::remove_file(&log);
+        let out = tmp.path().join(format!("run-{}", caller.unwrap_or("none")));
+        let cfg = config(tmp.path(), &out, &judge, "");
+        let mut cmd = prefopt();
+        cmd.args(["apo", "--config"]).arg(&cfg);
+        match caller {
+            Some(t) => cmd.env("GLIBC_TUNABLES", t),
+            None => cmd.env_remove("GLIBC_TUNABLES"),
+        };
+        ok(cmd.output().unwrap());
+        let seen = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = seen.lines().collect();
+        assert!(lines.len() >= 2, "the judge ran: {seen}");
+        for pair in lines.chunks(2) {
+            assert_eq!(pair, [judge_sees, prefopt_started_with], "caller {caller:?}: {seen}");
+        }
+    }
+}
