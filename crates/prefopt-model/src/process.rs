@@ -58,10 +58,11 @@ const CALLER_TUNABLES: &str = "PREFOPT_CALLER_GLIBC_TUNABLES";
 /// freed), one arena (the compute threads' blocks go back to the same heap, not to
 /// per-thread arenas that glibc trims on its own), and the heap's top trimmed only past 1 GiB
 /// free. Peak memory stays the high-water mark of one step. The first step still faults its
-/// memory in, 2.4 million 4 KiB pages at about 5 us each on a VM; `hugetlb=1` has glibc ask
-/// for transparent huge pages on the heap (`madvise`; where the kernel allows them), which
-/// cuts that to a few thousand 2 MiB faults. Only the tunable reaches that setting, hence the
-/// re-execution; where it fails, `mallopt` sets the rest in this process.
+/// memory in, 2.4 million 4 KiB pages on the ragged benchmark; `hugetlb=1` has glibc ask for
+/// transparent huge pages on the heap (`madvise`; where the kernel allows them): a few
+/// thousand 2 MiB faults instead, a third less system CPU and a 3-step run 1.06x faster
+/// (BENCHMARKS.md "Ragged data"; zeroing the fresh memory remains). Only the tunable reaches
+/// that setting, hence the re-execution; where it fails, `mallopt` sets the rest here.
 ///
 /// The user's own `GLIBC_TUNABLES` for malloc take precedence (prefopt then changes
 /// nothing). No-op outside glibc.
