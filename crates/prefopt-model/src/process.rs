@@ -34,10 +34,18 @@ pub fn with_compute_threads<R: Send>(threads: Option<usize>, f: impl FnOnce() ->
     }
 }
 
-/// The allocator settings [`keep_freed_memory`] runs the process under, as glibc tunables.
+/// The allocator settings [`keep_freed_memory`] runs the process under: each as its glibc
+/// tunable, its `mallopt` parameter and its value.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-const MALLOC_TUNABLES: &str =
-    "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=1073741824:glibc.malloc.hugetlb=1";
+const MALLOC_SETTINGS: [(&str, libc::c_int, libc::c_int); 3] = [
+    ("glibc.malloc.mmap_max", libc::M_MMAP_MAX, 0),
+    ("glibc.malloc.arena_max", libc::M_ARENA_MAX, 1),
+    ("glibc.malloc.trim_threshold", libc::M_TRIM_THRESHOLD, 1 << 30),
+];
+
+/// Transparent huge pages on the heap: a tunable only (no `mallopt` parameter).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const HUGE_PAGES_TUNABLE: &str = "glibc.malloc.hugetlb=1";
 
 /// Set in the re-executed process to the caller's own `GLIBC_TUNABLES` (empty: none), which
 /// [`keep_freed_memory`] puts back so that child processes get the caller's environment.
@@ -82,10 +90,13 @@ pub fn keep_freed_memory() {
             if caller.contains("glibc.malloc.") {
                 return;
             }
-            let tunables = match caller.is_empty() {
-                true => MALLOC_TUNABLES.to_string(),
-                false => format!("{caller}:{MALLOC_TUNABLES}"),
-            };
+            let ours = MALLOC_SETTINGS.iter().map(|(name, _, value)| format!("{name}={value}"));
+            let tunables: Vec<String> = (!caller.is_empty())
+                .then(|| caller.clone())
+                .into_iter()
+                .chain(ours)
+                .chain([HUGE_PAGES_TUNABLE.into()])
+                .collect();
             let mut args = std::env::args_os();
             let arg0 = args.next().unwrap_or_default();
             // Returns only if the exec fails (no /proc, say): this process then goes on
@@ -93,17 +104,18 @@ pub fn keep_freed_memory() {
             let _ = std::process::Command::new("/proc/self/exe")
                 .arg0(arg0)
                 .args(args)
-                .env("GLIBC_TUNABLES", tunables)
+                .env("GLIBC_TUNABLES", tunables.join(":"))
                 .env(CALLER_TUNABLES, &caller)
                 .exec();
         }
         // The same values again (a no-op where glibc took the tunables): they hold even where
         // the exec failed or the tunables were ignored.
-        // SAFETY: mallopt only changes allocator parameters; called before other threads start.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        for (_, param, value) in MALLOC_SETTINGS {
+            // SAFETY: mallopt only changes allocator parameters; called before other threads
+            // start.
+            unsafe {
+                libc::mallopt(param, value);
+            }
         }
     }
 }
